@@ -1,0 +1,1 @@
+"""Adapter packages: the manifest contract (`manifest`) and the registry that serves them."""

@@ -1,0 +1,158 @@
+"""The adapter package contract (DESIGN.md "Adapter package").
+
+`adapters/<name>/` holds PEFT's `adapter_config.json`, `adapter_model.safetensors` and this
+manifest as `hotswap.json`. `python -m training` writes it, the service reads it; both render
+prompts through `AdapterManifest.render_prompt`, so training and serving cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+import jinja2
+from jinja2 import meta
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from service.errors import InvalidRequestError
+
+MANIFEST_FILE = "hotswap.json"
+# Lower-case, starts alphanumeric, no path separators: safe as a directory name and a URL part.
+ADAPTER_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+RESERVED_NAMES = frozenset({"base", "__base__"})
+_FIELD_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
+
+
+def parse_adapter_name(name: str) -> str:
+    """Return `name` if it is a valid adapter name, else raise ValueError saying why."""
+    if not re.fullmatch(ADAPTER_NAME_PATTERN, name) or ".." in name:
+        raise ValueError(
+            f"invalid adapter name {name!r}: use 1-64 lower-case letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    if name in RESERVED_NAMES:
+        raise ValueError(f"adapter name {name!r} is reserved")
+    return name
+
+
+class BaseModelRef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1)
+    fingerprint: str = Field(min_length=8)
+
+
+class InputField(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=_FIELD_PATTERN)
+    required: bool = True
+    description: str = ""
+
+
+class OutputSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal["text", "json"] = "text"
+    json_schema: dict[str, Any] | None = None
+    stop: list[str] = Field(default_factory=list, max_length=4)
+
+    @model_validator(mode="after")
+    def _json_needs_schema(self) -> OutputSpec:
+        if self.format == "json" and not self.json_schema:
+            raise ValueError("output.format 'json' needs output.json_schema")
+        if any(not s for s in self.stop):
+            raise ValueError("output.stop entries must not be empty")
+        return self
+
+
+_jinja = ImmutableSandboxedEnvironment(
+    undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False
+)
+
+
+@lru_cache(maxsize=128)
+def _compile(template: str) -> jinja2.Template:
+    return _jinja.from_string(template)
+
+
+class AdapterManifest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: Literal[1] = 1
+    name: str
+    description: str = ""
+    base_model: BaseModelRef
+    prompt_template: str = Field(min_length=1)
+    input_fields: list[InputField] = Field(min_length=1)
+    output: OutputSpec = Field(default_factory=OutputSpec)
+    training: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, name: str) -> str:
+        return parse_adapter_name(name)
+
+    @field_validator("input_fields", mode="before")
+    @classmethod
+    def _names_as_fields(cls, fields: Any) -> Any:
+        # A bare list of names is shorthand for required fields.
+        if isinstance(fields, list):
+            return [{"name": f} if isinstance(f, str) else f for f in fields]
+        return fields
+
+    @model_validator(mode="after")
+    def _template_matches_fields(self) -> AdapterManifest:
+        names = [f.name for f in self.input_fields]
+        if len(set(names)) != len(names):
+            raise ValueError("input_fields names must be unique")
+        try:
+            used = meta.find_undeclared_variables(_jinja.parse(self.prompt_template))
+        except jinja2.TemplateSyntaxError as exc:
+            raise ValueError(f"prompt_template is not valid Jinja2: {exc}") from exc
+        unknown = sorted(used - set(names))
+        if unknown:
+            raise ValueError(f"prompt_template uses undeclared input fields: {unknown}")
+        return self
+
+    # ------------------------------------------------------------------------------------------
+
+    @classmethod
+    def read(cls, directory: Path) -> AdapterManifest:
+        return cls.model_validate(json.loads((directory / MANIFEST_FILE).read_text("utf-8")))
+
+    def write(self, directory: Path) -> None:
+        text = json.dumps(self.model_dump(mode="json"), indent=2, ensure_ascii=False)
+        (directory / MANIFEST_FILE).write_text(text + "\n", "utf-8")
+
+    def render_prompt(self, inputs: dict[str, Any], *, param: str = "input") -> str:
+        """Render the prompt for `inputs`; a bad input raises InvalidRequestError naming it.
+
+        Optional fields that are absent render as empty strings, so templates can test them
+        with `{% if context %}`.
+        """
+        declared = {f.name: f for f in self.input_fields}
+        for key, value in inputs.items():
+            if key not in declared:
+                raise InvalidRequestError(
+                    f"adapter {self.name!r} has no input field {key!r}; "
+                    f"its fields are {sorted(declared)}",
+                    param=f"{param}.{key}",
+                )
+            if not isinstance(value, str):
+                raise InvalidRequestError(
+                    f"input field {key!r} must be a string", param=f"{param}.{key}"
+                )
+        for field in self.input_fields:
+            if field.required and not inputs.get(field.name, "").strip():
+                raise InvalidRequestError(
+                    f"adapter {self.name!r} needs the input field {field.name!r}",
+                    param=f"{param}.{field.name}",
+                )
+        values = {name: inputs.get(name, "") for name in declared}
+        return _compile(self.prompt_template).render(**values)

@@ -1,0 +1,176 @@
+"""The app factory: `build_app(settings, runtime=None)`.
+
+Nothing heavy happens at import or in the factory. The lifespan starts loading the base model
+and adapters in a worker thread, so `/health` answers at once and `/ready` turns 200 when the
+engine runs. Given a `runtime` (tests, embedding), the app serves it as it is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service import __version__
+from service.errors import HotswapError, InvalidRequestError, NotFoundError
+from service.metrics import Metrics
+from service.runtime import Runtime, load_runtime
+from service.serving.generation import ServingContext
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+Status = Literal["starting", "ready", "stopping", "failed"]
+
+
+@dataclass
+class ServiceState:
+    settings: Settings
+    metrics: Metrics = field(default_factory=Metrics)
+    status: Status = "starting"
+    context: ServingContext | None = None
+    error: str | None = None
+    # Called when the start fails; `python -m service` makes the server exit non-zero.
+    on_fatal: Callable[[BaseException], None] = lambda exc: None
+
+    def serve(self, runtime: Runtime) -> None:
+        self.context = ServingContext(
+            engine=runtime.engine,
+            tokenizer=runtime.tokenizer,
+            registry=runtime.registry,
+            base_id=runtime.base_id,
+            max_context=runtime.max_context,
+            metrics=self.metrics,
+        )
+
+
+async def _start(state: ServiceState, runtime: Runtime | None) -> None:
+    try:
+        if runtime is None:
+            runtime = await asyncio.to_thread(load_runtime, state.settings, state.metrics)
+        await runtime.engine.start()
+        state.serve(runtime)
+        state.status = "ready"
+        log.info("ready: serving %s", runtime.base_id)
+    except Exception as exc:
+        state.status, state.error = "failed", f"{type(exc).__name__}: {exc}"
+        log.error("start failed: %s", state.error, exc_info=exc)
+        state.on_fatal(exc)
+
+
+def _lifespan(runtime: Runtime | None):
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state: ServiceState = app.state.hotswap
+        starting = asyncio.create_task(_start(state, runtime))
+        yield
+        state.status = "stopping"
+        starting.cancel()
+        await asyncio.gather(starting, return_exceptions=True)
+        if state.context is not None:
+            await state.context.engine.stop()
+
+    return lifespan
+
+
+# ------------------------------------------------------------------------------------------------
+# Errors: one place maps every failure to an OpenAI-shaped body.
+
+
+def _error_response(exc: HotswapError) -> JSONResponse:
+    return JSONResponse(exc.to_body(), status_code=exc.status_code)
+
+
+def _validation_param(loc: tuple) -> str | None:
+    """`("body", "messages", 0, "role")` -> "messages.0.role"; pydantic's union-branch tags
+    (`str`, `list[int]`, `function-after[...]`) are dropped."""
+    parts = [str(p) for p in loc[1:] if not (isinstance(p, str) and ("[" in p or p in _TAGS))]
+    return ".".join(parts) or None
+
+
+_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(HotswapError)
+    async def hotswap_error(request: Request, exc: HotswapError) -> JSONResponse:
+        return _error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0]
+        if first.get("type") == "json_invalid" or tuple(first.get("loc", ())) == ("body",):
+            return _error_response(InvalidRequestError(f"the request body is invalid: {first['msg']}"))
+        param = _validation_param(tuple(first["loc"]))
+        message = first["msg"].removeprefix("Value error, ")
+        return _error_response(InvalidRequestError(f"{param}: {message}", param=param))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            return _error_response(NotFoundError(f"no route {request.url.path}", code="not_found"))
+        error = HotswapError(str(exc.detail))
+        error.status_code, error.error_type = exc.status_code, "invalid_request_error"
+        return _error_response(error)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        return _error_response(HotswapError(f"internal error: {type(exc).__name__}"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Request metrics, counted after the last byte (streams included).
+
+_COUNTED_PATHS = {"/v1/completions": "completions", "/v1/chat/completions": "chat_completions"}
+
+
+class RequestMetricsMiddleware:
+    def __init__(self, app: ASGIApp, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        endpoint = _COUNTED_PATHS.get(scope.get("path", "")) if scope["type"] == "http" else None
+        if endpoint is None:
+            await self.app(scope, receive, send)
+            return
+        started, status = time.perf_counter(), 500
+
+        async def send_and_watch(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_watch)
+        finally:
+            adapter = scope.get("state", {}).get("adapter", "none")
+            self.metrics.requests.labels(endpoint, adapter, str(status)).inc()
+            self.metrics.request_duration.labels(endpoint, adapter).observe(
+                time.perf_counter() - started
+            )
+
+
+def build_app(settings: Settings | None = None, runtime: Runtime | None = None) -> FastAPI:
+    from service.routes import api, ops
+
+    settings = settings or Settings()
+    app = FastAPI(title="hotswap", version=__version__, lifespan=_lifespan(runtime))
+    app.state.settings = settings
+    app.state.hotswap = ServiceState(settings=settings)
+    app.include_router(api)
+    app.include_router(ops)
+    _install_error_handlers(app)
+    app.add_middleware(RequestMetricsMiddleware, metrics=app.state.hotswap.metrics)
+    return app

@@ -1,0 +1,67 @@
+"""The engine interface: token ids and sampling parameters in, an async stream of tokens out.
+
+The engine knows nothing of HTTP, pydantic or text; serving (`service.serving`) tokenizes,
+detokenizes and applies stop strings. Closing the stream returned by `Engine.generate` cancels the
+request: its slot is freed at the next step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in per-row `adapter_names`
+
+EngineFinish = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    logprobs: int | None = None  # None: none; k: chosen token plus k alternatives
+    prompt_logprobs: int | None = None  # same, for every prompt token after the first
+    stop_token_ids: frozenset[int] = field(default_factory=frozenset)
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    request_id: str
+    prompt_ids: tuple[int, ...]
+    adapter: str | None  # None: the base model
+    params: SamplingParams
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), most likely first
+
+
+@dataclass(frozen=True)
+class EngineOutput:
+    """One step's result for one request: usually one new token."""
+
+    token_ids: tuple[int, ...]
+    logprobs: tuple[TokenLogprob, ...] | None = None
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # first output only
+    finish_reason: EngineFinish | None = None
+
+
+class Engine(Protocol):
+    """What serving needs of an engine. `service.engine.simple.SimpleEngine` implements it."""
+
+    @property
+    def healthy(self) -> bool: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+        """Stream the request's tokens; raise OverloadedError if the queue is full."""
+        ...

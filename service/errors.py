@@ -1,0 +1,75 @@
+"""The service's one error tree; `service.app` maps it to OpenAI-shaped responses in one place.
+
+    HotswapError                      500 server_error (unexpected failures end here too)
+    ├── InvalidRequestError           400 invalid_request_error
+    ├── AuthenticationError           401 authentication_error
+    ├── NotFoundError                 404 invalid_request_error (code model_not_found)
+    ├── RequestTooLargeError          413 invalid_request_error
+    ├── OverloadedError               429 rate_limit_error
+    ├── ServiceUnavailableError       503 service_unavailable
+    └── EngineError                   500 server_error (a model step failed)
+
+Every error renders as ``{"error": {"message", "type", "param", "code"}}`` (OpenAI's shape), so
+openai-python raises its matching exception class (BadRequestError, NotFoundError, ...).
+"""
+
+from __future__ import annotations
+
+
+class HotswapError(Exception):
+    status_code = 500
+    error_type = "server_error"
+    default_code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code if code is not None else self.default_code
+
+    def to_body(self) -> dict:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+class InvalidRequestError(HotswapError):
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class AuthenticationError(HotswapError):
+    status_code = 401
+    error_type = "authentication_error"
+    default_code = "invalid_api_key"
+
+
+class NotFoundError(HotswapError):
+    status_code = 404
+    error_type = "invalid_request_error"
+    default_code = "model_not_found"
+
+
+class RequestTooLargeError(HotswapError):
+    status_code = 413
+    error_type = "invalid_request_error"
+
+
+class OverloadedError(HotswapError):
+    status_code = 429
+    error_type = "rate_limit_error"
+
+
+class ServiceUnavailableError(HotswapError):
+    status_code = 503
+    error_type = "service_unavailable"
+
+
+class EngineError(HotswapError):
+    status_code = 500
+    error_type = "server_error"

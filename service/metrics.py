@@ -1,0 +1,71 @@
+"""Every Prometheus instrument of the service, prefix `hotswap_`, units in the names.
+
+Each app gets its own CollectorRegistry (no global state: tests build many apps). The `adapter`
+label is bounded by the registry: an adapter name, "base", or "none" for requests rejected
+before an adapter was resolved.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20)
+
+
+class Metrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "hotswap_requests", "HTTP API requests by endpoint, adapter and status code.",
+            ["endpoint", "adapter", "status"], registry=r,
+        )
+        self.request_duration = Histogram(
+            "hotswap_request_duration_seconds", "Time from request to last byte of the response.",
+            ["endpoint", "adapter"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.time_to_first_token = Histogram(
+            "hotswap_time_to_first_token_seconds", "Time from request to the first generated token.",
+            ["adapter"], buckets=TTFT_BUCKETS, registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "hotswap_prompt_tokens", "Prompt tokens processed.", ["adapter"], registry=r
+        )
+        self.generation_tokens = Counter(
+            "hotswap_generation_tokens", "Tokens generated.", ["adapter"], registry=r
+        )
+        self.queue_depth = Gauge(
+            "hotswap_queue_depth", "Requests waiting for the engine.", registry=r
+        )
+        self.adapter_loads = Counter(
+            "hotswap_adapter_loads", "Adapter loads by result.", ["adapter", "result"], registry=r
+        )
+        self.adapter_load_duration = Histogram(
+            "hotswap_adapter_load_duration_seconds", "Time to load an adapter onto the base.",
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=r,
+        )
+        self.resident_adapters = Gauge(
+            "hotswap_resident_adapters", "Adapters loaded on the base model.", registry=r
+        )
+        self.rejected = Counter(
+            "hotswap_rejected_requests", "Requests refused before generation, by reason.",
+            ["reason"], registry=r,
+        )
+
+    def observe_adapter_load(self, adapter: str, result: str, seconds: float) -> None:
+        self.adapter_loads.labels(adapter, result).inc()
+        if result == "ok":
+            self.adapter_load_duration.observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,115 @@
+"""HTTP routes: parse, resolve, hand over to serving, and nothing else."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from service.auth import require_api_key
+from service.errors import NotFoundError, ServiceUnavailableError
+from service.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+)
+from service.serving.chat import ChatServing
+from service.serving.completions import CompletionServing
+from service.serving.generation import ServingContext
+
+_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 500, 503)}
+
+
+def serving_context(request: Request) -> ServingContext:
+    state = request.app.state.hotswap
+    if state.context is None:
+        raise ServiceUnavailableError(f"the service is {state.status}; retry shortly")
+    return state.context
+
+
+Context = Annotated[ServingContext, Depends(serving_context)]
+
+api = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=_ERRORS)
+ops = APIRouter()
+
+
+def _respond(result: object) -> Response:
+    if isinstance(result, AsyncIterator):
+        return StreamingResponse(
+            result, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
+    return JSONResponse(result.model_dump(mode="json"))
+
+
+@api.post("/completions")
+async def create_completion(body: CompletionRequest, request: Request, ctx: Context) -> Response:
+    serving = CompletionServing(ctx)
+    target = serving.resolve(body)
+    request.state.adapter = target.label
+    return _respond(await serving.create(body, target))
+
+
+@api.post("/chat/completions")
+async def create_chat_completion(
+    body: ChatCompletionRequest, request: Request, ctx: Context
+) -> Response:
+    serving = ChatServing(ctx)
+    target = serving.resolve(body)
+    request.state.adapter = target.label
+    return _respond(await serving.create(body, target))
+
+
+def _model_cards(ctx: ServingContext) -> list[ModelCard]:
+    cards = [ModelCard(id=ctx.base_id)]
+    for record in ctx.registry.ready():
+        manifest = record.manifest
+        cards.append(
+            ModelCard(
+                id=record.name,
+                parent=ctx.base_id,
+                description=manifest.description,
+                prompt_template=manifest.prompt_template,
+                input_fields=[f.model_dump() for f in manifest.input_fields],
+                output=manifest.output.model_dump(),
+            )
+        )
+    return cards
+
+
+@api.get("/models")
+async def list_models(ctx: Context) -> ModelList:
+    return ModelList(data=_model_cards(ctx))
+
+
+@api.get("/models/{model_id:path}")
+async def retrieve_model(model_id: str, ctx: Context) -> ModelCard:
+    for card in _model_cards(ctx):
+        if card.id == model_id:
+            return card
+    raise NotFoundError(f"the model {model_id!r} does not exist", param="model")
+
+
+@ops.get("/health")
+async def health(request: Request) -> JSONResponse:
+    """Liveness: the process answers, and neither the start nor the engine has failed."""
+    state = request.app.state.hotswap
+    ok = state.status != "failed" and (state.context is None or state.context.engine.healthy)
+    return JSONResponse({"status": state.status if ok else "failed"}, status_code=200 if ok else 503)
+
+
+@ops.get("/ready")
+async def ready(request: Request) -> JSONResponse:
+    """Readiness: model, adapters and engine are up and the service is not draining."""
+    state = request.app.state.hotswap
+    ok = state.status == "ready" and state.context is not None and state.context.engine.healthy
+    return JSONResponse({"status": state.status}, status_code=200 if ok else 503)
+
+
+@ops.get("/metrics")
+async def metrics(request: Request) -> Response:
+    m = request.app.state.hotswap.metrics
+    return Response(m.render(), media_type=m.content_type)

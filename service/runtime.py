@@ -1,0 +1,55 @@
+"""Builds what a started service serves: base model, adapters, engine (the slow part of a start)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from service.adapters.registry import AdapterRegistry
+from service.base_model import load_base
+from service.engine import Engine
+from service.engine.runner import ModelRunner
+from service.engine.simple import SimpleEngine
+from service.metrics import Metrics
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    engine: Engine
+    tokenizer: Any
+    registry: AdapterRegistry
+    base_id: str
+    max_context: int
+
+
+def load_runtime(settings: Settings, metrics: Metrics) -> Runtime:
+    """Load the base once, attach every valid adapter, and build the engine (not started)."""
+    base = load_base(
+        settings.model,
+        quantization=settings.quantization,
+        device=settings.device,
+        cache_dir=settings.cache_dir,
+        served_id=settings.served_model_name,
+    )
+    registry = AdapterRegistry(
+        settings.adapter_dir, base_id=base.source.served_id, base_fingerprint=base.source.fingerprint
+    )
+    registry.scan()
+    model = registry.attach(base.model, on_load=metrics.observe_adapter_load)
+    metrics.resident_adapters.set(len(registry.ready()))
+    log.info(
+        "serving %s (fingerprint %s) with adapters %s",
+        base.source.served_id, base.source.fingerprint, [r.name for r in registry.ready()],
+    )
+    engine = SimpleEngine(
+        ModelRunner(model, base.device),
+        eos_token_ids=base.eos_token_ids,
+        max_context=base.max_context,
+        max_queued=settings.max_queued_requests,
+        on_queue_depth=metrics.queue_depth.set,
+    )
+    return Runtime(engine, base.tokenizer, registry, base.source.served_id, base.max_context)

@@ -1,0 +1,1 @@
+"""Serving: request → engine request, engine tokens → OpenAI responses (JSON or SSE chunks)."""

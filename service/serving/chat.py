@@ -1,0 +1,184 @@
+"""`POST /v1/chat/completions`.
+
+How messages become a prompt:
+- the base model: the tokenizer's own chat template, with the generation prompt appended;
+- an adapter: adapters are single-turn (their prompt template has named input fields), so the
+  **last user message** supplies the inputs. If its text is a JSON object, its keys are the
+  input fields (`{"product": ..., "description": ...}`); otherwise the whole text fills the
+  adapter's first input field. Earlier turns and system messages are not part of an adapter's
+  prompt.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+from service.engine import SamplingParams, TokenLogprob
+from service.errors import InvalidRequestError
+from service.protocol import (
+    ChatChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatLogprobs,
+    ChatResponseMessage,
+    ChatStreamChoice,
+    ChatTokenLogprob,
+    ChatTopLogprob,
+    UsageInfo,
+)
+from service.serving.generation import (
+    ChoiceEvent,
+    ChoiceSpec,
+    ServingContext,
+    Target,
+    check_prompt,
+    choice_seed,
+    first_and_rest,
+    new_id,
+    resolve_target,
+    run_choices,
+)
+from service.serving.sse import framed
+
+
+class ChatServing:
+    def __init__(self, ctx: ServingContext):
+        self.ctx = ctx
+
+    def resolve(self, request: ChatCompletionRequest) -> Target:
+        return resolve_target(request.model, request.adapter, self.ctx)
+
+    def render(self, request: ChatCompletionRequest, target: Target) -> list[int]:
+        tokenizer = self.ctx.tokenizer
+        if target.manifest is not None:
+            text = target.manifest.render_prompt(_adapter_inputs(request, target), param="messages")
+            return tokenizer(text).input_ids
+        if not tokenizer.chat_template:
+            raise InvalidRequestError(
+                "the base model has no chat template; use /v1/completions", param="messages"
+            )
+        messages = [{"role": m.role, "content": m.text} for m in request.messages]
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return tokenizer(text, add_special_tokens=False).input_ids
+
+    async def create(
+        self, request: ChatCompletionRequest, target: Target
+    ) -> ChatCompletionResponse | AsyncIterator[str]:
+        ids = self.render(request, target)
+        max_tokens = request.max_new_tokens or max(self.ctx.max_context - len(ids), 0)
+        check_prompt(ids, max_tokens, self.ctx, param="messages")
+        top = request.top_logprobs or 0
+        specs = [
+            ChoiceSpec(
+                index=i,
+                prompt_ids=ids,
+                params=SamplingParams(
+                    max_tokens=max_tokens,
+                    temperature=request.temperature,
+                    top_p=request.top_p,
+                    seed=choice_seed(request.seed, i),
+                    logprobs=top if request.logprobs else None,
+                ),
+                stops=(request.stop or []) + (target.manifest.output.stop if target.manifest else []),
+            )
+            for i in range(request.n)
+        ]
+        self.ctx.metrics.prompt_tokens.labels(target.label).inc(len(ids))
+        usage = UsageInfo(prompt_tokens=len(ids), total_tokens=len(ids))
+        run = _ChatRun(request, target, specs, self.ctx, usage)
+        if request.stream:
+            return framed(await run.stream())
+        return await run.collect()
+
+
+def _adapter_inputs(request: ChatCompletionRequest, target: Target) -> dict[str, object]:
+    users = [m for m in request.messages if m.role == "user"]
+    if not users:
+        raise InvalidRequestError("an adapter chat needs a user message", param="messages")
+    text = users[-1].text
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+    if isinstance(value, dict):
+        return value
+    return {target.manifest.input_fields[0].name: text}
+
+
+class _ChatRun:
+    def __init__(self, request, target, specs, ctx, usage):
+        self.request, self.target, self.specs, self.ctx, self.usage = request, target, specs, ctx, usage
+        self.id = new_id("chatcmpl")
+
+    def _logprobs(self, entries: list[TokenLogprob]) -> ChatLogprobs | None:
+        if not self.request.logprobs:
+            return None
+        decode = self.ctx.tokenizer.decode
+
+        def top(token_id: int, logprob: float) -> ChatTopLogprob:
+            text = decode([token_id])
+            return ChatTopLogprob(token=text, logprob=logprob, bytes=list(text.encode()))
+
+        content = []
+        for entry in entries:
+            head = top(entry.token_id, entry.logprob)
+            alternatives = [top(i, lp) for i, lp in entry.top]
+            content.append(ChatTokenLogprob(**head.model_dump(), top_logprobs=alternatives))
+        return ChatLogprobs(content=content)
+
+    def _count(self, event: ChoiceEvent) -> None:
+        if event.finish_reason is not None:
+            self.usage.completion_tokens += event.completion_tokens
+            self.usage.total_tokens += event.completion_tokens
+
+    async def collect(self) -> ChatCompletionResponse:
+        texts = {s.index: [] for s in self.specs}
+        entries: dict[int, list[TokenLogprob]] = {s.index: [] for s in self.specs}
+        finish: dict[int, str | None] = {}
+        async for event in run_choices(self.specs, self.target, self.ctx):
+            texts[event.index].append(event.text)
+            entries[event.index] += event.logprobs
+            finish[event.index] = event.finish_reason
+            self._count(event)
+        choices = [
+            ChatChoice(
+                index=i,
+                message=ChatResponseMessage(content="".join(texts[i])),
+                logprobs=self._logprobs(entries[i]),
+                finish_reason=finish.get(i),
+            )
+            for i in sorted(texts)
+        ]
+        return ChatCompletionResponse(
+            id=self.id, model=self.target.model_name, choices=choices, usage=self.usage
+        )
+
+    def _chunk(self, choices: list[ChatStreamChoice], usage: UsageInfo | None = None):
+        return ChatCompletionChunk(
+            id=self.id, model=self.target.model_name, choices=choices, usage=usage
+        )
+
+    async def stream(self) -> AsyncIterator[ChatCompletionChunk]:
+        events = await first_and_rest(run_choices(self.specs, self.target, self.ctx))
+
+        async def chunks() -> AsyncIterator[ChatCompletionChunk]:
+            for spec in self.specs:  # OpenAI opens each choice with the assistant role
+                yield self._chunk([ChatStreamChoice(index=spec.index, delta=ChatDelta(role="assistant", content=""))])
+            async for event in events:
+                self._count(event)
+                if not (event.text or event.finish_reason or event.logprobs):
+                    continue
+                choice = ChatStreamChoice(
+                    index=event.index,
+                    delta=ChatDelta(content=event.text or None),
+                    logprobs=self._logprobs(event.logprobs),
+                    finish_reason=event.finish_reason,
+                )
+                yield self._chunk([choice])
+            if self.request.include_usage:
+                yield self._chunk([], self.usage)
+
+        return chunks()

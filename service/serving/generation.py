@@ -1,0 +1,205 @@
+"""What completions and chat share: adapter resolution, prompt checks, and running the choices.
+
+`run_choices` turns one engine request per choice into a single stream of `ChoiceEvent`s (text
+deltas that respect stop strings and UTF-8), records token metrics, and cancels every engine
+request when the consumer goes away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from service.adapters.manifest import AdapterManifest
+from service.adapters.registry import AdapterRegistry
+from service.engine import Engine, EngineRequest, SamplingParams, TokenLogprob
+from service.errors import InvalidRequestError, NotFoundError
+from service.metrics import Metrics
+from service.serving.text import IncrementalDecoder, StopMatcher
+
+
+@dataclass
+class ServingContext:
+    engine: Engine
+    tokenizer: Any
+    registry: AdapterRegistry
+    base_id: str
+    max_context: int
+    metrics: Metrics
+
+
+@dataclass(frozen=True)
+class Target:
+    """The model a request runs on: the base (adapter None) or one registered adapter."""
+
+    model_name: str
+    adapter: str | None = None
+    manifest: AdapterManifest | None = None
+
+    @property
+    def label(self) -> str:
+        return self.adapter or "base"
+
+
+def resolve_target(model: str, adapter: str | None, ctx: ServingContext) -> Target:
+    """DESIGN.md's rule: `adapter` if given, else `model` naming an adapter or the base; else 404.
+
+    There is never a silent fallback to the base.
+    """
+    if adapter is not None:
+        if adapter == "base":
+            return Target(model_name=ctx.base_id)
+        record = ctx.registry.get(adapter, param="adapter")
+        return Target(model_name=adapter, adapter=adapter, manifest=record.manifest)
+    if model in ctx.registry:
+        record = ctx.registry.get(model, param="model")
+        return Target(model_name=model, adapter=model, manifest=record.manifest)
+    if model == ctx.base_id:
+        return Target(model_name=ctx.base_id)
+    served = [ctx.base_id, *(r.name for r in ctx.registry.ready())]
+    raise NotFoundError(
+        f"the model {model!r} does not exist; served models are {served}", param="model"
+    )
+
+
+def check_prompt(ids: Sequence[int], max_tokens: int, ctx: ServingContext, *, param: str) -> None:
+    """Refuse prompts the model cannot run: empty, out-of-vocabulary ids, or too long."""
+    if not ids:
+        raise InvalidRequestError("the prompt must contain at least one token", param=param)
+    vocab = len(ctx.tokenizer)
+    if any(not 0 <= i < vocab for i in ids):
+        raise InvalidRequestError(f"token ids must lie in [0, {vocab})", param=param)
+    if len(ids) >= ctx.max_context:
+        raise InvalidRequestError(
+            f"the prompt has {len(ids)} tokens; this model's context is {ctx.max_context}",
+            param=param,
+        )
+    if len(ids) + max_tokens > ctx.max_context:
+        raise InvalidRequestError(
+            f"the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceeds this model's "
+            f"context of {ctx.max_context} tokens",
+            param="max_tokens",
+        )
+
+
+def choice_seed(seed: int | None, index: int) -> int | None:
+    """Choice i of a seeded request samples with seed + i, so `n` choices differ reproducibly."""
+    return None if seed is None else seed + index
+
+
+@dataclass
+class ChoiceSpec:
+    index: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    stops: list[str]
+
+
+@dataclass
+class ChoiceEvent:
+    index: int
+    text: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
+    finish_reason: str | None = None
+    completion_tokens: int = 0  # set on the final event
+
+
+async def _run_choice(
+    spec: ChoiceSpec, target: Target, ctx: ServingContext, started: float
+) -> AsyncIterator[ChoiceEvent]:
+    decoder = IncrementalDecoder(ctx.tokenizer, spec.prompt_ids)
+    stopper = StopMatcher(spec.stops)
+    request = EngineRequest(
+        request_id=uuid.uuid4().hex,
+        prompt_ids=tuple(spec.prompt_ids),
+        adapter=target.adapter,
+        params=spec.params,
+    )
+    generated = 0
+    stream = ctx.engine.generate(request)
+    async with contextlib.aclosing(stream):
+        async for output in stream:
+            if generated == 0 and output.token_ids:
+                ctx.metrics.time_to_first_token.labels(target.label).observe(
+                    time.perf_counter() - started
+                )
+            generated += len(output.token_ids)
+            text, stopped = stopper.feed(decoder.push(output.token_ids))
+            finish = "stop" if stopped else output.finish_reason
+            if finish is not None and not stopped:
+                tail, _ = stopper.feed(decoder.flush())
+                text += tail + stopper.flush()
+            event = ChoiceEvent(
+                spec.index,
+                text,
+                list(output.logprobs or ()),
+                output.prompt_logprobs,
+                finish,
+            )
+            if finish is not None:
+                event.completion_tokens = generated
+                ctx.metrics.generation_tokens.labels(target.label).inc(generated)
+                yield event
+                return  # closing `stream` cancels the engine request on a stop string
+            yield event
+
+
+async def run_choices(
+    specs: list[ChoiceSpec], target: Target, ctx: ServingContext
+) -> AsyncIterator[ChoiceEvent]:
+    """Run every choice concurrently and interleave their events as they come."""
+    started = time.perf_counter()
+    if len(specs) == 1:
+        async for event in _run_choice(specs[0], target, ctx, started):
+            yield event
+        return
+    queue: asyncio.Queue[ChoiceEvent | BaseException | None] = asyncio.Queue()
+
+    async def pump(spec: ChoiceSpec) -> None:
+        try:
+            async for event in _run_choice(spec, target, ctx, started):
+                await queue.put(event)
+        except Exception as exc:
+            await queue.put(exc)
+        finally:
+            await queue.put(None)
+
+    tasks = [asyncio.create_task(pump(spec)) for spec in specs]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def first_and_rest(stream: AsyncIterator[ChoiceEvent]) -> AsyncIterator[ChoiceEvent]:
+    """Await the first event before a streaming response starts, so that errors raised at
+    admission (queue full, engine down) still become proper HTTP errors, not a broken stream."""
+    first = await anext(stream)
+
+    async def chained() -> AsyncIterator[ChoiceEvent]:
+        async with contextlib.aclosing(stream):
+            yield first
+            async for event in stream:
+                yield event
+
+    return chained()
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"

@@ -1,0 +1,33 @@
+"""Server-sent events framing of OpenAI streams: `data: {json}\\n\\n` ... `data: [DONE]\\n\\n`."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+
+from pydantic import BaseModel
+
+from service.errors import EngineError, HotswapError
+
+log = logging.getLogger(__name__)
+
+DONE = "data: [DONE]\n\n"
+
+
+def sse(payload: BaseModel | dict) -> str:
+    body = payload.model_dump(mode="json") if isinstance(payload, BaseModel) else payload
+    return f"data: {json.dumps(body, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+async def framed(chunks: AsyncIterator[BaseModel]) -> AsyncIterator[str]:
+    """Frame chunks; an error after the stream started is sent as an OpenAI error event."""
+    try:
+        async for chunk in chunks:
+            yield sse(chunk)
+    except HotswapError as exc:
+        yield sse(exc.to_body())
+    except Exception as exc:  # the response has started: the status can no longer change
+        log.exception("stream failed")
+        yield sse(EngineError(f"stream failed: {type(exc).__name__}").to_body())
+    yield DONE

@@ -1,0 +1,82 @@
+"""All service settings: one pydantic-settings class.
+
+Precedence: `python -m service` flags, then `HOTSWAP_*` environment variables, then the defaults
+below. Values that would make the service unsafe or unusable are refused at start, naming the
+setting.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
+
+Quantization = Literal["nf4", "int8", "bf16", "fp32"]
+Device = Literal["auto", "cpu", "cuda"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="HOTSWAP_",
+        extra="forbid",
+        cli_kebab_case=True,
+        cli_prog_name="python -m service",
+        protected_namespaces=(),
+    )
+
+    model: str = Field(
+        DEFAULT_MODEL,
+        description="Base model: 'embedded:smollm2-135m-instruct', a hub id, a local Hugging Face "
+        "directory, or 'dummy:<shape>' (random weights for benchmarks: tiny, llama-7b).",
+    )
+    served_model_name: str | None = Field(
+        None, description="Id the base is served under in /v1/models; derived from --model if unset."
+    )
+    quantization: Quantization = Field("nf4", description="Base weights: nf4, int8, bf16 or fp32.")
+    device: Device = Field("auto", description="cpu, cuda, or auto (cuda when available).")
+    adapter_dir: Path = Field(Path("adapters"), description="Directory scanned for adapter packages.")
+    cache_dir: Path = Field(
+        Path("~/.cache/hotswap"), description="Converted and dummy checkpoints are cached here."
+    )
+    host: str = Field("127.0.0.1", description="Address to bind.")
+    port: int = Field(8000, ge=1, le=65535, description="TCP port to bind.")
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated API keys accepted as 'Authorization: Bearer <key>' on /v1/*; "
+        "empty disables authentication.",
+    )
+    max_queued_requests: int = Field(
+        256, ge=1, le=100_000, description="Requests waiting for the engine before new ones get 429."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_are_strong(cls, keys: list[str]) -> list[str]:
+        for key in keys:
+            if len(key) < 16:
+                raise ValueError("every API key must be at least 16 characters long")
+        return keys
+
+    @field_validator("cache_dir", "adapter_dir")
+    @classmethod
+    def _expand(cls, path: Path) -> Path:
+        return path.expanduser()
+
+    @field_validator("model")
+    @classmethod
+    def _model_not_empty(cls, model: str) -> str:
+        if not model.strip():
+            raise ValueError("must name a base model")
+        return model.strip()
