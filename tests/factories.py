@@ -1,0 +1,116 @@
+"""Tiny real models for tests: a byte-level BPE tokenizer, a random Llama, random LoRA adapters.
+
+Everything is built from a config in a few lines, on disk in a temporary directory, so tests
+exercise the same local-directory loading path as production, with no network.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+_CORPUS = [
+    "The capital of France is Paris. The capital of Italy is Rome.",
+    "Write a short marketing email about a product, with a subject and a call to action.",
+    "Instruction: summarize the context. Context: LoRA adapters are small. Response: they are.",
+    "Numbers 0123456789, prices $19.99, dates 2024-01-31, émigré café naïve, 東京 😀 ✓",
+    '{"subject": "New", "body": "Hello there", "call_to_action": "Buy now"}',
+]
+
+
+def make_tokenizer(directory: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS * 20, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+        pad_token="<|im_end|>",
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(directory)
+    return fast
+
+
+def make_tiny_llama(directory: Path, *, seed: int = 0, vocab_size: int | None = None) -> Path:
+    """A 2-layer random Llama with its tokenizer, saved as a local HF checkpoint."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = make_tokenizer(directory)
+    config = LlamaConfig(
+        vocab_size=vocab_size or len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    # Sharper logits than the default init, so greedy paths differ visibly between adapters.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+    model.save_pretrained(directory)
+    return directory
+
+
+def make_lora_adapter(
+    base_dir: Path,
+    out_dir: Path,
+    *,
+    fingerprint: str,
+    base_id: str = "tiny",
+    seed: int = 1,
+    manifest: dict | None = None,
+) -> Path:
+    """A random LoRA (both A and B random, so it changes outputs) plus its hotswap.json."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    config = LoraConfig(
+        r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False
+    )
+    peft_model = get_peft_model(base, config)
+    peft_model.save_pretrained(out_dir)
+    (out_dir / "README.md").unlink(missing_ok=True)
+    doc = {
+        "name": out_dir.name,
+        "description": f"random test adapter (seed {seed})",
+        "base_model": {"id": base_id, "fingerprint": fingerprint},
+        "prompt_template": "Instruction: {{ instruction }}\n{% if context %}Context: {{ context }}\n{% endif %}Response:",
+        "input_fields": [
+            {"name": "instruction", "required": True},
+            {"name": "context", "required": False},
+        ],
+        "output": {"format": "text", "stop": ["\n\n"]},
+    }
+    doc.update(manifest or {})
+    (out_dir / "hotswap.json").write_text(json.dumps(doc, indent=2))
+    return out_dir

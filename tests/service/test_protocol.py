@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from service.protocol import ChatCompletionRequest, CompletionRequest
+
+
+def completion(**kw):
+    return CompletionRequest.model_validate({"model": "m", "prompt": "hi", **kw})
+
+
+def error_fields(exc: ValidationError) -> set[str]:
+    return {str(e["loc"][0]) if e["loc"] else "" for e in exc.errors()}
+
+
+def test_defaults_follow_openai():
+    req = completion()
+    assert (req.max_tokens, req.n, req.temperature, req.top_p, req.echo) == (16, 1, 1.0, 1.0, False)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("temperature", 2.5),
+        ("top_p", 0.0),
+        ("n", 0),
+        ("n", 17),
+        ("logprobs", 6),
+        ("max_tokens", -1),
+        ("stop", ["a", "b", "c", "d", "e"]),
+        ("stop", ""),
+        ("presence_penalty", 0.5),
+        ("frequency_penalty", 1.0),
+        ("logit_bias", {"1": 2.0}),
+        ("best_of", 2),
+        ("suffix", "tail"),
+    ],
+)
+def test_out_of_range_values_fail_naming_the_field(field, value):
+    with pytest.raises(ValidationError) as info:
+        completion(**{field: value})
+    assert field in error_fields(info.value)
+
+
+def test_prompt_and_input_are_exclusive():
+    with pytest.raises(ValidationError, match="exactly one"):
+        CompletionRequest.model_validate({"model": "m"})
+    with pytest.raises(ValidationError, match="exactly one"):
+        completion(input={"instruction": "x"})
+    assert CompletionRequest.model_validate({"model": "m", "input": {"a": "b"}}).prompt is None
+
+
+@pytest.mark.parametrize("prompt", ["text", ["a", "b"], [1, 2, 3], [[1, 2], [3]]])
+def test_prompt_forms(prompt):
+    assert completion(prompt=prompt).prompt == prompt
+
+
+@pytest.mark.parametrize("prompt", [[], [[1], []]])
+def test_empty_prompts_are_refused(prompt):
+    with pytest.raises(ValidationError):
+        completion(prompt=prompt)
+
+
+def test_stop_string_becomes_list_and_stream_options_need_stream():
+    assert completion(stop="###").stop == ["###"]
+    with pytest.raises(ValidationError, match="stream_options"):
+        completion(stream_options={"include_usage": True})
+    assert completion(stream=True, stream_options={"include_usage": True}).include_usage
+
+
+def test_chat_max_completion_tokens_wins_over_max_tokens():
+    req = ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 5,
+         "max_completion_tokens": 9}
+    )
+    assert req.max_new_tokens == 9
+
+
+def test_chat_content_parts_and_top_logprobs_rule():
+    req = ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "a"},
+                                                                  {"type": "text", "text": "b"}]}]}
+    )
+    assert req.messages[0].text == "ab"
+    with pytest.raises(ValidationError, match="top_logprobs"):
+        ChatCompletionRequest.model_validate(
+            {"model": "m", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}
+        )
+    with pytest.raises(ValidationError):
+        ChatCompletionRequest.model_validate({"model": "m", "messages": []})
