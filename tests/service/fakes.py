@@ -1,0 +1,63 @@
+"""An honest fake engine: plays a scripted text token by token, like a real engine would."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from service.engine import EngineOutput, EngineRequest, TokenLogprob
+from service.errors import OverloadedError
+
+
+class ScriptedEngine:
+    """Generates `script` (as token ids) for every request, honouring max_tokens and cancellation.
+
+    `requests` records what serving submitted; `closed` the ids whose stream was closed early.
+    """
+
+    def __init__(self, tokenizer, script: str = " Paris is the capital.", *, overloaded=False, delay=0.0):
+        self.tokenizer = tokenizer
+        self.script_ids = tokenizer(script, add_special_tokens=False).input_ids
+        self.overloaded = overloaded
+        self.delay = delay
+        self.requests: list[EngineRequest] = []
+        self.closed: list[str] = []
+        self.running = False
+
+    @property
+    def healthy(self) -> bool:
+        return self.running
+
+    async def start(self) -> None:
+        self.running = True
+
+    async def stop(self) -> None:
+        self.running = False
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+        if self.overloaded:
+            raise OverloadedError("queue full", code="queue_full")
+        self.requests.append(request)
+        p = request.params
+        prompt_lps = None
+        if p.prompt_logprobs is not None:
+            prompt_lps = (None, *(TokenLogprob(t, -1.0, ((t, -1.0),) * p.prompt_logprobs) for t in request.prompt_ids[1:]))
+        budget = min(p.max_tokens, len(self.script_ids))
+        finished = False
+        try:
+            if budget == 0:
+                finished = True
+                yield EngineOutput((), prompt_logprobs=prompt_lps, finish_reason="length")
+                return
+            for step, token in enumerate(self.script_ids[:budget]):
+                await asyncio.sleep(self.delay)
+                last = step == budget - 1
+                finish = None
+                if last:
+                    finish = "length" if budget < len(self.script_ids) else "stop"
+                lps = (TokenLogprob(token, -0.5, ((token, -0.5),) * (p.logprobs or 0)),) if p.logprobs is not None else None
+                finished = last
+                yield EngineOutput((token,), logprobs=lps, prompt_logprobs=prompt_lps if step == 0 else None, finish_reason=finish)
+        finally:
+            if not finished:
+                self.closed.append(request.request_id)

@@ -1,0 +1,259 @@
+"""The HTTP app with a scripted engine (tier 2): routes, resolution, SSE framing, errors, metrics."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+
+import service.app as app_module
+from service.adapters.registry import AdapterRegistry
+from service.app import build_app
+from service.runtime import Runtime
+from service.settings import Settings
+from tests.factories import make_tokenizer
+from tests.service.fakes import ScriptedEngine
+
+KEY = "k" * 24
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return make_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+def make_client(tiny, tokenizer, *, engine=None, **settings):
+    registry = AdapterRegistry(tiny.adapter_dir, base_id="tiny", base_fingerprint=tiny.fingerprint)
+    registry.scan()
+    engine = engine or ScriptedEngine(tokenizer)
+    runtime = Runtime(engine, tokenizer, registry, "tiny", max_context=64)
+    app = build_app(Settings(**settings), runtime=runtime)
+    return TestClient(app), engine
+
+
+@pytest.fixture
+def client(tiny, tokenizer):
+    c, engine = make_client(tiny, tokenizer)
+    with c:
+        c.engine = engine
+        yield c
+
+
+def events(response) -> list:
+    body = response.text
+    assert body.endswith("data: [DONE]\n\n")
+    frames = body.split("\n\n")[:-1]
+    assert all(f.startswith("data: ") for f in frames)
+    return [json.loads(f[6:]) for f in frames[:-1]]
+
+
+def test_completion_shape_and_usage(client):
+    r = client.post("/v1/completions", json={"model": "tiny", "prompt": "Capital?", "max_tokens": 50})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["object"] == "text_completion" and body["model"] == "tiny"
+    assert body["choices"][0]["text"] == " Paris is the capital."
+    assert body["choices"][0]["finish_reason"] == "stop"
+    usage = body["usage"]
+    assert usage["completion_tokens"] == len(client.engine.script_ids)
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+def test_max_tokens_gives_length(client):
+    r = client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2})
+    assert r.json()["choices"][0]["finish_reason"] == "length"
+
+
+def test_streaming_frames_end_with_done_and_usage(client):
+    r = client.post(
+        "/v1/completions",
+        json={"model": "tiny", "prompt": "x", "max_tokens": 50, "stream": True,
+              "stream_options": {"include_usage": True}},
+    )
+    assert r.headers["content-type"].startswith("text/event-stream")
+    chunks = events(r)
+    text = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
+    assert text == " Paris is the capital."
+    assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] > 0
+
+
+def test_stop_string_truncates_and_cancels_the_engine_request(client):
+    r = client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 50, "stop": [" the"]})
+    choice = r.json()["choices"][0]
+    assert (choice["text"], choice["finish_reason"]) == (" Paris is", "stop")
+    assert client.engine.closed  # the rest of the generation was cancelled
+
+
+def test_stop_string_in_stream_never_leaks(client):
+    r = client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 50,
+                                             "stop": ["capital"], "stream": True})
+    text = "".join(c["choices"][0]["text"] for c in events(r))
+    assert text == " Paris is the "
+
+
+def test_n_and_prompt_lists_index_choices_and_seed_each(client):
+    r = client.post("/v1/completions", json={"model": "tiny", "prompt": ["a", "b"], "n": 2, "seed": 7, "max_tokens": 3})
+    body = r.json()
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
+    assert sorted(req.params.seed for req in client.engine.requests) == [7, 8, 9, 10]
+
+
+def test_token_id_prompts_are_accepted_and_checked(client):
+    assert client.post("/v1/completions", json={"model": "tiny", "prompt": [1, 2, 3]}).status_code == 200
+    r = client.post("/v1/completions", json={"model": "tiny", "prompt": [1, 99999]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+
+
+def test_echo_logprobs_max_tokens_zero_scores_the_prompt(client, tokenizer):
+    prompt = "The capital of France"
+    r = client.post("/v1/completions", json={"model": "tiny", "prompt": prompt, "echo": True,
+                                             "logprobs": 1, "max_tokens": 0, "temperature": 0})
+    choice = r.json()["choices"][0]
+    ids = tokenizer(prompt).input_ids
+    assert choice["text"] == prompt
+    lp = choice["logprobs"]
+    assert len(lp["tokens"]) == len(ids)
+    assert lp["token_logprobs"][0] is None and lp["token_logprobs"][1:] == [-1.0] * (len(ids) - 1)
+    assert lp["text_offset"][0] == 0 and lp["text_offset"] == sorted(lp["text_offset"])
+    assert client.engine.requests[-1].params.prompt_logprobs == 1
+
+
+def test_adapter_selection_by_field_and_by_model(client):
+    client.post("/v1/completions", json={"model": "whatever", "adapter": "alpha", "prompt": "x"})
+    client.post("/v1/completions", json={"model": "beta", "prompt": "x"})
+    client.post("/v1/completions", json={"model": "tiny", "adapter": "base", "prompt": "x"})
+    assert [r.adapter for r in client.engine.requests] == ["alpha", "beta", None]
+
+
+@pytest.mark.parametrize(
+    ("payload", "param"),
+    [({"model": "nope", "prompt": "x"}, "model"), ({"model": "tiny", "adapter": "nope", "prompt": "x"}, "adapter")],
+)
+def test_unknown_model_or_adapter_is_404_naming_the_field(client, payload, param):
+    r = client.post("/v1/completions", json=payload)
+    assert r.status_code == 404
+    assert r.json()["error"]["param"] == param
+    assert client.engine.requests == []  # never a silent fallback to the base
+
+
+def test_input_renders_the_adapter_template(client, tokenizer):
+    r = client.post("/v1/completions", json={"model": "alpha", "input": {"instruction": "Name a city"}})
+    assert r.status_code == 200
+    sent = tokenizer.decode(client.engine.requests[-1].prompt_ids)
+    assert sent == "Instruction: Name a city\nResponse:"
+    assert client.engine.requests[-1].adapter == "alpha"
+
+
+@pytest.mark.parametrize(
+    ("payload", "status", "param"),
+    [
+        ({"model": "tiny", "input": {"instruction": "x"}}, 400, "input"),
+        ({"model": "alpha", "input": {"colour": "x"}}, 400, "input.colour"),
+        ({"model": "tiny", "prompt": "x", "temperature": -1}, 400, "temperature"),
+        ({"model": "tiny", "prompt": "x", "max_tokens": 100}, 400, "max_tokens"),
+        ({"model": "tiny", "prompt": 5}, 400, "prompt"),
+        ({"prompt": "x"}, 400, "model"),
+    ],
+)
+def test_bad_requests_are_openai_errors_naming_the_field(client, payload, status, param):
+    r = client.post("/v1/completions", json=payload)
+    assert r.status_code == status
+    error = r.json()["error"]
+    assert error["param"] == param and error["type"] == "invalid_request_error" and error["message"]
+
+
+def test_malformed_json_is_a_400(client):
+    r = client.post("/v1/completions", content=b"{nope", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_unknown_route_is_openai_shaped_404(client):
+    r = client.get("/v1/nothing")
+    assert r.status_code == 404 and "error" in r.json()
+
+
+def test_chat_base_uses_chat_template_and_streams_role_first(client, tokenizer):
+    r = client.post("/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "stream": True})
+    chunks = events(r)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert "".join(c["choices"][0]["delta"]["content"] or "" for c in chunks[1:]) == " Paris is the capital."
+    sent = tokenizer.decode(client.engine.requests[-1].prompt_ids)
+    assert sent == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_chat_with_adapter_maps_last_user_message(client, tokenizer):
+    msgs = [{"role": "system", "content": "ignored"}, {"role": "user", "content": "first"},
+            {"role": "user", "content": json.dumps({"instruction": "Go", "context": "Here"})}]
+    r = client.post("/v1/chat/completions", json={"model": "beta", "messages": msgs, "logprobs": True, "top_logprobs": 1})
+    body = r.json()
+    assert body["object"] == "chat.completion"
+    assert body["choices"][0]["message"]["role"] == "assistant"
+    assert body["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+    assert tokenizer.decode(client.engine.requests[-1].prompt_ids) == "Instruction: Go\nContext: Here\nResponse:"
+    client.post("/v1/chat/completions", json={"model": "beta", "messages": [{"role": "user", "content": "plain"}]})
+    assert tokenizer.decode(client.engine.requests[-1].prompt_ids) == "Instruction: plain\nResponse:"
+
+
+def test_models_lists_base_and_adapters_with_extensions(client):
+    data = client.get("/v1/models").json()["data"]
+    by_id = {m["id"]: m for m in data}
+    assert set(by_id) == {"tiny", "alpha", "beta"}
+    alpha = by_id["alpha"]
+    assert alpha["parent"] == "tiny" and "{{ instruction }}" in alpha["prompt_template"]
+    assert [f["name"] for f in alpha["input_fields"]] == ["instruction", "context"]
+    assert alpha["output"]["format"] == "text"
+    assert client.get("/v1/models/alpha").json()["id"] == "alpha"
+    assert client.get("/v1/models/zzz").status_code == 404
+
+
+def test_health_ready_and_metrics(client):
+    assert client.get("/health").status_code == 200
+    assert client.get("/ready").json() == {"status": "ready"}
+    client.post("/v1/completions", json={"model": "alpha", "prompt": "x"})
+    client.post("/v1/completions", json={"model": "nope", "prompt": "x"})
+    text = client.get("/metrics").text
+    assert 'hotswap_requests_total{adapter="alpha",endpoint="completions",status="200"} 1.0' in text
+    assert 'hotswap_requests_total{adapter="none",endpoint="completions",status="404"} 1.0' in text
+    assert 'hotswap_generation_tokens_total{adapter="alpha"}' in text
+    assert 'hotswap_request_duration_seconds_count{adapter="alpha",endpoint="completions"} 1.0' in text
+
+
+def test_overload_is_429_before_the_stream_starts(tiny, tokenizer):
+    c, _ = make_client(tiny, tokenizer, engine=ScriptedEngine(tokenizer, overloaded=True))
+    with c:
+        for stream in (False, True):
+            r = c.post("/v1/completions", json={"model": "tiny", "prompt": "x", "stream": stream})
+            assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
+
+
+def test_api_keys_guard_v1_but_not_health(tiny, tokenizer):
+    c, _ = make_client(tiny, tokenizer, api_keys=[KEY])
+    with c:
+        assert c.get("/v1/models").status_code == 401
+        assert c.get("/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert c.get("/v1/models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+        assert c.get("/health").status_code == 200
+
+
+def test_ready_is_503_while_starting(monkeypatch):
+    gate = threading.Event()
+
+    def slow_load(settings, metrics):
+        gate.wait(10)
+        raise RuntimeError("no model here")
+
+    monkeypatch.setattr(app_module, "load_runtime", slow_load)
+    app = build_app(Settings())
+    with TestClient(app) as c:
+        assert c.get("/ready").status_code == 503
+        assert c.post("/v1/completions", json={"model": "x", "prompt": "x"}).status_code == 503
+        gate.set()
+        for _ in range(100):
+            if c.get("/health").status_code == 503:
+                break
+            time.sleep(0.02)
+        assert c.get("/health").json() == {"status": "failed"}

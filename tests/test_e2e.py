@@ -1,0 +1,135 @@
+"""End to end: the real server process on the embedded SmolLM2 (nf4), driven by openai-python."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+
+from service.base_model import resolve_source
+from tests.factories import make_lora_adapter
+
+pytestmark = pytest.mark.e2e
+BASE = "smollm2-135m-instruct"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, cache_dir):
+    source = resolve_source(f"embedded:{BASE}", cache_dir)
+    adapters = tmp_path_factory.mktemp("adapters")
+    make_lora_adapter(source.path, adapters / "rand", fingerprint=source.fingerprint, base_id=BASE, seed=5)
+    port = free_port()
+    log = tmp_path_factory.mktemp("log") / "server.log"
+    env = {**os.environ, "HOTSWAP_ADAPTER_DIR": str(adapters), "HOTSWAP_CACHE_DIR": str(cache_dir)}
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service", "--port", str(port), "--quantization", "nf4", "--device", "cpu"],
+            env=env, stdout=out, stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text()
+            try:
+                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        else:
+            pytest.fail("server did not become ready:\n" + log.read_text())
+        yield url, log
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    # uvicorn re-raises the SIGTERM it handled after a clean shutdown (exit status -15).
+    assert proc.returncode in (0, -15), log.read_text()
+    assert "Application shutdown complete" in log.read_text()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server[0]}/v1", api_key="unused", max_retries=0)
+
+
+def test_second_start_skipped_the_conversion(server):
+    # The fixture converted the GGUF before the server started; the server must reuse it.
+    assert "converting" not in server[1].read_text()
+
+
+def test_greedy_chat_knows_the_capital_of_france(client):
+    r = client.chat.completions.create(
+        model=BASE, messages=[{"role": "user", "content": "What is the capital of France?"}],
+        temperature=0, max_tokens=24,
+    )
+    assert "Paris" in r.choices[0].message.content
+    assert r.usage.completion_tokens > 0
+
+
+def test_completion_and_streaming_completion_agree(client):
+    kw = dict(model=BASE, prompt="The capital of France is", temperature=0, max_tokens=8)
+    full = client.completions.create(**kw)
+    streamed = "".join(c.choices[0].text for c in client.completions.create(stream=True, **kw) if c.choices)
+    assert full.choices[0].text == streamed
+    assert "Paris" in streamed
+
+
+def test_models_list_has_base_and_adapter(client):
+    models = {m.id: m for m in client.models.list()}
+    assert set(models) == {BASE, "rand"}
+    assert models["rand"].parent == BASE
+
+
+def test_adapter_via_extra_body_and_via_model(client):
+    kw = dict(prompt="The capital of France is", temperature=0, max_tokens=8)
+    base = client.completions.create(model=BASE, **kw).choices[0].text
+    by_body = client.completions.create(model=BASE, extra_body={"adapter": "rand"}, **kw).choices[0].text
+    by_model = client.completions.create(model="rand", **kw).choices[0].text
+    assert by_body == by_model
+    assert by_body != base
+
+
+def test_seed_reproduces_sampling(client):
+    kw = dict(model=BASE, prompt="Once upon a time", temperature=1.0, max_tokens=12, seed=1234)
+    assert client.completions.create(**kw).choices[0].text == client.completions.create(**kw).choices[0].text
+
+
+def test_errors_map_to_openai_exceptions(client):
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="no-such-adapter", prompt="x")
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model=BASE, prompt="x", extra_body={"adapter": "nope"})
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=BASE, prompt="x", temperature=9)
+    assert info.value.body["param"] == "temperature"
+
+
+def test_health_answers_during_a_long_generation(server, client):
+    stream = client.completions.create(model=BASE, prompt="Tell a long story:", max_tokens=200,
+                                       temperature=1.0, stream=True)
+    first = next(iter(stream))
+    assert first.choices
+    started = time.perf_counter()
+    assert httpx.get(f"{server[0]}/health", timeout=5).status_code == 200
+    assert time.perf_counter() - started < 1.0  # the event loop is not blocked by the model
+    stream.close()  # disconnect: the engine cancels the rest
+
+
+def test_metrics_count_requests_by_adapter(server, client):
+    client.completions.create(model="rand", prompt="hi", max_tokens=2)
+    text = httpx.get(f"{server[0]}/metrics").text
+    assert 'hotswap_requests_total{adapter="rand",endpoint="completions",status="200"}' in text
+    assert "hotswap_resident_adapters 1.0" in text
