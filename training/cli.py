@@ -1,0 +1,91 @@
+"""`python -m training {dolly,schema}`: a thin parser over the run configuration."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from training.presets import PRESETS
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m training",
+        description="Train a LoRA adapter package for the hotswap service.",
+    )
+    p.add_argument("task", choices=["dolly", "schema"])
+    p.add_argument("--preset", default="default", choices=sorted(PRESETS))
+    p.add_argument("--config", type=Path, help="YAML file of sections data/model/lora/train")
+    p.add_argument("--output-dir", type=Path, help="adapter package to write (default adapters/<task>)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument("--eval-only", action="store_true", help="evaluate the package in --output-dir")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", dest="data.source", help="hub dataset id or local JSONL file")
+    g.add_argument("--eval-size", dest="data.eval_size", type=int)
+    g.add_argument("--max-train-records", dest="data.max_train_records", type=int)
+    g = p.add_argument_group("model")
+    g.add_argument("--base-model", dest="model.base")
+    g.add_argument("--quantization", dest="model.quantization", choices=["nf4", "int8", "bf16", "fp32"])
+    g.add_argument("--device", dest="model.device", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--cache-dir", dest="model.cache_dir", type=Path)
+    g = p.add_argument_group("lora")
+    g.add_argument("--lora-r", dest="lora.r", type=int)
+    g.add_argument("--lora-alpha", dest="lora.alpha", type=int)
+    g.add_argument("--lora-dropout", dest="lora.dropout", type=float)
+    g.add_argument("--lora-targets", dest="lora.targets", nargs="+")
+    g = p.add_argument_group("train")
+    g.add_argument("--steps", dest="train.max_steps", type=int)
+    g.add_argument("--batch-size", dest="train.batch_size", type=int)
+    g.add_argument("--grad-accum", dest="train.grad_accum", type=int)
+    g.add_argument("--learning-rate", "--lr", dest="train.learning_rate", type=float)
+    g.add_argument("--max-length", dest="train.max_length", type=int)
+    g.add_argument("--seed", dest="train.seed", type=int)
+    g.add_argument("--save-steps", dest="train.save_steps", type=int)
+    g.add_argument("--logging-steps", dest="train.logging_steps", type=int)
+    g.add_argument("--tensorboard", dest="train.tensorboard", action="store_const", const=True)
+    return p
+
+
+def overrides_from(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in vars(args).items():
+        if "." in key and value is not None:
+            section, name = key.split(".", 1)
+            out.setdefault(section, {})[name] = value
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from training.config import build_config
+    from training.data import DataError
+
+    try:
+        config = build_config(
+            args.task, args.output_dir or Path("adapters") / args.task,
+            preset_name=args.preset, config_file=args.config, overrides=overrides_from(args),
+        )
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from training.train import run
+
+    try:
+        metrics = run(config, resume=args.resume, eval_only=args.eval_only)
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print_table(metrics)
+    print(json.dumps({"adapter": str(config.output_dir), **metrics}))
+    return 0
+
+
+def print_table(metrics: dict[str, Any]) -> None:
+    rows = [(k, v) for k, v in metrics.items() if not isinstance(v, list)]
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))

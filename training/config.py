@@ -1,0 +1,126 @@
+"""Training configuration: one dataclass per concern; preset -> YAML file -> command-line flags."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from training.presets import preset
+
+
+@dataclass
+class DataConfig:
+    source: str | None = None  # hub id or local JSONL; None: the task's default
+    eval_size: int = 200  # held-out records (seeded split), never trained on
+    max_train_records: int | None = None
+    split_seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    base: str = "embedded:smollm2-135m-instruct"
+    quantization: Literal["nf4", "int8", "bf16", "fp32"] = "nf4"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    cache_dir: Path = Path("~/.cache/hotswap")
+
+
+@dataclass
+class LoraSettings:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    targets: list[str] = field(default_factory=lambda: ["all-linear"])
+
+
+@dataclass
+class TrainSettings:
+    max_steps: int = 100
+    batch_size: int = 8
+    grad_accum: int = 1
+    learning_rate: float = 2e-4
+    scheduler: str = "cosine"
+    warmup_steps: int = 10
+    max_length: int = 384
+    max_grad_norm: float = 1.0
+    optimizer: str = "adamw_torch"
+    gradient_checkpointing: bool = False
+    seed: int = 42
+    logging_steps: int = 10
+    save_steps: int = 50
+    tensorboard: bool = False
+
+
+@dataclass
+class RunConfig:
+    task: Literal["dolly", "schema"]
+    output_dir: Path
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.output_dir.parent / f".{self.output_dir.name}-checkpoints"
+
+
+_SECTIONS = {"data": DataConfig, "model": ModelConfig, "lora": LoraSettings, "train": TrainSettings}
+
+
+def merge(target: dict[str, dict[str, Any]], layer: dict[str, Any], origin: str) -> None:
+    """Fold one layer of {section: {key: value}} into `target`, refusing unknown keys."""
+    for section, values in layer.items():
+        if section not in _SECTIONS:
+            raise ValueError(f"{origin}: unknown section {section!r}; known: {sorted(_SECTIONS)}")
+        if not isinstance(values, dict):
+            raise ValueError(f"{origin}: section {section!r} must be a mapping")
+        known = {f.name for f in dataclasses.fields(_SECTIONS[section])}
+        for key, value in values.items():
+            if key not in known:
+                raise ValueError(f"{origin}: unknown key {section}.{key}; known: {sorted(known)}")
+            target.setdefault(section, {})[key] = value
+
+
+def build_config(
+    task: str,
+    output_dir: Path,
+    *,
+    preset_name: str = "default",
+    config_file: Path | None = None,
+    overrides: dict[str, dict[str, Any]] | None = None,
+) -> RunConfig:
+    layers: dict[str, dict[str, Any]] = {}
+    merge(layers, preset(preset_name, task), f"preset {preset_name}")
+    if config_file is not None:
+        doc = yaml.safe_load(config_file.read_text("utf-8")) or {}
+        if not isinstance(doc, dict):
+            raise ValueError(f"{config_file}: expected a mapping of sections")
+        merge(layers, doc, str(config_file))
+    merge(layers, overrides or {}, "command line")
+    sections = {name: cls(**layers.get(name, {})) for name, cls in _SECTIONS.items()}
+    sections["model"].cache_dir = Path(sections["model"].cache_dir).expanduser()
+    config = RunConfig(task=task, output_dir=output_dir, **sections)
+    validate(config)
+    return config
+
+
+def validate(config: RunConfig) -> None:
+    t, lora = config.train, config.lora
+    checks = [
+        (t.max_steps > 0, "train.max_steps must be positive"),
+        (t.batch_size > 0 and t.grad_accum > 0, "train.batch_size and grad_accum must be positive"),
+        (t.learning_rate > 0, "train.learning_rate must be positive"),
+        (t.max_length >= 32, "train.max_length must be at least 32"),
+        (lora.r > 0 and lora.alpha > 0, "lora.r and lora.alpha must be positive"),
+        (0 <= lora.dropout < 1, "lora.dropout must lie in [0, 1)"),
+        (bool(lora.targets), "lora.targets must name at least one module"),
+        (config.data.eval_size > 0, "data.eval_size must be positive"),
+        (config.model.quantization in ("nf4", "int8", "bf16", "fp32"), "unknown model.quantization"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)

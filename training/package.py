@@ -1,0 +1,50 @@
+"""Writes the adapter package the service serves as it is (DESIGN.md "Adapter package")."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+from pathlib import Path
+from typing import Any
+
+from service.adapters.manifest import AdapterManifest
+from service.base_model import ModelSource
+from training.recipes import Task
+
+LIBRARIES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate")
+
+
+def library_versions() -> dict[str, str]:
+    versions = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "absent"
+    return versions
+
+
+def draft_manifest(task: Task, name: str, source: ModelSource) -> AdapterManifest:
+    """The manifest minus run results: enough to render prompts exactly as serving will."""
+    return AdapterManifest(
+        name=name,
+        description=task.description,
+        base_model={"id": source.served_id, "fingerprint": source.fingerprint},
+        prompt_template=task.prompt_template,
+        input_fields=task.input_fields,
+        output=task.output,
+    )
+
+
+def write_package(
+    peft_model: Any, manifest: AdapterManifest, out: Path, *, training: dict[str, Any],
+    metrics: dict[str, Any], log_history: list[dict[str, Any]] | None = None,
+) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    peft_model.save_pretrained(out, safe_serialization=True)
+    (out / "README.md").unlink(missing_ok=True)  # PEFT's boilerplate card; hotswap.json says it all
+    final = manifest.model_copy(update={"training": training, "metrics": metrics})
+    final.write(out)
+    if log_history is not None:
+        (out / "training_log.json").write_text(json.dumps(log_history, indent=1) + "\n")
+    return out

@@ -1,0 +1,151 @@
+"""One training run: data -> tokenized examples -> SFTTrainer -> evaluation -> adapter package."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from service.adapters.manifest import AdapterManifest, parse_adapter_name
+from training.config import RunConfig
+from training.data import Example, load_records, sha256_of, split, tokenize_example
+from training.evaluation import compare_losses, schema_rates
+from training.model import add_lora, load_base_for_training, load_trained
+from training.package import draft_manifest, library_versions, write_package
+from training.recipes import TASKS
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SOURCES = {"dolly": "databricks/databricks-dolly-15k", "schema": "data/schema/marketmail.jsonl"}
+EVAL_DURING_TRAINING = 64  # held-out examples scored at each logging point for the loss plot
+
+
+def tokenize_all(tokenizer, manifest: AdapterManifest, task, records, max_length: int) -> list[Example]:
+    examples = []
+    for record in records:
+        inputs, target = task.to_example(record)
+        example = tokenize_example(tokenizer, manifest, inputs, target, max_length)
+        if example is not None:
+            examples.append(example)
+    dropped = len(records) - len(examples)
+    if dropped:
+        log.info("dropped %d of %d records whose prompt exceeds %d tokens", dropped, len(records), max_length)
+    return examples
+
+
+def _dataset(examples: list[Example]):
+    from datasets import Dataset
+
+    return Dataset.from_list(
+        [{"input_ids": e.input_ids, "labels": e.labels, "length": len(e.input_ids)} for e in examples]
+    )
+
+
+def _trainer_args(config: RunConfig, device: str, has_eval: bool) -> Any:
+    import torch
+    from trl import SFTConfig
+
+    t = config.train
+    return SFTConfig(
+        output_dir=str(config.checkpoint_dir),
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.scheduler,
+        warmup_steps=t.warmup_steps,
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optimizer,
+        gradient_checkpointing=t.gradient_checkpointing,
+        seed=t.seed,
+        logging_steps=t.logging_steps,
+        save_steps=t.save_steps,
+        save_total_limit=2,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=t.save_steps if has_eval else None,
+        report_to=["tensorboard"] if t.tensorboard else [],
+        bf16=device == "cuda" and torch.cuda.is_bf16_supported(),
+        use_cpu=device == "cpu",
+        max_length=t.max_length,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        train_sampling_strategy="group_by_length",
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+    )
+
+
+def run(config: RunConfig, *, resume: bool = False, eval_only: bool = False) -> dict[str, Any]:
+    name = parse_adapter_name(config.output_dir.name)
+    task = TASKS[config.task]
+    source_id = config.data.source or DEFAULT_SOURCES[config.task]
+    records = load_records(source_id, task.required_record_fields)
+    train_records, held = split(records, config.data.eval_size, config.data.split_seed)
+    if config.data.max_train_records:
+        train_records = train_records[: config.data.max_train_records]
+
+    if eval_only:
+        model, tokenizer, source, device = load_trained(config.model, config.output_dir)
+        manifest = AdapterManifest.read(config.output_dir)
+        history = None
+        started = time.perf_counter()
+    else:
+        base, tokenizer, source, device = load_base_for_training(
+            config.model, gradient_checkpointing=config.train.gradient_checkpointing
+        )
+        manifest = draft_manifest(task, name, source)
+        started = time.perf_counter()
+        model, history = _train(config, base, tokenizer, manifest, task, train_records, held, device, resume)
+
+    held_examples = tokenize_all(tokenizer, manifest, task, held, config.train.max_length)
+    metrics = compare_losses(model, held_examples, tokenizer.pad_token_id)
+    if config.task == "schema":
+        shots = [task.to_example(r) for r in train_records[:2]]
+        metrics.update(schema_rates(model, tokenizer, manifest, held, shots))
+    if eval_only:
+        metrics["eval_seconds"] = round(time.perf_counter() - started, 1)
+
+    training = dict(manifest.training) if eval_only else {
+        "recipe": f"{config.task} ({'QLoRA' if config.model.quantization == 'nf4' else 'LoRA'}, {config.model.quantization} base)",
+        "dataset": source_id,
+        "dataset_sha256": sha256_of(source_id),
+        "train_records": len(train_records),
+        "eval_records": len(held),
+        "split_seed": config.data.split_seed,
+        "steps": config.train.max_steps,
+        "hyperparameters": {"lora": asdict(config.lora), "train": asdict(config.train)},
+        "base_quantization": config.model.quantization,
+        "device": device,
+        "train_seconds": round(time.perf_counter() - started, 1),
+        "libraries": library_versions(),
+    }
+    write_package(model, manifest, config.output_dir, training=training, metrics=metrics,
+                  log_history=history)
+    return metrics
+
+
+def _train(config, base, tokenizer, manifest, task, train_records, held, device, resume):
+    from trl import SFTTrainer
+
+    train_examples = tokenize_all(tokenizer, manifest, task, train_records, config.train.max_length)
+    eval_examples = tokenize_all(tokenizer, manifest, task, held[:EVAL_DURING_TRAINING], config.train.max_length)
+    model = add_lora(base, config.lora)
+    trainer = SFTTrainer(
+        model=model,
+        args=_trainer_args(config, device, has_eval=bool(eval_examples)),
+        train_dataset=_dataset(train_examples),
+        eval_dataset=_dataset(eval_examples) if eval_examples else None,
+        processing_class=tokenizer,
+    )
+    checkpoint = _latest_checkpoint(config.checkpoint_dir) if resume else None
+    if resume and checkpoint is None:
+        log.warning("--resume: no checkpoint in %s, starting from scratch", config.checkpoint_dir)
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    return trainer.model, trainer.state.log_history
+
+
+def _latest_checkpoint(directory: Path) -> Path | None:
+    checkpoints = sorted(directory.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    return checkpoints[-1] if checkpoints else None
