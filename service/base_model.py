@@ -253,12 +253,15 @@ def compute_dtype(device: str) -> Any:
     return torch.float32
 
 
-def quantization_kwargs(quantization: str, device: str) -> dict[str, Any]:
-    """`from_pretrained` keyword arguments for one of the service's quantization modes."""
+def quantization_kwargs(quantization: str, device: str, dtype: Any = None) -> dict[str, Any]:
+    """`from_pretrained` keyword arguments for one of the service's quantization modes.
+
+    `dtype` overrides the compute dtype of the quantized modes (training on CPU uses bf16).
+    """
     import torch
     from transformers import BitsAndBytesConfig
 
-    dtype = compute_dtype(device)
+    dtype = dtype or compute_dtype(device)
     if quantization == "nf4":
         config = BitsAndBytesConfig(
             load_in_4bit=True,

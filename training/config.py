@@ -25,6 +25,9 @@ class ModelConfig:
     base: str = "embedded:smollm2-135m-instruct"
     quantization: Literal["nf4", "int8", "bf16", "fp32"] = "nf4"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Compute dtype of the quantized layers: "auto" is the service's rule (bf16 on GPU, fp32 on
+    # CPU); "bf16" on a CPU with AVX512-BF16 trains about 1.7x faster (docs/training.md).
+    compute_dtype: Literal["auto", "bf16", "fp32"] = "auto"
     cache_dir: Path = Path("~/.cache/hotswap")
 
 

@@ -9,6 +9,17 @@ from training.config import LoraSettings, ModelConfig
 from training.qlora_cpu import keep_out_of_cpu_packed_path
 
 
+def training_dtype(config: ModelConfig, device: str) -> Any:
+    """The compute dtype for a training run: None keeps the service's rule for the device."""
+    import torch
+
+    if config.compute_dtype == "bf16":
+        return torch.bfloat16
+    if config.compute_dtype == "fp32":
+        return torch.float32
+    return None
+
+
 def lora_config(settings: LoraSettings) -> Any:
     from peft import LoraConfig
 
@@ -36,7 +47,7 @@ def load_base_for_training(config: ModelConfig, *, gradient_checkpointing: bool 
         source.path,
         device_map={"": device},
         trust_remote_code=False,
-        **quantization_kwargs(config.quantization, device),
+        **quantization_kwargs(config.quantization, device, training_dtype(config, device)),
     )
     if config.quantization in ("nf4", "int8"):
         model = prepare_model_for_kbit_training(

@@ -25,12 +25,12 @@ EMBEDDED = "embedded:smollm2-135m-instruct"
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "default": {
         "dolly": {
-            "model": {"base": EMBEDDED, "quantization": "nf4"},
+            "model": {"base": EMBEDDED, "quantization": "nf4", "compute_dtype": "bf16"},
             "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "targets": ["all-linear"]},
             "train": {
-                "max_steps": 400, "batch_size": 8, "learning_rate": 1e-3, "scheduler": "cosine",
+                "max_steps": 320, "batch_size": 8, "learning_rate": 1e-3, "scheduler": "cosine",
                 "warmup_steps": 20, "max_length": 320, "max_grad_norm": 1.0,
-                "optimizer": "adamw_torch", "save_steps": 50, "logging_steps": 5,
+                "optimizer": "adamw_torch", "save_steps": 40, "logging_steps": 5,
             },
             "data": {"eval_size": 200},
         },
@@ -47,7 +47,10 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     },
     "seed-openllama-7b": {
         "dolly": {
-            "model": {"base": "openlm-research/open_llama_7b_v2", "quantization": "nf4"},
+            "model": {
+                "base": "openlm-research/open_llama_7b_v2", "quantization": "nf4",
+                "compute_dtype": "bf16",
+            },
             "lora": {"r": 64, "alpha": 16, "dropout": 0.1, "targets": ["all-linear"]},
             "train": {
                 "max_steps": 500, "batch_size": 4, "grad_accum": 4, "learning_rate": 2e-4,

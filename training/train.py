@@ -47,7 +47,13 @@ def _trainer_args(config: RunConfig, device: str, has_eval: bool) -> Any:
     import torch
     from trl import SFTConfig
 
+    from training.model import training_dtype
+
     t = config.train
+    dtype = training_dtype(config.model, device)
+    bf16 = dtype == torch.bfloat16 or (
+        dtype is None and device == "cuda" and torch.cuda.is_bf16_supported()
+    )
     return SFTConfig(
         output_dir=str(config.checkpoint_dir),
         max_steps=t.max_steps,
@@ -67,7 +73,7 @@ def _trainer_args(config: RunConfig, device: str, has_eval: bool) -> Any:
         eval_strategy="steps" if has_eval else "no",
         eval_steps=t.save_steps if has_eval else None,
         report_to=["tensorboard"] if t.tensorboard else [],
-        bf16=device == "cuda" and torch.cuda.is_bf16_supported(),
+        bf16=bf16,  # autocast; LoRA weights and optimizer state stay fp32
         use_cpu=device == "cpu",
         max_length=t.max_length,
         dataset_kwargs={"skip_prepare_dataset": True},

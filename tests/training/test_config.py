@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from training.cli import make_parser, overrides_from
+from training.config import build_config
+from training.presets import PRESETS
+
+
+def test_preset_then_file_then_flags(tmp_path):
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text("train:\n  max_steps: 7\n  learning_rate: 0.01\nlora:\n  r: 4\n")
+    args = make_parser().parse_args(["schema", "--steps", "3", "--lora-alpha", "8"])
+    config = build_config("schema", tmp_path / "out", config_file=config_file, overrides=overrides_from(args))
+    assert config.train.max_steps == 3  # flag beats file
+    assert config.train.learning_rate == 0.01  # file beats preset
+    assert (config.lora.r, config.lora.alpha) == (4, 8)
+    assert config.model.quantization == "int8"  # the schema preset's 8-bit base
+    assert config.data.source == "data/schema/marketmail.jsonl"
+
+
+def test_dolly_default_is_qlora_nf4_on_all_linear_layers(tmp_path):
+    config = build_config("dolly", tmp_path / "dolly")
+    assert config.model.quantization == "nf4" and config.lora.targets == ["all-linear"]
+    assert config.checkpoint_dir == tmp_path / ".dolly-checkpoints"
+
+
+def test_seed_presets_carry_the_seed_recipes(tmp_path):
+    llama = build_config("dolly", tmp_path / "a", preset_name="seed-openllama-7b")
+    assert llama.model.base == "openlm-research/open_llama_7b_v2"
+    assert (llama.train.learning_rate, llama.train.max_grad_norm, llama.train.max_length) == (2e-4, 0.3, 512)
+    assert llama.train.optimizer == "paged_adamw_32bit" and llama.train.scheduler == "constant_with_warmup"
+    bloom = build_config("schema", tmp_path / "b", preset_name="seed-bloomz-3b")
+    assert (bloom.model.quantization, bloom.lora.r, bloom.lora.alpha, bloom.train.max_steps) == ("int8", 16, 32, 100)
+    assert bloom.lora.targets == ["query_key_value"]
+
+
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        ("train:\n  max_stepz: 3\n", "unknown key train.max_stepz"),
+        ("optimizer:\n  lr: 1\n", "unknown section"),
+        ("train:\n  max_steps: 0\n", "max_steps must be positive"),
+        ("lora:\n  dropout: 1.5\n", "dropout"),
+    ],
+)
+def test_bad_configs_are_refused_clearly(tmp_path, doc, message):
+    config_file = tmp_path / "bad.yaml"
+    config_file.write_text(doc)
+    with pytest.raises(ValueError, match=message):
+        build_config("dolly", tmp_path / "dolly", config_file=config_file)
+
+
+def test_unknown_preset_or_task_pairing():
+    with pytest.raises(ValueError, match="unknown preset"):
+        build_config("dolly", Path("x"), preset_name="nope")
+    with pytest.raises(ValueError, match="no 'schema' recipe"):
+        build_config("schema", Path("x"), preset_name="seed-openllama-7b")
+    assert set(PRESETS) == {"default", "seed-openllama-7b", "seed-bloomz-3b"}
+
+
+def test_help_is_fast_and_imports_nothing_heavy():
+    code = "import sys, training.cli as c; c.make_parser(); print('torch' in sys.modules, 'transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False False"
+
+
+def test_cli_reports_data_errors_with_exit_code_2(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"product": "x", "description": "y", "output": {}}\n{oops\n')
+    out = subprocess.run(
+        [sys.executable, "-m", "training", "schema", "--data", str(bad), "--output-dir", str(tmp_path / "s"),
+         "--base-model", "no-such-dir-or-hub-id"],
+        capture_output=True, text=True,
+    )
+    assert out.returncode == 2
+    assert f"{bad}:2: malformed JSON" in out.stderr

@@ -1,0 +1,100 @@
+"""A few real training steps on a tiny model, through the same code path as the shipped runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+from service.adapters.manifest import AdapterManifest
+from service.adapters.registry import AdapterRegistry
+from training.config import build_config
+from training.evaluation import marketmail_verdict
+from training.recipes import DOLLY_TEMPLATE, MARKETMAIL_SCHEMA
+from training.train import run
+
+FACTS = [
+    ("What is the capital of France?", "The capital of France is Paris."),
+    ("What is the capital of Italy?", "The capital of Italy is Rome."),
+    ("Summarize the context.", "LoRA adapters are small."),
+    ("Write a subject line.", "New: Hello there"),
+]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny, tmp_path_factory, cache_dir):
+    root = tmp_path_factory.mktemp("train")
+    data = root / "dolly.jsonl"
+    with data.open("w") as fh:
+        for i in range(48):
+            instruction, response = FACTS[i % len(FACTS)]
+            fh.write(json.dumps({"instruction": instruction, "context": "", "response": response, "category": "qa"}) + "\n")
+    out = root / "tiny-dolly"
+    config = build_config(
+        "dolly", out,
+        overrides={
+            "data": {"source": str(data), "eval_size": 8},
+            "model": {"base": str(tiny.base_dir), "quantization": "nf4", "compute_dtype": "fp32", "cache_dir": cache_dir},
+            "lora": {"r": 4, "alpha": 8, "targets": ["q_proj", "v_proj", "up_proj"]},
+            "train": {"max_steps": 12, "batch_size": 4, "learning_rate": 1e-2, "warmup_steps": 0,
+                      "save_steps": 6, "logging_steps": 2, "max_length": 128},
+        },
+    )
+    metrics = run(config)
+    return out, metrics, config
+
+
+def test_training_lowers_the_held_out_loss(trained):
+    _, metrics, _ = trained
+    assert metrics["eval_loss_adapter"] < metrics["eval_loss_base"] * 0.8
+
+
+def test_training_log_shows_the_loss_falling(trained):
+    out, _, _ = trained
+    history = json.loads((out / "training_log.json").read_text())
+    losses = [h["loss"] for h in history if "loss" in h]
+    assert losses[-1] < losses[0]
+    assert any("eval_loss" in h for h in history)  # eval during training, safely
+
+
+def test_package_is_complete_and_serves(trained, tiny):
+    out, metrics, _ = trained
+    assert {p.name for p in out.iterdir()} >= {"adapter_config.json", "adapter_model.safetensors", "hotswap.json"}
+    assert not list(out.glob("*.bin"))
+    weights = load_file(out / "adapter_model.safetensors")
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in weights.items())  # B starts at zero
+    manifest = AdapterManifest.read(out)
+    assert manifest.prompt_template == DOLLY_TEMPLATE
+    assert manifest.base_model.fingerprint == tiny.fingerprint
+    assert manifest.training["dataset_sha256"] and manifest.training["libraries"]["peft"]
+    assert manifest.training["hyperparameters"]["lora"]["r"] == 4
+    assert manifest.metrics["eval_loss_adapter"] == metrics["eval_loss_adapter"]
+    registry = AdapterRegistry(out.parent, base_id="tiny", base_fingerprint=tiny.fingerprint)
+    registry.scan()
+    assert [r.name for r in registry.ready()] == ["tiny-dolly"]
+
+
+def test_resume_and_eval_only(trained):
+    out, metrics, config = trained
+    checkpoints = sorted(config.checkpoint_dir.glob("checkpoint-*"))
+    assert checkpoints, "checkpoints are written for --resume"
+    again = run(config, eval_only=True)
+    assert again["eval_loss_adapter"] == pytest.approx(metrics["eval_loss_adapter"], abs=1e-3)
+    assert AdapterManifest.read(out).training["steps"] == 12  # eval-only keeps the run's record
+
+
+@pytest.mark.parametrize(
+    ("text", "ok", "why"),
+    [
+        ('{"subject": "Lamp sale", "body": "b", "call_to_action": "Buy"}', True, "ok"),
+        ('{"subject": "Sale", "body": "the LAMP is here", "call_to_action": "Buy"}', True, "ok"),
+        ('{"subject": "Sale", "body": "b", "call_to_action": "Buy"}', False, "product not named"),
+        ('{"subject": "Lamp", "body": "b"}', False, "schema"),
+        ('{"subject": "Lamp", "body": "b", "call_to_action": "x", "extra": 1}', False, "schema"),
+        ('Subject: Lamp', False, "not JSON"),
+    ],
+)
+def test_marketmail_verdict(text, ok, why):
+    verdict, reason = marketmail_verdict(text, "Lamp", MARKETMAIL_SCHEMA)
+    assert verdict is ok and reason.startswith(why)
