@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if not metrics:  # a non-zero rank of a distributed run: rank 0 reports
+        return 0
     print_table(metrics)
     print(json.dumps({"adapter": str(config.output_dir), **metrics}))
     return 0

@@ -104,6 +104,8 @@ def run(config: RunConfig, *, resume: bool = False, eval_only: bool = False) -> 
         manifest = draft_manifest(task, name, source)
         started = time.perf_counter()
         model, history = _train(config, base, tokenizer, manifest, task, train_records, held, device, resume)
+        if not _is_main_process():
+            return {}  # under `accelerate launch`, rank 0 alone evaluates and writes the package
 
     held_examples = tokenize_all(tokenizer, manifest, task, held, config.train.max_length)
     metrics = compare_losses(model, held_examples, tokenizer.pad_token_id)
@@ -124,6 +126,7 @@ def run(config: RunConfig, *, resume: bool = False, eval_only: bool = False) -> 
         "hyperparameters": {"lora": asdict(config.lora), "train": asdict(config.train)},
         "base_quantization": config.model.quantization,
         "device": device,
+        "processes": _process_count(),
         "train_seconds": round(time.perf_counter() - started, 1),
         "libraries": library_versions(),
     }
@@ -150,6 +153,18 @@ def _train(config, base, tokenizer, manifest, task, train_records, held, device,
         log.warning("--resume: no checkpoint in %s, starting from scratch", config.checkpoint_dir)
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     return trainer.model, trainer.state.log_history
+
+
+def _process_count() -> int:
+    from accelerate import PartialState
+
+    return PartialState().num_processes
+
+
+def _is_main_process() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
 
 
 def _latest_checkpoint(directory: Path) -> Path | None:

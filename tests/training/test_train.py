@@ -13,6 +13,7 @@ from training.config import build_config
 from training.evaluation import marketmail_verdict
 from training.recipes import DOLLY_TEMPLATE, MARKETMAIL_SCHEMA
 from training.train import run
+from tests.support import free_port
 
 FACTS = [
     ("What is the capital of France?", "The capital of France is Paris."),
@@ -98,3 +99,31 @@ def test_resume_and_eval_only(trained):
 def test_marketmail_verdict(text, ok, why):
     verdict, reason = marketmail_verdict(text, "Lamp", MARKETMAIL_SCHEMA)
     assert verdict is ok and reason.startswith(why)
+
+
+def test_two_process_data_parallel_run_on_cpu(tiny, tmp_path, cache_dir):
+    """Two ranks train data-parallel (gloo on CPU); rank 0 alone evaluates and writes the package.
+
+    `accelerate launch --multi_gpu` starts ranks with torch.distributed.run, used here directly:
+    accelerate's own CPU multi-process launch needs MPI (`mpirun`), which this machine lacks.
+    """
+    import subprocess
+    import sys
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(
+        json.dumps({"instruction": q, "context": "", "response": a}) + "\n" for q, a in FACTS * 8
+    ))
+    out = tmp_path / "acc-dolly"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_port", str(free_port()),
+        "-m", "training", "dolly", "--data", str(data), "--eval-size", "4", "--base-model", str(tiny.base_dir),
+        "--quantization", "fp32", "--cache-dir", str(cache_dir), "--steps", "4", "--batch-size", "2",
+        "--lora-r", "4", "--lora-targets", "q_proj", "v_proj", "--max-length", "96", "--output-dir", str(out),
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    manifest = AdapterManifest.read(out)
+    assert manifest.training["processes"] == 2
+    assert (out / "adapter_model.safetensors").is_file()
