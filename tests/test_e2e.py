@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
+import jsonschema
 import openai
 import pytest
 
@@ -17,6 +21,7 @@ from tests.support import free_port
 
 pytestmark = pytest.mark.e2e
 BASE = "smollm2-135m-instruct"
+SHIPPED = Path(__file__).resolve().parents[1] / "adapters"
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +29,8 @@ def server(tmp_path_factory, cache_dir):
     source = resolve_source(f"embedded:{BASE}", cache_dir)
     adapters = tmp_path_factory.mktemp("adapters")
     make_lora_adapter(source.path, adapters / "rand", fingerprint=source.fingerprint, base_id=BASE, seed=5)
+    for name in ("dolly", "schema"):  # the adapters shipped in the repository
+        shutil.copytree(SHIPPED / name, adapters / name)
     port = free_port()
     log = tmp_path_factory.mktemp("log") / "server.log"
     env = {**os.environ, "HOTSWAP_ADAPTER_DIR": str(adapters), "HOTSWAP_CACHE_DIR": str(cache_dir)}
@@ -83,7 +90,7 @@ def test_completion_and_streaming_completion_agree(client):
 
 def test_models_list_has_base_and_adapter(client):
     models = {m.id: m for m in client.models.list()}
-    assert set(models) == {BASE, "rand"}
+    assert set(models) == {BASE, "rand", "dolly", "schema"}
     assert models["rand"].parent == BASE
 
 
@@ -127,3 +134,27 @@ def test_metrics_count_requests_by_adapter(server, client):
     text = httpx.get(f"{server[0]}/metrics").text
     assert 'hotswap_requests_total{adapter="rand",endpoint="completions",status="200"}' in text
     assert "hotswap_resident_adapters 1.0" in text
+
+
+def test_shipped_dolly_adapter_follows_an_instruction(client):
+    r = client.completions.create(
+        model=BASE, prompt="", max_tokens=48, temperature=0,
+        extra_body={"adapter": "dolly", "input": {"instruction": "Name three primary colors."}, "prompt": None},
+    )
+    text = r.choices[0].text
+    assert text.strip() and "### Instruction" not in text
+
+
+def test_shipped_schema_adapter_returns_valid_json_naming_the_product(client):
+    schema = json.loads((SHIPPED / "schema" / "hotswap.json").read_text())["output"]["json_schema"]
+    product = "Lakeside Canoe Paddle"
+    r = client.completions.create(
+        model="schema", prompt="", max_tokens=200, temperature=0,
+        extra_body={"prompt": None, "input": {
+            "product": product,
+            "description": "Lightweight carbon canoe paddle with a palm grip, 480 grams.",
+        }},
+    )
+    value = json.loads(r.choices[0].text)
+    jsonschema.validate(value, schema)
+    assert product.lower() in (value["subject"] + value["body"]).lower()

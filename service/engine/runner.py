@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -16,6 +17,7 @@ class ModelRunner:
     def __init__(self, model: Any, device: str):
         self.model = model
         self.device = torch.device(device)
+        self._cache_kwarg = _cache_kwarg(model)
 
     def _adapter_kwargs(self, adapters: list[str | None]) -> dict[str, Any]:
         # PEFT's mixed-batch LoRA: each row of the batch runs through its own adapter.
@@ -34,8 +36,8 @@ class ModelRunner:
         ids = torch.tensor([prompt_ids], device=self.device)
         out = self.model(
             input_ids=ids,
-            cache=cache,
             use_cache=True,
+            **{self._cache_kwarg: cache},
             logits_to_keep=0 if all_logits else 1,
             **self._adapter_kwargs([adapter]),
         )
@@ -47,6 +49,15 @@ class ModelRunner:
         """Feed one token; return the fp32 logits of the next position."""
         ids = torch.tensor([[token_id]], device=self.device)
         out = self.model(
-            input_ids=ids, cache=cache, use_cache=True, **self._adapter_kwargs([adapter])
+            input_ids=ids,
+            use_cache=True,
+            **{self._cache_kwarg: cache},
+            **self._adapter_kwargs([adapter]),
         )
         return out.logits[0, -1].float()
+
+
+def _cache_kwarg(model: Any) -> str:
+    """transformers 5.2x renamed `past_key_values` to `cache`; older 5.x only knows the former."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"

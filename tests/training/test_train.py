@@ -127,3 +127,13 @@ def test_two_process_data_parallel_run_on_cpu(tiny, tmp_path, cache_dir):
     manifest = AdapterManifest.read(out)
     assert manifest.training["processes"] == 2
     assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_loss_plot_is_drawn_from_the_run_log(trained, tmp_path):
+    from training.plot import loss_curves, plot
+
+    out, _, _ = trained
+    train, evals = loss_curves(json.loads((out / "training_log.json").read_text()))
+    assert len(train) >= 3 and evals
+    png = plot(out, tmp_path / "loss.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
