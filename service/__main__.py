@@ -20,7 +20,13 @@ def main(argv: list[str] | None = None) -> int:
 
     app = build_app(settings)
     server = uvicorn.Server(
-        uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+        uvicorn.Config(
+            app,
+            host=settings.host,
+            port=settings.port,
+            log_level=settings.log_level,
+            timeout_graceful_shutdown=settings.drain_timeout_seconds,
+        )
     )
     failed: list[BaseException] = []
 

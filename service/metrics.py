@@ -57,6 +57,21 @@ class Metrics:
         self.resident_adapters = Gauge(
             "hotswap_resident_adapters", "Adapters loaded on the base model.", registry=r
         )
+        self.running = Gauge(
+            "hotswap_running_requests", "Requests the engine is generating for now.", registry=r
+        )
+        self.batch_utilization = Gauge(
+            "hotswap_batch_utilization_ratio",
+            "Running sequences over the engine's batch capacity (0-1).", registry=r,
+        )
+        # Mirrors vLLM's vllm:lora_requests_info, which the Gateway API Inference Extension's
+        # model-server protocol reads to route a request to a replica holding its adapter.
+        self.lora_requests_info = Gauge(
+            "hotswap_lora_requests_info",
+            "Adapters of running and waiting requests (comma-separated labels); value: update time.",
+            ["running_lora_adapters", "waiting_lora_adapters", "max_lora"], registry=r,
+        )
+        self.max_lora = 0
         self.rejected = Counter(
             "hotswap_rejected_requests", "Requests refused before generation, by reason.",
             ["reason"], registry=r,
@@ -66,6 +81,16 @@ class Metrics:
         self.adapter_loads.labels(adapter, result).inc()
         if result == "ok":
             self.adapter_load_duration.observe(seconds)
+
+    def observe_engine(self, running: list[str], waiting: list[str], capacity: int) -> None:
+        """Engine state after each change: queue, running count, adapters in flight."""
+        self.queue_depth.set(len(waiting))
+        self.running.set(len(running))
+        self.batch_utilization.set(len(running) / capacity if capacity else 0.0)
+        self.lora_requests_info.clear()
+        self.lora_requests_info.labels(
+            ",".join(sorted(set(running))), ",".join(sorted(set(waiting))), str(self.max_lora)
+        ).set_to_current_time()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

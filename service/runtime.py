@@ -41,6 +41,7 @@ def load_runtime(settings: Settings, metrics: Metrics) -> Runtime:
     registry.scan()
     model = registry.attach(base.model, on_load=metrics.observe_adapter_load)
     metrics.resident_adapters.set(len(registry.ready()))
+    metrics.max_lora = len(registry.ready())
     log.info(
         "serving %s (fingerprint %s) with adapters %s",
         base.source.served_id, base.source.fingerprint, [r.name for r in registry.ready()],
@@ -50,6 +51,6 @@ def load_runtime(settings: Settings, metrics: Metrics) -> Runtime:
         eos_token_ids=base.eos_token_ids,
         max_context=base.max_context,
         max_queued=settings.max_queued_requests,
-        on_queue_depth=metrics.queue_depth.set,
+        on_state=metrics.observe_engine,
     )
     return Runtime(engine, base.tokenizer, registry, base.source.served_id, base.max_context)

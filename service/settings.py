@@ -52,6 +52,10 @@ class Settings(BaseSettings):
     max_queued_requests: int = Field(
         256, ge=1, le=100_000, description="Requests waiting for the engine before new ones get 429."
     )
+    drain_timeout_seconds: float = Field(
+        30.0, ge=0, le=3600,
+        description="On SIGTERM, seconds to let in-flight requests and streams finish before exit.",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
 
     @field_validator("api_keys", mode="before")

@@ -28,9 +28,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "model": {"base": EMBEDDED, "quantization": "nf4", "compute_dtype": "bf16"},
             "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "targets": ["all-linear"]},
             "train": {
-                "max_steps": 320, "batch_size": 8, "learning_rate": 1e-3, "scheduler": "cosine",
+                "max_steps": 560, "batch_size": 8, "learning_rate": 1e-3, "scheduler": "cosine",
                 "warmup_steps": 20, "max_length": 320, "max_grad_norm": 1.0,
-                "optimizer": "adamw_torch", "save_steps": 40, "logging_steps": 5,
+                "optimizer": "adamw_torch", "save_steps": 80, "logging_steps": 5,
             },
             "data": {"eval_size": 200},
         },

@@ -45,14 +45,18 @@ class SimpleEngine:
         eos_token_ids: frozenset[int],
         max_context: int,
         max_queued: int = 256,
-        on_queue_depth: Callable[[int], None] | None = None,
+        on_state: Callable[[list[str], list[str], int], None] | None = None,
     ):
         self.runner = runner
         self.eos_token_ids = eos_token_ids
         self.max_context = max_context
         self.max_queued = max_queued
-        self._on_queue_depth = on_queue_depth or (lambda depth: None)
+        # Told (running adapters, waiting adapters, capacity) at every change; "base" for none.
+        self._on_state = on_state or (lambda running, waiting, capacity: None)
         self._jobs: queue.Queue[_Job | object] = queue.Queue()
+        self._waiting: list[str] = []
+        self._running: list[str] = []
+        self._state_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stopping = False
 
@@ -81,8 +85,8 @@ class SimpleEngine:
                 code="queue_full",
             )
         job = _Job(request, asyncio.get_running_loop(), asyncio.Queue())
+        self._change(waiting_add=_label(request))
         self._jobs.put(job)
-        self._on_queue_depth(self._jobs.qsize())
         try:
             while True:
                 item = await job.results.get()
@@ -99,10 +103,11 @@ class SimpleEngine:
     def _work(self) -> None:
         while True:
             job = self._jobs.get()
-            self._on_queue_depth(self._jobs.qsize())
             if job is _STOP:
                 break
             assert isinstance(job, _Job)
+            label = _label(job.request)
+            self._change(waiting_remove=label, running_add=None if job.cancelled.is_set() else label)
             if job.cancelled.is_set():
                 continue
             try:
@@ -110,11 +115,33 @@ class SimpleEngine:
             except Exception as exc:  # a failed step fails its request, never the engine
                 log.exception("generation failed for request %s", job.request.request_id)
                 job.push(EngineError(f"generation failed: {type(exc).__name__}: {exc}"))
+            finally:
+                self._change(running_remove=label)
         # Fail whatever is still waiting, so no client hangs on a stopped engine.
         while not self._jobs.empty():
             job = self._jobs.get_nowait()
             if isinstance(job, _Job):
                 job.push(ServiceUnavailableError("the engine stopped"))
+
+    def _change(
+        self,
+        *,
+        waiting_add: str | None = None,
+        waiting_remove: str | None = None,
+        running_add: str | None = None,
+        running_remove: str | None = None,
+    ) -> None:
+        with self._state_lock:
+            if waiting_add:
+                self._waiting.append(waiting_add)
+            if waiting_remove:
+                self._waiting.remove(waiting_remove)
+            if running_add:
+                self._running.append(running_add)
+            if running_remove:
+                self._running.remove(running_remove)
+            running, waiting = list(self._running), list(self._waiting)
+        self._on_state(running, waiting, 1)
 
     def _run(self, job: _Job) -> None:
         request, params = job.request, job.request.params
@@ -151,6 +178,10 @@ class SimpleEngine:
             if finish is not None:
                 return
             logits = self.runner.decode(token, cache, request.adapter)
+
+
+def _label(request: EngineRequest) -> str:
+    return request.adapter or "base"
 
 
 def _prompt_logprobs(

@@ -145,3 +145,30 @@ def test_context_limit_ends_generation_with_length(runtime):
     outs = run(lambda e: collect(e, None, params, prompt), runtime)
     assert len(tokens(outs)) <= 256 - 250
     assert outs[-1].finish_reason in ("length", "stop")
+
+
+def test_engine_reports_running_and_waiting_adapters(runtime):
+    from service.engine.simple import SimpleEngine
+
+    states = []
+    engine = SimpleEngine(
+        runtime.engine.runner, eos_token_ids=frozenset(), max_context=256,
+        on_state=lambda running, waiting, capacity: states.append((running, waiting, capacity)),
+    )
+
+    async def body(e):
+        params = SamplingParams(max_tokens=3, temperature=0.0)
+        await asyncio.gather(collect(e, "alpha", params), collect(e, "beta", params))
+
+    run(body, type("R", (), {"engine": engine})())
+    assert ([], ["alpha"], 1) in states or ([], ["beta"], 1) in states
+    assert any(running == ["alpha"] for running, _, _ in states)
+    assert any(running == ["beta"] for running, _, _ in states)
+    assert states[-1] == ([], [], 1)
+
+    metrics = Metrics()
+    metrics.max_lora = 2
+    metrics.observe_engine(["alpha"], ["beta", "base"], 1)
+    text = metrics.render().decode()
+    assert 'hotswap_lora_requests_info{max_lora="2",running_lora_adapters="alpha",waiting_lora_adapters="base,beta"}' in text
+    assert "hotswap_queue_depth 2.0" in text and "hotswap_batch_utilization_ratio 1.0" in text
