@@ -87,9 +87,11 @@ class Metrics:
         self.queue_depth.set(len(waiting))
         self.running.set(len(running))
         self.batch_utilization.set(len(running) / capacity if capacity else 0.0)
+        # Only adapters count here: the protocol's lists name LoRA adapters, never the base.
+        adapters = lambda names: ",".join(sorted(set(names) - {"base"}))  # noqa: E731
         self.lora_requests_info.clear()
         self.lora_requests_info.labels(
-            ",".join(sorted(set(running))), ",".join(sorted(set(waiting))), str(self.max_lora)
+            adapters(running), adapters(waiting), str(self.max_lora)
         ).set_to_current_time()
 
     def render(self) -> bytes:

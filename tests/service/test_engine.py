@@ -170,5 +170,5 @@ def test_engine_reports_running_and_waiting_adapters(runtime):
     metrics.max_lora = 2
     metrics.observe_engine(["alpha"], ["beta", "base"], 1)
     text = metrics.render().decode()
-    assert 'hotswap_lora_requests_info{max_lora="2",running_lora_adapters="alpha",waiting_lora_adapters="base,beta"}' in text
+    assert 'hotswap_lora_requests_info{max_lora="2",running_lora_adapters="alpha",waiting_lora_adapters="beta"}' in text
     assert "hotswap_queue_depth 2.0" in text and "hotswap_batch_utilization_ratio 1.0" in text
