@@ -257,3 +257,21 @@ def test_ready_is_503_while_starting(monkeypatch):
                 break
             time.sleep(0.02)
         assert c.get("/health").json() == {"status": "failed"}
+
+
+def test_settings_from_env_and_flags_refuse_unsafe_values(monkeypatch):
+    from pydantic import ValidationError
+
+    monkeypatch.setenv("HOTSWAP_API_KEYS", f"{KEY}, {'z' * 20}")
+    monkeypatch.setenv("HOTSWAP_DRAIN_TIMEOUT_SECONDS", "45")
+    s = Settings(_cli_parse_args=["--port", "9001", "--quantization", "int8"])
+    assert s.api_keys == [KEY, "z" * 20] and s.drain_timeout_seconds == 45 and s.port == 9001
+    assert s.quantization == "int8"
+    monkeypatch.setenv("HOTSWAP_API_KEYS", "short")
+    with pytest.raises(ValidationError, match="at least 16"):
+        Settings()
+    monkeypatch.delenv("HOTSWAP_API_KEYS")
+    with pytest.raises(ValidationError):
+        Settings(port=0)
+    with pytest.raises(ValidationError):
+        Settings(quantization="int4")
