@@ -130,6 +130,10 @@ def run(config: RunConfig, *, resume: bool = False, eval_only: bool = False) -> 
         "train_seconds": round(time.perf_counter() - started, 1),
         "libraries": library_versions(),
     }
+    if eval_only and config.model.quantization != training.get("base_quantization"):
+        # Evaluating on another quantization of the base (e.g. the nf4 the service defaults
+        # to): keep the run's own figures and add these beside them.
+        metrics = {**manifest.metrics, f"on_{config.model.quantization}": metrics}
     write_package(model, manifest, config.output_dir, training=training, metrics=metrics,
                   log_history=history)
     return metrics

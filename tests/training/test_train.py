@@ -83,6 +83,13 @@ def test_resume_and_eval_only(trained):
     again = run(config, eval_only=True)
     assert again["eval_loss_adapter"] == pytest.approx(metrics["eval_loss_adapter"], abs=1e-3)
     assert AdapterManifest.read(out).training["steps"] == 12  # eval-only keeps the run's record
+    import dataclasses
+
+    on_fp32 = dataclasses.replace(config, model=dataclasses.replace(config.model, quantization="fp32"))
+    run(on_fp32, eval_only=True)
+    kept = AdapterManifest.read(out).metrics
+    assert kept["eval_loss_adapter"] == pytest.approx(metrics["eval_loss_adapter"], abs=1e-3)
+    assert kept["on_fp32"]["eval_loss_adapter"] < kept["on_fp32"]["eval_loss_base"]
 
 
 @pytest.mark.parametrize(
