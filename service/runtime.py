@@ -10,6 +10,7 @@ from service.adapters.registry import AdapterRegistry
 from service.base_model import load_base
 from service.engine import Engine
 from service.engine.runner import ModelRunner
+from service.engine.batched import BatchedEngine
 from service.engine.simple import SimpleEngine
 from service.metrics import Metrics
 from service.settings import Settings
@@ -46,11 +47,18 @@ def load_runtime(settings: Settings, metrics: Metrics) -> Runtime:
         "serving %s (fingerprint %s) with adapters %s",
         base.source.served_id, base.source.fingerprint, [r.name for r in registry.ready()],
     )
-    engine = SimpleEngine(
-        ModelRunner(model, base.device),
+    common = dict(
         eos_token_ids=base.eos_token_ids,
         max_context=base.max_context,
         max_queued=settings.max_queued_requests,
         on_state=metrics.observe_engine,
     )
+    runner = ModelRunner(model, base.device)
+    if settings.engine == "batched":
+        engine: Engine = BatchedEngine(
+            runner, max_batch_size=settings.max_batch_size,
+            max_prefill_tokens=settings.max_prefill_tokens, **common,
+        )
+    else:
+        engine = SimpleEngine(runner, **common)
     return Runtime(engine, base.tokenizer, registry, base.source.served_id, base.max_context)

@@ -49,6 +49,17 @@ class Settings(BaseSettings):
         description="Comma-separated API keys accepted as 'Authorization: Bearer <key>' on /v1/*; "
         "empty disables authentication.",
     )
+    engine: Literal["batched", "simple"] = Field(
+        "batched",
+        description="batched: continuous batching of mixed-adapter requests; simple: one "
+        "request at a time (the reference the batched engine is tested against).",
+    )
+    max_batch_size: int = Field(
+        16, ge=1, le=1024, description="Sequences the batched engine generates at once."
+    )
+    max_prefill_tokens: int = Field(
+        4096, ge=1, description="Prompt tokens the batched engine prefills per iteration (>= 1 request)."
+    )
     max_queued_requests: int = Field(
         256, ge=1, le=100_000, description="Requests waiting for the engine before new ones get 429."
     )

@@ -30,7 +30,8 @@ def server(tmp_path_factory, cache_dir):
     adapters = tmp_path_factory.mktemp("adapters")
     make_lora_adapter(source.path, adapters / "rand", fingerprint=source.fingerprint, base_id=BASE, seed=5)
     for name in ("dolly", "schema"):  # the adapters shipped in the repository
-        shutil.copytree(SHIPPED / name, adapters / name)
+        if (SHIPPED / name).is_dir():  # the tests below fail, saying so, where one is missing
+            shutil.copytree(SHIPPED / name, adapters / name)
     port = free_port()
     log = tmp_path_factory.mktemp("log") / "server.log"
     env = {**os.environ, "HOTSWAP_ADAPTER_DIR": str(adapters), "HOTSWAP_CACHE_DIR": str(cache_dir)}
@@ -90,7 +91,8 @@ def test_completion_and_streaming_completion_agree(client):
 
 def test_models_list_has_base_and_adapter(client):
     models = {m.id: m for m in client.models.list()}
-    assert set(models) == {BASE, "rand", "dolly", "schema"}
+    assert {BASE, "rand"} <= set(models)
+    assert {"dolly", "schema"} <= set(models), "the shipped adapters must be served"
     assert models["rand"].parent == BASE
 
 
@@ -137,6 +139,7 @@ def test_metrics_count_requests_by_adapter(server, client):
 
 
 def test_shipped_dolly_adapter_follows_an_instruction(client):
+    assert (SHIPPED / "dolly" / "hotswap.json").is_file(), "adapters/dolly is missing"
     r = client.completions.create(
         model=BASE, prompt="", max_tokens=48, temperature=0,
         extra_body={"adapter": "dolly", "input": {"instruction": "Name three primary colors."}, "prompt": None},
@@ -146,6 +149,7 @@ def test_shipped_dolly_adapter_follows_an_instruction(client):
 
 
 def test_shipped_schema_adapter_returns_valid_json_naming_the_product(client):
+    assert (SHIPPED / "schema" / "hotswap.json").is_file(), "adapters/schema is missing"
     schema = json.loads((SHIPPED / "schema" / "hotswap.json").read_text())["output"]["json_schema"]
     product = "Lakeside Canoe Paddle"
     r = client.completions.create(

@@ -45,6 +45,30 @@ class ModelRunner:
         return (logits if all_logits else logits[-1]), cache
 
     @torch.inference_mode()
+    def decode_batch(
+        self,
+        token_ids: list[int],
+        cache: DynamicCache,
+        attention_mask: torch.Tensor,
+        positions: list[int],
+        adapters: list[str | None],
+    ) -> torch.Tensor:
+        """One token for each row of a left-padded batch; return [rows, vocab] fp32 logits.
+
+        `attention_mask` covers the cache plus the new token (0 on padding); `positions` are the
+        rows' own positions, so padding never shifts a row's rotary embeddings.
+        """
+        out = self.model(
+            input_ids=torch.tensor([[t] for t in token_ids], device=self.device),
+            attention_mask=attention_mask,
+            position_ids=torch.tensor([[p] for p in positions], device=self.device),
+            use_cache=True,
+            **{self._cache_kwarg: cache},
+            **self._adapter_kwargs(adapters),
+        )
+        return out.logits[:, -1].float()
+
+    @torch.inference_mode()
     def decode(self, token_id: int, cache: DynamicCache, adapter: str | None) -> torch.Tensor:
         """Feed one token; return the fp32 logits of the next position."""
         ids = torch.tensor([[token_id]], device=self.device)

@@ -1,0 +1,217 @@
+"""The batched engine: iteration-level scheduling over one padded running batch.
+
+Each iteration admits waiting requests in FIFO order (prefill, up to the batch capacity and a
+prefill token budget), then advances every running sequence by one token in a single forward
+pass in which each row runs through its own adapter (PEFT's per-row `adapter_names`). A sequence
+leaves the batch as soon as it finishes or its client goes away.
+
+The KV cache is a transformers `DynamicCache` whose rows are left-padded to a common length: a
+new request's cache is padded (or the batch's is) when it joins, rows are dropped with
+`batch_select_indices` when they leave, and columns that became padding in every row are cut
+off. Each row keeps its own positions, so padding never changes what a sequence computes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from service.engine import EngineOutput
+from service.engine.sampling import make_generator, sample, token_logprob
+from service.engine.worker import STOP, Job, WorkerEngine, prompt_logprobs
+from service.errors import EngineError, ServiceUnavailableError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Row:
+    job: Job
+    generator: torch.Generator
+    budget: int
+    stop_ids: frozenset[int]
+    length: int  # tokens of this row in the cache
+    last_token: int = -1
+    step: int = 0
+
+    @property
+    def adapter(self) -> str | None:
+        return self.job.request.adapter
+
+
+class BatchedEngine(WorkerEngine):
+    def __init__(self, *args, max_batch_size: int = 16, max_prefill_tokens: int = 4096, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.capacity = max_batch_size
+        self.max_prefill_tokens = max_prefill_tokens
+        self._pending: deque[Job] = deque()  # taken from the queue, not admitted yet (FIFO)
+        self._rows: list[_Row] = []
+        self._cache: DynamicCache | None = None
+        self._mask: torch.Tensor | None = None  # [rows, cache length], 0 on left padding
+
+    # --- scheduling ---------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            admitted, stop = self._admissions()
+            for job in admitted:
+                self._admit(job)
+            if stop:
+                self._fail_running(ServiceUnavailableError("the engine stopped"))
+                return
+            if self._rows:
+                try:
+                    self._step()
+                except Exception as exc:  # a failed step fails its batch, never the engine
+                    log.exception("decode step failed for %d requests", len(self._rows))
+                    self._fail_running(EngineError(f"generation failed: {type(exc).__name__}: {exc}"))
+
+    def _admissions(self) -> tuple[list[Job], bool]:
+        """Jobs to prefill now: FIFO, within capacity and the prefill token budget."""
+        admitted: list[Job] = []
+        tokens = 0
+        while len(self._rows) + len(admitted) < self.capacity:
+            if self._pending:
+                job = self._pending.popleft()
+            else:
+                job = self._take(block=not self._rows and not admitted)
+                if job is None:
+                    break
+                if job is STOP:
+                    return admitted, True
+            assert isinstance(job, Job)
+            if job.cancelled.is_set():
+                self._change(waiting_remove=job.label)
+                continue
+            size = len(job.request.prompt_ids)
+            if admitted and tokens + size > self.max_prefill_tokens:
+                self._pending.appendleft(job)  # first in line for the next iteration
+                break
+            admitted.append(job)
+            tokens += size
+        return admitted, False
+
+    def _admit(self, job: Job) -> None:
+        self._change(waiting_remove=job.label, running_add=job.label)
+        try:
+            self._prefill(job)
+        except Exception as exc:
+            log.exception("prefill failed for request %s", job.request.request_id)
+            job.push(EngineError(f"generation failed: {type(exc).__name__}: {exc}"))
+            if not any(r.job is job for r in self._rows):
+                self._change(running_remove=job.label)
+
+    def _prefill(self, job: Job) -> None:
+        request, params = job.request, job.request.params
+        prompt = list(request.prompt_ids)
+        logits, cache = self.runner.prefill(
+            prompt, request.adapter, all_logits=params.prompt_logprobs is not None
+        )
+        scored = None
+        if params.prompt_logprobs is not None:
+            scored = prompt_logprobs(logits, prompt, params.prompt_logprobs)
+            logits = logits[-1]
+        budget = min(params.max_tokens, self.max_context - len(prompt))
+        if budget <= 0:
+            job.push(EngineOutput((), prompt_logprobs=scored, finish_reason="length"))
+            self._change(running_remove=job.label)
+            return
+        row = _Row(
+            job=job,
+            generator=make_generator(params.seed, self.runner.device),
+            budget=budget,
+            stop_ids=params.stop_token_ids | self.eos_token_ids,
+            length=len(prompt),
+        )
+        if self._emit(row, logits, scored):
+            self._change(running_remove=job.label)
+            return
+        self._join(cache, len(prompt))
+        self._rows.append(row)
+
+    def _emit(self, row: _Row, logits: torch.Tensor, scored=None) -> bool:
+        """Sample the row's next token and hand it to its client; True when the row is done."""
+        params = row.job.request.params
+        token = sample(logits, params, row.generator)
+        logprobs = None
+        if params.logprobs is not None:
+            logprobs = (token_logprob(torch.log_softmax(logits, -1), token, params.logprobs),)
+        row.step += 1
+        finish = "stop" if token in row.stop_ids else ("length" if row.step >= row.budget else None)
+        row.job.push(EngineOutput((token,), logprobs=logprobs, prompt_logprobs=scored, finish_reason=finish))
+        row.last_token = token
+        return finish is not None
+
+    def _step(self) -> None:
+        rows = self._rows
+        mask = torch.cat([self._mask, self._mask.new_ones((len(rows), 1))], dim=1)
+        logits = self.runner.decode_batch(
+            [r.last_token for r in rows],
+            self._cache,
+            mask,
+            [r.length for r in rows],
+            [r.adapter for r in rows],
+        )
+        self._mask = mask
+        keep = []
+        for i, row in enumerate(rows):
+            row.length += 1
+            if row.job.cancelled.is_set() or self._emit(row, logits[i]):
+                self._change(running_remove=row.job.label)
+            else:
+                keep.append(i)
+        if len(keep) < len(rows):
+            self._retain(keep)
+
+    # --- the padded cache ---------------------------------------------------------------------
+
+    def _join(self, cache: DynamicCache, length: int) -> None:
+        """Add a freshly prefilled single-row cache to the running batch."""
+        new_mask = torch.ones((1, length), dtype=torch.long, device=self.runner.device)
+        if self._cache is None:
+            self._cache, self._mask = cache, new_mask
+            return
+        width = max(self._mask.shape[1], length)
+        self._mask = torch.cat([_pad_left(self._mask, width), _pad_left(new_mask, width)], dim=0)
+        for running, joining in zip(self._cache.layers, cache.layers, strict=True):
+            running.keys = torch.cat([_pad_left(running.keys, width), _pad_left(joining.keys, width)])
+            running.values = torch.cat(
+                [_pad_left(running.values, width), _pad_left(joining.values, width)]
+            )
+
+    def _retain(self, keep: list[int]) -> None:
+        """Drop finished rows, then the columns that are padding in every remaining row."""
+        self._rows = [self._rows[i] for i in keep]
+        if not keep:
+            self._cache = self._mask = None
+            return
+        index = torch.tensor(keep, device=self.runner.device)
+        self._cache.batch_select_indices(index)
+        self._mask = self._mask[index]
+        lead = int(self._mask.argmax(dim=1).min())  # first valid column of the earliest row
+        if lead:
+            self._mask = self._mask[:, lead:]
+            for layer in self._cache.layers:
+                layer.keys = layer.keys[..., lead:, :]
+                layer.values = layer.values[..., lead:, :]
+
+    def _fail_running(self, error: Exception) -> None:
+        for row in self._rows:
+            row.job.push(error)
+            self._change(running_remove=row.job.label)
+        self._rows, self._cache, self._mask = [], None, None
+
+
+def _pad_left(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    """Left-pad the sequence dimension (-1 for masks, -2 for keys/values) with zeros to `width`."""
+    dim = -1 if tensor.dim() == 2 else -2
+    missing = width - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)

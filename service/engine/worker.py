@@ -1,0 +1,156 @@
+"""What every engine shares: the bridge between asyncio and one model worker thread.
+
+The asyncio side never touches the model: `generate` puts a job on a thread-safe queue and reads
+the results that the worker hands back with `loop.call_soon_threadsafe`. Closing the stream sets
+the job's cancellation flag, which the worker checks between steps. Subclasses write `_loop`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from service.engine import EngineOutput, EngineRequest, TokenLogprob
+from service.engine.runner import ModelRunner
+from service.engine.sampling import token_logprob
+from service.errors import OverloadedError, ServiceUnavailableError
+
+log = logging.getLogger(__name__)
+
+STOP = object()  # queued by `stop` to wake the worker
+
+
+@dataclass
+class Job:
+    request: EngineRequest
+    loop: asyncio.AbstractEventLoop
+    results: asyncio.Queue
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def label(self) -> str:
+        return self.request.adapter or "base"
+
+    def push(self, item: EngineOutput | BaseException) -> None:
+        self.loop.call_soon_threadsafe(self.results.put_nowait, item)
+
+
+class WorkerEngine:
+    capacity = 1  # sequences generated at once
+
+    def __init__(
+        self,
+        runner: ModelRunner,
+        *,
+        eos_token_ids: frozenset[int],
+        max_context: int,
+        max_queued: int = 256,
+        on_state: Callable[[list[str], list[str], int], None] | None = None,
+    ):
+        self.runner = runner
+        self.eos_token_ids = eos_token_ids
+        self.max_context = max_context
+        self.max_queued = max_queued
+        # Told (running adapters, waiting adapters, capacity) at every change; "base" for none.
+        self._on_state = on_state or (lambda running, waiting, capacity: None)
+        self._jobs: queue.Queue[Job | object] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._waiting: list[str] = []
+        self._running: list[str] = []
+        self._state_lock = threading.Lock()
+
+    @property
+    def healthy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    async def start(self) -> None:
+        self._stopping = False
+        self._jobs = queue.Queue()
+        self._thread = threading.Thread(target=self._work, name="hotswap-engine", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._jobs.put(STOP)
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+        if self._stopping or self._thread is None:
+            raise ServiceUnavailableError("the engine is not running")
+        if self._jobs.qsize() >= self.max_queued:
+            raise OverloadedError(
+                f"the server is at its queue limit ({self.max_queued} waiting requests); retry later",
+                code="queue_full",
+            )
+        job = Job(request, asyncio.get_running_loop(), asyncio.Queue())
+        self._change(waiting_add=job.label)
+        self._jobs.put(job)
+        try:
+            while True:
+                item = await job.results.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            job.cancelled.set()
+
+    # --- worker thread ------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        try:
+            self._loop()
+        finally:
+            # Fail whatever is still waiting, so no client hangs on a stopped engine.
+            while not self._jobs.empty():
+                job = self._jobs.get_nowait()
+                if isinstance(job, Job):
+                    job.push(ServiceUnavailableError("the engine stopped"))
+
+    def _loop(self) -> None:
+        raise NotImplementedError
+
+    def _take(self, block: bool) -> Job | object | None:
+        """The next queued job (or STOP); None when not blocking and nothing waits."""
+        try:
+            return self._jobs.get(block=block)
+        except queue.Empty:
+            return None
+
+    def _change(
+        self,
+        *,
+        waiting_add: str | None = None,
+        waiting_remove: str | None = None,
+        running_add: str | None = None,
+        running_remove: str | None = None,
+    ) -> None:
+        with self._state_lock:
+            if waiting_add:
+                self._waiting.append(waiting_add)
+            if waiting_remove:
+                self._waiting.remove(waiting_remove)
+            if running_add:
+                self._running.append(running_add)
+            if running_remove:
+                self._running.remove(running_remove)
+            running, waiting = list(self._running), list(self._waiting)
+        self._on_state(running, waiting, self.capacity)
+
+
+def prompt_logprobs(
+    logits: torch.Tensor, prompt: list[int], top_k: int
+) -> tuple[TokenLogprob | None, ...]:
+    """Log-probability of each prompt token given the ones before it (the first has none)."""
+    logprobs = torch.log_softmax(logits[:-1], dim=-1)
+    scored = tuple(token_logprob(logprobs[i], prompt[i + 1], top_k) for i in range(len(prompt) - 1))
+    return (None, *scored)

@@ -1,0 +1,136 @@
+"""The batched engine against single-request references, on a tiny real Llama with LoRA adapters."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from service.engine import EngineRequest, SamplingParams
+from service.engine.batched import BatchedEngine
+from service.engine.simple import SimpleEngine
+from service.metrics import Metrics
+from service.runtime import load_runtime
+from service.settings import Settings
+
+PROMPTS = [
+    (5, 17, 42, 99, 7, 3),
+    (8, 9),
+    (100, 101, 102, 103, 104, 105, 106, 107, 108, 109, 110),
+    (33,),
+    (250, 251, 252, 12, 13),
+    (60, 61, 62),
+]
+ADAPTERS = [None, "alpha", "beta", "alpha", None, "beta"]
+
+
+@pytest.fixture(scope="module")
+def runner(tiny, cache_dir):
+    settings = Settings(model=str(tiny.base_dir), quantization="fp32", device="cpu",
+                        adapter_dir=tiny.adapter_dir, cache_dir=cache_dir)
+    return load_runtime(settings, Metrics()).engine.runner
+
+
+def make(runner, cls=BatchedEngine, **kw):
+    return cls(runner, eos_token_ids=frozenset(), max_context=256, **kw)
+
+
+def run(engine, body):
+    async def main():
+        await engine.start()
+        try:
+            return await body(engine)
+        finally:
+            await engine.stop()
+
+    return asyncio.run(main())
+
+
+async def collect(engine, prompt, adapter, params, rid="r"):
+    outs = [o async for o in engine.generate(EngineRequest(rid, tuple(prompt), adapter, params))]
+    return [t for o in outs for t in o.token_ids], outs
+
+
+def reference(runner, prompt, adapter, n):
+    model = runner.model
+    ctx = model.disable_adapter() if adapter is None else torch.no_grad()
+    if adapter:
+        model.set_adapter(adapter)
+    with ctx, torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def test_mixed_batch_is_token_identical_to_single_requests(runner):
+    lengths = [12, 5, 20, 9, 16, 3]  # sequences leave at different steps: the batch compacts
+
+    async def body(engine):
+        tasks = []
+        for i, (prompt, adapter, n) in enumerate(zip(PROMPTS, ADAPTERS, lengths, strict=True)):
+            tasks.append(asyncio.create_task(
+                collect(engine, prompt, adapter, SamplingParams(max_tokens=n, temperature=0.0), f"r{i}")))
+            await asyncio.sleep(0.01 * i)  # later requests join a batch already running
+        return await asyncio.gather(*tasks)
+
+    results = run(make(runner, max_batch_size=4), body)
+    for (tokens, outs), prompt, adapter, n in zip(results, PROMPTS, ADAPTERS, lengths, strict=True):
+        assert tokens == reference(runner, list(prompt), adapter, n), (prompt, adapter)
+        assert outs[-1].finish_reason == "length" and len(tokens) == n
+
+
+def test_batched_matches_simple_engine_for_sampling_with_seeds(runner):
+    params = [SamplingParams(max_tokens=10, temperature=0.9, top_p=0.95, seed=100 + i, logprobs=2)
+              for i in range(len(PROMPTS))]
+
+    async def all_at_once(engine):
+        return await asyncio.gather(*(collect(engine, p, a, s, f"r{i}") for i, (p, a, s)
+                                      in enumerate(zip(PROMPTS, ADAPTERS, params, strict=True))))
+
+    batched = run(make(runner, max_batch_size=8), all_at_once)
+    simple = run(make(runner, SimpleEngine), all_at_once)
+    for (b_tokens, b_outs), (s_tokens, s_outs) in zip(batched, simple, strict=True):
+        assert b_tokens == s_tokens
+        for b, s in zip(b_outs, s_outs, strict=True):
+            assert b.logprobs[0].logprob == pytest.approx(s.logprobs[0].logprob, abs=1e-4)
+
+
+def test_cancelled_request_leaves_the_batch_and_others_continue(runner):
+    async def body(engine):
+        long = engine.generate(EngineRequest("long", PROMPTS[0], "alpha", SamplingParams(max_tokens=200, temperature=1.0)))
+        await anext(long)
+        other = asyncio.create_task(collect(engine, PROMPTS[1], "beta", SamplingParams(max_tokens=30, temperature=0.0)))
+        while len(engine._rows) < 2:  # both in one batch
+            await asyncio.sleep(0.001)
+        await long.aclose()
+        tokens, _ = await other
+        await asyncio.sleep(0.05)
+        return tokens, engine._rows
+
+    tokens, rows_left = run(make(runner), body)
+    assert tokens == reference(runner, list(PROMPTS[1]), "beta", 30)
+    assert rows_left == []  # the cancelled row left at the next step, long before its 200 tokens
+
+
+def test_queue_admission_is_fifo_beyond_capacity(runner):
+    order = []
+
+    async def body(engine):
+        async def one(i):
+            tokens, _ = await collect(engine, PROMPTS[i % 6], None, SamplingParams(max_tokens=4, temperature=0.0), f"r{i}")
+            order.append(i)
+        await asyncio.gather(*(one(i) for i in range(6)))
+
+    run(make(runner, max_batch_size=2), body)
+    assert order[:2] == sorted(order[:2]) and set(order) == set(range(6))
+    assert order.index(0) < order.index(4) and order.index(1) < order.index(5)
+
+
+def test_prompt_logprobs_and_zero_max_tokens(runner):
+    async def body(engine):
+        return await collect(engine, PROMPTS[2], "beta", SamplingParams(max_tokens=0, prompt_logprobs=1))
+
+    tokens, outs = run(make(runner), body)
+    assert tokens == [] and outs[0].finish_reason == "length"
+    assert outs[0].prompt_logprobs[0] is None and len(outs[0].prompt_logprobs) == len(PROMPTS[2])
