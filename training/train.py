@@ -96,7 +96,6 @@ def run(config: RunConfig, *, resume: bool = False, eval_only: bool = False) -> 
         model, tokenizer, source, device = load_trained(config.model, config.output_dir)
         manifest = AdapterManifest.read(config.output_dir)
         history = None
-        started = time.perf_counter()
     else:
         base, tokenizer, source, device = load_base_for_training(
             config.model, gradient_checkpointing=config.train.gradient_checkpointing
@@ -104,16 +103,17 @@ def run(config: RunConfig, *, resume: bool = False, eval_only: bool = False) -> 
         manifest = draft_manifest(task, name, source)
         started = time.perf_counter()
         model, history = _train(config, base, tokenizer, manifest, task, train_records, held, device, resume)
+        train_seconds = round(time.perf_counter() - started, 1)
         if not _is_main_process():
             return {}  # under `accelerate launch`, rank 0 alone evaluates and writes the package
 
+    evaluating = time.perf_counter()
     held_examples = tokenize_all(tokenizer, manifest, task, held, config.train.max_length)
     metrics = compare_losses(model, held_examples, tokenizer.pad_token_id)
     if config.task == "schema":
         shots = [task.to_example(r) for r in train_records[:2]]
         metrics.update(schema_rates(model, tokenizer, manifest, held, shots))
-    if eval_only:
-        metrics["eval_seconds"] = round(time.perf_counter() - started, 1)
+    metrics["eval_seconds"] = round(time.perf_counter() - evaluating, 1)
 
     training = dict(manifest.training) if eval_only else {
         "recipe": f"{config.task} ({'QLoRA' if config.model.quantization == 'nf4' else 'LoRA'}, {config.model.quantization} base)",
@@ -127,7 +127,7 @@ def run(config: RunConfig, *, resume: bool = False, eval_only: bool = False) -> 
         "base_quantization": config.model.quantization,
         "device": device,
         "processes": _process_count(),
-        "train_seconds": round(time.perf_counter() - started, 1),
+        "train_seconds": train_seconds,
         "libraries": library_versions(),
     }
     if eval_only and config.model.quantization != training.get("base_quantization"):
