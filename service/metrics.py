@@ -38,6 +38,18 @@ class Metrics:
             "hotswap_time_to_first_token_seconds", "Time from request to the first generated token.",
             ["adapter"], buckets=TTFT_BUCKETS, registry=r,
         )
+        self.inter_token_latency = Histogram(
+            "hotswap_inter_token_latency_seconds", "Time between a request's consecutive tokens.",
+            ["adapter"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5), registry=r,
+        )
+        self.cancelled = Counter(
+            "hotswap_cancelled_requests", "Generations stopped because the client went away.",
+            ["adapter"], registry=r,
+        )
+        self.batch_size = Histogram(
+            "hotswap_batch_size", "Sequences in each decode step of the engine.",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r,
+        )
         self.prompt_tokens = Counter(
             "hotswap_prompt_tokens", "Prompt tokens processed.", ["adapter"], registry=r
         )

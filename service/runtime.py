@@ -52,6 +52,7 @@ def load_runtime(settings: Settings, metrics: Metrics) -> Runtime:
         max_context=base.max_context,
         max_queued=settings.max_queued_requests,
         on_state=metrics.observe_engine,
+        on_step=metrics.batch_size.observe,
     )
     runner = ModelRunner(model, base.device)
     if settings.engine == "batched":

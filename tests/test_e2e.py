@@ -130,12 +130,22 @@ def test_health_answers_during_a_long_generation(server, client):
     assert time.perf_counter() - started < 1.0  # the event loop is not blocked by the model
     stream.close()  # disconnect: the engine cancels the rest
 
+    def cancelled() -> bool:
+        return f'hotswap_cancelled_requests_total{{adapter="base"}} 1.0' in httpx.get(f"{server[0]}/metrics").text
+
+    deadline = time.monotonic() + 10
+    while not cancelled() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert cancelled()
+    assert "hotswap_running_requests 0.0" in httpx.get(f"{server[0]}/metrics").text  # slot freed
+
 
 def test_metrics_count_requests_by_adapter(server, client):
     client.completions.create(model="rand", prompt="hi", max_tokens=2)
     text = httpx.get(f"{server[0]}/metrics").text
     assert 'hotswap_requests_total{adapter="rand",endpoint="completions",status="200"}' in text
-    assert "hotswap_resident_adapters 1.0" in text
+    adapters = len(httpx.get(f"{server[0]}/v1/models").json()["data"]) - 1
+    assert f"hotswap_resident_adapters {adapters:.1f}" in text
 
 
 def test_shipped_dolly_adapter_follows_an_instruction(client):

@@ -148,6 +148,7 @@ class BatchedEngine(WorkerEngine):
 
     def _step(self) -> None:
         rows = self._rows
+        self._on_step(len(rows))
         mask = torch.cat([self._mask, self._mask.new_ones((len(rows), 1))], dim=1)
         logits = self.runner.decode_batch(
             [r.last_token for r in rows],

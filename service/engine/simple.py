@@ -72,4 +72,5 @@ class SimpleEngine(WorkerEngine):
             )
             if finish is not None:
                 return
+            self._on_step(1)
             logits = self.runner.decode(token, cache, request.adapter)

@@ -52,6 +52,7 @@ class WorkerEngine:
         max_context: int,
         max_queued: int = 256,
         on_state: Callable[[list[str], list[str], int], None] | None = None,
+        on_step: Callable[[int], None] | None = None,
     ):
         self.runner = runner
         self.eos_token_ids = eos_token_ids
@@ -59,6 +60,7 @@ class WorkerEngine:
         self.max_queued = max_queued
         # Told (running adapters, waiting adapters, capacity) at every change; "base" for none.
         self._on_state = on_state or (lambda running, waiting, capacity: None)
+        self._on_step = on_step or (lambda batch_size: None)  # told each decode step's size
         self._jobs: queue.Queue[Job | object] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._stopping = False

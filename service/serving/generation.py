@@ -121,33 +121,39 @@ async def _run_choice(
         adapter=target.adapter,
         params=spec.params,
     )
-    generated = 0
+    generated, finished, last = 0, False, started
     stream = ctx.engine.generate(request)
-    async with contextlib.aclosing(stream):
-        async for output in stream:
-            if generated == 0 and output.token_ids:
-                ctx.metrics.time_to_first_token.labels(target.label).observe(
-                    time.perf_counter() - started
+    try:
+        async with contextlib.aclosing(stream):
+            async for output in stream:
+                now = time.perf_counter()
+                if output.token_ids:
+                    histogram = ctx.metrics.time_to_first_token if generated == 0 else ctx.metrics.inter_token_latency
+                    histogram.labels(target.label).observe(now - last)
+                    last = now
+                generated += len(output.token_ids)
+                text, stopped = stopper.feed(decoder.push(output.token_ids))
+                finish = "stop" if stopped else output.finish_reason
+                if finish is not None and not stopped:
+                    tail, _ = stopper.feed(decoder.flush())
+                    text += tail + stopper.flush()
+                event = ChoiceEvent(
+                    spec.index,
+                    text,
+                    list(output.logprobs or ()),
+                    output.prompt_logprobs,
+                    finish,
                 )
-            generated += len(output.token_ids)
-            text, stopped = stopper.feed(decoder.push(output.token_ids))
-            finish = "stop" if stopped else output.finish_reason
-            if finish is not None and not stopped:
-                tail, _ = stopper.feed(decoder.flush())
-                text += tail + stopper.flush()
-            event = ChoiceEvent(
-                spec.index,
-                text,
-                list(output.logprobs or ()),
-                output.prompt_logprobs,
-                finish,
-            )
-            if finish is not None:
-                event.completion_tokens = generated
-                ctx.metrics.generation_tokens.labels(target.label).inc(generated)
+                if finish is not None:
+                    finished = True
+                    event.completion_tokens = generated
+                    ctx.metrics.generation_tokens.labels(target.label).inc(generated)
+                    yield event
+                    return  # closing `stream` cancels the engine request on a stop string
                 yield event
-                return  # closing `stream` cancels the engine request on a stop string
-            yield event
+    finally:
+        if not finished:  # the consumer went away (client disconnect) or the engine failed
+            ctx.metrics.cancelled.labels(target.label).inc()
 
 
 async def run_choices(

@@ -220,6 +220,8 @@ def test_health_ready_and_metrics(client):
     assert 'hotswap_requests_total{adapter="none",endpoint="completions",status="404"} 1.0' in text
     assert 'hotswap_generation_tokens_total{adapter="alpha"}' in text
     assert 'hotswap_request_duration_seconds_count{adapter="alpha",endpoint="completions"} 1.0' in text
+    assert 'hotswap_inter_token_latency_seconds_count{adapter="alpha"}' in text
+    assert 'hotswap_cancelled_requests_total{adapter="alpha"}' not in text  # finished normally
 
 
 def test_overload_is_429_before_the_stream_starts(tiny, tokenizer):
