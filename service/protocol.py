@@ -49,6 +49,9 @@ class _SamplingFields(BaseModel):
     adapter: str | None = Field(
         None, description="A registered adapter's name, or 'base'. Overrides `model`."
     )
+    ignore_eos: bool = Field(
+        False, description="Generate exactly max_tokens, past the end-of-sequence token (as vLLM)."
+    )
 
     @field_validator("stop")
     @classmethod

@@ -25,6 +25,10 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; k: chosen token plus k alternatives
     prompt_logprobs: int | None = None  # same, for every prompt token after the first
     stop_token_ids: frozenset[int] = field(default_factory=frozenset)
+    ignore_eos: bool = False  # benchmarks: generate exactly max_tokens
+
+    def stop_ids(self, eos_token_ids: frozenset[int]) -> frozenset[int]:
+        return self.stop_token_ids if self.ignore_eos else self.stop_token_ids | eos_token_ids
 
 
 @dataclass(frozen=True)

@@ -124,7 +124,7 @@ class BatchedEngine(WorkerEngine):
             job=job,
             generator=make_generator(params.seed, self.runner.device),
             budget=budget,
-            stop_ids=params.stop_token_ids | self.eos_token_ids,
+            stop_ids=params.stop_ids(self.eos_token_ids),
             length=len(prompt),
         )
         if self._emit(row, logits, scored):

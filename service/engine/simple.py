@@ -53,7 +53,7 @@ class SimpleEngine(WorkerEngine):
             job.push(EngineOutput((), prompt_logprobs=scored, finish_reason="length"))
             return
         generator = make_generator(params.seed, self.runner.device)
-        stop_ids = params.stop_token_ids | self.eos_token_ids
+        stop_ids = params.stop_ids(self.eos_token_ids)
         for step in range(budget):
             if job.cancelled.is_set():
                 return

@@ -80,6 +80,7 @@ class ChatServing:
                     temperature=request.temperature,
                     top_p=request.top_p,
                     seed=choice_seed(request.seed, i),
+                    ignore_eos=request.ignore_eos,
                     logprobs=top if request.logprobs else None,
                 ),
                 stops=(request.stop or []) + (target.manifest.output.stop if target.manifest else []),

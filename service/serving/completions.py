@@ -100,6 +100,7 @@ class CompletionServing:
                     temperature=request.temperature,
                     top_p=request.top_p,
                     seed=choice_seed(request.seed, p * request.n + c),
+                    ignore_eos=request.ignore_eos,
                     logprobs=request.logprobs,
                     prompt_logprobs=request.logprobs if want_prompt_logprobs else None,
                 ),
