@@ -66,6 +66,10 @@ class Metrics:
             "hotswap_adapter_load_duration_seconds", "Time to load an adapter onto the base.",
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=r,
         )
+        self.adapter_evictions = Counter(
+            "hotswap_adapter_evictions", "Adapters unloaded to make room (least recently used).",
+            ["adapter"], registry=r,
+        )
         self.resident_adapters = Gauge(
             "hotswap_resident_adapters", "Adapters loaded on the base model.", registry=r
         )

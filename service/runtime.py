@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from service.adapters.registry import AdapterRegistry
+from service.adapters.residency import AdapterResidency
 from service.base_model import load_base
 from service.engine import Engine
 from service.engine.runner import ModelRunner
@@ -40,11 +41,17 @@ def load_runtime(settings: Settings, metrics: Metrics) -> Runtime:
         settings.adapter_dir, base_id=base.source.served_id, base_fingerprint=base.source.fingerprint
     )
     registry.scan()
-    model = registry.attach(base.model, on_load=metrics.observe_adapter_load)
-    metrics.resident_adapters.set(len(registry.ready()))
-    metrics.max_lora = len(registry.ready())
+    residency = AdapterResidency(
+        registry,
+        base.model,
+        settings.max_resident_adapters,
+        on_load=metrics.observe_adapter_load,
+        on_change=metrics.resident_adapters.set,
+        on_evict=lambda name: metrics.adapter_evictions.labels(name).inc(),
+    )
+    metrics.max_lora = settings.max_resident_adapters
     log.info(
-        "serving %s (fingerprint %s) with adapters %s",
+        "serving %s (fingerprint %s); adapters, loaded on first use: %s",
         base.source.served_id, base.source.fingerprint, [r.name for r in registry.ready()],
     )
     common = dict(
@@ -53,8 +60,9 @@ def load_runtime(settings: Settings, metrics: Metrics) -> Runtime:
         max_queued=settings.max_queued_requests,
         on_state=metrics.observe_engine,
         on_step=metrics.batch_size.observe,
+        residency=residency,
     )
-    runner = ModelRunner(model, base.device)
+    runner = ModelRunner(base.model, base.device)
     if settings.engine == "batched":
         engine: Engine = BatchedEngine(
             runner, max_batch_size=settings.max_batch_size,

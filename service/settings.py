@@ -60,6 +60,10 @@ class Settings(BaseSettings):
     max_prefill_tokens: int = Field(
         4096, ge=1, description="Prompt tokens the batched engine prefills per iteration (>= 1 request)."
     )
+    max_resident_adapters: int = Field(
+        8, ge=1, le=1024,
+        description="Adapters kept loaded on the base; the least recently used idle one is evicted.",
+    )
     max_queued_requests: int = Field(
         256, ge=1, le=100_000, description="Requests waiting for the engine before new ones get 429."
     )

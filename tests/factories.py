@@ -114,3 +114,11 @@ def make_lora_adapter(
     doc.update(manifest or {})
     (out_dir / "hotswap.json").write_text(json.dumps(doc, indent=2))
     return out_dir
+
+
+def preload_adapters(runtime, names=("alpha", "beta")):
+    """Load adapters now (the service loads them on first use), for reference comparisons."""
+    for name in names:
+        assert runtime.engine.residency.ensure(name, busy=set())
+    runtime.engine.runner.model = runtime.engine.residency.model
+    return runtime

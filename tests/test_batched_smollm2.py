@@ -13,7 +13,7 @@ from service.engine.batched import BatchedEngine
 from service.metrics import Metrics
 from service.runtime import load_runtime
 from service.settings import Settings
-from tests.factories import make_lora_adapter
+from tests.factories import make_lora_adapter, preload_adapters
 
 pytestmark = pytest.mark.e2e
 BASE = "smollm2-135m-instruct"
@@ -43,7 +43,7 @@ def adapter_dir(tmp_path_factory, cache_dir):
 
 def batched_vs_single(adapter_dir, cache_dir, quantization):
     settings = Settings(quantization=quantization, device="cpu", adapter_dir=adapter_dir, cache_dir=cache_dir)
-    runtime = load_runtime(settings, Metrics())
+    runtime = preload_adapters(load_runtime(settings, Metrics()), ("a1", "a2"))
     runner, tok = runtime.engine.runner, runtime.tokenizer
     engine = BatchedEngine(runner, eos_token_ids=frozenset(), max_context=2048, max_batch_size=8)
     prompts = [tok(p).input_ids for p in PROMPTS]

@@ -17,6 +17,7 @@ from service.engine import EngineRequest, SamplingParams
 from service.metrics import Metrics
 from service.runtime import load_runtime
 from service.settings import Settings
+from tests.factories import preload_adapters
 from training.config import build_config
 from training.train import run as train_run
 
@@ -51,7 +52,7 @@ def test_quantized_modes_load_on_cuda_with_bf16_compute(tiny, cache_dir, quantiz
 
 
 def test_engine_greedy_matches_generate_on_cuda_fp32(tiny, cache_dir):
-    runtime = load_runtime(settings(tiny, cache_dir, "fp32"), Metrics())
+    runtime = preload_adapters(load_runtime(settings(tiny, cache_dir, "fp32"), Metrics()))
     model = runtime.engine.runner.model
     for adapter in (None, "alpha"):
         got = asyncio.run(_generate(runtime.engine, adapter))

@@ -110,39 +110,47 @@ class AdapterRegistry:
             self._records[record.name] = record
         return list(self._records.values())
 
-    def attach(self, model: Any, on_load: Any = None) -> Any:
-        """Load every valid adapter onto `model` as a named PEFT adapter; return the model to run.
+    def load(self, model: Any, name: str, on_load: Any = None) -> Any:
+        """Load one valid adapter onto `model` as a named PEFT adapter; return the model to run.
 
-        The first adapter wraps the base in a PeftModel; the rest are added with `load_adapter`.
-        A package that fails to load is marked failed and removed again, so it cannot leave
-        half-injected weights behind.
+        The first adapter wraps the base in a PeftModel; later ones are added with
+        `load_adapter`. A package that fails to load is marked failed and removed again, so it
+        cannot leave half-injected weights behind; AdapterUnavailable says why.
         """
         from peft import PeftModel
 
-        for record in self._records.values():
-            if record.status != "ready":
-                continue
-            started = time.perf_counter()
-            try:
-                if isinstance(model, PeftModel):
-                    model.load_adapter(str(record.path), adapter_name=record.name, is_trainable=False)
-                else:
-                    model = PeftModel.from_pretrained(
-                        model, str(record.path), adapter_name=record.name, is_trainable=False
-                    )
-            except Exception as exc:  # shape mismatch, corrupt tensors: refuse this one only
-                record.status, record.error = "failed", f"cannot be loaded: {exc}"
-                log.error("adapter %r refused: %s", record.name, record.error)
-                if isinstance(model, PeftModel) and record.name in model.peft_config:
-                    model.delete_adapter(record.name)
-                if on_load:
-                    on_load(record.name, "error", time.perf_counter() - started)
-                continue
-            record.load_seconds = time.perf_counter() - started
-            log.info("adapter %r loaded in %.2fs", record.name, record.load_seconds)
+        record = self.get(name, param="adapter")
+        started = time.perf_counter()
+        try:
+            if isinstance(model, PeftModel):
+                model.load_adapter(str(record.path), adapter_name=name, is_trainable=False)
+            else:
+                model = PeftModel.from_pretrained(
+                    model, str(record.path), adapter_name=name, is_trainable=False
+                )
+        except Exception as exc:  # shape mismatch, corrupt tensors: refuse this one only
+            record.status, record.error = "failed", f"cannot be loaded: {exc}"
+            log.error("adapter %r refused: %s", name, record.error)
+            if isinstance(model, PeftModel) and name in model.peft_config:
+                model.delete_adapter(name)
             if on_load:
-                on_load(record.name, "ok", record.load_seconds)
+                on_load(name, "error", time.perf_counter() - started)
+            raise NotFoundError(f"the adapter {name!r} is not available: {record.error}",
+                                param="adapter") from exc
+        record.load_seconds = time.perf_counter() - started
+        log.info("adapter %r loaded in %.2fs", name, record.load_seconds)
+        if on_load:
+            on_load(name, "ok", record.load_seconds)
         model.eval()
+        return model
+
+    def attach(self, model: Any, on_load: Any = None) -> Any:
+        """Load every valid adapter (tests and benchmarks; the service loads lazily)."""
+        for record in self.ready():
+            try:
+                model = self.load(model, record.name, on_load)
+            except NotFoundError:
+                continue
         return model
 
     # --- lookups ------------------------------------------------------------------------------

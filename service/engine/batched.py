@@ -91,6 +91,15 @@ class BatchedEngine(WorkerEngine):
             if admitted and tokens + size > self.max_prefill_tokens:
                 self._pending.appendleft(job)  # first in line for the next iteration
                 break
+            busy = {r.adapter for r in self._rows} | {j.request.adapter for j in admitted}
+            ready = self._adapter_ready(job, busy - {None})
+            if ready is None:
+                continue
+            if not ready:
+                # Every adapter slot serves a running sequence: this job waits at the head of
+                # the line (strict FIFO, so no later job can keep those adapters busy forever).
+                self._pending.appendleft(job)
+                break
             admitted.append(job)
             tokens += size
         return admitted, False

@@ -27,9 +27,12 @@ class SimpleEngine(WorkerEngine):
             if job is STOP:
                 return
             assert isinstance(job, Job)
-            self._change(waiting_remove=job.label, running_add=None if job.cancelled.is_set() else job.label)
             if job.cancelled.is_set():
+                self._change(waiting_remove=job.label)
                 continue
+            if self._adapter_ready(job, busy=set()) is None:  # nothing runs: never has to wait
+                continue
+            self._change(waiting_remove=job.label, running_add=job.label)
             try:
                 self._run(job)
             except Exception as exc:  # a failed step fails its request, never the engine

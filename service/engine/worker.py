@@ -13,13 +13,14 @@ import queue
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from service.engine import EngineOutput, EngineRequest, TokenLogprob
 from service.engine.runner import ModelRunner
 from service.engine.sampling import token_logprob
-from service.errors import OverloadedError, ServiceUnavailableError
+from service.errors import HotswapError, OverloadedError, ServiceUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +54,10 @@ class WorkerEngine:
         max_queued: int = 256,
         on_state: Callable[[list[str], list[str], int], None] | None = None,
         on_step: Callable[[int], None] | None = None,
+        residency: Any = None,
     ):
         self.runner = runner
+        self.residency = residency  # AdapterResidency: lazy loads and LRU eviction
         self.eos_token_ids = eos_token_ids
         self.max_context = max_context
         self.max_queued = max_queued
@@ -120,6 +123,21 @@ class WorkerEngine:
 
     def _loop(self) -> None:
         raise NotImplementedError
+
+    def _adapter_ready(self, job: Job, busy: set[str]) -> bool | None:
+        """Make the job's adapter resident. True: go; False: every slot is busy, wait;
+        None: the adapter cannot be loaded (the job has its error)."""
+        adapter = job.request.adapter
+        if adapter is None or self.residency is None:
+            return True
+        try:
+            ready = self.residency.ensure(adapter, busy)
+        except HotswapError as exc:
+            job.push(exc)
+            self._change(waiting_remove=job.label)
+            return None
+        self.runner.model = self.residency.model  # a PeftModel from the first adapter on
+        return ready
 
     def _take(self, block: bool) -> Job | object | None:
         """The next queued job (or STOP); None when not blocking and nothing waits."""

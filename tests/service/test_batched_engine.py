@@ -13,6 +13,7 @@ from service.engine.simple import SimpleEngine
 from service.metrics import Metrics
 from service.runtime import load_runtime
 from service.settings import Settings
+from tests.factories import preload_adapters
 
 PROMPTS = [
     (5, 17, 42, 99, 7, 3),
@@ -29,7 +30,7 @@ ADAPTERS = [None, "alpha", "beta", "alpha", None, "beta"]
 def runner(tiny, cache_dir):
     settings = Settings(model=str(tiny.base_dir), quantization="fp32", device="cpu",
                         adapter_dir=tiny.adapter_dir, cache_dir=cache_dir)
-    return load_runtime(settings, Metrics()).engine.runner
+    return preload_adapters(load_runtime(settings, Metrics())).engine.runner
 
 
 def make(runner, cls=BatchedEngine, **kw):

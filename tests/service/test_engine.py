@@ -12,6 +12,7 @@ from service.errors import OverloadedError
 from service.metrics import Metrics
 from service.runtime import load_runtime
 from service.settings import Settings
+from tests.factories import preload_adapters
 
 PROMPT = (5, 17, 42, 99, 7, 3)
 
@@ -22,7 +23,7 @@ def runtime(tiny, cache_dir):
         model=str(tiny.base_dir), quantization="fp32", device="cpu",
         adapter_dir=tiny.adapter_dir, cache_dir=cache_dir, max_queued_requests=2,
     )
-    return load_runtime(settings, Metrics())
+    return preload_adapters(load_runtime(settings, Metrics()))
 
 
 async def collect(engine, adapter, params, prompt=PROMPT):
