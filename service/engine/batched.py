@@ -22,7 +22,7 @@ from transformers import DynamicCache
 
 from service.engine import EngineOutput
 from service.engine.sampling import make_generator, sample, token_logprob
-from service.engine.worker import STOP, Job, WorkerEngine, prompt_logprobs
+from service.engine.worker import STOP, Job, WorkerEngine
 from service.errors import EngineError, ServiceUnavailableError
 
 log = logging.getLogger(__name__)
@@ -107,26 +107,17 @@ class BatchedEngine(WorkerEngine):
     def _admit(self, job: Job) -> None:
         self._change(waiting_remove=job.label, running_add=job.label)
         try:
-            self._prefill(job)
+            self._start_row(job)
         except Exception as exc:
             log.exception("prefill failed for request %s", job.request.request_id)
             job.push(EngineError(f"generation failed: {type(exc).__name__}: {exc}"))
             if not any(r.job is job for r in self._rows):
                 self._change(running_remove=job.label)
 
-    def _prefill(self, job: Job) -> None:
-        request, params = job.request, job.request.params
-        prompt = list(request.prompt_ids)
-        logits, cache = self.runner.prefill(
-            prompt, request.adapter, all_logits=params.prompt_logprobs is not None
-        )
-        scored = None
-        if params.prompt_logprobs is not None:
-            scored = prompt_logprobs(logits, prompt, params.prompt_logprobs)
-            logits = logits[-1]
-        budget = min(params.max_tokens, self.max_context - len(prompt))
-        if budget <= 0:
-            job.push(EngineOutput((), prompt_logprobs=scored, finish_reason="length"))
+    def _start_row(self, job: Job) -> None:
+        params = job.request.params
+        logits, cache, scored, budget = self._prefill(job)
+        if budget == 0:
             self._change(running_remove=job.label)
             return
         row = _Row(
@@ -134,12 +125,12 @@ class BatchedEngine(WorkerEngine):
             generator=make_generator(params.seed, self.runner.device),
             budget=budget,
             stop_ids=params.stop_ids(self.eos_token_ids),
-            length=len(prompt),
+            length=len(job.request.prompt_ids),
         )
         if self._emit(row, logits, scored):
             self._change(running_remove=job.label)
             return
-        self._join(cache, len(prompt))
+        self._join(cache, len(job.request.prompt_ids))
         self._rows.append(row)
 
     def _emit(self, row: _Row, logits: torch.Tensor, scored=None) -> bool:

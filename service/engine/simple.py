@@ -12,7 +12,7 @@ import torch
 
 from service.engine import EngineOutput
 from service.engine.sampling import make_generator, sample, token_logprob
-from service.engine.worker import STOP, Job, WorkerEngine, prompt_logprobs
+from service.engine.worker import STOP, Job, WorkerEngine
 from service.errors import EngineError
 
 log = logging.getLogger(__name__)
@@ -42,18 +42,9 @@ class SimpleEngine(WorkerEngine):
                 self._change(running_remove=job.label)
 
     def _run(self, job: Job) -> None:
-        request, params = job.request, job.request.params
-        prompt = list(request.prompt_ids)
-        logits, cache = self.runner.prefill(
-            prompt, request.adapter, all_logits=params.prompt_logprobs is not None
-        )
-        scored = None
-        if params.prompt_logprobs is not None:
-            scored = prompt_logprobs(logits, prompt, params.prompt_logprobs)
-            logits = logits[-1]
-        budget = min(params.max_tokens, self.max_context - len(prompt))
-        if budget <= 0:
-            job.push(EngineOutput((), prompt_logprobs=scored, finish_reason="length"))
+        params = job.request.params
+        logits, cache, scored, budget = self._prefill(job)
+        if budget == 0:
             return
         generator = make_generator(params.seed, self.runner.device)
         stop_ids = params.stop_ids(self.eos_token_ids)
@@ -76,4 +67,4 @@ class SimpleEngine(WorkerEngine):
             if finish is not None:
                 return
             self._on_step(1)
-            logits = self.runner.decode(token, cache, request.adapter)
+            logits = self.runner.decode(token, cache, job.request.adapter)

@@ -139,6 +139,26 @@ class WorkerEngine:
         self.runner.model = self.residency.model  # a PeftModel from the first adapter on
         return ready
 
+    def _prefill(self, job: Job) -> tuple[torch.Tensor, Any, tuple | None, int]:
+        """Run the job's prompt: (last logits, cache, prompt log-probs or None, token budget).
+
+        A budget of 0 (max_tokens 0, or a prompt that fills the context) has already been
+        answered with the prompt's log-probabilities and finish reason "length".
+        """
+        request, params = job.request, job.request.params
+        prompt = list(request.prompt_ids)
+        logits, cache = self.runner.prefill(
+            prompt, request.adapter, all_logits=params.prompt_logprobs is not None
+        )
+        scored = None
+        if params.prompt_logprobs is not None:
+            scored = prompt_logprobs(logits, prompt, params.prompt_logprobs)
+            logits = logits[-1]
+        budget = min(params.max_tokens, self.max_context - len(prompt))
+        if budget <= 0:
+            job.push(EngineOutput((), prompt_logprobs=scored, finish_reason="length"))
+        return logits, cache, scored, max(budget, 0)
+
     def _take(self, block: bool) -> Job | object | None:
         """The next queued job (or STOP); None when not blocking and nothing waits."""
         try:
