@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import Annotated
+import asyncio
+from collections.abc import AsyncIterator, Awaitable
+from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -37,7 +38,31 @@ api = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses
 ops = APIRouter()
 
 
+T = TypeVar("T")
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that hung up; only metrics see it
+DISCONNECT_POLL_SECONDS = 0.25
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T | Response:
+    """Run `work`; if the client hangs up first, cancel it, which cancels its generations.
+
+    Streams notice a disconnect when a write fails; a non-streaming request would otherwise
+    generate to the end for nobody.
+    """
+    task = asyncio.ensure_future(work)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+
+
 def _respond(result: object) -> Response:
+    if isinstance(result, Response):
+        return result
     if isinstance(result, AsyncIterator):
         return StreamingResponse(
             result, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
@@ -50,7 +75,7 @@ async def create_completion(body: CompletionRequest, request: Request, ctx: Cont
     serving = CompletionServing(ctx)
     target = serving.resolve(body)
     request.state.adapter = target.label
-    return _respond(await serving.create(body, target))
+    return _respond(await _unless_disconnected(request, serving.create(body, target)))
 
 
 @api.post("/chat/completions")
@@ -60,7 +85,7 @@ async def create_chat_completion(
     serving = ChatServing(ctx)
     target = serving.resolve(body)
     request.state.adapter = target.label
-    return _respond(await serving.create(body, target))
+    return _respond(await _unless_disconnected(request, serving.create(body, target)))
 
 
 def _model_cards(ctx: ServingContext) -> list[ModelCard]:

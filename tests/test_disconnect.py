@@ -1,0 +1,60 @@
+"""A client that hangs up frees its slot, streaming or not (a real server, tiny model)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from tests.support import free_port
+
+
+@pytest.fixture(scope="module")
+def url(tiny, cache_dir, tmp_path_factory):
+    port = free_port()
+    env = {**os.environ, "HOTSWAP_ADAPTER_DIR": str(tiny.adapter_dir), "HOTSWAP_CACHE_DIR": str(cache_dir)}
+    log = tmp_path_factory.mktemp("log") / "server.log"
+    proc = subprocess.Popen([sys.executable, "-m", "service", "--model", str(tiny.base_dir), "--quantization",
+                             "fp32", "--device", "cpu", "--port", str(port)],
+                            env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            assert proc.poll() is None, log.read_text()
+            try:
+                if httpx.get(f"{base}/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def metric(base: str, name: str) -> float:
+    for line in httpx.get(f"{base}/metrics").text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_hang_up_cancels_the_generation(url, stream):
+    before = metric(url, 'hotswap_cancelled_requests_total{adapter="alpha"}')
+    body = {"model": "alpha", "prompt": "x", "max_tokens": 240, "temperature": 1.0, "ignore_eos": True,
+            "stream": stream, "stop": ["never-appears-in-output-xyz"]}
+    with pytest.raises(httpx.ReadTimeout):
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=httpx.Timeout(5, read=0.3)) as r:
+            for _ in r.iter_bytes():
+                time.sleep(0.5)  # a slow reader that gives up
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and metric(url, 'hotswap_cancelled_requests_total{adapter="alpha"}') == before:
+        time.sleep(0.1)
+    assert metric(url, 'hotswap_cancelled_requests_total{adapter="alpha"}') == before + 1
+    assert metric(url, "hotswap_running_requests") == 0.0
