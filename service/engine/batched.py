@@ -133,10 +133,16 @@ class BatchedEngine(WorkerEngine):
         self._join(cache, len(job.request.prompt_ids))
         self._rows.append(row)
 
-    def _emit(self, row: _Row, logits: torch.Tensor, scored=None) -> bool:
-        """Sample the row's next token and hand it to its client; True when the row is done."""
+    def _emit(self, row: _Row, logits: torch.Tensor, scored=None, greedy: int | None = None) -> bool:
+        """Sample the row's next token and hand it to its client; True when the row is done.
+
+        `greedy` is the row's argmax when the step computed all of them at once.
+        """
         params = row.job.request.params
-        token = sample(logits, params, row.generator)
+        if params.temperature == 0.0 and greedy is not None:
+            token = greedy
+        else:
+            token = sample(logits, params, row.generator)
         logprobs = None
         if params.logprobs is not None:
             logprobs = (token_logprob(torch.log_softmax(logits, -1), token, params.logprobs),)
@@ -158,10 +164,15 @@ class BatchedEngine(WorkerEngine):
             [r.adapter for r in rows],
         )
         self._mask = mask
+        # One argmax and one device-to-host copy for every greedy row, not one per row.
+        greedy = None
+        if any(r.job.request.params.temperature == 0.0 for r in rows):
+            greedy = logits.argmax(dim=-1).tolist()
         keep = []
         for i, row in enumerate(rows):
             row.length += 1
-            if row.job.cancelled.is_set() or self._emit(row, logits[i]):
+            best = greedy[i] if greedy else None
+            if row.job.cancelled.is_set() or self._emit(row, logits[i], greedy=best):
                 self._change(running_remove=row.job.label)
             else:
                 keep.append(i)
