@@ -2,10 +2,46 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextmanager
+def running_service(
+    flags: list[str], env: dict[str, str], log: Path, timeout: float = 300
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`python -m service FLAGS` on a free port, ready; yields (base URL, process); stops it after."""
+    port = free_port()
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "service", *flags, "--port", str(port)],
+                                env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            assert proc.poll() is None, log.read_text()
+            try:
+                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the service did not become ready:\n" + log.read_text()
+            time.sleep(0.25)
+        yield url, proc
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -2,39 +2,20 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 
 import httpx
 import pytest
 
-from tests.support import free_port
+from tests.support import running_service
 
 
 @pytest.fixture(scope="module")
 def url(tiny, cache_dir, tmp_path_factory):
-    port = free_port()
-    env = {**os.environ, "HOTSWAP_ADAPTER_DIR": str(tiny.adapter_dir), "HOTSWAP_CACHE_DIR": str(cache_dir)}
-    log = tmp_path_factory.mktemp("log") / "server.log"
-    proc = subprocess.Popen([sys.executable, "-m", "service", "--model", str(tiny.base_dir), "--quantization",
-                             "fp32", "--device", "cpu", "--port", str(port)],
-                            env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(240):
-            assert proc.poll() is None, log.read_text()
-            try:
-                if httpx.get(f"{base}/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.25)
+    env = {"HOTSWAP_ADAPTER_DIR": str(tiny.adapter_dir), "HOTSWAP_CACHE_DIR": str(cache_dir)}
+    flags = ["--model", str(tiny.base_dir), "--quantization", "fp32", "--device", "cpu"]
+    with running_service(flags, env, tmp_path_factory.mktemp("log") / "server.log") as (base, _):
         yield base
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def metric(base: str, name: str) -> float:

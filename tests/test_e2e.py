@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,7 +14,7 @@ import pytest
 
 from service.base_model import resolve_source
 from tests.factories import make_lora_adapter
-from tests.support import free_port
+from tests.support import running_service
 
 pytestmark = pytest.mark.e2e
 BASE = "smollm2-135m-instruct"
@@ -32,31 +29,10 @@ def server(tmp_path_factory, cache_dir):
     for name in ("dolly", "schema"):  # the adapters shipped in the repository
         if (SHIPPED / name).is_dir():  # the tests below fail, saying so, where one is missing
             shutil.copytree(SHIPPED / name, adapters / name)
-    port = free_port()
     log = tmp_path_factory.mktemp("log") / "server.log"
-    env = {**os.environ, "HOTSWAP_ADAPTER_DIR": str(adapters), "HOTSWAP_CACHE_DIR": str(cache_dir)}
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "service", "--port", str(port), "--quantization", "nf4", "--device", "cpu"],
-            env=env, stdout=out, stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, log.read_text()
-            try:
-                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        else:
-            pytest.fail("server did not become ready:\n" + log.read_text())
+    env = {"HOTSWAP_ADAPTER_DIR": str(adapters), "HOTSWAP_CACHE_DIR": str(cache_dir)}
+    with running_service(["--quantization", "nf4", "--device", "cpu"], env, log) as (url, proc):
         yield url, log
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
     # uvicorn re-raises the SIGTERM it handled after a clean shutdown (exit status -15).
     assert proc.returncode in (0, -15), log.read_text()
     assert "Application shutdown complete" in log.read_text()

@@ -4,11 +4,9 @@ and the dashboard's queries. Needs Debian's `prometheus` package (.ci/run instal
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
-import sys
 import time
 
 import httpx
@@ -16,7 +14,7 @@ import pytest
 import yaml
 
 from tests.deploy.test_chart import CHART, VALUE_SETS, by_kind, render
-from tests.support import free_port
+from tests.support import free_port, running_service
 
 pytestmark = pytest.mark.skipif(
     not (shutil.which("prometheus") and shutil.which("promtool")),
@@ -43,21 +41,10 @@ def ok(url: str) -> bool:
 
 @pytest.fixture
 def service_url(tiny, tmp_path, cache_dir):
-    port = free_port()
-    env = {**os.environ, "HOTSWAP_ADAPTER_DIR": str(tiny.adapter_dir), "HOTSWAP_CACHE_DIR": str(cache_dir)}
-    log = (tmp_path / "service.log").open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "service", "--model", str(tiny.base_dir), "--quantization", "fp32",
-         "--device", "cpu", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: proc.poll() is not None or ok(f"{url}/ready"), 120, "the service")
-        assert proc.poll() is None, (tmp_path / "service.log").read_text()
+    env = {"HOTSWAP_ADAPTER_DIR": str(tiny.adapter_dir), "HOTSWAP_CACHE_DIR": str(cache_dir)}
+    flags = ["--model", str(tiny.base_dir), "--quantization", "fp32", "--device", "cpu"]
+    with running_service(flags, env, tmp_path / "service.log", timeout=120) as (url, _):
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 @pytest.fixture
