@@ -29,7 +29,8 @@ class Runtime:
 
 
 def load_runtime(settings: Settings, metrics: Metrics) -> Runtime:
-    """Load the base once, attach every valid adapter, and build the engine (not started)."""
+    """Load the base once, validate the adapter packages (they load on first use, see
+    `AdapterResidency`), and build the engine (not started)."""
     base = load_base(
         settings.model,
         quantization=settings.quantization,
