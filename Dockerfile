@@ -52,7 +52,8 @@ ENV PATH=/opt/hotswap/bin:$PATH \
     HOTSWAP_HOST=0.0.0.0 \
     HOTSWAP_PORT=8000 \
     HOTSWAP_CACHE_DIR=/data/cache \
-    HOTSWAP_ADAPTER_DIR=/data/adapters
+    HOTSWAP_ADAPTER_DIR=/data/adapters \
+    HOTSWAP_GUARDRAILS=default
 USER 10001:10001
 WORKDIR /home/hotswap
 # Converted and downloaded models: mount a volume here so restarts skip the conversion.

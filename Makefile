@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml Makefile
 	@touch $@
 
 serve: install
-	$(BIN)/python -m service --host $(HOST) --port $(PORT)
+	$(BIN)/python -m service --host $(HOST) --port $(PORT) --guardrails default
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

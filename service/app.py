@@ -23,6 +23,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import __version__
 from service.errors import HotswapError, InvalidRequestError, NotFoundError
+from service.guardrails import Guardrails, GuardrailConfigError
+from service.guardrails import load as load_guardrails
 from service.metrics import Metrics
 from service.runtime import Runtime, load_runtime
 from service.serving.generation import ServingContext
@@ -43,7 +45,7 @@ class ServiceState:
     # Called when the start fails; `python -m service` makes the server exit non-zero.
     on_fatal: Callable[[BaseException], None] = lambda exc: None
 
-    def serve(self, runtime: Runtime) -> None:
+    def serve(self, runtime: Runtime, guardrails: Guardrails) -> None:
         self.context = ServingContext(
             engine=runtime.engine,
             tokenizer=runtime.tokenizer,
@@ -51,21 +53,34 @@ class ServiceState:
             base_id=runtime.base_id,
             max_context=runtime.max_context,
             metrics=self.metrics,
+            guardrails=guardrails,
         )
 
 
 async def _start(state: ServiceState, runtime: Runtime | None) -> None:
     try:
+        guardrails = load_guardrails(state.settings.guardrails)  # a bad config fails fast
         if runtime is None:
             runtime = await asyncio.to_thread(load_runtime, state.settings, state.metrics)
+        check_adapters_named(guardrails, runtime)
         await runtime.engine.start()
-        state.serve(runtime)
+        state.serve(runtime, guardrails)
         state.status = "ready"
         log.info("ready: serving %s", runtime.base_id)
     except Exception as exc:
         state.status, state.error = "failed", f"{type(exc).__name__}: {exc}"
         log.error("start failed: %s", state.error, exc_info=exc)
         state.on_fatal(exc)
+
+
+def check_adapters_named(guardrails: Guardrails, runtime: Runtime) -> None:
+    """A guardrail section for an adapter that is not served is a typo, not a no-op."""
+    served = {"base", *(record.name for record in runtime.registry.ready())}
+    unknown = sorted(set(guardrails.adapters) - served)
+    if unknown:
+        raise GuardrailConfigError(
+            f"{guardrails.source}: adapters {unknown} are not served; served: {sorted(served)}"
+        )
 
 
 def _lifespan(runtime: Runtime | None):

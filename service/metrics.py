@@ -93,6 +93,11 @@ class Metrics:
             ["reason"], registry=r,
         )
 
+        self.guardrail_actions = Counter(
+            "hotswap_guardrail_actions", "Guardrail hook actions (redact, block, flag, retry, error).",
+            ["stage", "hook", "action"], registry=r,
+        )
+
     def observe_adapter_load(self, adapter: str, result: str, seconds: float) -> None:
         self.adapter_loads.labels(adapter, result).inc()
         if result == "ok":

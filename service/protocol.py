@@ -197,6 +197,12 @@ class CompletionLogprobs(BaseModel):
 
 FinishReason = Literal["stop", "length", "content_filter"]
 
+# Extension: what the guardrail hooks did (issue #5); absent when they did nothing.
+GuardrailsField = Field(
+    None, exclude_if=lambda v: not v,
+    description="Guardrail actions: [{stage, hook, action, reason, details, index}]",
+)
+
 
 class CompletionChoice(BaseModel):
     index: int
@@ -212,6 +218,7 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: UsageInfo | None = None
+    guardrails: list[dict[str, Any]] | None = GuardrailsField
 
 
 class ChatTopLogprob(BaseModel):
@@ -259,6 +266,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: UsageInfo | None = None
+    guardrails: list[dict[str, Any]] | None = GuardrailsField
 
 
 class ChatCompletionChunk(BaseModel):
@@ -268,6 +276,7 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatStreamChoice]
     usage: UsageInfo | None = None
+    guardrails: list[dict[str, Any]] | None = GuardrailsField
 
 
 class ModelCard(BaseModel):

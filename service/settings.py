@@ -71,6 +71,11 @@ class Settings(BaseSettings):
         30.0, ge=0, le=3600,
         description="On SIGTERM, seconds to let in-flight requests and streams finish before exit.",
     )
+    guardrails: str | None = Field(
+        None,
+        description="Guardrails YAML (docs/guardrails.md): a file, 'default' for the bundled "
+        "service/guardrails/default.yaml, or unset for no hooks.",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
 
     @field_validator("api_keys", mode="before")

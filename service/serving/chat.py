@@ -29,6 +29,7 @@ from service.protocol import (
     ChatTopLogprob,
     UsageInfo,
 )
+from service.guardrails import ActionRecord
 from service.serving.generation import (
     ChoiceEvent,
     ChoiceSpec,
@@ -37,6 +38,7 @@ from service.serving.generation import (
     check_prompt,
     choice_seed,
     first_and_rest,
+    guard_request,
     new_id,
     resolve_target,
     run_choices,
@@ -51,23 +53,32 @@ class ChatServing:
     def resolve(self, request: ChatCompletionRequest) -> Target:
         return resolve_target(request.model, request.adapter, self.ctx)
 
-    def render(self, request: ChatCompletionRequest, target: Target) -> list[int]:
+    def render(self, request: ChatCompletionRequest, target: Target) -> tuple[list[int], list[ActionRecord]]:
+        """The prompt's token ids, after the pre hooks, and what the hooks did."""
         tokenizer = self.ctx.tokenizer
+        params = request.model_dump(exclude={"messages"}, exclude_none=True)
         if target.manifest is not None:
             text = target.manifest.render_prompt(_adapter_inputs(request, target), param="messages")
-            return tokenizer(text).input_ids
+            guarded, actions = guard_request(
+                self.ctx, target, "chat", prompts=[text], params=params, param="messages"
+            )
+            return tokenizer(guarded.prompts[0]).input_ids, actions
         if not tokenizer.chat_template:
             raise InvalidRequestError(
                 "the base model has no chat template; use /v1/completions", param="messages"
             )
-        messages = [{"role": m.role, "content": m.text} for m in request.messages]
+        guarded, actions = guard_request(
+            self.ctx, target, "chat", messages=[(m.role, m.text) for m in request.messages],
+            params=params, param="messages",
+        )
+        messages = [{"role": m.role, "content": m.content} for m in guarded.messages]
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return tokenizer(text, add_special_tokens=False).input_ids
+        return tokenizer(text, add_special_tokens=False).input_ids, actions
 
     async def create(
         self, request: ChatCompletionRequest, target: Target
     ) -> ChatCompletionResponse | AsyncIterator[str]:
-        ids = self.render(request, target)
+        ids, actions = self.render(request, target)
         max_tokens = request.max_new_tokens or max(self.ctx.max_context - len(ids), 0)
         check_prompt(ids, max_tokens, self.ctx, param="messages")
         top = request.top_logprobs or 0
@@ -89,7 +100,7 @@ class ChatServing:
         ]
         self.ctx.metrics.prompt_tokens.labels(target.label).inc(len(ids))
         usage = UsageInfo(prompt_tokens=len(ids), total_tokens=len(ids))
-        run = _ChatRun(request, target, specs, self.ctx, usage)
+        run = _ChatRun(request, target, specs, self.ctx, usage, actions)
         if request.stream:
             return framed(await run.stream())
         return await run.collect()
@@ -110,9 +121,10 @@ def _adapter_inputs(request: ChatCompletionRequest, target: Target) -> dict[str,
 
 
 class _ChatRun:
-    def __init__(self, request, target, specs, ctx, usage):
+    def __init__(self, request, target, specs, ctx, usage, actions: list[ActionRecord]):
         self.request, self.target, self.specs, self.ctx, self.usage = request, target, specs, ctx, usage
         self.id = new_id("chatcmpl")
+        self.actions = [a.as_dict() for a in actions]  # the pre hooks' actions, then the post hooks' 
 
     def _logprobs(self, entries: list[TokenLogprob]) -> ChatLogprobs | None:
         if not self.request.logprobs:
@@ -143,6 +155,7 @@ class _ChatRun:
             texts[event.index].append(event.text)
             entries[event.index] += event.logprobs
             finish[event.index] = event.finish_reason
+            self.actions += [a.as_dict() for a in event.guardrails]
             self._count(event)
         choices = [
             ChatChoice(
@@ -154,23 +167,27 @@ class _ChatRun:
             for i in sorted(texts)
         ]
         return ChatCompletionResponse(
-            id=self.id, model=self.target.model_name, choices=choices, usage=self.usage
+            id=self.id, model=self.target.model_name, choices=choices, usage=self.usage,
+            guardrails=self.actions,
         )
 
-    def _chunk(self, choices: list[ChatStreamChoice], usage: UsageInfo | None = None):
+    def _chunk(self, choices: list[ChatStreamChoice], usage: UsageInfo | None = None, guardrails=None):
         return ChatCompletionChunk(
-            id=self.id, model=self.target.model_name, choices=choices, usage=usage
+            id=self.id, model=self.target.model_name, choices=choices, usage=usage,
+            guardrails=guardrails,
         )
 
     async def stream(self) -> AsyncIterator[ChatCompletionChunk]:
         events = await first_and_rest(run_choices(self.specs, self.target, self.ctx))
 
         async def chunks() -> AsyncIterator[ChatCompletionChunk]:
-            for spec in self.specs:  # OpenAI opens each choice with the assistant role
-                yield self._chunk([ChatStreamChoice(index=spec.index, delta=ChatDelta(role="assistant", content=""))])
+            for n, spec in enumerate(self.specs):  # OpenAI opens each choice with the assistant role
+                opening = ChatStreamChoice(index=spec.index, delta=ChatDelta(role="assistant", content=""))
+                yield self._chunk([opening], guardrails=self.actions if n == 0 else None)
             async for event in events:
                 self._count(event)
-                if not (event.text or event.finish_reason or event.logprobs):
+                actions = [a.as_dict() for a in event.guardrails]
+                if not (event.text or event.finish_reason or event.logprobs or actions):
                     continue
                 choice = ChatStreamChoice(
                     index=event.index,
@@ -178,7 +195,7 @@ class _ChatRun:
                     logprobs=self._logprobs(event.logprobs),
                     finish_reason=event.finish_reason,
                 )
-                yield self._chunk([choice])
+                yield self._chunk([choice], guardrails=actions)
             if self.request.include_usage:
                 yield self._chunk([], self.usage)
 

@@ -14,6 +14,7 @@ from service.protocol import (
     CompletionResponse,
     UsageInfo,
 )
+from service.guardrails import ActionRecord
 from service.serving.generation import (
     ChoiceEvent,
     ChoiceSpec,
@@ -22,6 +23,7 @@ from service.serving.generation import (
     check_prompt,
     choice_seed,
     first_and_rest,
+    guard_request,
     new_id,
     resolve_target,
     run_choices,
@@ -63,29 +65,35 @@ class CompletionServing:
     def resolve(self, request: CompletionRequest) -> Target:
         return resolve_target(request.model, request.adapter, self.ctx)
 
-    def _prompts(self, request: CompletionRequest, target: Target) -> list[list[int]]:
+    def _prompts(self, request: CompletionRequest, target: Target) -> tuple[list[list[int]], list[ActionRecord]]:
+        """Token ids of each prompt, after the pre hooks, and what the hooks did."""
         tokenizer = self.ctx.tokenizer
+        ids: list[list[int]] | None = None
         if request.input is not None:
             if target.manifest is None:
                 raise InvalidRequestError(
                     "`input` needs an adapter with a prompt template; the base takes `prompt`",
                     param="input",
                 )
-            text = target.manifest.render_prompt(request.input)
-            return [tokenizer(text).input_ids]
-        prompt = request.prompt
-        if isinstance(prompt, str):
-            return [tokenizer(prompt).input_ids]
-        if isinstance(prompt[0], str):
-            return [tokenizer(p).input_ids for p in prompt]
-        if isinstance(prompt[0], int):
-            return [list(prompt)]
-        return [list(p) for p in prompt]
+            texts = [target.manifest.render_prompt(request.input)]
+        elif isinstance(request.prompt, str):
+            texts = [request.prompt]
+        elif isinstance(request.prompt[0], str):
+            texts = list(request.prompt)
+        else:
+            ids = [list(request.prompt)] if isinstance(request.prompt[0], int) else [list(p) for p in request.prompt]
+            texts = [tokenizer.decode(p) for p in ids] if self.ctx.guardrails.chain(target.label).pre else []
+        param = "input" if request.input is not None else "prompt"
+        params = request.model_dump(exclude={"prompt", "input"}, exclude_none=True)
+        guarded, actions = guard_request(self.ctx, target, "completions", prompts=texts, params=params, param=param)
+        if ids is not None and guarded.prompts == tuple(texts):
+            return ids, actions  # token ids the hooks left alone go to the model as they came
+        return [tokenizer(text).input_ids for text in guarded.prompts], actions
 
     async def create(
         self, request: CompletionRequest, target: Target
     ) -> CompletionResponse | AsyncIterator[str]:
-        prompts = self._prompts(request, target)
+        prompts, actions = self._prompts(request, target)
         param = "input" if request.input is not None else "prompt"
         for ids in prompts:
             check_prompt(ids, request.max_tokens, self.ctx, param=param)
@@ -111,7 +119,7 @@ class CompletionServing:
         ]
         for ids in prompts:
             self.ctx.metrics.prompt_tokens.labels(target.label).inc(len(ids))
-        run = _CompletionRun(request, target, specs, self.ctx, new_id("cmpl"))
+        run = _CompletionRun(request, target, specs, self.ctx, new_id("cmpl"), actions)
         if request.stream:
             return framed(await run.stream())
         return await run.collect()
@@ -125,8 +133,10 @@ class _CompletionRun:
         specs: list[ChoiceSpec],
         ctx: ServingContext,
         request_id: str,
+        actions: list[ActionRecord],
     ):
         self.request, self.target, self.specs, self.ctx, self.id = request, target, specs, ctx, request_id
+        self.actions = [a.as_dict() for a in actions]  # the pre hooks' actions, then the post hooks' 
         self.by_index = {s.index: s for s in specs}
         self.builders = {s.index: LogprobsBuilder(ctx.tokenizer) for s in specs}
         self.started: set[int] = set()
@@ -160,26 +170,31 @@ class _CompletionRun:
             index=event.index, text=text, logprobs=logprobs, finish_reason=event.finish_reason
         )
 
-    def _chunk(self, choices: list[CompletionChoice], usage: UsageInfo | None = None):
+    def _chunk(self, choices: list[CompletionChoice], usage: UsageInfo | None = None, guardrails=None):
         return CompletionResponse(
-            id=self.id, model=self.target.model_name, choices=choices, usage=usage
+            id=self.id, model=self.target.model_name, choices=choices, usage=usage,
+            guardrails=guardrails,
         )
 
     async def collect(self) -> CompletionResponse:
         parts: dict[int, list[CompletionChoice]] = {s.index: [] for s in self.specs}
         async for event in run_choices(self.specs, self.target, self.ctx):
             parts[event.index].append(self._apply(event))
+            self.actions += [a.as_dict() for a in event.guardrails]
         choices = [_join(parts[i]) for i in sorted(parts)]
-        return self._chunk(choices, self.usage)
+        return self._chunk(choices, self.usage, self.actions)
 
     async def stream(self) -> AsyncIterator[CompletionResponse]:
         events = await first_and_rest(run_choices(self.specs, self.target, self.ctx))
 
         async def chunks() -> AsyncIterator[CompletionResponse]:
+            pending = self.actions  # the pre hooks' actions ride on the first chunk
             async for event in events:
                 choice = self._apply(event)
-                if choice.text or choice.finish_reason or (choice.logprobs and choice.logprobs.tokens):
-                    yield self._chunk([choice])
+                pending = pending + [a.as_dict() for a in event.guardrails]
+                if choice.text or choice.finish_reason or pending or (choice.logprobs and choice.logprobs.tokens):
+                    yield self._chunk([choice], guardrails=pending)
+                    pending = []
             if self.request.include_usage:
                 yield self._chunk([], self.usage)
 

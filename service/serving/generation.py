@@ -12,13 +12,16 @@ import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from service.adapters.manifest import AdapterManifest
 from service.adapters.registry import AdapterRegistry
 from service.engine import Engine, EngineRequest, SamplingParams, TokenLogprob
 from service.errors import InvalidRequestError, NotFoundError
+from service.guardrails import ActionRecord, GuardedOutput, GuardedRequest, Guardrails, Message
+from service.guardrails.base import Blocked, RetryRequested
+from service.guardrails.runner import OutputGuard, run_pre
 from service.metrics import Metrics
 from service.serving.text import IncrementalDecoder, StopMatcher
 
@@ -31,6 +34,7 @@ class ServingContext:
     base_id: str
     max_context: int
     metrics: Metrics
+    guardrails: Guardrails = field(default_factory=Guardrails)
 
 
 @dataclass(frozen=True)
@@ -108,10 +112,125 @@ class ChoiceEvent:
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
     finish_reason: str | None = None
     completion_tokens: int = 0  # set on the final event
+    tokens: int = 0  # generated tokens this event carries
+    guardrails: list[ActionRecord] = field(default_factory=list)
+
+
+def guard_request(
+    ctx: ServingContext,
+    target: Target,
+    endpoint: str,
+    *,
+    prompts: list[str] | None = None,
+    messages: list[tuple[str, str]] | None = None,
+    params: dict[str, Any],
+    param: str,
+) -> tuple[GuardedRequest, list[ActionRecord]]:
+    """Run the target's pre hooks; raises ContentPolicyError (400) when one blocks."""
+    request = GuardedRequest(
+        endpoint=endpoint,
+        adapter=target.label,
+        manifest=target.manifest,
+        prompts=tuple(prompts) if prompts is not None else None,
+        messages=tuple(Message(r, c) for r, c in messages) if messages is not None else None,
+        params=params,
+    )
+    chain = ctx.guardrails.chain(target.label)
+    if not chain.pre:
+        return request, []
+    return run_pre(chain, request, ctx.metrics, param=param)
 
 
 async def _run_choice(
     spec: ChoiceSpec, target: Target, ctx: ServingContext, started: float
+) -> AsyncIterator[ChoiceEvent]:
+    """One choice through the target's post hooks (issue #5).
+
+    Text leaves only once every post hook has passed it. A blocked output ends the choice with
+    `finish_reason: "content_filter"`; a hook asking for a retry (the JSON-schema hook) gets one
+    greedy regeneration. Logprobs are held back with the text and withheld (empty) for a choice
+    a hook changed, since they would spell out what was redacted.
+    """
+    chain = ctx.guardrails.chain(target.label)
+    if not chain.post:
+        async for event in _generate(spec, target, ctx, started):
+            yield event
+        return
+    attempt = _GuardedAttempt(spec, target, ctx, started, retried=False)
+    async for event in attempt.events():
+        yield event
+    if attempt.retry_reason is None:
+        return
+    greedy = replace(spec, params=replace(spec.params, temperature=0.0, top_p=1.0))
+    async for event in _GuardedAttempt(greedy, target, ctx, started, retried=True).events():
+        yield event
+
+
+@dataclass
+class _Control:
+    filtered: bool = False  # a guardrail stopped the generation: not a client cancel
+
+
+class _GuardedAttempt:
+    """One generation of a choice, its text passed through an `OutputGuard`."""
+
+    def __init__(self, spec: ChoiceSpec, target: Target, ctx: ServingContext, started: float, *, retried: bool):
+        self.spec, self.target, self.ctx, self.started = spec, target, ctx, started
+        output = GuardedOutput(target.label, target.manifest, "", retried)
+        self.guard = OutputGuard(ctx.guardrails.chain(target.label), output, ctx.metrics, spec.index)
+        self.retried = retried
+        self.retry_reason: str | None = None
+        self.control = _Control()
+        self.generated = 0
+        self.released = False
+
+    async def events(self) -> AsyncIterator[ChoiceEvent]:
+        try:
+            async for event in self._guarded():
+                yield event
+        except Blocked:
+            yield self._filtered()
+        except RetryRequested as exc:
+            if self.retried or self.released:  # one retry, and never after text has left
+                self.guard.actions.append(ActionRecord("post", exc.hook, "block", exc.reason, index=self.spec.index))
+                self.ctx.metrics.guardrail_actions.labels("post", exc.hook, "block").inc()
+                yield self._filtered()
+                return
+            self.retry_reason = exc.reason
+            yield ChoiceEvent(self.spec.index, guardrails=_take(self.guard))
+
+    async def _guarded(self) -> AsyncIterator[ChoiceEvent]:
+        held: list[TokenLogprob] = []
+        stream = _generate(self.spec, self.target, self.ctx, self.started, self.control)
+        async with contextlib.aclosing(stream):
+            try:
+                async for event in stream:
+                    self.generated += event.tokens
+                    held += event.logprobs
+                    final = event.finish_reason is not None
+                    text = self.guard.feed(event.text) + (self.guard.finish() if final else "")
+                    self.released = self.released or bool(text)
+                    logprobs = held if final and not self.guard.changed else []
+                    yield replace(event, text=text, logprobs=logprobs, guardrails=_take(self.guard))
+            except Blocked:
+                self.control.filtered = True  # set before closing `stream` stops the engine
+                raise
+
+    def _filtered(self) -> ChoiceEvent:
+        return ChoiceEvent(
+            self.spec.index, finish_reason="content_filter", completion_tokens=self.generated,
+            guardrails=_take(self.guard),
+        )
+
+
+def _take(guard: OutputGuard) -> list[ActionRecord]:
+    taken, guard.actions = guard.actions, []
+    return taken
+
+
+async def _generate(
+    spec: ChoiceSpec, target: Target, ctx: ServingContext, started: float,
+    control: _Control | None = None,
 ) -> AsyncIterator[ChoiceEvent]:
     decoder = IncrementalDecoder(ctx.tokenizer, spec.prompt_ids)
     stopper = StopMatcher(spec.stops)
@@ -143,6 +262,7 @@ async def _run_choice(
                     list(output.logprobs or ()),
                     output.prompt_logprobs,
                     finish,
+                    tokens=len(output.token_ids),
                 )
                 if finish is not None:
                     finished = True
@@ -152,7 +272,11 @@ async def _run_choice(
                     return  # closing `stream` cancels the engine request on a stop string
                 yield event
     finally:
-        if not finished:  # the consumer went away (client disconnect) or the engine failed
+        if finished:
+            pass
+        elif control is not None and control.filtered:
+            ctx.metrics.generation_tokens.labels(target.label).inc(generated)
+        else:  # the consumer went away (client disconnect) or the engine failed
             ctx.metrics.cancelled.labels(target.label).inc()
 
 

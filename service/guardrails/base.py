@@ -1,0 +1,185 @@
+"""The guardrail hook interface: what a hook sees, what it may answer, and how streams pass it.
+
+A **pre hook** (`Hook.pre`) sees the resolved request before tokenization: the adapter, its
+manifest, the prompt texts (completions, or an adapter's rendered prompt) or the chat messages
+(the base model's chat), and the sampling parameters. A **post hook** (`Hook.post`) sees one
+choice's generated text and the adapter's manifest. Each answers a `Verdict`: allow, modify
+(return the new text or request: redaction), or block with a reason; a post hook may also ask
+for one greedy retry (the JSON-schema hook does).
+
+Streams: `Hook.stream` returns a `StreamFilter` that receives text deltas and releases text once
+the hook's decision on it can no longer change. The default holds the whole output back and
+calls `post` on it at the end (always correct, never incremental); the PII and banned-term hooks
+hold back only what a match in progress can span.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar, Literal
+
+from service.adapters.manifest import AdapterManifest
+
+ActionKind = Literal["allow", "modify", "block", "retry", "flag"]
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class GuardedRequest:
+    """A resolved request as pre hooks see it. Exactly one of `prompts` / `messages` is set."""
+
+    endpoint: str  # "completions" or "chat"
+    adapter: str  # adapter name, or "base"
+    manifest: AdapterManifest | None
+    prompts: tuple[str, ...] | None = None
+    messages: tuple[Message, ...] | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def texts(self) -> list[str]:
+        if self.prompts is not None:
+            return list(self.prompts)
+        return [m.content for m in self.messages or ()]
+
+    def with_texts(self, texts: list[str]) -> GuardedRequest:
+        """The same request with its texts replaced, in `texts()` order."""
+        if self.prompts is not None:
+            return replace(self, prompts=tuple(texts))
+        messages = tuple(
+            Message(m.role, text) for m, text in zip(self.messages or (), texts, strict=True)
+        )
+        return replace(self, messages=messages)
+
+
+@dataclass(frozen=True)
+class GuardedOutput:
+    """One choice's output as post hooks see it."""
+
+    adapter: str
+    manifest: AdapterManifest | None
+    text: str
+    retried: bool = False  # this is already the greedy retry of an output a hook rejected
+
+
+@dataclass(frozen=True)
+class Verdict:
+    action: ActionKind = "allow"
+    reason: str = ""
+    text: str | None = None  # post hooks: the modified output
+    request: GuardedRequest | None = None  # pre hooks: the modified request
+    details: dict[str, int] = field(default_factory=dict)  # e.g. {"EMAIL": 2}
+    label: str = ""  # what the action is called in responses and metrics ("redact"); default: action
+
+    @property
+    def kind(self) -> str:
+        return self.label or self.action
+
+    @classmethod
+    def allow(cls) -> Verdict:
+        return _ALLOW
+
+
+_ALLOW = Verdict()
+
+
+@dataclass(frozen=True)
+class ActionRecord:
+    """One thing a hook did, as listed in the response's `guardrails` field."""
+
+    stage: Literal["pre", "post"]
+    hook: str
+    action: str
+    reason: str = ""
+    details: dict[str, int] = field(default_factory=dict)
+    index: int | None = None  # the choice a post action applies to
+
+    def as_dict(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"stage": self.stage, "hook": self.hook, "action": self.action}
+        if self.reason:
+            body["reason"] = self.reason
+        if self.details:
+            body["details"] = dict(self.details)
+        if self.index is not None:
+            body["index"] = self.index
+        return body
+
+
+class Blocked(Exception):
+    """A post hook refused the output (raised by stream filters)."""
+
+    def __init__(self, hook: str, reason: str):
+        super().__init__(reason)
+        self.hook, self.reason = hook, reason
+
+
+class RetryRequested(Exception):
+    """A post hook asks to regenerate the output greedily, once."""
+
+    def __init__(self, hook: str, reason: str):
+        super().__init__(reason)
+        self.hook, self.reason = hook, reason
+
+
+class StreamFilter:
+    """Receives one choice's text deltas; returns the text that may leave the server now.
+
+    `feed` and `finish` return released text, record what they did in `actions`, and raise
+    `Blocked` or `RetryRequested`. This default holds everything until `finish`.
+    """
+
+    def __init__(self, hook: Hook, output: GuardedOutput):
+        self.hook, self.output = hook, output
+        self.actions: list[Verdict] = []
+        self._held: list[str] = []
+
+    def feed(self, delta: str) -> str:
+        self._held.append(delta)
+        return ""
+
+    def close(self, delta: str) -> str:
+        """`feed(delta)` then `finish()`, in one pass where a filter can."""
+        return self.feed(delta) + self.finish()
+
+    def finish(self) -> str:
+        text = "".join(self._held)
+        return apply_post(self.hook, replace(self.output, text=text), self.actions)
+
+
+def apply_post(hook: Hook, output: GuardedOutput, actions: list[Verdict]) -> str:
+    """Run `hook.post` on a whole output: the released text, or Blocked / RetryRequested."""
+    verdict = hook.post(output)
+    if verdict.action == "block":
+        raise Blocked(hook.name, verdict.reason)
+    if verdict.action == "retry":
+        raise RetryRequested(hook.name, verdict.reason)
+    if verdict.action != "allow":
+        actions.append(verdict)
+    return verdict.text if verdict.action == "modify" and verdict.text is not None else output.text
+
+
+class Hook:
+    """Base class of guardrail hooks. Subclasses set `name` and implement `pre` and/or `post`.
+
+    Hooks are built once at start from their YAML options (keyword arguments; raise ValueError
+    or TypeError for bad ones) and must be safe to call from many requests at once.
+    """
+
+    name: ClassVar[str] = "hook"
+
+    def pre(self, request: GuardedRequest) -> Verdict:
+        raise NotImplementedError
+
+    def post(self, output: GuardedOutput) -> Verdict:
+        raise NotImplementedError
+
+    def stream(self, output: GuardedOutput) -> StreamFilter:
+        return StreamFilter(self, output)
+
+    @classmethod
+    def supports(cls, stage: str) -> bool:
+        own = getattr(cls, stage)
+        return own is not getattr(Hook, stage)

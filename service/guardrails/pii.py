@@ -1,0 +1,335 @@
+"""PII and secret redaction: typed placeholders (`<EMAIL>` ...) on input and output.
+
+Why not presidio-analyzer: its package imports spaCy (and thinc, blis ...) even when only its
+pattern recognizers are used, its e-mail recognizer validates TLDs through tldextract (whose
+default fetches the public-suffix list over the network), and its recognizers score candidates
+for a threshold rather than redact exactly. We take its approach (a candidate pattern, then a
+checksum or parser that confirms it, as in its CreditCardRecognizer, IbanRecognizer and
+PhoneRecognizer) and Google's libphonenumber (the `phonenumbers` package) for telephone numbers
+in international forms, and write the patterns here, so that each can also say how much of a
+stream's tail a match in progress may still claim (`tail`), which streaming redaction needs.
+
+Detectors run on the text's skeleton (`service.guardrails.text`): full-width digits, zero-width
+characters inside a value and Cyrillic/Greek homoglyphs do not hide it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import phonenumbers
+
+from service.guardrails.base import Blocked, GuardedOutput, GuardedRequest, Hook, StreamFilter, Verdict
+from service.guardrails.text import Skeleton, skeleton
+
+Validator = Callable[[str], bool]
+
+
+@dataclass(frozen=True)
+class Detector:
+    kind: str  # placeholder name: EMAIL -> "<EMAIL>"
+    pattern: re.Pattern[str]
+    # The end of the text that a match could still grow into: streams hold it back.
+    tail: re.Pattern[str]
+    validate: Validator | None = None
+    group: str | None = None  # redact only this named group (a secret's value, not its key)
+    priority: int = 0  # wins overlaps against lower priorities
+
+
+@dataclass(frozen=True, order=True)
+class Match:
+    start: int
+    end: int
+    kind: str = field(compare=False)
+    priority: int = field(compare=False, default=0)
+
+
+def luhn_ok(digits: str) -> bool:
+    total = 0
+    for i, char in enumerate(reversed(digits)):
+        d = ord(char) - 48
+        if i % 2:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return total % 10 == 0
+
+
+def _card_ok(text: str) -> bool:
+    digits = re.sub(r"\D", "", text)
+    return 13 <= len(digits) <= 19 and luhn_ok(digits)
+
+
+def _iban_ok(text: str) -> bool:
+    """ISO 13616: move the first four characters to the end, letters to 10..35, mod 97 == 1."""
+    compact = re.sub(r"\s", "", text).upper()
+    if not 15 <= len(compact) <= 34:
+        return False
+    rearranged = compact[4:] + compact[:4]
+    number = "".join(str(int(c, 36)) for c in rearranged)
+    return int(number) % 97 == 1
+
+
+# Number shapes that are not telephone numbers: ISO dates, d.m.y / m/d/y dates, times.
+_NOT_PHONE = re.compile(r"\d{4}-\d\d-\d\d|\d{1,2}[./-]\d{1,2}[./-]\d{2,4}|\d{1,2}:\d\d(?::\d\d)?")
+
+
+def _phone_ok(text: str) -> bool:
+    candidate = text.strip()
+    if _NOT_PHONE.fullmatch(candidate):
+        return False
+    if candidate.startswith("00"):  # the international call prefix most of the world dials
+        candidate = "+" + candidate[2:]
+    digits = re.sub(r"\D", "", candidate)
+    if not 7 <= len(digits) <= 15:  # E.164 allows at most 15 digits
+        return False
+    try:
+        number = phonenumbers.parse(candidate, "US")
+    except phonenumbers.NumberParseException:
+        return False
+    return phonenumbers.is_valid_number(number)
+
+
+def _ip_ok(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _p(pattern: str) -> re.Pattern[str]:
+    return re.compile(pattern, re.IGNORECASE)
+
+
+# Boundaries: a value does not continue a longer word or number on either side.
+_NB = r"(?<![\w@.+-])"  # no value character before
+_NA = r"(?![\w@])"  # no word character after
+
+DETECTORS: tuple[Detector, ...] = (
+    Detector(
+        "SECRET",  # PEM private keys; an unterminated block is redacted to the end
+        re.compile(
+            r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----(?:.*?-----END (?:[A-Z0-9]+ )*PRIVATE KEY-----|.*\Z)",
+            re.DOTALL,
+        ),
+        re.compile(
+            r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----(?:(?!-----END (?:[A-Z0-9]+ )*PRIVATE KEY-----).)*\Z"
+            r"|-----(?:B(?:E(?:G(?:I(?:N(?: [A-Z0-9 ]*(?:-{1,5})?)?)?)?)?)?)?\Z|-{1,4}\Z",
+            re.DOTALL,
+        ),
+        priority=9,
+    ),
+    Detector(
+        "SECRET",  # bearer tokens in any header-like text
+        _p(r"(?<![\w])bearer\s+(?P<value>[A-Za-z0-9\-._~+/]{12,}=*)"),
+        _p(r"(?<![\w])b(?:e(?:a(?:r(?:e(?:r(?:\s+[A-Za-z0-9\-._~+/]*=*)?)?)?)?)?)?\Z"),
+        group="value", priority=8,
+    ),
+    Detector(
+        "SECRET",  # provider keys with a recognisable prefix, and JWTs
+        re.compile(
+            r"(?<![\w-])(?:sk-(?:proj-|ant-)?[A-Za-z0-9_\-]{20,}|(?:AKIA|ASIA)[0-9A-Z]{16}"
+            r"|gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{22,}|xox[abprs]-[A-Za-z0-9-]{10,}"
+            r"|AIza[0-9A-Za-z_\-]{35}|(?:sk|rk|pk)_(?:live|test)_[A-Za-z0-9]{16,}|hf_[A-Za-z0-9]{30,}"
+            r"|eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,})(?![\w-])"
+        ),
+        re.compile(r"[A-Za-z0-9_\-.]*\Z"),
+        priority=8,
+    ),
+    Detector(
+        "SECRET",  # key = value assignments of things named like secrets
+        _p(
+            r"(?<![\w])(?:api[_-]?key|secret(?:[_-]?key)?|access[_-]?token|auth[_-]?token|password|passwd)"
+            r"\s*[:=]\s*[\"']?(?P<value>[^\s\"']{8,})"
+        ),
+        _p(r"[\w-]*(?:\s*[:=]\s*[\"']?[^\s\"']*)?\Z"),
+        group="value", priority=7,
+    ),
+    Detector(
+        "EMAIL",
+        _p(_NB + r"[a-z0-9](?:[a-z0-9._%+-]{0,63})@[a-z0-9](?:[a-z0-9-]{0,62})(?:\.[a-z0-9-]{1,63})*\.[a-z]{2,24}(?![a-z0-9-])"),
+        _p(r"[a-z0-9._%+@-]*\Z"),
+        priority=6,
+    ),
+    Detector(
+        "CREDIT_CARD",  # 4-4-4-4(-3), Amex 4-6-5, or 13-19 digits run together; Luhn-checked
+        re.compile(
+            r"(?<![\d-])(?:[2-6]\d{3}[ -]?\d{4}[ -]?\d{4}[ -]?\d{1,4}(?:[ -]?\d{3})?"
+            r"|3[47]\d{2}[ -]?\d{6}[ -]?\d{5}|[2-6]\d{12,18})(?![\d])"
+        ),
+        re.compile(r"[\d -]*\Z"),
+        validate=_card_ok, priority=5,
+    ),
+    Detector(
+        "IBAN",
+        _p(r"(?<![\w])[a-z]{2}\d{2}(?: ?[a-z0-9]{4}){2,7}(?: ?[a-z0-9]{1,3})?(?![\w])"),
+        _p(r"(?<![\w])(?:[a-z]{1,2}|[a-z]{2}\d{1,2}(?: ?[a-z0-9]){0,30} ?)\Z"),
+        validate=_iban_ok, priority=4,
+    ),
+    Detector(
+        "US_SSN",  # dashed or spaced; not 000/666/9xx areas, 00 groups or 0000 serials
+        re.compile(r"(?<![\d-])(?!000|666|9\d\d)\d{3}(?P<s>[- ])(?!00)\d{2}(?P=s)(?!0000)\d{4}(?![\d-])"),
+        re.compile(r"[\d -]*\Z"),
+        priority=3,
+    ),
+    Detector(
+        "PHONE",  # candidates, confirmed by libphonenumber (international forms, 00 prefix)
+        re.compile(r"(?<![\w+(])(?:\+|00)?\(?\d[\d ().\-]{5,20}\d(?![\w])"),
+        re.compile(r"[\d ().+\-]*\Z"),
+        validate=_phone_ok, priority=1,
+    ),
+    Detector(
+        "IP_ADDRESS",
+        re.compile(
+            r"(?<![\w.:])(?:\d{1,3}(?:\.\d{1,3}){3}(?!\w|\.\d)|[0-9a-f]{0,4}(?::[0-9a-f]{0,4}){2,7}(?!\w|[.:][0-9a-f]))",
+            re.IGNORECASE,
+        ),
+        re.compile(r"[0-9a-f.:]*\Z", re.IGNORECASE),
+        validate=_ip_ok, priority=2,
+    ),
+)
+
+KINDS = tuple(dict.fromkeys(d.kind for d in DETECTORS))
+
+
+def find(text: str, detectors: Iterable[Detector] = DETECTORS) -> list[Match]:
+    """Non-overlapping matches in `text` (a skeleton), higher priority first, then earlier."""
+    found: list[Match] = []
+    for detector in detectors:
+        for m in detector.pattern.finditer(text):
+            value = m.group(0)
+            if detector.validate is not None and not detector.validate(value):
+                continue
+            start, end = m.span(detector.group) if detector.group else m.span()
+            found.append(Match(start, end, detector.kind, detector.priority))
+    found.sort(key=lambda m: (-m.priority, m.start))
+    kept: list[Match] = []
+    for m in found:
+        if all(m.end <= k.start or m.start >= k.end for k in kept):
+            kept.append(m)
+    return sorted(kept)
+
+
+def redact_skeleton(sk: Skeleton, matches: list[Match], upto: int | None = None) -> tuple[str, dict[str, int]]:
+    """The original text with each match's original characters replaced by its placeholder."""
+    limit = len(sk.original) if upto is None else upto
+    out: list[str] = []
+    counts: dict[str, int] = {}
+    cursor = 0
+    for m in matches:
+        start, end = sk.span(m.start, m.end)
+        if end > limit:
+            break
+        out.append(sk.original[cursor:start])
+        out.append(f"<{m.kind}>")
+        counts[m.kind] = counts.get(m.kind, 0) + 1
+        cursor = end
+    out.append(sk.original[cursor:limit])
+    return "".join(out), counts
+
+
+class PIIRedactor(Hook):
+    """Replaces PII and secrets with `<KIND>` placeholders (pre and post); or blocks on them."""
+
+    name = "pii"
+
+    def __init__(self, kinds: list[str] | None = None, action: str = "redact"):
+        unknown = set(kinds or ()) - set(KINDS)
+        if unknown:
+            raise ValueError(f"unknown PII kinds {sorted(unknown)}; known: {list(KINDS)}")
+        if action not in ("redact", "block"):
+            raise ValueError("action must be 'redact' or 'block'")
+        wanted = set(kinds or KINDS)
+        self.detectors = tuple(d for d in DETECTORS if d.kind in wanted)
+        self.action = action
+
+    def findings(self, text: str) -> list[tuple[str, int, int]]:
+        """(kind, start, end) of each value found, in original offsets."""
+        sk = skeleton(text)
+        return [(m.kind, *sk.span(m.start, m.end)) for m in find(sk.text, self.detectors)]
+
+    def redact(self, text: str) -> tuple[str, dict[str, int]]:
+        sk = skeleton(text)
+        return redact_skeleton(sk, find(sk.text, self.detectors))
+
+    def _verdict(self, counts: dict[str, int], **changed) -> Verdict:
+        if not counts:
+            return Verdict.allow()
+        kinds = ", ".join(sorted(counts))
+        if self.action == "block":
+            return Verdict("block", f"the text contains {kinds}", details=counts)
+        return Verdict("modify", f"redacted {kinds}", details=counts, label="redact", **changed)
+
+    def pre(self, request: GuardedRequest) -> Verdict:
+        texts, total = [], {}
+        for text in request.texts():
+            redacted, counts = self.redact(text)
+            texts.append(redacted)
+            for kind, n in counts.items():
+                total[kind] = total.get(kind, 0) + n
+        return self._verdict(total, request=request.with_texts(texts))
+
+    def post(self, output: GuardedOutput) -> Verdict:
+        redacted, counts = self.redact(output.text)
+        return self._verdict(counts, text=redacted)
+
+    def stream(self, output: GuardedOutput) -> StreamFilter:
+        return PIIStreamFilter(self, output)
+
+
+class PIIStreamFilter(StreamFilter):
+    """Releases redacted text up to where no match in progress could reach.
+
+    The held tail starts at the earliest point any detector's `tail` pattern claims (the run
+    of characters a value of its kind could still be growing from), and never inside a match.
+    Released text equals the corresponding part of redacting the whole output at once.
+    """
+
+    CONTEXT = 64  # released characters kept for the detectors' look-behind boundaries
+
+    def __init__(self, hook: PIIRedactor, output: GuardedOutput):
+        super().__init__(hook, output)
+        self.context = ""  # the end of what was released, as generated (unredacted)
+        self.pending = ""
+
+    def _release(self, final: bool) -> str:
+        text = self.context + self.pending
+        sk = skeleton(text)
+        floor = len(skeleton(self.context).text)  # where `pending` starts in the skeleton
+        matches = [m for m in find(sk.text, self.hook.detectors) if m.start >= floor]
+        cut = len(sk.text)
+        if not final:
+            for detector in self.hook.detectors:
+                tail = detector.tail.search(sk.text, floor)
+                if tail is not None and tail.start() < cut:
+                    cut = tail.start()
+            for m in matches:
+                if m.start < cut < m.end:
+                    cut = m.start
+        limit = sk.to_original(cut) if cut < len(sk.text) else len(text)
+        kept = [m for m in matches if m.end <= cut]
+        released, counts = redact_skeleton(sk, kept, upto=limit)
+        released = released[len(self.context) :]  # kept matches all start after the context
+        self.context = text[:limit][-self.CONTEXT :]
+        self.pending = text[limit:]
+        if counts:
+            verdict = self.hook._verdict(counts, text=released)
+            if verdict.action == "block":
+                raise Blocked(self.hook.name, verdict.reason)
+            self.actions.append(verdict)
+        return released
+
+    def feed(self, delta: str) -> str:
+        self.pending += delta
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        return self._release(final=True)
+
+    def close(self, delta: str) -> str:
+        self.pending += delta
+        return self._release(final=True)
+

@@ -1,0 +1,97 @@
+"""PII redaction (tier 1): the corpus, Unicode tricks, and streaming that never leaks."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from service.guardrails.base import GuardedOutput, GuardedRequest, Message
+from service.guardrails.pii import PIIRedactor, luhn_ok
+from tests.service.guardrails.corpus import CORPUS
+
+KNOWN_MISSES = {"write to jane at example dot com", "my ssn is 123456789"}
+KNOWN_FALSE_POSITIVES = {"Firmware release 10.2.0.1 fixes the fan curve."}
+REDACTOR = PIIRedactor()
+
+
+@pytest.mark.parametrize(("text", "expected"), CORPUS, ids=[t[:40] for t, _ in CORPUS])
+def test_corpus_values_are_found_exactly(text, expected):
+    found = sorted((kind, text[a:b]) for kind, a, b in REDACTOR.findings(text))
+    if text in KNOWN_MISSES or text in KNOWN_FALSE_POSITIVES:
+        assert found != sorted(expected)  # documented limits; if one starts passing, update docs
+        return
+    assert found == sorted(expected)
+
+
+def test_redaction_replaces_the_original_characters_tricks_included():
+    text = "mail j\u200bane@ехample.com or card ４１１１ １１１１ １１１１ １１１１ now"
+    redacted, counts = REDACTOR.redact(text)
+    assert redacted == "mail <EMAIL> or card <CREDIT_CARD> now"
+    assert counts == {"EMAIL": 1, "CREDIT_CARD": 1}
+
+
+def test_luhn():
+    assert luhn_ok("4111111111111111") and not luhn_ok("4111111111111112")
+
+
+def test_kinds_can_be_limited_and_unknown_kinds_refused():
+    only_email = PIIRedactor(kinds=["EMAIL"])
+    assert only_email.redact("a@example.com 4111 1111 1111 1111")[0] == "<EMAIL> 4111 1111 1111 1111"
+    with pytest.raises(ValueError, match="unknown PII kinds"):
+        PIIRedactor(kinds=["EMAIL", "DNA"])
+
+
+def test_pre_hook_redacts_every_message_and_counts():
+    request = GuardedRequest(
+        "chat", "base", None,
+        messages=(Message("system", "ops: ops@example.com"), Message("user", "SSN 123-45-6789")),
+    )
+    verdict = REDACTOR.pre(request)
+    assert verdict.action == "modify" and verdict.kind == "redact"
+    assert [m.content for m in verdict.request.messages] == ["ops: <EMAIL>", "SSN <US_SSN>"]
+    assert verdict.details == {"EMAIL": 1, "US_SSN": 1}
+
+
+def test_block_action_blocks():
+    verdict = PIIRedactor(action="block").post(GuardedOutput("a", None, "mail a@example.com"))
+    assert verdict.action == "block" and "EMAIL" in verdict.reason
+
+
+def stream_through(hook, text: str, cuts: list[int]) -> tuple[str, list[str]]:
+    """Feed `text` split at `cuts`; returns the joined release and each release."""
+    f = hook.stream(GuardedOutput("a", None, ""))
+    pieces, last = [], 0
+    for cut in sorted(set(c for c in cuts if 0 < c < len(text))) + [len(text)]:
+        pieces.append(f.feed(text[last:cut]))
+        last = cut
+    pieces.append(f.finish())
+    return "".join(pieces), pieces
+
+
+STREAM_TEXTS = [t for t, _ in CORPUS] + [
+    "secret sk-proj-abcdefghijklmnopqrstuvwx0123456789 then mail x@example.org.",
+    "-----BEGIN EC PRIVATE KEY-----\nabc\ndef\n-----END EC PRIVATE KEY-----\nok 4111 1111 1111 1111",
+]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.sampled_from(STREAM_TEXTS), st.lists(st.integers(0, 200), max_size=30))
+def test_streamed_redaction_equals_whole_text_redaction(text, cuts):
+    joined, _ = stream_through(REDACTOR, text, cuts)
+    assert joined == REDACTOR.redact(text)[0]
+
+
+@pytest.mark.parametrize("value", [
+    "4111 1111 1111 1111", "jane.doe@example.com", "+44 20 7946 0958",
+    "sk-proj-abcdefghijklmnopqrstuvwx0123456789", "DE89 3704 0044 0532 0130 00",
+])
+def test_no_part_of_a_value_split_across_chunks_is_released(value):
+    text = f"before {value} after"
+    for size in (1, 2, 3, 5):
+        joined, pieces = stream_through(REDACTOR, text, list(range(size, len(text), size)))
+        assert joined == "before <{}> after".format(REDACTOR.findings(value)[0][0])
+        # Not even a fragment leaves: no release holds four consecutive characters of the value.
+        fragments = {value[i : i + 4] for i in range(len(value) - 3)}
+        fragments = {f for f in fragments if " " not in f}
+        assert not any(f in piece for piece in pieces for f in fragments)
