@@ -2,12 +2,53 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
 import sys
+import time
 
 import uvicorn
 
 from service.settings import Settings
+
+
+log = logging.getLogger("service")
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, with a drain on the first SIGTERM (issue #7).
+
+    `/ready` turns 503 at once and new API requests get 503, while requests and streams already
+    accepted run to completion, up to the drain timeout; then uvicorn shuts down and the process
+    exits 0. A second signal (or SIGINT) stops at once, as plain uvicorn does.
+    """
+
+    def __init__(self, config: uvicorn.Config, state) -> None:
+        super().__init__(config)
+        self.state = state
+        self.drain_timeout = config.timeout_graceful_shutdown or 0.0
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets=None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame) -> None:
+        if sig != signal.SIGTERM or self.state.status != "ready" or self._loop is None:
+            super().handle_exit(sig, frame)
+            return
+        self.state.status = "draining"
+        log.info("SIGTERM: draining %d in-flight requests (up to %.0f s)", self.state.inflight, self.drain_timeout)
+        self._loop.call_soon_threadsafe(lambda: self._loop.create_task(self._drain()))
+
+    async def _drain(self) -> None:
+        deadline = time.monotonic() + self.drain_timeout
+        while self.state.inflight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.state.inflight:
+            log.warning("drain timeout: %d requests still in flight", self.state.inflight)
+        self.should_exit = True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,14 +60,15 @@ def main(argv: list[str] | None = None) -> int:
     from service.app import build_app
 
     app = build_app(settings)
-    server = uvicorn.Server(
+    server = DrainingServer(
         uvicorn.Config(
             app,
             host=settings.host,
             port=settings.port,
             log_level=settings.log_level,
             timeout_graceful_shutdown=settings.drain_timeout_seconds,
-        )
+        ),
+        app.state.hotswap,
     )
     failed: list[BaseException] = []
 

@@ -15,14 +15,14 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import __version__
-from service.errors import HotswapError, InvalidRequestError, NotFoundError
+from service.errors import HotswapError, InvalidRequestError, NotFoundError, RequestTooLargeError
 from service.guardrails import Guardrails, GuardrailConfigError
 from service.guardrails import load as load_guardrails
 from service.metrics import Metrics
@@ -32,7 +32,7 @@ from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
-Status = Literal["starting", "ready", "stopping", "failed"]
+Status = Literal["starting", "ready", "draining", "stopping", "failed"]
 
 
 @dataclass
@@ -42,6 +42,7 @@ class ServiceState:
     status: Status = "starting"
     context: ServingContext | None = None
     error: str | None = None
+    inflight: int = 0  # API requests accepted and not yet answered to the last byte
     # Called when the start fails; `python -m service` makes the server exit non-zero.
     on_fatal: Callable[[BaseException], None] = lambda exc: None
 
@@ -102,8 +103,19 @@ def _lifespan(runtime: Runtime | None):
 # Errors: one place maps every failure to an OpenAI-shaped body.
 
 
+RETRY_AFTER_SECONDS = "1"  # overload and drain are short-lived: come back soon (or elsewhere)
+
+
 def _error_response(exc: HotswapError) -> JSONResponse:
-    return JSONResponse(exc.to_body(), status_code=exc.status_code)
+    headers = {"Retry-After": RETRY_AFTER_SECONDS} if exc.status_code in (429, 503) else None
+    return JSONResponse(exc.to_body(), status_code=exc.status_code, headers=headers)
+
+
+def _rejection_reason(exc: HotswapError) -> str | None:
+    """Refusals counted in hotswap_rejected_requests_total{reason}; None for ordinary errors."""
+    if exc.status_code in (413, 429, 503) or exc.code == "content_policy_violation":
+        return exc.code or exc.error_type
+    return None
 
 
 def _validation_param(loc: tuple) -> str | None:
@@ -119,6 +131,9 @@ _TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HotswapError)
     async def hotswap_error(request: Request, exc: HotswapError) -> JSONResponse:
+        reason = _rejection_reason(exc)
+        if reason is not None:
+            request.app.state.hotswap.metrics.rejected.labels(reason).inc()
         return _error_response(exc)
 
     @app.exception_handler(RequestValidationError)
@@ -151,8 +166,10 @@ _COUNTED_PATHS = {"/v1/completions": "completions", "/v1/chat/completions": "cha
 
 
 class RequestMetricsMiddleware:
-    def __init__(self, app: ASGIApp, metrics: Metrics):
-        self.app, self.metrics = app, metrics
+    """Counts API requests after their last byte, and how many are in flight (for the drain)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, state: ServiceState):
+        self.app, self.metrics, self.state = app, metrics, state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         endpoint = _COUNTED_PATHS.get(scope.get("path", "")) if scope["type"] == "http" else None
@@ -160,6 +177,7 @@ class RequestMetricsMiddleware:
             await self.app(scope, receive, send)
             return
         started, status = time.perf_counter(), 500
+        self.state.inflight += 1
 
         async def send_and_watch(message: Message) -> None:
             nonlocal status
@@ -170,11 +188,46 @@ class RequestMetricsMiddleware:
         try:
             await self.app(scope, receive, send_and_watch)
         finally:
+            self.state.inflight -= 1
             adapter = scope.get("state", {}).get("adapter", "none")
             self.metrics.requests.labels(endpoint, adapter, str(status)).inc()
             self.metrics.request_duration.labels(endpoint, adapter).observe(
                 time.perf_counter() - started
             )
+
+
+class BodyLimitMiddleware:
+    """413 for request bodies over `max_bytes`: by Content-Length before reading, or while
+    reading a chunked body, so an oversized upload is never buffered whole."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, metrics: Metrics):
+        self.app, self.max_bytes, self.metrics = app, max_bytes, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers", ())).get(b"content-length")
+        too_large = RequestTooLargeError(
+            f"the request body exceeds {self.max_bytes} bytes", code="request_too_large"
+        )
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            self.metrics.rejected.labels("request_too_large").inc()
+            await _error_response(too_large)(scope, receive, send)
+            return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                self.metrics.rejected.labels("request_too_large").inc()
+                # FastAPI turns other exceptions raised while reading the body into a 400.
+                raise HTTPException(413, detail=too_large.message)
+            return message
+
+        await self.app(scope, counted, send)
 
 
 def build_app(settings: Settings | None = None, runtime: Runtime | None = None) -> FastAPI:
@@ -187,5 +240,8 @@ def build_app(settings: Settings | None = None, runtime: Runtime | None = None) 
     app.include_router(api)
     app.include_router(ops)
     _install_error_handlers(app)
-    app.add_middleware(RequestMetricsMiddleware, metrics=app.state.hotswap.metrics)
+    app.add_middleware(RequestMetricsMiddleware, metrics=app.state.hotswap.metrics, state=app.state.hotswap)
+    app.add_middleware(
+        BodyLimitMiddleware, max_bytes=settings.max_request_bytes, metrics=app.state.hotswap.metrics
+    )
     return app

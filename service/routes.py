@@ -27,6 +27,8 @@ _ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 
 
 def serving_context(request: Request) -> ServingContext:
     state = request.app.state.hotswap
+    if state.status == "draining":
+        raise ServiceUnavailableError("the service is shutting down; retry on another replica")
     if state.context is None:
         raise ServiceUnavailableError(f"the service is {state.status}; retry shortly")
     return state.context

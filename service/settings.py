@@ -67,6 +67,10 @@ class Settings(BaseSettings):
     max_queued_requests: int = Field(
         256, ge=1, le=100_000, description="Requests waiting for the engine before new ones get 429."
     )
+    max_request_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, le=1 << 30,
+        description="Largest request body accepted; larger ones get 413.",
+    )
     drain_timeout_seconds: float = Field(
         30.0, ge=0, le=3600,
         description="On SIGTERM, seconds to let in-flight requests and streams finish before exit.",

@@ -230,6 +230,27 @@ def test_overload_is_429_before_the_stream_starts(tiny, tokenizer):
         for stream in (False, True):
             r = c.post("/v1/completions", json={"model": "tiny", "prompt": "x", "stream": stream})
             assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
+            assert r.headers["Retry-After"] == "1"
+        assert 'hotswap_rejected_requests_total{reason="queue_full"} 2.0' in c.get("/metrics").text
+
+
+def test_oversized_bodies_are_413_declared_or_chunked(tiny, tokenizer):
+    c, engine = make_client(tiny, tokenizer, max_request_bytes=2048)
+    big = json.dumps({"model": "tiny", "prompt": "x" * 4000}).encode()
+    with c:
+        r = c.post("/v1/completions", content=big, headers={"Content-Type": "application/json"})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+        def chunks():  # no Content-Length: counted while reading
+            for i in range(0, len(big), 512):
+                yield big[i : i + 512]
+
+        r = c.post("/v1/completions", content=chunks(), headers={"Content-Type": "application/json"})
+        assert r.status_code == 413 and r.json()["error"]["type"] == "invalid_request_error"
+        assert engine.requests == []
+        assert 'hotswap_rejected_requests_total{reason="request_too_large"} 2.0' in c.get("/metrics").text
+        ok = c.post("/v1/completions", json={"model": "tiny", "prompt": "small"})
+        assert ok.status_code == 200
 
 
 def test_api_keys_guard_v1_but_not_health(tiny, tokenizer):
