@@ -231,7 +231,7 @@ class BodyLimitMiddleware:
 
 
 def build_app(settings: Settings | None = None, runtime: Runtime | None = None) -> FastAPI:
-    from service.routes import api, ops
+    from service.routes import admin, api, ops
 
     settings = settings or Settings()
     app = FastAPI(title="hotswap", version=__version__, lifespan=_lifespan(runtime))
@@ -239,6 +239,7 @@ def build_app(settings: Settings | None = None, runtime: Runtime | None = None) 
     app.state.hotswap = ServiceState(settings=settings)
     app.include_router(api)
     app.include_router(ops)
+    app.include_router(admin)
     _install_error_handlers(app)
     app.add_middleware(RequestMetricsMiddleware, metrics=app.state.hotswap.metrics, state=app.state.hotswap)
     app.add_middleware(

@@ -1,4 +1,10 @@
-"""Optional API-key authentication for /v1/* (OpenAI's `Authorization: Bearer <key>`)."""
+"""API-key authentication (OpenAI's `Authorization: Bearer <key>`).
+
+Keys are checked by FastAPI dependencies attached to routers, so the decision follows the route
+the ASGI scope's path matched: never a URL rebuilt from the Host header or forwarding headers,
+which have let requests past key checks in other servers. A path that matches no route is a 404
+without data, whatever it looks like.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,7 @@ import hmac
 
 from fastapi import Request
 
-from service.errors import AuthenticationError
+from service.errors import AuthenticationError, PermissionDeniedError
 
 
 def key_matches(presented: str, keys: list[str]) -> bool:
@@ -17,10 +23,35 @@ def key_matches(presented: str, keys: list[str]) -> bool:
     return found
 
 
+def _bearer(request: Request) -> str | None:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else None
+
+
 async def require_api_key(request: Request) -> None:
     keys: list[str] = request.app.state.settings.api_keys
     if not keys:
         return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not key_matches(token.strip(), keys):
+    token = _bearer(request)
+    if token is None or not key_matches(token, keys):
         raise AuthenticationError("a valid API key is required: 'Authorization: Bearer <key>'")
+
+
+async def require_admin_key(request: Request) -> None:
+    keys: list[str] = request.app.state.settings.admin_api_keys
+    if not keys:
+        raise PermissionDeniedError(
+            "the admin API is disabled; set HOTSWAP_ADMIN_API_KEYS to enable it", code="admin_disabled"
+        )
+    token = _bearer(request)
+    if token is None or not key_matches(token, keys):
+        raise AuthenticationError("a valid admin key is required: 'Authorization: Bearer <key>'")
+
+
+async def require_metrics_key(request: Request) -> None:
+    settings = request.app.state.settings
+    if not settings.metrics_require_key:
+        return
+    token = _bearer(request)
+    if token is None or not key_matches(token, settings.api_keys + settings.admin_api_keys):
+        raise AuthenticationError("/metrics requires an API key: 'Authorization: Bearer <key>'")

@@ -3,6 +3,7 @@
     HotswapError                      500 server_error (unexpected failures end here too)
     ├── InvalidRequestError           400 invalid_request_error
     ├── AuthenticationError           401 authentication_error
+    ├── PermissionDeniedError         403 permission_error
     ├── NotFoundError                 404 invalid_request_error (code model_not_found)
     ├── RequestTooLargeError          413 invalid_request_error
     ├── OverloadedError               429 rate_limit_error
@@ -47,6 +48,11 @@ class AuthenticationError(HotswapError):
     status_code = 401
     error_type = "authentication_error"
     default_code = "invalid_api_key"
+
+
+class PermissionDeniedError(HotswapError):
+    status_code = 403
+    error_type = "permission_error"
 
 
 class NotFoundError(HotswapError):

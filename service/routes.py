@@ -9,7 +9,7 @@ from typing import Annotated, TypeVar
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from service.auth import require_api_key
+from service.auth import require_admin_key, require_api_key, require_metrics_key
 from service.errors import NotFoundError, ServiceUnavailableError
 from service.protocol import (
     ChatCompletionRequest,
@@ -22,7 +22,7 @@ from service.serving.chat import ChatServing
 from service.serving.completions import CompletionServing
 from service.serving.generation import ServingContext
 
-_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 500, 503)}
+_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 429, 500, 503)}
 
 
 def serving_context(request: Request) -> ServingContext:
@@ -38,6 +38,7 @@ Context = Annotated[ServingContext, Depends(serving_context)]
 
 api = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=_ERRORS)
 ops = APIRouter()
+admin = APIRouter(prefix="/admin", dependencies=[Depends(require_admin_key)], responses=_ERRORS)
 
 
 T = TypeVar("T")
@@ -136,7 +137,31 @@ async def ready(request: Request) -> JSONResponse:
     return JSONResponse({"status": state.status}, status_code=200 if ok else 503)
 
 
-@ops.get("/metrics")
+@admin.post("/adapters/rescan")
+async def rescan_adapters(ctx: Context) -> JSONResponse:
+    """Scan the adapter directory again: new packages are served, removed ones refused, and
+    changed ones reload at their next use with no request running on them."""
+    diff = ctx.registry.rescan()
+    residency = getattr(ctx.engine, "residency", None)
+    if residency is not None:
+        residency.mark_stale(diff["changed"])
+    return JSONResponse({**diff, "adapters": [r.as_dict() for r in ctx.registry.records()]})
+
+
+@admin.post("/adapters/{name}/reload")
+async def reload_adapter(name: str, ctx: Context) -> JSONResponse:
+    """Re-validate one package and reload it at its next idle use."""
+    diff = ctx.registry.rescan()
+    record = next((r for r in ctx.registry.records() if r.name == name), None)
+    if record is None:
+        raise NotFoundError(f"the adapter {name!r} does not exist", param="name")
+    residency = getattr(ctx.engine, "residency", None)
+    if residency is not None:
+        residency.mark_stale([name, *diff["changed"]])
+    return JSONResponse(record.as_dict())
+
+
+@ops.get("/metrics", dependencies=[Depends(require_metrics_key)])
 async def metrics(request: Request) -> Response:
     m = request.app.state.hotswap.metrics
     return Response(m.render(), media_type=m.content_type)

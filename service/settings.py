@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
@@ -49,6 +49,14 @@ class Settings(BaseSettings):
         description="Comma-separated API keys accepted as 'Authorization: Bearer <key>' on /v1/*; "
         "empty disables authentication.",
     )
+    admin_api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated keys for the admin routes (/admin/*: adapter rescan and "
+        "reload), separate from API_KEYS; empty disables the admin routes (403).",
+    )
+    metrics_require_key: bool = Field(
+        False, description="Require an API or admin key on /metrics (default: open, for Prometheus)."
+    )
     engine: Literal["batched", "simple"] = Field(
         "batched",
         description="batched: continuous batching of mixed-adapter requests; simple: one "
@@ -82,20 +90,28 @@ class Settings(BaseSettings):
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "admin_api_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
-    @field_validator("api_keys")
+    @field_validator("api_keys", "admin_api_keys")
     @classmethod
     def _keys_are_strong(cls, keys: list[str]) -> list[str]:
         for key in keys:
             if len(key) < 16:
                 raise ValueError("every API key must be at least 16 characters long")
         return keys
+
+    @model_validator(mode="after")
+    def _keys_are_usable(self) -> Settings:
+        if self.metrics_require_key and not (self.api_keys or self.admin_api_keys):
+            raise ValueError("metrics_require_key needs API_KEYS or ADMIN_API_KEYS")
+        if set(self.api_keys) & set(self.admin_api_keys):
+            raise ValueError("admin keys must differ from API keys")
+        return self
 
     @field_validator("cache_dir", "adapter_dir")
     @classmethod

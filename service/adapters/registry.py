@@ -38,6 +38,15 @@ class AdapterRecord:
     manifest: AdapterManifest | None = None
     error: str | None = None
     load_seconds: float | None = None
+    signature: tuple = ()  # sizes and mtimes of the package's files: a changed package reloads
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "status": self.status, "error": self.error}
+
+
+def package_signature(path: Path) -> tuple:
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else []
+    return tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files)
 
 
 def validate_package(path: Path, *, base_fingerprint: str, base_id: str) -> AdapterManifest:
@@ -92,22 +101,45 @@ class AdapterRegistry:
 
     def scan(self) -> list[AdapterRecord]:
         """Validate every package in the directory (a missing directory holds no adapters)."""
-        self._records = {}
+        self._records = self._read_all()
+        return list(self._records.values())
+
+    def rescan(self) -> dict[str, list[str]]:
+        """Scan again (admin): which packages were added, removed, or changed on disk.
+
+        Changed packages must be reloaded by whoever holds them loaded (the residency).
+        """
+        fresh = self._read_all()
+        old = self._records
+        diff = {
+            "added": sorted(set(fresh) - set(old)),
+            "removed": sorted(set(old) - set(fresh)),
+            "changed": sorted(n for n in set(fresh) & set(old) if fresh[n].signature != old[n].signature),
+        }
+        self._records = fresh  # one assignment: readers see the old or the new set, never a mix
+        return diff
+
+    def _read_all(self) -> dict[str, AdapterRecord]:
+        records: dict[str, AdapterRecord] = {}
         if not self.directory.is_dir():
             log.warning("adapter directory %s does not exist; serving the base only", self.directory)
-            return []
+            return records
         for path in sorted(p for p in self.directory.iterdir() if p.is_dir()):
             if path.name.startswith("."):
                 continue
+            signature = package_signature(path)
             try:
                 manifest = validate_package(
                     path, base_fingerprint=self.base_fingerprint, base_id=self.base_id
                 )
-                record = AdapterRecord(path.name, path, "ready", manifest)
+                record = AdapterRecord(path.name, path, "ready", manifest, signature=signature)
             except AdapterRejected as exc:
                 log.error("adapter %r refused: %s", path.name, exc)
-                record = AdapterRecord(path.name, path, "failed", error=str(exc))
-            self._records[record.name] = record
+                record = AdapterRecord(path.name, path, "failed", error=str(exc), signature=signature)
+            records[record.name] = record
+        return records
+
+    def records(self) -> list[AdapterRecord]:
         return list(self._records.values())
 
     def load(self, model: Any, name: str, on_load: Any = None) -> Any:

@@ -7,6 +7,7 @@ never runs beside a forward pass, and an adapter that a running sequence uses is
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -37,6 +38,32 @@ class AdapterResidency:
         self._on_change = on_change or (lambda count: None)
         self._on_evict = on_evict or (lambda name: None)
         self._lru: OrderedDict[str, float] = OrderedDict()  # name -> last use
+        self._stale: set[str] = set()  # changed on disk: reload when next idle (admin rescan)
+        self._stale_lock = threading.Lock()
+
+    def mark_stale(self, names: list[str]) -> None:
+        """Reload these packages at their next use with no running sequence (any thread)."""
+        with self._stale_lock:
+            self._stale.update(n for n in names if n in self._lru)
+
+    def _reload(self, name: str) -> None:
+        """Replace a resident adapter's weights with the package now on disk (it is idle)."""
+        with self._stale_lock:
+            self._stale.discard(name)
+        keeper = None
+        if len(self._lru) == 1:  # PEFT keeps one adapter on a PeftModel: hold a placeholder
+            keeper = f"{name}__reloading"  # "." is not allowed in module names
+            self.model.load_adapter(str(self.registry.get(name, param="adapter").path), adapter_name=keeper)
+        self.model.delete_adapter(name)
+        del self._lru[name]
+        try:
+            self.model = self.registry.load(self.model, name, self._on_load)
+            self._lru[name] = time.monotonic()
+        finally:
+            if keeper is not None:
+                self.model.delete_adapter(keeper)
+            self._on_change(len(self._lru))
+        log.info("adapter %r reloaded from disk", name)
 
     @property
     def resident(self) -> list[str]:
@@ -48,6 +75,8 @@ class AdapterResidency:
 
         Raises NotFoundError when the package cannot be loaded (it is then marked failed).
         """
+        if name in self._lru and name not in busy and name in self._stale:
+            self._reload(name)
         if name in self._lru:
             self._lru.move_to_end(name)
             self._lru[name] = time.monotonic()

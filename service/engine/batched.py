@@ -67,8 +67,10 @@ class BatchedEngine(WorkerEngine):
                 try:
                     self._step()
                 except Exception as exc:  # a failed step fails its batch, never the engine
-                    log.exception("decode step failed for %d requests", len(self._rows))
+                    self._step_failed("decode step", exc, len(self._rows))
                     self._fail_running(EngineError(f"generation failed: {type(exc).__name__}: {exc}"))
+                else:
+                    self._step_succeeded()
 
     def _admissions(self) -> tuple[list[Job], bool]:
         """Jobs to prefill now: FIFO, within capacity and the prefill token budget."""
@@ -109,7 +111,7 @@ class BatchedEngine(WorkerEngine):
         try:
             self._start_row(job)
         except Exception as exc:
-            log.exception("prefill failed for request %s", job.request.request_id)
+            self._step_failed("prefill", exc, 1)
             job.push(EngineError(f"generation failed: {type(exc).__name__}: {exc}"))
             if not any(r.job is job for r in self._rows):
                 self._change(running_remove=job.label)

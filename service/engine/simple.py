@@ -36,8 +36,10 @@ class SimpleEngine(WorkerEngine):
             try:
                 self._run(job)
             except Exception as exc:  # a failed step fails its request, never the engine
-                log.exception("generation failed for request %s", job.request.request_id)
+                self._step_failed("generation", exc, 1)
                 job.push(EngineError(f"generation failed: {type(exc).__name__}: {exc}"))
+            else:
+                self._step_succeeded()
             finally:
                 self._change(running_remove=job.label)
 

@@ -44,6 +44,10 @@ class Job:
 
 class WorkerEngine:
     capacity = 1  # sequences generated at once
+    # A failed step fails its requests and the engine carries on; this many failures in a row,
+    # with no success between, mean it cannot recover (a lost device, a corrupted model): it
+    # turns unhealthy, /health and /ready answer 503, and Kubernetes restarts the pod.
+    max_consecutive_failures = 3
 
     def __init__(
         self,
@@ -70,10 +74,21 @@ class WorkerEngine:
         self._waiting: list[str] = []
         self._running: list[str] = []
         self._state_lock = threading.Lock()
+        self._failures = 0  # failed steps in a row
 
     @property
     def healthy(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._stopping
+        alive = self._thread is not None and self._thread.is_alive() and not self._stopping
+        return alive and self._failures < self.max_consecutive_failures
+
+    def _step_failed(self, what: str, exc: Exception, jobs: int) -> None:
+        self._failures += 1
+        log.error("%s failed for %d requests (%d in a row): %s", what, jobs, self._failures, exc, exc_info=exc)
+        if self._failures >= self.max_consecutive_failures:
+            log.critical("the engine failed %d steps in a row; reporting unhealthy", self._failures)
+
+    def _step_succeeded(self) -> None:
+        self._failures = 0
 
     async def start(self) -> None:
         self._stopping = False
@@ -88,7 +103,7 @@ class WorkerEngine:
             await asyncio.to_thread(self._thread.join)
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
-        if self._stopping or self._thread is None:
+        if not self.healthy:
             raise ServiceUnavailableError("the engine is not running")
         if self._jobs.qsize() >= self.max_queued:
             raise OverloadedError(

@@ -135,3 +135,41 @@ def test_prompt_logprobs_and_zero_max_tokens(runner):
     tokens, outs = run(make(runner), body)
     assert tokens == [] and outs[0].finish_reason == "length"
     assert outs[0].prompt_logprobs[0] is None and len(outs[0].prompt_logprobs) == len(PROMPTS[2])
+
+
+def test_a_failing_step_fails_its_batch_and_the_engine_serves_on(runner, monkeypatch):
+    from service.errors import EngineError
+
+    engine = make(runner)
+    real = runner.decode_batch
+    failures = {"left": 1}
+
+    def flaky(*args, **kwargs):
+        if failures["left"]:
+            failures["left"] -= 1
+            raise RuntimeError("simulated device fault")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "decode_batch", flaky)
+
+    async def body(engine):
+        async def one(prompt):
+            request = EngineRequest("r", prompt, None, SamplingParams(max_tokens=4, temperature=0.0))
+            return [o async for o in engine.generate(request)]
+
+        first = await asyncio.gather(*(one(p) for p in PROMPTS[:3]), return_exceptions=True)
+        assert all(isinstance(r, EngineError) for r in first)  # the whole batch failed, cleanly
+        assert engine.healthy
+        after = await one(PROMPTS[0])  # and the next request is served
+        assert after[-1].finish_reason == "length" and sum(len(o.token_ids) for o in after) == 4
+        failures["left"] = 10**6  # now it never recovers
+        for _ in range(engine.max_consecutive_failures):
+            with pytest.raises(EngineError):
+                await one(PROMPTS[1])
+        assert not engine.healthy  # /health and /ready turn 503; new requests are refused
+        from service.errors import ServiceUnavailableError
+
+        with pytest.raises(ServiceUnavailableError):
+            await one(PROMPTS[2])
+
+    run(engine, body)

@@ -85,3 +85,27 @@ def test_engine_loads_on_first_use_without_disturbing_running_sequences(tiny, ca
         ref = model.generate(torch.tensor([PROMPT]), max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert base_tokens == ref[0, len(PROMPT):].tolist()  # untouched by the loads beside it
     assert alpha_tokens != base_tokens and beta_tokens != base_tokens and len(beta_tokens) == 24
+
+
+def lora_weights(model, name):
+    return {k: v.clone() for k, v in model.state_dict().items() if f".{name}." in k and "lora_" in k}
+
+
+def test_a_package_changed_on_disk_reloads_when_idle_after_a_rescan(setup):
+    residency, events = setup
+    registry = residency.registry
+    assert residency.ensure("alpha", busy=set())
+    before = lora_weights(residency.model, "alpha")
+    # Replace alpha's weights with beta's (same name, manifest kept): a retrained package.
+    shutil.copy(registry.directory / "beta" / "adapter_model.safetensors",
+                registry.directory / "alpha" / "adapter_model.safetensors")
+    diff = registry.rescan()
+    assert diff == {"added": [], "removed": [], "changed": ["alpha"]}
+    residency.mark_stale(diff["changed"])
+    assert residency.ensure("alpha", busy={"alpha"})  # in use: the old weights stay for now
+    assert all(torch.equal(before[k], v) for k, v in lora_weights(residency.model, "alpha").items())
+    assert residency.ensure("alpha", busy=set())  # idle: reloaded
+    after = lora_weights(residency.model, "alpha")
+    assert residency.resident == ["alpha"] and set(after) == set(before)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert [e for e in events if e[0] == "load"] == [("load", "alpha", "ok")] * 2

@@ -1,0 +1,96 @@
+"""Keys: API keys on /v1, the admin key on /admin, /metrics by setting; path and Host tricks."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.settings import Settings
+from tests.service.test_app import make_client, tokenizer  # noqa: F401  (module fixture)
+
+KEY = "k" * 24
+ADMIN = "a" * 24
+
+
+@pytest.fixture
+def adapters(tiny, tmp_path):
+    root = tmp_path / "adapters"
+    shutil.copytree(tiny.adapter_dir, root)
+    return root
+
+
+def client(tiny, tokenizer, adapters=None, **settings):  # noqa: F811
+    world = tiny if adapters is None else type(tiny)(tiny.base_dir, tiny.fingerprint, adapters)
+    c, _ = make_client(world, tokenizer, **settings)
+    return c
+
+
+@pytest.mark.parametrize("path", [
+    "/v1/models", "//v1/models", "/v1//models", "/v1/models/", "/v1/./models", "/v1/%2E/models",
+    "/v1%2Fmodels", "/V1/models", "/v1/models%00", "/v1/models.", "/./v1/models", "/health/../v1/models",
+])
+def test_no_path_trick_reaches_v1_without_a_key(tiny, tokenizer, path):  # noqa: F811
+    with client(tiny, tokenizer, api_keys=[KEY]) as c:
+        r = c.get(path, follow_redirects=False)
+        assert r.status_code in (307, 401, 404), (path, r.status_code)
+        assert "tiny" not in r.text or r.status_code == 307  # no model list leaks
+        if r.status_code == 307:  # a redirect to the canonical path, which then wants the key
+            assert c.get(r.headers["location"]).status_code == 401
+
+
+@pytest.mark.parametrize("headers", [
+    {"Host": "localhost"}, {"Host": "127.0.0.1:8000"}, {"X-Forwarded-Host": "internal"},
+    {"X-Original-URL": "/health"}, {"X-Rewrite-URL": "/health"}, {"X-Forwarded-Prefix": "/health"},
+    {"Authorization": f"Basic {KEY}"}, {"Authorization": f"Bearer {KEY[:-1]}"}, {"Authorization": "Bearer"},
+])
+def test_headers_do_not_bypass_the_key(tiny, tokenizer, headers):  # noqa: F811
+    with client(tiny, tokenizer, api_keys=[KEY]) as c:
+        assert c.get("/v1/models", headers=headers).status_code == 401
+
+
+def test_root_path_prefix_still_needs_the_key(tiny, tokenizer):  # noqa: F811
+    c = client(tiny, tokenizer, api_keys=[KEY])
+    with TestClient(c.app, root_path="/api") as prefixed:
+        assert prefixed.get("/api/v1/models").status_code == 401
+        ok = prefixed.get("/api/v1/models", headers={"Authorization": f"Bearer {KEY}"})
+        assert ok.status_code == 200
+
+
+def test_metrics_open_by_default_keyed_when_asked(tiny, tokenizer):  # noqa: F811
+    with client(tiny, tokenizer, api_keys=[KEY]) as c:
+        assert c.get("/metrics").status_code == 200
+    with client(tiny, tokenizer, api_keys=[KEY], metrics_require_key=True) as c:
+        assert c.get("/metrics").status_code == 401
+        assert c.get("/metrics", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+        assert c.get("/health").status_code == 200 and c.get("/ready").status_code == 200
+    with pytest.raises(ValueError, match="needs API_KEYS"):
+        Settings(metrics_require_key=True)
+    with pytest.raises(ValueError, match="must differ"):
+        Settings(api_keys=[KEY], admin_api_keys=[KEY])
+
+
+def test_admin_routes_need_the_admin_key_and_rescan_serves_new_packages(tiny, tokenizer, adapters):  # noqa: F811
+    with client(tiny, tokenizer, adapters) as c:
+        r = c.post("/admin/adapters/rescan")
+        assert r.status_code == 403 and r.json()["error"]["code"] == "admin_disabled"
+    with client(tiny, tokenizer, adapters, api_keys=[KEY], admin_api_keys=[ADMIN]) as c:
+        user = {"Authorization": f"Bearer {KEY}"}
+        admin = {"Authorization": f"Bearer {ADMIN}"}
+        assert c.post("/admin/adapters/rescan", headers=user).status_code == 401  # API key: no
+        assert c.get("/v1/models", headers=admin).status_code == 401  # admin key: not an API key
+        shutil.copytree(adapters / "alpha", adapters / "gamma")
+        manifest = json.loads((adapters / "gamma" / "hotswap.json").read_text())
+        (adapters / "gamma" / "hotswap.json").write_text(json.dumps({**manifest, "name": "gamma"}))
+        shutil.rmtree(adapters / "beta")
+        r = c.post("/admin/adapters/rescan", headers=admin)
+        assert r.status_code == 200
+        assert r.json()["added"] == ["gamma"] and r.json()["removed"] == ["beta"]
+        models = [m["id"] for m in c.get("/v1/models", headers=user).json()["data"]]
+        assert "gamma" in models and "beta" not in models
+        r = c.post("/v1/completions", headers=user, json={"model": "beta", "prompt": "x"})
+        assert r.status_code == 404
+        assert c.post("/admin/adapters/gamma/reload", headers=admin).json()["status"] == "ready"
+        assert c.post("/admin/adapters/nosuch/reload", headers=admin).status_code == 404
