@@ -160,7 +160,7 @@ def _hub_source(repo_id: str) -> ModelSource:
         path = Path(
             snapshot_download(
                 repo_id,
-                allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.bin"],
+                allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"],  # no pickles
             )
         )
     except Exception as exc:  # network, auth, missing repo: all fail the start the same way
@@ -314,6 +314,7 @@ def load_base(
         source.path,
         device_map={"": device},
         trust_remote_code=False,
+        use_safetensors=True,  # never unpickle weights (a .bin checkpoint can run code)
         **quantization_kwargs(quantization, device),
     )
     model.eval()

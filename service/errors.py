@@ -8,6 +8,7 @@
     ├── RequestTooLargeError          413 invalid_request_error
     ├── OverloadedError               429 rate_limit_error
     ├── ServiceUnavailableError       503 service_unavailable
+    ├── RequestTimeoutError           504 timeout (the per-request limit)
     └── EngineError                   500 server_error (a model step failed)
 
 Every error renders as ``{"error": {"message", "type", "param", "code"}}`` (OpenAI's shape), so
@@ -74,6 +75,12 @@ class OverloadedError(HotswapError):
 class ServiceUnavailableError(HotswapError):
     status_code = 503
     error_type = "service_unavailable"
+
+
+class RequestTimeoutError(HotswapError):
+    status_code = 504
+    error_type = "timeout"
+    default_code = "request_timeout"
 
 
 class EngineError(HotswapError):

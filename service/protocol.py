@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 MAX_N = 16
 MAX_LOGPROBS = 5
 MAX_STOP = 4
+MAX_PROMPTS = 64  # prompts in one completions request (each times n is a sequence to generate)
 
 StopField = Annotated[
     str | list[Annotated[str, Field(min_length=1)]] | None,
@@ -112,6 +113,8 @@ class CompletionRequest(_SamplingFields):
         if isinstance(prompt, list):
             if not prompt:
                 raise ValueError("prompt must not be an empty list")
+            if (isinstance(prompt[0], (str, list))) and len(prompt) > MAX_PROMPTS:
+                raise ValueError(f"at most {MAX_PROMPTS} prompts per request")
             if isinstance(prompt[0], list) and any(not ids for ids in prompt):
                 raise ValueError("token prompts must not be empty")
         return prompt
@@ -306,3 +309,9 @@ class ErrorInfo(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorInfo
+
+
+class ServiceStatus(BaseModel):
+    """`/health` and `/ready`: starting, ready, draining, stopping or failed."""
+
+    status: str

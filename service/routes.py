@@ -3,26 +3,37 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from collections.abc import AsyncIterator, Awaitable
 from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Depends, Request, Response
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from service.auth import require_admin_key, require_api_key, require_metrics_key
-from service.errors import NotFoundError, ServiceUnavailableError
+from service.errors import NotFoundError, RequestTimeoutError, ServiceUnavailableError
 from service.protocol import (
     ChatCompletionRequest,
+    ChatCompletionResponse,
     CompletionRequest,
+    CompletionResponse,
     ErrorResponse,
     ModelCard,
     ModelList,
+    ServiceStatus,
 )
 from service.serving.chat import ChatServing
 from service.serving.completions import CompletionServing
 from service.serving.generation import ServingContext
+from service.serving.sse import DONE, sse
 
-_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 429, 500, 503)}
+_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 429, 500, 503, 504)}
+# Completions answer JSON, or server-sent events when the request sets `stream`.
+# Each event's `data` is a JSON chunk of the response's shape, or the final "[DONE]".
+_STREAMS = {200: {"content": {"text/event-stream": {"schema": {
+    "type": "object", "properties": {"data": {"type": "string"}}, "required": ["data"],
+}}}}}
 
 
 def serving_context(request: Request) -> ServingContext:
@@ -47,20 +58,45 @@ DISCONNECT_POLL_SECONDS = 0.25
 
 
 async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T | Response:
-    """Run `work`; if the client hangs up first, cancel it, which cancels its generations.
+    """Run `work`; if the client hangs up first, or the request outlives its time limit, cancel
+    it, which cancels its generations.
 
     Streams notice a disconnect when a write fails; a non-streaming request would otherwise
-    generate to the end for nobody.
+    generate to the end for nobody. A started stream gets the rest of its time limit.
     """
+    limit = request.app.state.settings.request_timeout_seconds
+    deadline = time.monotonic() + limit
     task = asyncio.ensure_future(work)
     while True:
         done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
         if done:
-            return task.result()
-        if await request.is_disconnected():
+            result = task.result()
+            if isinstance(result, AsyncIterator):
+                return _until(result, deadline, limit)
+            return result
+        if await request.is_disconnected() or time.monotonic() > deadline:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+            if time.monotonic() > deadline:
+                raise RequestTimeoutError(f"the request took longer than {limit:g} s")
             return Response(status_code=CLIENT_CLOSED_REQUEST)
+
+
+async def _until(stream: AsyncIterator[str], deadline: float, limit: float) -> AsyncIterator[str]:
+    """A started SSE stream that ends with an OpenAI error event at the deadline."""
+    loop_deadline = asyncio.get_running_loop().time() + (deadline - time.monotonic())
+    async with contextlib.aclosing(stream):
+        while True:
+            try:
+                async with asyncio.timeout_at(loop_deadline):  # same task: the stream can close
+                    frame = await anext(stream)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                yield sse(RequestTimeoutError(f"the request took longer than {limit:g} s").to_body())
+                yield DONE
+                return
+            yield frame
 
 
 def _respond(result: object) -> Response:
@@ -73,7 +109,7 @@ def _respond(result: object) -> Response:
     return JSONResponse(result.model_dump(mode="json"))
 
 
-@api.post("/completions")
+@api.post("/completions", response_model=CompletionResponse, responses=_STREAMS)
 async def create_completion(body: CompletionRequest, request: Request, ctx: Context) -> Response:
     serving = CompletionServing(ctx)
     target = serving.resolve(body)
@@ -81,7 +117,7 @@ async def create_completion(body: CompletionRequest, request: Request, ctx: Cont
     return _respond(await _unless_disconnected(request, serving.create(body, target)))
 
 
-@api.post("/chat/completions")
+@api.post("/chat/completions", response_model=ChatCompletionResponse, responses=_STREAMS)
 async def create_chat_completion(
     body: ChatCompletionRequest, request: Request, ctx: Context
 ) -> Response:
@@ -121,7 +157,10 @@ async def retrieve_model(model_id: str, ctx: Context) -> ModelCard:
     raise NotFoundError(f"the model {model_id!r} does not exist", param="model")
 
 
-@ops.get("/health")
+_STATUS = {200: {"model": ServiceStatus}, 503: {"model": ServiceStatus}}
+
+
+@ops.get("/health", responses=_STATUS)
 async def health(request: Request) -> JSONResponse:
     """Liveness: the process answers, and neither the start nor the engine has failed."""
     state = request.app.state.hotswap
@@ -129,7 +168,7 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse({"status": state.status if ok else "failed"}, status_code=200 if ok else 503)
 
 
-@ops.get("/ready")
+@ops.get("/ready", responses=_STATUS)
 async def ready(request: Request) -> JSONResponse:
     """Readiness: model, adapters and engine are up and the service is not draining."""
     state = request.app.state.hotswap
@@ -161,7 +200,10 @@ async def reload_adapter(name: str, ctx: Context) -> JSONResponse:
     return JSONResponse(record.as_dict())
 
 
-@ops.get("/metrics", dependencies=[Depends(require_metrics_key)])
+@ops.get(
+    "/metrics", dependencies=[Depends(require_metrics_key)], response_class=PlainTextResponse,
+    responses={401: {"model": ErrorResponse}},
+)
 async def metrics(request: Request) -> Response:
     m = request.app.state.hotswap.metrics
     return Response(m.render(), media_type=m.content_type)

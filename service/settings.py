@@ -75,6 +75,11 @@ class Settings(BaseSettings):
     max_queued_requests: int = Field(
         256, ge=1, le=100_000, description="Requests waiting for the engine before new ones get 429."
     )
+    request_timeout_seconds: float = Field(
+        600.0, gt=0, le=86400,
+        description="A request still generating after this long is stopped: 504 before the "
+        "response starts, an error event at the end of a started stream.",
+    )
     max_request_bytes: int = Field(
         4 * 1024 * 1024, ge=1024, le=1 << 30,
         description="Largest request body accepted; larger ones get 413.",

@@ -21,6 +21,7 @@ from service.serving.generation import (
     ServingContext,
     Target,
     check_prompt,
+    check_token_ids,
     choice_seed,
     first_and_rest,
     guard_request,
@@ -82,6 +83,8 @@ class CompletionServing:
             texts = list(request.prompt)
         else:
             ids = [list(request.prompt)] if isinstance(request.prompt[0], int) else [list(p) for p in request.prompt]
+            for p in ids:  # before anything decodes them: out-of-range ids overflow the tokenizer
+                check_token_ids(p, self.ctx, param="prompt")
             texts = [tokenizer.decode(p) for p in ids] if self.ctx.guardrails.chain(target.label).pre else []
         param = "input" if request.input is not None else "prompt"
         params = request.model_dump(exclude={"prompt", "input"}, exclude_none=True)

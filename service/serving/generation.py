@@ -71,13 +71,17 @@ def resolve_target(model: str, adapter: str | None, ctx: ServingContext) -> Targ
     )
 
 
+def check_token_ids(ids: Sequence[int], ctx: ServingContext, *, param: str) -> None:
+    vocab = len(ctx.tokenizer)
+    if any(not 0 <= i < vocab for i in ids):
+        raise InvalidRequestError(f"token ids must lie in [0, {vocab})", param=param)
+
+
 def check_prompt(ids: Sequence[int], max_tokens: int, ctx: ServingContext, *, param: str) -> None:
     """Refuse prompts the model cannot run: empty, out-of-vocabulary ids, or too long."""
     if not ids:
         raise InvalidRequestError("the prompt must contain at least one token", param=param)
-    vocab = len(ctx.tokenizer)
-    if any(not 0 <= i < vocab for i in ids):
-        raise InvalidRequestError(f"token ids must lie in [0, {vocab})", param=param)
+    check_token_ids(ids, ctx, param=param)
     if len(ids) >= ctx.max_context:
         raise InvalidRequestError(
             f"the prompt has {len(ids)} tokens; this model's context is {ctx.max_context}",

@@ -298,3 +298,21 @@ def test_settings_from_env_and_flags_refuse_unsafe_values(monkeypatch):
         Settings(port=0)
     with pytest.raises(ValidationError):
         Settings(quantization="int4")
+
+
+def test_requests_past_their_time_limit_are_stopped(tiny, tokenizer):
+    slow = ScriptedEngine(tokenizer, " one two three four five six seven", delay=0.3)
+    c, engine = make_client(tiny, tokenizer, engine=slow, request_timeout_seconds=0.5)
+    with c:
+        r = c.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 50})
+        assert r.status_code == 504 and r.json()["error"]["code"] == "request_timeout"
+        r = c.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 50, "stream": True})
+        assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n")
+        assert '"request_timeout"' in r.text and "seven" not in r.text
+        time.sleep(0.5)
+        assert len(engine.closed) == 2  # both generations were cancelled, not left running
+
+
+def test_prompt_lists_are_capped(client):
+    r = client.post("/v1/completions", json={"model": "tiny", "prompt": ["x"] * 65})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
