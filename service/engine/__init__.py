@@ -37,6 +37,9 @@ class EngineRequest:
     prompt_ids: tuple[int, ...]
     adapter: str | None  # None: the base model
     params: SamplingParams
+    # Part of an HTTP request the service already accepted (through `Engine.admit`): never
+    # refused for the queue bound, so a started response is never cut short by overload.
+    admitted: bool = False
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,15 @@ class Engine(Protocol):
 
     async def stop(self) -> None: ...
 
+    def admit(self, sequences: int) -> None:
+        """Raise OverloadedError (429) unless `sequences` more fit in the queue now.
+
+        Serving admits a whole HTTP request (every choice, and any retry) before its response
+        starts, then submits its sequences with `admitted=True`.
+        """
+        ...
+
     def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
-        """Stream the request's tokens; raise OverloadedError if the queue is full."""
+        """Stream the request's tokens; raise OverloadedError if the queue is full (unless the
+        request was admitted)."""
         ...

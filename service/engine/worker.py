@@ -102,14 +102,20 @@ class WorkerEngine:
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
 
-    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+    def admit(self, sequences: int) -> None:
         if not self.healthy:
             raise ServiceUnavailableError("the engine is not running")
-        if self._jobs.qsize() >= self.max_queued:
+        if self._jobs.qsize() + sequences > self.max_queued:
             raise OverloadedError(
                 f"the server is at its queue limit ({self.max_queued} waiting requests); retry later",
                 code="queue_full",
             )
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+        if not self.healthy:
+            raise ServiceUnavailableError("the engine is not running")
+        if not request.admitted:
+            self.admit(1)
         job = Job(request, asyncio.get_running_loop(), asyncio.Queue())
         self._change(waiting_add=job.label)
         self._jobs.put(job)

@@ -243,6 +243,7 @@ async def _generate(
         prompt_ids=tuple(spec.prompt_ids),
         adapter=target.adapter,
         params=spec.params,
+        admitted=True,  # run_choices admitted the whole HTTP request
     )
     generated, finished, last = 0, False, started
     stream = ctx.engine.generate(request)
@@ -287,7 +288,12 @@ async def _generate(
 async def run_choices(
     specs: list[ChoiceSpec], target: Target, ctx: ServingContext
 ) -> AsyncIterator[ChoiceEvent]:
-    """Run every choice concurrently and interleave their events as they come."""
+    """Run every choice concurrently and interleave their events as they come.
+
+    The whole request is admitted first: a 429 comes before any response starts, never in the
+    middle of one; its choices, and a guardrail's retry of one, then run without the bound.
+    """
+    ctx.engine.admit(len(specs))
     started = time.perf_counter()
     if len(specs) == 1:
         async for event in _run_choice(specs[0], target, ctx, started):

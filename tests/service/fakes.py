@@ -34,9 +34,13 @@ class ScriptedEngine:
     async def stop(self) -> None:
         self.running = False
 
-    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+    def admit(self, sequences: int) -> None:
         if self.overloaded:
             raise OverloadedError("queue full", code="queue_full")
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+        if not request.admitted:
+            self.admit(1)
         self.requests.append(request)
         p = request.params
         prompt_lps = None

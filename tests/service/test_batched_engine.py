@@ -173,3 +173,24 @@ def test_a_failing_step_fails_its_batch_and_the_engine_serves_on(runner, monkeyp
             await one(PROMPTS[2])
 
     run(engine, body)
+
+
+def test_admission_is_per_http_request_and_admitted_sequences_are_never_refused(runner):
+    from service.errors import OverloadedError
+
+    engine = make(runner, max_queued=1)
+
+    async def body(engine):
+        with pytest.raises(OverloadedError):
+            engine.admit(2)  # two choices do not fit a queue of one: 429 before anything starts
+        engine.admit(1)
+        requests = [EngineRequest(f"r{i}", p, None, SamplingParams(max_tokens=3, temperature=0.0), admitted=True)
+                    for i, p in enumerate(PROMPTS[:4])]
+
+        async def collect(request):
+            return [o async for o in engine.generate(request)]
+
+        outs = await asyncio.gather(*(collect(r) for r in requests))  # beyond the bound: all run
+        assert all(out[-1].finish_reason == "length" for out in outs)
+
+    run(engine, body)
