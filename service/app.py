@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ class ServiceState:
     context: ServingContext | None = None
     error: str | None = None
     inflight: int = 0  # API requests accepted and not yet answered to the last byte
+    compute: ThreadPoolExecutor | None = None  # loads the model, then runs the engine loop
     # Called when the start fails; `python -m service` makes the server exit non-zero.
     on_fatal: Callable[[BaseException], None] = lambda exc: None
 
@@ -61,10 +63,15 @@ class ServiceState:
 async def _start(state: ServiceState, runtime: Runtime | None) -> None:
     try:
         guardrails = load_guardrails(state.settings.guardrails)  # a bad config fails fast
+        compute = None
         if runtime is None:
-            runtime = await asyncio.to_thread(load_runtime, state.settings, state.metrics)
+            # One thread loads the model and then runs the engine: torch's CPU thread pool
+            # belongs to the thread that first computes (see WorkerEngine.start).
+            compute = state.compute = ThreadPoolExecutor(1, thread_name_prefix="hotswap-compute")
+            loop = asyncio.get_running_loop()
+            runtime = await loop.run_in_executor(compute, load_runtime, state.settings, state.metrics)
         check_adapters_named(guardrails, runtime)
-        await runtime.engine.start()
+        await runtime.engine.start(compute) if compute is not None else await runtime.engine.start()
         state.serve(runtime, guardrails)
         state.status = "ready"
         log.info("ready: serving %s", runtime.base_id)
@@ -95,6 +102,8 @@ def _lifespan(runtime: Runtime | None):
         await asyncio.gather(starting, return_exceptions=True)
         if state.context is not None:
             await state.context.engine.stop()
+        if state.compute is not None:
+            state.compute.shutdown(wait=False)
 
     return lifespan
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in per-row `adapter_names`
 
@@ -65,7 +65,9 @@ class Engine(Protocol):
     @property
     def healthy(self) -> bool: ...
 
-    async def start(self) -> None: ...
+    async def start(self, executor: Any = None) -> None:
+        """Start the worker loop, on `executor`'s thread if given (the one that loaded the model)."""
+        ...
 
     async def stop(self) -> None: ...
 

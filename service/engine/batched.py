@@ -22,7 +22,7 @@ from transformers import DynamicCache
 
 from service.engine import EngineOutput
 from service.engine.sampling import make_generator, sample, token_logprob
-from service.engine.worker import STOP, Job, WorkerEngine
+from service.engine.worker import STOP, Job, Outbox, WorkerEngine
 from service.errors import EngineError, ServiceUnavailableError
 
 log = logging.getLogger(__name__)
@@ -52,16 +52,18 @@ class BatchedEngine(WorkerEngine):
         self._rows: list[_Row] = []
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None  # [rows, cache length], 0 on left padding
+        self._outbox = Outbox()
 
     # --- scheduling ---------------------------------------------------------------------------
 
     def _loop(self) -> None:
         while True:
             admitted, stop = self._admissions()
-            for job in admitted:
-                self._admit(job)
+            self._admit_all(admitted)
+            self._outbox.flush()
             if stop:
                 self._fail_running(ServiceUnavailableError("the engine stopped"))
+                self._outbox.flush()
                 return
             if self._rows:
                 try:
@@ -71,6 +73,8 @@ class BatchedEngine(WorkerEngine):
                     self._fail_running(EngineError(f"generation failed: {type(exc).__name__}: {exc}"))
                 else:
                     self._step_succeeded()
+                finally:
+                    self._outbox.flush()
 
     def _admissions(self) -> tuple[list[Job], bool]:
         """Jobs to prefill now: FIFO, within capacity and the prefill token budget."""
@@ -106,6 +110,18 @@ class BatchedEngine(WorkerEngine):
             tokens += size
         return admitted, False
 
+    def _admit_all(self, jobs: list[Job]) -> None:
+        """Prefill the jobs admitted this iteration: together in one forward pass, except those
+        that want their prompt's log-probabilities (every position's logits), one by one."""
+        together = [j for j in jobs if j.request.params.prompt_logprobs is None]
+        if len(together) < 2:
+            together = []
+        for job in jobs:
+            if job not in together:
+                self._admit(job)
+        if together:
+            self._admit_together(together)
+
     def _admit(self, job: Job) -> None:
         self._change(waiting_remove=job.label, running_add=job.label)
         try:
@@ -115,6 +131,48 @@ class BatchedEngine(WorkerEngine):
             job.push(EngineError(f"generation failed: {type(exc).__name__}: {exc}"))
             if not any(r.job is job for r in self._rows):
                 self._change(running_remove=job.label)
+
+    def _admit_together(self, jobs: list[Job]) -> None:
+        for job in jobs:
+            self._change(waiting_remove=job.label, running_add=job.label)
+        try:
+            logits, cache, mask = self.runner.prefill_batch(
+                [list(j.request.prompt_ids) for j in jobs], [j.request.adapter for j in jobs]
+            )
+        except Exception as exc:
+            self._step_failed("prefill", exc, len(jobs))
+            for job in jobs:
+                job.push(EngineError(f"generation failed: {type(exc).__name__}: {exc}"))
+                self._change(running_remove=job.label)
+            return
+        rows, keep = [], []
+        for i, job in enumerate(jobs):
+            params = job.request.params
+            length = len(job.request.prompt_ids)
+            budget = min(params.max_tokens, self.max_context - length)
+            if budget <= 0:  # max_tokens 0, or a prompt that fills the context
+                job.push(EngineOutput((), finish_reason="length"))
+                self._change(running_remove=job.label)
+                continue
+            row = _Row(
+                job=job,
+                generator=make_generator(params.seed, self.runner.device),
+                budget=budget,
+                stop_ids=params.stop_ids(self.eos_token_ids),
+                length=length,
+            )
+            if self._emit(row, logits[i]):
+                self._change(running_remove=job.label)
+                continue
+            rows.append(row)
+            keep.append(i)
+        if not keep:
+            return
+        if len(keep) < len(jobs):
+            cache.batch_select_indices(torch.tensor(keep, device=self.runner.device))
+            mask = mask[keep]
+        self._join(cache, mask)
+        self._rows += rows
 
     def _start_row(self, job: Job) -> None:
         params = job.request.params
@@ -132,7 +190,8 @@ class BatchedEngine(WorkerEngine):
         if self._emit(row, logits, scored):
             self._change(running_remove=job.label)
             return
-        self._join(cache, len(job.request.prompt_ids))
+        length = len(job.request.prompt_ids)
+        self._join(cache, torch.ones((1, length), dtype=torch.long, device=self.runner.device))
         self._rows.append(row)
 
     def _emit(self, row: _Row, logits: torch.Tensor, scored=None, greedy: int | None = None) -> bool:
@@ -150,7 +209,7 @@ class BatchedEngine(WorkerEngine):
             logprobs = (token_logprob(torch.log_softmax(logits, -1), token, params.logprobs),)
         row.step += 1
         finish = "stop" if token in row.stop_ids else ("length" if row.step >= row.budget else None)
-        row.job.push(EngineOutput((token,), logprobs=logprobs, prompt_logprobs=scored, finish_reason=finish))
+        self._outbox.post(row.job, EngineOutput((token,), logprobs=logprobs, prompt_logprobs=scored, finish_reason=finish))
         row.last_token = token
         return finish is not None
 
@@ -183,13 +242,18 @@ class BatchedEngine(WorkerEngine):
 
     # --- the padded cache ---------------------------------------------------------------------
 
-    def _join(self, cache: DynamicCache, length: int) -> None:
-        """Add a freshly prefilled single-row cache to the running batch."""
-        new_mask = torch.ones((1, length), dtype=torch.long, device=self.runner.device)
+    def _join(self, cache: DynamicCache, new_mask: torch.Tensor) -> None:
+        """Add freshly prefilled rows (their cache and mask, left-padded) to the running batch."""
+        lead = int(new_mask.argmax(dim=1).min())  # columns that are padding in every new row
+        if lead:
+            new_mask = new_mask[:, lead:]
+            for layer in cache.layers:
+                layer.keys = layer.keys[..., lead:, :]
+                layer.values = layer.values[..., lead:, :]
         if self._cache is None:
             self._cache, self._mask = cache, new_mask
             return
-        width = max(self._mask.shape[1], length)
+        width = max(self._mask.shape[1], new_mask.shape[1])
         self._mask = torch.cat([_pad_left(self._mask, width), _pad_left(new_mask, width)], dim=0)
         for running, joining in zip(self._cache.layers, cache.layers, strict=True):
             running.keys = torch.cat([_pad_left(running.keys, width), _pad_left(joining.keys, width)])
@@ -215,7 +279,7 @@ class BatchedEngine(WorkerEngine):
 
     def _fail_running(self, error: Exception) -> None:
         for row in self._rows:
-            row.job.push(error)
+            self._outbox.post(row.job, error)  # after the step's earlier outputs, in order
             self._change(running_remove=row.job.label)
         self._rows, self._cache, self._mask = [], None, None
 

@@ -45,6 +45,36 @@ class ModelRunner:
         return (logits if all_logits else logits[-1]), cache
 
     @torch.inference_mode()
+    def prefill_batch(
+        self, prompts: list[list[int]], adapters: list[str | None]
+    ) -> tuple[torch.Tensor, DynamicCache, torch.Tensor]:
+        """Run several prompts in one left-padded forward pass, each row through its own adapter.
+
+        Returns the fp32 logits of each prompt's last position [rows, vocab], the batch's cache
+        and its attention mask [rows, longest prompt] (0 on the left padding). Positions count
+        from each row's first real token, so padding changes nothing a row computes.
+        """
+        width = max(len(p) for p in prompts)
+        ids = torch.zeros((len(prompts), width), dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            ids[row, width - len(prompt):] = torch.tensor(prompt)
+            mask[row, width - len(prompt):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            **{self._cache_kwarg: cache},
+            logits_to_keep=1,
+            **self._adapter_kwargs(adapters),
+        )
+        return out.logits[:, -1].float(), cache, mask
+
+    @torch.inference_mode()
     def decode_batch(
         self,
         token_ids: list[int],

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import queue
 import threading
+from concurrent.futures import Executor, ThreadPoolExecutor
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +43,32 @@ class Job:
         self.loop.call_soon_threadsafe(self.results.put_nowait, item)
 
 
+def _deliver(items: list[tuple[Job, EngineOutput | BaseException]]) -> None:
+    for job, item in items:
+        job.results.put_nowait(item)
+
+
+class Outbox:
+    """Outputs of one engine step, handed to the event loop in one wake-up rather than one per
+    row (each wake-up makes the event-loop thread compete for the GIL with the engine thread)."""
+
+    def __init__(self) -> None:
+        self._items: list[tuple[Job, EngineOutput | BaseException]] = []
+
+    def post(self, job: Job, item: EngineOutput | BaseException) -> None:
+        self._items.append((job, item))
+
+    def flush(self) -> None:
+        if not self._items:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for job, item in self._items:
+            by_loop.setdefault(job.loop, []).append((job, item))
+        self._items = []
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_deliver, items)
+
+
 class WorkerEngine:
     capacity = 1  # sequences generated at once
     # A failed step fails its requests and the engine carries on; this many failures in a row,
@@ -69,7 +96,8 @@ class WorkerEngine:
         self._on_state = on_state or (lambda running, waiting, capacity: None)
         self._on_step = on_step or (lambda batch_size: None)  # told each decode step's size
         self._jobs: queue.Queue[Job | object] = queue.Queue()
-        self._thread: threading.Thread | None = None
+        self._running_loop: asyncio.Future | None = None  # the worker loop, until it returns
+        self._own_executor: ThreadPoolExecutor | None = None
         self._stopping = False
         self._waiting: list[str] = []
         self._running: list[str] = []
@@ -78,7 +106,7 @@ class WorkerEngine:
 
     @property
     def healthy(self) -> bool:
-        alive = self._thread is not None and self._thread.is_alive() and not self._stopping
+        alive = self._running_loop is not None and not self._running_loop.done() and not self._stopping
         return alive and self._failures < self.max_consecutive_failures
 
     def _step_failed(self, what: str, exc: Exception, jobs: int) -> None:
@@ -90,17 +118,27 @@ class WorkerEngine:
     def _step_succeeded(self) -> None:
         self._failures = 0
 
-    async def start(self) -> None:
+    async def start(self, executor: Executor | None = None) -> None:
+        """Run the engine loop on `executor`'s thread, or on a thread of its own.
+
+        Give it the single-thread executor that loaded the model (the service does): on CPU,
+        torch's OpenMP workers belong to the OS thread that first ran an operator, and a second
+        compute thread made every decode step about twice as slow (docs/benchmarks.md).
+        """
         self._stopping = False
         self._jobs = queue.Queue()
-        self._thread = threading.Thread(target=self._work, name="hotswap-engine", daemon=True)
-        self._thread.start()
+        self._own_executor = None
+        if executor is None:
+            executor = self._own_executor = ThreadPoolExecutor(1, thread_name_prefix="hotswap-engine")
+        self._running_loop = asyncio.get_running_loop().run_in_executor(executor, self._work)
 
     async def stop(self) -> None:
         self._stopping = True
         self._jobs.put(STOP)
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join)
+        if self._running_loop is not None:
+            await asyncio.gather(self._running_loop, return_exceptions=True)
+        if self._own_executor is not None:
+            self._own_executor.shutdown(wait=False)
 
     def admit(self, sequences: int) -> None:
         if not self.healthy:

@@ -28,7 +28,7 @@ class ScriptedEngine:
     def healthy(self) -> bool:
         return self.running
 
-    async def start(self) -> None:
+    async def start(self, executor=None) -> None:
         self.running = True
 
     async def stop(self) -> None:
