@@ -9,15 +9,18 @@ import torch
 from transformers import DynamicCache
 
 from service.engine import BASE_ADAPTER
+from service.engine.lora import FusedMixedLoRA
 
 
 class ModelRunner:
     """Runs prefill and decode steps; the model must not change while a step runs."""
 
-    def __init__(self, model: Any, device: str):
+    def __init__(self, model: Any, device: str, *, fused_lora: bool = True):
         self.model = model
         self.device = torch.device(device)
         self._cache_kwarg = _cache_kwarg(model)
+        # Mixed-adapter batches through service.engine.lora (False: PEFT's own loop).
+        self._fused = FusedMixedLoRA() if fused_lora else None
 
     def _adapter_kwargs(self, adapters: list[str | None]) -> dict[str, Any]:
         # PEFT's mixed-batch LoRA: each row of the batch runs through its own adapter.
@@ -25,6 +28,8 @@ class ModelRunner:
             if any(a is not None for a in adapters):
                 raise ValueError("no adapters are loaded on this model")
             return {}
+        if self._fused is not None:
+            self._fused.install(self.model)
         return {"adapter_names": [a or BASE_ADAPTER for a in adapters]}
 
     @torch.inference_mode()
