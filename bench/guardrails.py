@@ -78,7 +78,7 @@ def cost(config: str, repeat: int) -> dict[str, dict[str, float]]:
     for label, with_pii in (("clean", False), ("with_pii", True)):
         text = two_kb(with_pii)
         request = GuardedRequest("completions", "base", None, prompts=(text,))
-        results[f"pre_2kb_{label}"] = timed(lambda: run_pre(chain, request, metrics, param="prompt"), repeat)
+        results[f"pre_2kb_{label}"] = timed(lambda request=request: run_pre(chain, request, metrics, param="prompt"), repeat)
 
         def post_whole(text=text):
             guard = OutputGuard(chain, GuardedOutput("base", None, ""), metrics, 0)

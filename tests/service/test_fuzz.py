@@ -65,7 +65,7 @@ def test_api_never_fails_and_conforms(served_app):
         @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None,
                   suppress_health_check=list(HealthCheck))
         @given(case=operation.as_strategy())
-        def check(case):
+        def check(case, label=label):
             if isinstance(case.body, dict) and ran.get(label, 0) % 2:
                 case.body["model"] = "tiny"  # half the bodies name the served model: deeper paths
                 if label == "POST /v1/completions" and "input" not in case.body:

@@ -90,7 +90,7 @@ def test_no_part_of_a_value_split_across_chunks_is_released(value):
     text = f"before {value} after"
     for size in (1, 2, 3, 5):
         joined, pieces = stream_through(REDACTOR, text, list(range(size, len(text), size)))
-        assert joined == "before <{}> after".format(REDACTOR.findings(value)[0][0])
+        assert joined == f"before <{REDACTOR.findings(value)[0][0]}> after"
         # Not even a fragment leaves: no release holds four consecutive characters of the value.
         fragments = {value[i : i + 4] for i in range(len(value) - 3)}
         fragments = {f for f in fragments if " " not in f}
