@@ -56,27 +56,32 @@ def operations(app) -> list:
     return [result.ok() for result in schema.get_all_operations()]
 
 
+def fuzz(operation, ran: dict[str, int], statuses: Counter) -> None:
+    """Up to FUZZ_EXAMPLES generated requests to one operation, each checked."""
+    label = f"{operation.method.upper()} {operation.path}"
+
+    @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(case=operation.as_strategy())
+    def check(case):
+        if isinstance(case.body, dict) and ran.get(label, 0) % 2:
+            case.body["model"] = "tiny"  # half the bodies name the served model: deeper paths
+            if label == "POST /v1/completions" and "input" not in case.body:
+                case.body.setdefault("prompt", "Hello")
+        response = case.call()
+        statuses[label, response.status_code] += 1
+        assert response.status_code < 500, (label, case.body, case.path_parameters, response.text[:500])
+        case.validate_response(response, checks=CHECKS)
+        ran[label] = ran.get(label, 0) + 1
+
+    check()
+
+
 def test_api_never_fails_and_conforms(served_app):
     ran: dict[str, int] = {}
     statuses: Counter[tuple[str, int]] = Counter()
     for operation in operations(served_app):
-        label = f"{operation.method.upper()} {operation.path}"
-
-        @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None,
-                  suppress_health_check=list(HealthCheck))
-        @given(case=operation.as_strategy())
-        def check(case, label=label):
-            if isinstance(case.body, dict) and ran.get(label, 0) % 2:
-                case.body["model"] = "tiny"  # half the bodies name the served model: deeper paths
-                if label == "POST /v1/completions" and "input" not in case.body:
-                    case.body.setdefault("prompt", "Hello")
-            response = case.call()
-            statuses[label, response.status_code] += 1
-            assert response.status_code < 500, (label, case.body, case.path_parameters, response.text[:500])
-            case.validate_response(response, checks=CHECKS)
-            ran[label] = ran.get(label, 0) + 1
-
-        check()
+        fuzz(operation, ran, statuses)
     if os.environ.get("HOTSWAP_FUZZ_REPORT"):
         print("fuzz statuses:", sorted(statuses.items()))
     assert sum(ran.values()) >= 500, ran
