@@ -201,7 +201,10 @@ def main(argv: list[str] | None = None) -> int:
             a = seed_path(model, prompts[:k], adapters[:k], args.new_tokens, base.device)
             b = static_batch(model, prompts, adapters, args.new_tokens, base.device)
             url = f"http://127.0.0.1:{port}"
-            asyncio.run(service_clients(url, base.source.served_id, prompts[:1], adapters[:1], 2))  # warm-up
+            # Warm-up, one request per adapter: (a) and (b) run on adapters loaded beforehand, so
+            # (c) must not time the service's lazy first load of each adapter.
+            warm = make_prompts(base.tokenizer, len(cycle), args.prompt_tokens)
+            asyncio.run(service_clients(url, base.source.served_id, warm, cycle, 2))
             c = asyncio.run(service_clients(url, base.source.served_id, prompts, adapters, args.new_tokens))
             rows.append(summarise(n, a, b, c))
     finally:

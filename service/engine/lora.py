@@ -9,8 +9,12 @@ zeroes, per row, the blocks of the other adapters (one multiply by a row mask), 
 stacked B matrices with the scalings folded in (one matmul, added to the base output). The
 extra arithmetic (every row through every adapter's rank) is small next to the base layer.
 
-Only plain LoRA on linear layers is fused; a layer with a LoRA variant (DoRA, aLoRA) or a LoRA
-bias keeps PEFT's own path. The result equals PEFT's up to floating-point summation order
+The runner does not pass `adapter_names` to PEFT, whose per-call setup walks every module and
+hooks every LoRA layer: each LoRA layer's `forward` is replaced by one that reads the rows'
+adapters from this object (`names`, set by the runner around its forward pass) and falls back
+to PEFT's forward whenever `names` is unset. If any LoRA layer cannot be fused (not a linear
+layer), the runner passes `adapter_names` as before. A layer with a LoRA variant (DoRA, aLoRA)
+or a LoRA bias goes through PEFT's mixed-batch code. The result equals PEFT's up to floating-point summation order
 (tests/service/test_lora.py).
 """
 
@@ -28,7 +32,21 @@ _MAX_MASKS = 256  # cached row masks (one per batch composition and layer layout
 
 
 class FusedMixedLoRA:
+    """One per model (`for_model`): the patched layers consult this object's `names`."""
+
+    @classmethod
+    def for_model(cls, model: Any) -> FusedMixedLoRA:
+        fused = model.__dict__.get("_hotswap_fused_lora")
+        if fused is None:
+            fused = model.__dict__["_hotswap_fused_lora"] = cls()
+        return fused
+
     def __init__(self) -> None:
+        # The rows' adapters during a forward pass of the runner; None outside one.
+        self.names: list[str] | None = None
+        # Every LoRA layer of the model is fused: the runner may then skip PEFT's per-call
+        # `adapter_names` machinery (a walk over all modules and a hook per layer, each call).
+        self.complete = False
         self._installed_for: tuple | None = None
         self._stacks: dict[tuple[int, tuple[str, ...]], tuple] = {}
         self._masks: dict[tuple, torch.Tensor] = {}
@@ -42,31 +60,41 @@ class FusedMixedLoRA:
 
         self._stacks.clear()
         self._masks.clear()
+        self.complete = True
         for module in model.modules():
-            if not isinstance(module, LoraLayer) or not isinstance(module.get_base_layer(), torch.nn.Linear):
+            if not isinstance(module, LoraLayer):
                 continue
-            if getattr(module, "fan_in_fan_out", False):
+            if not isinstance(module.get_base_layer(), torch.nn.Linear) or getattr(module, "fan_in_fan_out", False):
+                self.complete = False
                 continue
-            if "_hotswap_peft_mixed" not in module.__dict__:
-                module._hotswap_peft_mixed = module._mixed_batch_forward  # PEFT's, for fallbacks
-                module._mixed_batch_forward = partial(self._forward, module)
+            if "_hotswap_peft_forward" not in module.__dict__:
+                module._hotswap_peft_forward = module.forward  # PEFT's, used whenever names is None
+                module.forward = partial(self._layer_forward, module)
         self._installed_for = key
+
+    def _layer_forward(self, layer: Any, x: torch.Tensor, *args: Any, **kwargs: Any):
+        """A LoRA layer's forward: the fused mixed batch while the runner has set `names`."""
+        names = self.names
+        if names is None or "adapter_names" in kwargs or layer.disable_adapters or layer.merged:
+            return layer._hotswap_peft_forward(x, *args, **kwargs)
+        return self._forward(layer, x, *args, adapter_names=names, **kwargs)
 
     def _forward(self, layer: Any, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any):
         present = tuple(sorted(set(adapter_names) - {BASE_ADAPTER}))
         own = tuple(a for a in present if a in layer.lora_A)
         if any(a in layer.lora_variant or layer.lora_bias.get(a, False) for a in own):
-            return layer._hotswap_peft_mixed(x, *args, adapter_names=adapter_names, **kwargs)
+            return layer._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
         for key in VARIANT_KWARG_KEYS:  # aLoRA's per-call arguments; never for the base layer
             kwargs.pop(key, None)
         result = layer.base_layer(x, *args, **kwargs)
         if not own:
             return result
-        stacked_a, stacked_b, blocks = self._stack(layer, own)
-        mask = self._mask(adapter_names, blocks, stacked_a.shape[0], x.device, stacked_a.dtype)
-        h = torch.matmul(x.to(stacked_a.dtype), stacked_a.t())  # [rows, (tokens,) sum of ranks]
-        h = h * (mask if h.dim() == 2 else mask.unsqueeze(1))
-        return result + torch.matmul(h, stacked_b.t()).to(result.dtype)
+        a_t, b_t, blocks = self._stack(layer, own)  # [in, ranks], [ranks, out]
+        mask = self._mask(adapter_names, blocks, a_t.shape[1], x.device, a_t.dtype)
+        h = torch.matmul(x.to(a_t.dtype), a_t)  # [rows, (tokens,) sum of ranks]
+        h.mul_(mask if h.dim() == 2 else mask.unsqueeze(1))
+        # Not in place: bitsandbytes' CPU 4-bit path may hand back a buffer it reuses.
+        return result + torch.matmul(h, b_t).to(result.dtype)
 
     def _stack(self, layer: Any, adapters: tuple[str, ...]) -> tuple:
         key = (id(layer), adapters)
@@ -81,7 +109,9 @@ class FusedMixedLoRA:
             for name, weight in zip(adapters, a, strict=True):
                 blocks.append((name, start, start + weight.shape[0]))
                 start += weight.shape[0]
-            cached = (torch.cat(a).detach(), torch.cat(b, dim=1).detach(), tuple(blocks), sources)
+            a_t = torch.cat(a).detach().t()  # views: the same kernels as `x @ A.T` (see _forward)
+            b_t = torch.cat(b, dim=1).detach().t()
+            cached = (a_t, b_t, tuple(blocks), sources)
             self._stacks[key] = cached
         return cached[:3]
 

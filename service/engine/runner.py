@@ -20,17 +20,29 @@ class ModelRunner:
         self.device = torch.device(device)
         self._cache_kwarg = _cache_kwarg(model)
         # Mixed-adapter batches through service.engine.lora (False: PEFT's own loop).
-        self._fused = FusedMixedLoRA() if fused_lora else None
+        self.fused_lora = fused_lora
 
-    def _adapter_kwargs(self, adapters: list[str | None]) -> dict[str, Any]:
-        # PEFT's mixed-batch LoRA: each row of the batch runs through its own adapter.
+    def _forward(self, adapters: list[str | None], **kwargs: Any) -> Any:
+        """The model's forward pass, each row through its own adapter (None: the base)."""
         if not hasattr(self.model, "peft_config"):
             if any(a is not None for a in adapters):
                 raise ValueError("no adapters are loaded on this model")
-            return {}
-        if self._fused is not None:
-            self._fused.install(self.model)
-        return {"adapter_names": [a or BASE_ADAPTER for a in adapters]}
+            return self.model(**kwargs)
+        names = [a or BASE_ADAPTER for a in adapters]
+        if not self.fused_lora:
+            return self.model(**kwargs, adapter_names=names)  # PEFT's mixed batch
+        fused = FusedMixedLoRA.for_model(self.model)
+        fused.install(self.model)
+        unknown = set(names) - {BASE_ADAPTER} - set(self.model.peft_config)
+        if unknown:  # PEFT would check this; the fused path must too
+            raise ValueError(f"adapters not loaded: {sorted(unknown)}")
+        if not fused.complete:
+            return self.model(**kwargs, adapter_names=names)
+        fused.names = names
+        try:
+            return self.model(**kwargs)
+        finally:
+            fused.names = None
 
     @torch.inference_mode()
     def prefill(
@@ -39,12 +51,12 @@ class ModelRunner:
         """Run the prompt; return fp32 logits (last position, or every position) and the cache."""
         cache = DynamicCache()
         ids = torch.tensor([prompt_ids], device=self.device)
-        out = self.model(
+        out = self._forward(
+            [adapter],
             input_ids=ids,
             use_cache=True,
             **{self._cache_kwarg: cache},
             logits_to_keep=0 if all_logits else 1,
-            **self._adapter_kwargs([adapter]),
         )
         logits = out.logits[0].float()
         return (logits if all_logits else logits[-1]), cache
@@ -68,14 +80,14 @@ class ModelRunner:
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
         cache = DynamicCache()
-        out = self.model(
+        out = self._forward(
+            adapters,
             input_ids=ids,
             attention_mask=mask,
             position_ids=positions,
             use_cache=True,
             **{self._cache_kwarg: cache},
             logits_to_keep=1,
-            **self._adapter_kwargs(adapters),
         )
         return out.logits[:, -1].float(), cache, mask
 
@@ -93,13 +105,13 @@ class ModelRunner:
         `attention_mask` covers the cache plus the new token (0 on padding); `positions` are the
         rows' own positions, so padding never shifts a row's rotary embeddings.
         """
-        out = self.model(
+        out = self._forward(
+            adapters,
             input_ids=torch.tensor([[t] for t in token_ids], device=self.device),
             attention_mask=attention_mask,
             position_ids=torch.tensor([[p] for p in positions], device=self.device),
             use_cache=True,
             **{self._cache_kwarg: cache},
-            **self._adapter_kwargs(adapters),
         )
         return out.logits[:, -1].float()
 
@@ -107,11 +119,11 @@ class ModelRunner:
     def decode(self, token_id: int, cache: DynamicCache, adapter: str | None) -> torch.Tensor:
         """Feed one token; return the fp32 logits of the next position."""
         ids = torch.tensor([[token_id]], device=self.device)
-        out = self.model(
+        out = self._forward(
+            [adapter],
             input_ids=ids,
             use_cache=True,
             **{self._cache_kwarg: cache},
-            **self._adapter_kwargs([adapter]),
         )
         return out.logits[0, -1].float()
 
