@@ -17,8 +17,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -26,11 +24,7 @@ from pathlib import Path
 
 import httpx
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.support import running_service  # start on a free port, wait for /ready, stop
 
 
 def rss_mib(pid: int) -> float:
@@ -38,35 +32,6 @@ def rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
-
-
-class Server:
-    def __init__(self, flags: list[str], log: Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        with log.open("w") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "service", *flags, "--port", str(self.port)],
-                stdout=out, stderr=subprocess.STDOUT,
-            )
-
-    def wait_ready(self, timeout: float = 600) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError("the service exited:\n" + self.log.read_text()[-3000:])
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.25)
-        raise RuntimeError("the service did not become ready")
-
-    def stop(self) -> int:
-        self.proc.terminate()
-        return self.proc.wait(timeout=120)
 
 
 BROKEN: list[str] = []  # the end of the first broken streams, for the report
@@ -152,19 +117,16 @@ def main() -> int:
     flags = ["--model", args.model, "--quantization", args.quantization, "--device", "cpu",
              "--adapter-dir", args.adapter_dir, "--max-batch-size", str(args.max_batch_size),
              "--max-queued-requests", str(args.max_queued), "--guardrails", "default"]
-    server = Server(flags, args.log)
-    try:
-        server.wait_ready()
-        models = httpx.get(f"{server.url}/v1/models").json()["data"]
+    with running_service(flags, {}, args.log, timeout=600) as (url, proc):
+        models = httpx.get(f"{url}/v1/models").json()["data"]
         base_id = models[0]["id"]
         adapters = [m["id"] for m in models[1:]]
         # Warm up (first adapter loads, allocator growth), then measure memory from here.
-        asyncio.run(soak(server.url, base_id, adapters, len(adapters) + 1, 3, args.max_tokens))
-        rss_start = rss_mib(server.proc.pid)
-        result = asyncio.run(soak(server.url, base_id, adapters, 2 * capacity, args.seconds, args.max_tokens))
-        rss_end = rss_mib(server.proc.pid)
-    finally:
-        exit_code = server.stop()
+        asyncio.run(soak(url, base_id, adapters, len(adapters) + 1, 3, args.max_tokens))
+        rss_start = rss_mib(proc.pid)
+        result = asyncio.run(soak(url, base_id, adapters, 2 * capacity, args.seconds, args.max_tokens))
+        rss_end = rss_mib(proc.pid)
+    exit_code = proc.returncode
     result.update(capacity=capacity, model=args.model, rss_start_mib=round(rss_start, 1),
                   rss_end_mib=round(rss_end, 1), rss_growth_mib=round(rss_end - rss_start, 1),
                   server_exit_code=exit_code, cpus=os.cpu_count())

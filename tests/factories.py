@@ -122,3 +122,19 @@ def preload_adapters(runtime, names=("alpha", "beta")):
         assert runtime.engine.residency.ensure(name, busy=set())
     runtime.engine.runner.model = runtime.engine.residency.model
     return runtime
+
+
+def make_residency(tiny, cache_dir, tmp_path, max_resident: int, **callbacks):
+    """An AdapterResidency over the tiny fp32 base and a copy of its adapters (tests may edit it)."""
+    import shutil
+
+    from service.adapters.registry import AdapterRegistry
+    from service.adapters.residency import AdapterResidency
+    from service.base_model import load_base
+
+    adapters = tmp_path / "adapters"
+    shutil.copytree(tiny.adapter_dir, adapters)
+    base = load_base(str(tiny.base_dir), quantization="fp32", device="cpu", cache_dir=cache_dir)
+    registry = AdapterRegistry(adapters, base_id="tiny", base_fingerprint=tiny.fingerprint)
+    registry.scan()
+    return AdapterResidency(registry, base.model, max_resident, **callbacks)

@@ -147,20 +147,12 @@ class BatchedEngine(WorkerEngine):
             return
         rows, keep = [], []
         for i, job in enumerate(jobs):
-            params = job.request.params
-            length = len(job.request.prompt_ids)
-            budget = min(params.max_tokens, self.max_context - length)
+            budget = self._budget(job)
             if budget <= 0:  # max_tokens 0, or a prompt that fills the context
                 job.push(EngineOutput((), finish_reason="length"))
                 self._change(running_remove=job.label)
                 continue
-            row = _Row(
-                job=job,
-                generator=make_generator(params.seed, self.runner.device),
-                budget=budget,
-                stop_ids=params.stop_ids(self.eos_token_ids),
-                length=length,
-            )
+            row = self._new_row(job, budget)
             if self._emit(row, logits[i]):
                 self._change(running_remove=job.label)
                 continue
@@ -174,24 +166,26 @@ class BatchedEngine(WorkerEngine):
         self._join(cache, mask)
         self._rows += rows
 
-    def _start_row(self, job: Job) -> None:
+    def _new_row(self, job: Job, budget: int) -> _Row:
         params = job.request.params
-        logits, cache, scored, budget = self._prefill(job)
-        if budget == 0:
-            self._change(running_remove=job.label)
-            return
-        row = _Row(
+        return _Row(
             job=job,
             generator=make_generator(params.seed, self.runner.device),
             budget=budget,
             stop_ids=params.stop_ids(self.eos_token_ids),
             length=len(job.request.prompt_ids),
         )
+
+    def _start_row(self, job: Job) -> None:
+        logits, cache, scored, budget = self._prefill(job)
+        if budget == 0:
+            self._change(running_remove=job.label)
+            return
+        row = self._new_row(job, budget)
         if self._emit(row, logits, scored):
             self._change(running_remove=job.label)
             return
-        length = len(job.request.prompt_ids)
-        self._join(cache, torch.ones((1, length), dtype=torch.long, device=self.runner.device))
+        self._join(cache, torch.ones((1, row.length), dtype=torch.long, device=self.runner.device))
         self._rows.append(row)
 
     def _emit(self, row: _Row, logits: torch.Tensor, scored=None, greedy: int | None = None) -> bool:

@@ -42,8 +42,10 @@ class FusedMixedLoRA:
         return fused
 
     def __init__(self) -> None:
-        # The rows' adapters during a forward pass of the runner; None outside one.
-        self.names: list[str] | None = None
+        # The rows' adapters during a forward pass of the runner; None outside one. Set through
+        # `route`, which also works out once per pass what every layer needs of them.
+        self.names: tuple[str, ...] | None = None
+        self._present: tuple[str, ...] = ()
         # Every LoRA layer of the model is fused: the runner may then skip PEFT's per-call
         # `adapter_names` machinery (a walk over all modules and a hook per layer, each call).
         self.complete = False
@@ -72,25 +74,26 @@ class FusedMixedLoRA:
                 module.forward = partial(self._layer_forward, module)
         self._installed_for = key
 
+    def route(self, names: list[str] | None) -> None:
+        """Set the rows' adapters for the next forward pass (None after it)."""
+        self.names = None if names is None else tuple(names)
+        self._present = tuple(sorted(set(names or ()) - {BASE_ADAPTER}))
+
     def _layer_forward(self, layer: Any, x: torch.Tensor, *args: Any, **kwargs: Any):
         """A LoRA layer's forward: the fused mixed batch while the runner has set `names`."""
         names = self.names
         if names is None or "adapter_names" in kwargs or layer.disable_adapters or layer.merged:
             return layer._hotswap_peft_forward(x, *args, **kwargs)
-        return self._forward(layer, x, *args, adapter_names=names, **kwargs)
-
-    def _forward(self, layer: Any, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any):
-        present = tuple(sorted(set(adapter_names) - {BASE_ADAPTER}))
-        own = tuple(a for a in present if a in layer.lora_A)
+        own = tuple(a for a in self._present if a in layer.lora_A)
         if any(a in layer.lora_variant or layer.lora_bias.get(a, False) for a in own):
-            return layer._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
+            return layer._mixed_batch_forward(x, *args, adapter_names=list(names), **kwargs)
         for key in VARIANT_KWARG_KEYS:  # aLoRA's per-call arguments; never for the base layer
             kwargs.pop(key, None)
         result = layer.base_layer(x, *args, **kwargs)
         if not own:
             return result
         a_t, b_t, blocks = self._stack(layer, own)  # [in, ranks], [ranks, out]
-        mask = self._mask(adapter_names, blocks, a_t.shape[1], x.device, a_t.dtype)
+        mask = self._mask(names, blocks, a_t.shape[1], x.device, a_t.dtype)
         h = torch.matmul(x.to(a_t.dtype), a_t)  # [rows, (tokens,) sum of ranks]
         h.mul_(mask if h.dim() == 2 else mask.unsqueeze(1))
         return result + torch.matmul(h, b_t).to(result.dtype)  # the base output is left untouched
@@ -117,8 +120,8 @@ class FusedMixedLoRA:
             self._stacks[key] = cached
         return cached[:3]
 
-    def _mask(self, names: list[str], blocks: tuple, width: int, device, dtype) -> torch.Tensor:
-        key = (tuple(names), blocks)
+    def _mask(self, names: tuple[str, ...], blocks: tuple, width: int, device, dtype) -> torch.Tensor:
+        key = (names, blocks)
         mask = self._masks.get(key)
         if mask is None:
             if len(self._masks) >= _MAX_MASKS:

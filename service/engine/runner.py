@@ -38,11 +38,11 @@ class ModelRunner:
             raise ValueError(f"adapters not loaded: {sorted(unknown)}")
         if not fused.complete:
             return self.model(**kwargs, adapter_names=names)
-        fused.names = names
+        fused.route(names)
         try:
             return self.model(**kwargs)
         finally:
-            fused.names = None
+            fused.route(None)
 
     @torch.inference_mode()
     def prefill(

@@ -198,6 +198,10 @@ class WorkerEngine:
         self.runner.model = self.residency.model  # a PeftModel from the first adapter on
         return ready
 
+    def _budget(self, job: Job) -> int:
+        """Tokens the job may generate: max_tokens, within what is left of the context."""
+        return min(job.request.params.max_tokens, self.max_context - len(job.request.prompt_ids))
+
     def _prefill(self, job: Job) -> tuple[torch.Tensor, Any, tuple | None, int]:
         """Run the job's prompt: (last logits, cache, prompt log-probs or None, token budget).
 
@@ -213,7 +217,7 @@ class WorkerEngine:
         if params.prompt_logprobs is not None:
             scored = prompt_logprobs(logits, prompt, params.prompt_logprobs)
             logits = logits[-1]
-        budget = min(params.max_tokens, self.max_context - len(prompt))
+        budget = self._budget(job)
         if budget <= 0:
             job.push(EngineOutput((), prompt_logprobs=scored, finish_reason="length"))
         return logits, cache, scored, max(budget, 0)

@@ -149,6 +149,40 @@ class StreamFilter:
         return apply_post(self.hook, replace(self.output, text=text), self.actions)
 
 
+class HoldbackFilter(StreamFilter):
+    """A filter that releases text as soon as its hook's decision on it is final.
+
+    Subclasses implement `_release(final)`: decide on `context + pending` (`context`: the end
+    of what was released, kept for look-behind boundaries), release a prefix, and keep the rest
+    pending; `_record` turns what the hook found into an action or a block.
+    """
+
+    def __init__(self, hook: Hook, output: GuardedOutput):
+        super().__init__(hook, output)
+        self.context = ""
+        self.pending = ""
+
+    def _release(self, final: bool) -> str:
+        raise NotImplementedError
+
+    def _record(self, verdict: Verdict) -> None:
+        if verdict.action == "block":
+            raise Blocked(self.hook.name, verdict.reason)
+        if verdict.action != "allow":
+            self.actions.append(verdict)
+
+    def feed(self, delta: str) -> str:
+        self.pending += delta
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        return self._release(final=True)
+
+    def close(self, delta: str) -> str:
+        self.pending += delta
+        return self._release(final=True)
+
+
 def apply_post(hook: Hook, output: GuardedOutput, actions: list[Verdict]) -> str:
     """Run `hook.post` on a whole output: the released text, or Blocked / RetryRequested."""
     verdict = hook.post(output)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import phonenumbers
 
-from service.guardrails.base import Blocked, GuardedOutput, GuardedRequest, Hook, StreamFilter, Verdict
+from service.guardrails.base import GuardedOutput, GuardedRequest, HoldbackFilter, Hook, StreamFilter, Verdict
 from service.guardrails.text import Skeleton, skeleton
 
 Validator = Callable[[str], bool]
@@ -280,7 +280,7 @@ class PIIRedactor(Hook):
         return PIIStreamFilter(self, output)
 
 
-class PIIStreamFilter(StreamFilter):
+class PIIStreamFilter(HoldbackFilter):
     """Releases redacted text up to where no match in progress could reach.
 
     The held tail starts at the earliest point any detector's `tail` pattern claims (the run
@@ -289,11 +289,6 @@ class PIIStreamFilter(StreamFilter):
     """
 
     CONTEXT = 64  # released characters kept for the detectors' look-behind boundaries
-
-    def __init__(self, hook: PIIRedactor, output: GuardedOutput):
-        super().__init__(hook, output)
-        self.context = ""  # the end of what was released, as generated (unredacted)
-        self.pending = ""
 
     def _release(self, final: bool) -> str:
         text = self.context + self.pending
@@ -315,21 +310,6 @@ class PIIStreamFilter(StreamFilter):
         released = released[len(self.context) :]  # kept matches all start after the context
         self.context = text[:limit][-self.CONTEXT :]
         self.pending = text[limit:]
-        if counts:
-            verdict = self.hook._verdict(counts, text=released)
-            if verdict.action == "block":
-                raise Blocked(self.hook.name, verdict.reason)
-            self.actions.append(verdict)
+        self._record(self.hook._verdict(counts, text=released))
         return released
-
-    def feed(self, delta: str) -> str:
-        self.pending += delta
-        return self._release(final=False)
-
-    def finish(self) -> str:
-        return self._release(final=True)
-
-    def close(self, delta: str) -> str:
-        self.pending += delta
-        return self._release(final=True)
 

@@ -7,9 +7,9 @@ import re
 from typing import Any
 
 from service.guardrails.base import (
-    Blocked,
     GuardedOutput,
     GuardedRequest,
+    HoldbackFilter,
     Hook,
     StreamFilter,
     Verdict,
@@ -170,13 +170,8 @@ class BannedTerms(Hook):
         return _TermStream(self, output)
 
 
-class _TermStream(StreamFilter):
+class _TermStream(HoldbackFilter):
     """Holds back the last `longest` skeleton characters (and the word in progress)."""
-
-    def __init__(self, hook: BannedTerms, output: GuardedOutput):
-        super().__init__(hook, output)
-        self.pending = ""
-        self.context = ""
 
     def _release(self, final: bool) -> str:
         hook: BannedTerms = self.hook
@@ -194,23 +189,8 @@ class _TermStream(StreamFilter):
         released, count, limit = hook.apply(text, start=floor, upto=cut)
         self.context = text[:limit][-hook.longest - 1 :]
         self.pending = text[limit:]
-        if count:
-            verdict = hook._verdict(count, text=released)
-            if verdict.action == "block":
-                raise Blocked(hook.name, verdict.reason)
-            self.actions.append(verdict)
+        self._record(hook._verdict(count, text=released))
         return released
-
-    def feed(self, delta: str) -> str:
-        self.pending += delta
-        return self._release(final=False)
-
-    def finish(self) -> str:
-        return self._release(final=True)
-
-    def close(self, delta: str) -> str:
-        self.pending += delta
-        return self._release(final=True)
 
 
 class MaxPromptLength(Hook):

@@ -7,10 +7,8 @@ import shutil
 import pytest
 import torch
 
-from service.adapters.registry import AdapterRegistry
-from service.adapters.residency import AdapterResidency
-from service.base_model import load_base
 from service.engine.runner import ModelRunner
+from tests.factories import make_residency
 
 PROMPTS = [[5, 17, 42, 99, 7, 3], [8, 9], [100, 101, 102, 103], [33, 34, 35], [60, 61, 62, 63, 64]]
 ADAPTERS = [None, "alpha", "beta", "alpha", "beta"]
@@ -18,12 +16,7 @@ ADAPTERS = [None, "alpha", "beta", "alpha", "beta"]
 
 @pytest.fixture
 def residency(tiny, cache_dir, tmp_path):
-    adapters = tmp_path / "adapters"
-    shutil.copytree(tiny.adapter_dir, adapters)
-    base = load_base(str(tiny.base_dir), quantization="fp32", device="cpu", cache_dir=cache_dir)
-    registry = AdapterRegistry(adapters, base_id="tiny", base_fingerprint=tiny.fingerprint)
-    registry.scan()
-    residency = AdapterResidency(registry, base.model, 4)
+    residency = make_residency(tiny, cache_dir, tmp_path, 4)
     for name in ("alpha", "beta"):
         residency.ensure(name, busy=set())
     return residency

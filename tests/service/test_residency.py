@@ -15,20 +15,16 @@ from service.engine import EngineRequest, SamplingParams
 from service.engine.batched import BatchedEngine
 from service.engine.runner import ModelRunner
 from service.errors import NotFoundError
+from tests.factories import make_residency
 
 PROMPT = (5, 17, 42, 99, 7, 3)
 
 
 @pytest.fixture
 def setup(tiny, cache_dir, tmp_path):
-    adapters = tmp_path / "adapters"  # a copy: one test corrupts a package
-    shutil.copytree(tiny.adapter_dir, adapters)
-    base = load_base(str(tiny.base_dir), quantization="fp32", device="cpu", cache_dir=cache_dir)
-    registry = AdapterRegistry(adapters, base_id="tiny", base_fingerprint=tiny.fingerprint)
-    registry.scan()
-    events = []
-    residency = AdapterResidency(registry, base.model, 1, on_load=lambda n, r, s: events.append(("load", n, r)),
-                                 on_evict=lambda n: events.append(("evict", n)))
+    events = []  # the adapters are a copy: one test corrupts a package
+    residency = make_residency(tiny, cache_dir, tmp_path, 1, on_load=lambda n, r, s: events.append(("load", n, r)),
+                               on_evict=lambda n: events.append(("evict", n)))
     return residency, events
 
 
