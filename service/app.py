@@ -71,7 +71,7 @@ async def _start(state: ServiceState, runtime: Runtime | None) -> None:
             loop = asyncio.get_running_loop()
             runtime = await loop.run_in_executor(compute, load_runtime, state.settings, state.metrics)
         check_adapters_named(guardrails, runtime)
-        await runtime.engine.start(compute) if compute is not None else await runtime.engine.start()
+        await runtime.engine.start(compute)  # None: the engine makes its own thread
         state.serve(runtime, guardrails)
         state.status = "ready"
         log.info("ready: serving %s", runtime.base_id)
