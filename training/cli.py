@@ -43,6 +43,8 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--grad-accum", dest="train.grad_accum", type=int)
     g.add_argument("--learning-rate", "--lr", dest="train.learning_rate", type=float)
     g.add_argument("--max-length", dest="train.max_length", type=int)
+    g.add_argument("--loraplus-ratio", dest="train.loraplus_ratio", type=float,
+                   help="LoRA+: learning rate of the B matrices over that of A")
     g.add_argument("--seed", dest="train.seed", type=int)
     g.add_argument("--save-steps", dest="train.save_steps", type=int)
     g.add_argument("--logging-steps", dest="train.logging_steps", type=int)

@@ -50,6 +50,7 @@ class TrainSettings:
     max_length: int = 384
     max_grad_norm: float = 1.0
     optimizer: str = "adamw_torch"
+    loraplus_ratio: float | None = None  # LoRA+: B's learning rate over A's (None: plain LoRA)
     gradient_checkpointing: bool = False
     seed: int = 42
     logging_steps: int = 10

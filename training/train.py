@@ -79,6 +79,7 @@ def _trainer_args(config: RunConfig, device: str, has_eval: bool) -> Any:
         dataset_kwargs={"skip_prepare_dataset": True},
         train_sampling_strategy="group_by_length",
         remove_unused_columns=False,
+        prediction_loss_only=True,
         dataloader_num_workers=0,
     )
 
@@ -140,17 +141,20 @@ def run(config: RunConfig, *, resume: bool = False, eval_only: bool = False) -> 
 
 
 def _train(config, base, tokenizer, manifest, task, train_records, held, device, resume):
-    from trl import SFTTrainer
+    from training.trainer import ResponseOnlyTrainer, loraplus_optimizer
 
     train_examples = tokenize_all(tokenizer, manifest, task, train_records, config.train.max_length)
     eval_examples = tokenize_all(tokenizer, manifest, task, held[:EVAL_DURING_TRAINING], config.train.max_length)
     model = add_lora(base, config.lora)
-    trainer = SFTTrainer(
+    args = _trainer_args(config, device, has_eval=bool(eval_examples))
+    ratio = config.train.loraplus_ratio
+    trainer = ResponseOnlyTrainer(
         model=model,
-        args=_trainer_args(config, device, has_eval=bool(eval_examples)),
+        args=args,
         train_dataset=_dataset(train_examples),
         eval_dataset=_dataset(eval_examples) if eval_examples else None,
         processing_class=tokenizer,
+        optimizers=(loraplus_optimizer(model, args, ratio) if ratio else None, None),
     )
     checkpoint = _latest_checkpoint(config.checkpoint_dir) if resume else None
     if resume and checkpoint is None:

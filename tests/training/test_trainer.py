@@ -1,0 +1,92 @@
+"""The trainer's response-only loss equals the full-logits loss, gradients included; LoRA+ groups."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from training.config import LoraSettings
+from training.model import add_lora
+from training.trainer import ResponseOnlyTrainer, loraplus_optimizer
+
+
+def _trainer(tiny, tmp_path, ratio=None):
+    from datasets import Dataset
+    from trl import SFTConfig
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny.base_dir, dtype=torch.float32)
+    model = add_lora(base, LoraSettings(r=4, alpha=8, dropout=0.0, targets=["q_proj", "v_proj", "down_proj"]))
+    for name, p in model.named_parameters():  # B starts at zero: give the adapter something to say
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], max_steps=1, learning_rate=1e-3,
+                     dataset_kwargs={"skip_prepare_dataset": True}, remove_unused_columns=False)
+    data = Dataset.from_list([{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}])
+    tokenizer = AutoTokenizer.from_pretrained(tiny.base_dir)
+    optimizer = loraplus_optimizer(model, args, ratio) if ratio else None
+    return ResponseOnlyTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
+                               optimizers=(optimizer, None))
+
+
+def _batch(vocab: int):
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, vocab, (3, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0  # a padded row
+    labels = ids.clone()
+    labels[:, :5] = -100  # prompt
+    labels[mask == 0] = -100
+    labels[2, :] = -100  # a row with no response tokens at all
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_response_only_loss_and_gradients_equal_the_full_logits_ones(tiny, tmp_path):
+    trainer = _trainer(tiny, tmp_path)
+    model = trainer.model
+    model.train()
+    batch = _batch(model.config.vocab_size)
+
+    reference = model(**batch).loss  # transformers: full logits, shifted, mean over labelled tokens
+    reference.backward()
+    expected = _grads(model)
+    model.zero_grad()
+
+    loss = trainer.compute_loss(model, dict(batch))
+    loss.backward()
+    got = _grads(model)
+
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-7, msg=name)
+    assert any(g.abs().sum() > 0 for g in got.values())
+    assert trainer._metrics["train"]["mean_token_accuracy"]
+
+
+def test_loss_is_divided_by_the_items_of_the_whole_accumulated_batch(tiny, tmp_path):
+    trainer = _trainer(tiny, tmp_path)
+    batch = _batch(trainer.model.config.vocab_size)
+    labelled = int((batch["labels"][:, 1:] != -100).sum())
+    mean = trainer.compute_loss(trainer.model, dict(batch))
+    spread = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=torch.tensor(4 * labelled))
+    assert spread.item() == pytest.approx(mean.item() / 4, rel=1e-5)
+
+
+def test_loraplus_gives_the_b_matrices_ratio_times_the_learning_rate(tiny, tmp_path):
+    trainer = _trainer(tiny, tmp_path, ratio=16)
+    optimizer = trainer.optimizer
+    lr_of = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            lr_of[id(p)] = group["lr"]
+    named = dict(trainer.model.named_parameters())
+    a = [lr_of[id(p)] for n, p in named.items() if "lora_A" in n]
+    b = [lr_of[id(p)] for n, p in named.items() if "lora_B" in n]
+    assert a and b and set(a) == {1e-3} and set(b) == {16e-3}
+    assert len(lr_of) == sum(p.requires_grad for p in named.values())  # every trainable weight, once
