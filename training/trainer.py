@@ -1,21 +1,73 @@
-"""SFTTrainer with the loss computed where it counts: the LM head only at labelled positions.
+"""SFTTrainer with the loss computed where it counts, and batches of like lengths in random order.
+
+Loss: the LM head projects only the labelled positions.
 
 Our examples mask the prompt (-100), so about half of the positions carry no loss. trl's fused
 LM head scores only the labelled positions on Triton devices; elsewhere (this CPU) it projects
 every position through the 49k-word head and computes its extra metrics there too. Projecting the
 labelled positions alone gives the same loss and gradients for less work (docs/training.md has
 the figures).
+
+Batches: transformers' `group_by_length` sorts each window of 50 batches from the longest to the
+shortest, so training sweeps long -> short every 50 steps. At a high learning rate the adapter
+follows the sweep: measured on Dolly, held-out loss at the end of a sweep (after ten batches of
+one-line answers) was back near the base model's (2.88 against 2.89), while mid-sweep it was 2.5.
+`LengthBuckets` keeps the little padding of length grouping and draws the batches in random order.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from trl import SFTTrainer
 
+BUCKET_WINDOW = 64  # batches sorted together: the larger, the less padding and the less variety
+
+
+class LengthBuckets(torch.utils.data.Sampler[int]):
+    """Indices such that each run of `batch_size` holds examples of like length, runs in random order.
+
+    Shuffle, sort each window of `BUCKET_WINDOW` batches by length, cut it into batches, then
+    shuffle all the batches. Deterministic for a (seed, epoch), so resuming skips the same batches.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int) -> None:
+        self.lengths = list(lengths)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def batches(self) -> list[list[int]]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=g).tolist()
+        window = self.batch_size * BUCKET_WINDOW
+        batches = []
+        for start in range(0, len(order), window):
+            chunk = sorted(order[start : start + window], key=self.lengths.__getitem__)
+            batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+        return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+
+    def __iter__(self) -> Iterator[int]:
+        for batch in self.batches():
+            yield from batch
+
 
 class ResponseOnlyTrainer(SFTTrainer):
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        if self.args.train_sampling_strategy != "group_by_length" or "length" not in dataset.column_names:
+            return super()._get_train_sampler(train_dataset)
+        size = self.args.train_batch_size * self.args.gradient_accumulation_steps
+        return LengthBuckets(dataset["length"], size, self.args.seed)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"]
         backbone_inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")}

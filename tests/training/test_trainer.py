@@ -90,3 +90,41 @@ def test_loraplus_gives_the_b_matrices_ratio_times_the_learning_rate(tiny, tmp_p
     b = [lr_of[id(p)] for n, p in named.items() if "lora_B" in n]
     assert a and b and set(a) == {1e-3} and set(b) == {16e-3}
     assert len(lr_of) == sum(p.requires_grad for p in named.values())  # every trainable weight, once
+
+
+def test_length_buckets_group_like_lengths_in_random_order():
+    import random
+
+    from training.trainer import LengthBuckets
+
+    rng = random.Random(0)
+    lengths = [rng.randint(10, 320) for _ in range(4000)]
+    sampler = LengthBuckets(lengths, batch_size=8, seed=42)
+    order = list(sampler)
+    assert sorted(order) == list(range(len(lengths)))  # every example once
+    batches = [order[i : i + 8] for i in range(0, len(order), 8)]
+    spread = [max(lengths[j] for j in b) - min(lengths[j] for j in b) for b in batches]
+    assert sorted(spread)[len(spread) // 2] <= 4  # little padding
+    # No long -> short sweep (what transformers' group_by_length does per 50 batches): the
+    # longest member of consecutive batches is uncorrelated.
+    tops = torch.tensor([float(max(lengths[j] for j in b)) for b in batches])
+    corr = torch.corrcoef(torch.stack([tops[:-1], tops[1:]]))[0, 1]
+    assert abs(corr) < 0.1
+    assert list(LengthBuckets(lengths, 8, seed=42)) == order  # resumable
+    sampler.set_epoch(1)
+    assert list(sampler) != order
+
+
+def test_trainer_draws_length_buckets_when_grouping_by_length(tiny, tmp_path):
+    from datasets import Dataset
+    from trl import SFTConfig
+
+    from training.trainer import LengthBuckets
+
+    trainer = _trainer(tiny, tmp_path)
+    data = Dataset.from_list([{"input_ids": [1] * n, "labels": [1] * n, "length": n} for n in range(2, 40)])
+    trainer.args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], per_device_train_batch_size=4,
+                             train_sampling_strategy="group_by_length")
+    assert isinstance(trainer._get_train_sampler(data), LengthBuckets)
+    trainer.args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    assert not isinstance(trainer._get_train_sampler(data), LengthBuckets)
