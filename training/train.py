@@ -106,7 +106,11 @@ def run(config: RunConfig, *, resume: bool = False, eval_only: bool = False) -> 
         model, history = _train(config, base, tokenizer, manifest, task, train_records, held, device, resume)
         train_seconds = round(time.perf_counter() - started, 1)
         if not _is_main_process():
-            return {}  # under `accelerate launch`, rank 0 alone evaluates and writes the package
+            # Under `accelerate launch`, rank 0 alone evaluates and writes the package. Leave the
+            # process group first: exiting with it alive can abort ("terminate called without an
+            # active exception") while rank 0 is still evaluating.
+            _leave_process_group()
+            return {}
 
     evaluating = time.perf_counter()
     held_examples = tokenize_all(tokenizer, manifest, task, held, config.train.max_length)
@@ -167,6 +171,13 @@ def _process_count() -> int:
     from accelerate import PartialState
 
     return PartialState().num_processes
+
+
+def _leave_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _is_main_process() -> bool:
