@@ -174,10 +174,9 @@ def _process_count() -> int:
 
 
 def _leave_process_group() -> None:
-    import torch.distributed as dist
+    from accelerate import PartialState
 
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    PartialState().destroy_process_group()
 
 
 def _is_main_process() -> bool:
