@@ -45,6 +45,8 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-length", dest="train.max_length", type=int)
     g.add_argument("--loraplus-ratio", dest="train.loraplus_ratio", type=float,
                    help="LoRA+: learning rate of the B matrices over that of A")
+    g.add_argument("--loss-weighting", dest="train.loss_weighting", choices=["batch", "token"],
+                   help="weigh every batch the same, or every labelled token of the run")
     g.add_argument("--seed", dest="train.seed", type=int)
     g.add_argument("--save-steps", dest="train.save_steps", type=int)
     g.add_argument("--logging-steps", dest="train.logging_steps", type=int)

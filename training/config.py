@@ -51,6 +51,11 @@ class TrainSettings:
     max_grad_norm: float = 1.0
     optimizer: str = "adamw_torch"
     loraplus_ratio: float | None = None  # LoRA+: B's learning rate over A's (None: plain LoRA)
+    # "batch": each batch's loss is the mean over its own labelled tokens, so every batch weighs
+    # the same (transformers' rule). "token": every labelled token of the run weighs the same: a
+    # batch's summed loss is divided by the training set's mean labelled tokens per batch. With
+    # length-grouped batches the difference is large (docs/training.md).
+    loss_weighting: Literal["batch", "token"] = "batch"
     gradient_checkpointing: bool = False
     seed: int = 42
     logging_steps: int = 10
@@ -124,6 +129,7 @@ def validate(config: RunConfig) -> None:
         (bool(lora.targets), "lora.targets must name at least one module"),
         (config.data.eval_size > 0, "data.eval_size must be positive"),
         (config.model.quantization in ("nf4", "int8", "bf16", "fp32"), "unknown model.quantization"),
+        (t.loss_weighting in ("batch", "token"), "train.loss_weighting must be 'batch' or 'token'"),
     ]
     for ok, message in checks:
         if not ok:

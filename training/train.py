@@ -159,12 +159,20 @@ def _train(config, base, tokenizer, manifest, task, train_records, held, device,
         eval_dataset=_dataset(eval_examples) if eval_examples else None,
         processing_class=tokenizer,
         optimizers=(loraplus_optimizer(model, args, ratio) if ratio else None, None),
+        tokens_per_step=_tokens_per_step(train_examples, config.train)
+        if config.train.loss_weighting == "token" else None,
     )
     checkpoint = _latest_checkpoint(config.checkpoint_dir) if resume else None
     if resume and checkpoint is None:
         log.warning("--resume: no checkpoint in %s, starting from scratch", config.checkpoint_dir)
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     return trainer.model, trainer.state.log_history
+
+
+def _tokens_per_step(examples: list[Example], t) -> float:
+    """Expected labelled tokens of one optimiser step on one device (the first token is never a target)."""
+    labelled = sum(sum(label != -100 for label in e.labels[1:]) for e in examples)
+    return labelled / max(len(examples), 1) * t.batch_size * t.grad_accum
 
 
 def _process_count() -> int:

@@ -8,6 +8,11 @@ every position through the 49k-word head and computes its extra metrics there to
 labelled positions alone gives the same loss and gradients for less work (docs/training.md has
 the figures).
 
+Loss weighting: with batches of like lengths, a batch of one-line answers holds a few dozen
+labelled tokens and a batch of essays a few thousand; transformers' per-batch mean gives both the
+same weight, so a short answer's tokens count many times more than an essay's, while held-out
+per-token loss counts every token once. `tokens_per_step` divides by a constant instead.
+
 Batches: transformers' `group_by_length` sorts each window of 50 batches from the longest to the
 shortest, so training sweeps long -> short every 50 steps. At a high learning rate the adapter
 follows the sweep: measured on Dolly, held-out loss at the end of a sweep (after ten batches of
@@ -61,6 +66,17 @@ class LengthBuckets(torch.utils.data.Sampler[int]):
 
 
 class ResponseOnlyTrainer(SFTTrainer):
+    """`tokens_per_step`: when given, a training batch's summed loss is divided by this constant
+    (the expected labelled tokens of one optimiser step on one device) instead of by the batch's
+    own token count, so every labelled token of the run weighs the same ("token" loss weighting).
+    """
+
+    def __init__(self, *args: Any, tokens_per_step: float | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.tokens_per_step = tokens_per_step
+        if tokens_per_step is not None:
+            self.loss_is_scaled_for_ga = True  # the constant spans the accumulated micro-batches
+
     def _get_train_sampler(self, train_dataset=None):
         dataset = self.train_dataset if train_dataset is None else train_dataset
         if self.args.train_sampling_strategy != "group_by_length" or "length" not in dataset.column_names:
@@ -80,9 +96,12 @@ class ResponseOnlyTrainer(SFTTrainer):
         picked = targets[mask]
         nll = torch.nn.functional.cross_entropy(logits, picked, reduction="sum")
         count = mask.sum()
-        loss = nll / (count.clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            loss = loss * self.accelerator.num_processes  # DDP averages; the count spans all ranks
+        if model.training and self.tokens_per_step is not None:
+            loss = nll / self.tokens_per_step  # DDP's mean over ranks keeps the per-token weight
+        else:
+            loss = nll / (count.clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes  # DDP averages; the count spans all ranks
 
         mode = "train" if model.training else "eval"
         with torch.no_grad():

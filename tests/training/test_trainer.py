@@ -11,7 +11,7 @@ from training.model import add_lora
 from training.trainer import ResponseOnlyTrainer, loraplus_optimizer
 
 
-def _trainer(tiny, tmp_path, ratio=None):
+def _trainer(tiny, tmp_path, ratio=None, tokens_per_step=None):
     from datasets import Dataset
     from trl import SFTConfig
 
@@ -27,7 +27,7 @@ def _trainer(tiny, tmp_path, ratio=None):
     tokenizer = AutoTokenizer.from_pretrained(tiny.base_dir)
     optimizer = loraplus_optimizer(model, args, ratio) if ratio else None
     return ResponseOnlyTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
-                               optimizers=(optimizer, None))
+                               optimizers=(optimizer, None), tokens_per_step=tokens_per_step)
 
 
 def _batch(vocab: int):
@@ -76,6 +76,31 @@ def test_loss_is_divided_by_the_items_of_the_whole_accumulated_batch(tiny, tmp_p
     mean = trainer.compute_loss(trainer.model, dict(batch))
     spread = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=torch.tensor(4 * labelled))
     assert spread.item() == pytest.approx(mean.item() / 4, rel=1e-5)
+
+
+def test_token_weighting_divides_the_summed_loss_by_a_constant_in_training_only(tiny, tmp_path):
+    trainer = _trainer(tiny, tmp_path, tokens_per_step=40.0)
+    model = trainer.model
+    batch = _batch(model.config.vocab_size)
+    labelled = int((batch["labels"][:, 1:] != -100).sum())
+    model.eval()
+    mean = trainer.compute_loss(model, dict(batch), num_items_in_batch=torch.tensor(labelled))
+    model.train()
+    weighted = trainer.compute_loss(model, dict(batch), num_items_in_batch=torch.tensor(labelled))
+    # a batch with fewer labelled tokens than the run's mean weighs less, whatever the Trainer counts
+    assert weighted.item() == pytest.approx(mean.item() * labelled / 40.0, rel=1e-5)
+    assert trainer.loss_is_scaled_for_ga is True  # the constant already spans accumulated micro-batches
+    assert _trainer(tiny, tmp_path).loss_is_scaled_for_ga is None  # batch weighting: the Trainer's rule
+
+
+def test_tokens_per_step_counts_the_labelled_targets():
+    from training.config import TrainSettings
+    from training.data import Example
+    from training.train import _tokens_per_step
+
+    examples = [Example([1, 2, 3, 4], [-100, -100, 3, 4]), Example([1, 2, 3, 4, 5, 6], [-100, 2, 3, 4, 5, 6])]
+    settings = TrainSettings(batch_size=4, grad_accum=2)
+    assert _tokens_per_step(examples, settings) == pytest.approx((2 + 5) / 2 * 4 * 2)
 
 
 def test_loraplus_gives_the_b_matrices_ratio_times_the_learning_rate(tiny, tmp_path):
