@@ -298,6 +298,28 @@ def quantization_kwargs(quantization: str, device: str, dtype: Any = None) -> di
     raise ValueError(f"unknown quantization {quantization!r}")
 
 
+class _DropPrefix(logging.Filter):
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+_INT8_CAST = "MatMul8bitLt: inputs will be cast"
+
+
+def quiet_int8_cast_warning() -> None:
+    """bitsandbytes' int8 matmul casts non-fp16 inputs to fp16 and says so at every layer call
+    (about 145,000 log lines in one schema training run): an expected cast, not news. bitsandbytes
+    0.50 says it through `logging`, older releases through `warnings`; both are filtered."""
+    warnings.filterwarnings("ignore", message=_INT8_CAST)
+    logger = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _DropPrefix) for f in logger.filters):
+        logger.addFilter(_DropPrefix(_INT8_CAST))
+
+
 def load_base(
     spec: str, *, quantization: str, device: str, cache_dir: Path, served_id: str | None = None
 ) -> LoadedBase:
@@ -307,8 +329,7 @@ def load_base(
     if served_id:
         source = ModelSource(source.spec, served_id, source.path, source.fingerprint)
     device = pick_device(device)
-    # bitsandbytes' int8 matmul casts fp32 inputs to fp16 and warns at every call on CPU.
-    warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+    quiet_int8_cast_warning()
     log.info("loading %s (%s) on %s from %s", source.spec, quantization, device, source.path)
     model = AutoModelForCausalLM.from_pretrained(
         source.path,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from service.base_model import ModelSource, pick_device, quantization_kwargs, resolve_source
+from service.base_model import ModelSource, pick_device, quantization_kwargs, quiet_int8_cast_warning, resolve_source
 from training.config import LoraSettings, ModelConfig
 from training.qlora_cpu import keep_out_of_cpu_packed_path
 
@@ -43,6 +43,7 @@ def load_base_for_training(config: ModelConfig, *, gradient_checkpointing: bool 
 
     source: ModelSource = resolve_source(config.base, config.cache_dir)
     device = pick_device(config.device)
+    quiet_int8_cast_warning()
     model = AutoModelForCausalLM.from_pretrained(
         source.path,
         device_map={"": device},

@@ -101,3 +101,18 @@ def test_bundled_tokenizer_matches_the_embedded_one(cache_dir, tmp_path):
     text = "The capital of France is Paris. 東京 😀 <|im_end|>"
     assert bundled(text).input_ids == embedded(text).input_ids
     assert bundled.eos_token_id == embedded.eos_token_id and len(bundled) == len(embedded)
+
+
+def test_the_int8_cast_notice_is_dropped_and_other_bitsandbytes_warnings_kept(caplog):
+    import logging
+
+    from service.base_model import quiet_int8_cast_warning
+
+    quiet_int8_cast_warning()
+    quiet_int8_cast_warning()  # idempotent: one filter
+    logger = logging.getLogger("bitsandbytes.autograd._functions")
+    assert len(logger.filters) == 1
+    with caplog.at_level(logging.WARNING, logger=logger.name):
+        logger.warning("MatMul8bitLt: inputs will be cast from %s to float16 during quantization", "torch.float32")
+        logger.warning("something else went wrong")
+    assert [r.getMessage() for r in caplog.records] == ["something else went wrong"]
