@@ -13,6 +13,15 @@ def loss_curves(history: list[dict]) -> tuple[list[tuple[int, float]], list[tupl
     return train, evals
 
 
+def running_mean(points: list[tuple[int, float]], window: int) -> list[tuple[int, float]]:
+    """Mean of each point and the `window - 1` before it (fewer at the start)."""
+    out = []
+    for i, (step, _) in enumerate(points):
+        recent = points[max(0, i - window + 1) : i + 1]
+        out.append((step, sum(v for _, v in recent) / len(recent)))
+    return out
+
+
 def plot(adapter_dir: Path, out: Path) -> Path:
     import matplotlib
 
@@ -23,9 +32,18 @@ def plot(adapter_dir: Path, out: Path) -> Path:
     manifest = json.loads((adapter_dir / "hotswap.json").read_text())
     train, evals = loss_curves(history)
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    ax.plot(*zip(*train, strict=True), label="training loss (batch)", alpha=0.6)
+    # A batch's training loss swings with its content (one-line answers against essays, and under
+    # token weighting with its token count), so the trend is drawn as a running mean over the
+    # last tenth of the run.
+    window = max(1, len(train) // 10)
+    ax.plot(*zip(*train, strict=True), label="training loss (logged)",
+            alpha=0.3 if window > 1 else 1.0, color="tab:blue")
+    if window > 1:
+        span = train[window - 1][0] - train[0][0] + (train[1][0] - train[0][0])
+        ax.plot(*zip(*running_mean(train, window), strict=True), color="tab:blue",
+                label=f"training loss, mean of the last {span} steps")
     if evals:
-        ax.plot(*zip(*evals, strict=True), "o-", label="held-out loss (adapter)")
+        ax.plot(*zip(*evals, strict=True), "o-", color="tab:orange", label="held-out loss (adapter)")
     base = manifest.get("metrics", {}).get("eval_loss_base")
     if base:
         ax.axhline(base, color="grey", linestyle="--", label=f"base model, same template ({base:.3f})")

@@ -144,3 +144,11 @@ def test_loss_plot_is_drawn_from_the_run_log(trained, tmp_path):
     assert len(train) >= 3 and evals
     png = plot(out, tmp_path / "loss.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_running_mean_of_the_training_loss_looks_back_only():
+    from training.plot import running_mean
+
+    points = [(5, 4.0), (10, 2.0), (15, 6.0), (20, 0.0)]
+    assert running_mean(points, 2) == [(5, 4.0), (10, 3.0), (15, 4.0), (20, 3.0)]
+    assert running_mean(points, 1) == points
