@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from service.adapters.manifest import AdapterManifest, parse_adapter_name
-from training.config import RunConfig
+from training.config import RunConfig, TrainSettings
 from training.data import Example, load_records, sha256_of, split, tokenize_example
 from training.evaluation import compare_losses, schema_rates
 from training.model import add_lora, load_base_for_training, load_trained
@@ -169,7 +169,7 @@ def _train(config, base, tokenizer, manifest, task, train_records, held, device,
     return trainer.model, trainer.state.log_history
 
 
-def _tokens_per_step(examples: list[Example], t) -> float:
+def _tokens_per_step(examples: list[Example], t: TrainSettings) -> float:
     """Expected labelled tokens of one optimiser step on one device (the first token is never a target)."""
     labelled = sum(sum(label != -100 for label in e.labels[1:]) for e in examples)
     return labelled / max(len(examples), 1) * t.batch_size * t.grad_accum
