@@ -39,7 +39,7 @@ def plot(adapter_dir: Path, out: Path) -> Path:
     ax.plot(*zip(*train, strict=True), label="training loss (logged)",
             alpha=0.3 if window > 1 else 1.0, color="tab:blue")
     if window > 1:
-        span = train[window - 1][0] - train[0][0] + (train[1][0] - train[0][0])
+        span = train[window][0] - train[0][0]  # window log points apart
         ax.plot(*zip(*running_mean(train, window), strict=True), color="tab:blue",
                 label=f"training loss, mean of the last {span} steps")
     if evals:

@@ -105,11 +105,11 @@ def run(config: RunConfig, *, resume: bool = False, eval_only: bool = False) -> 
         started = time.perf_counter()
         model, history = _train(config, base, tokenizer, manifest, task, train_records, held, device, resume)
         train_seconds = round(time.perf_counter() - started, 1)
-        if not _is_main_process():
+        if not _process_state().is_main_process:
             # Under `accelerate launch`, rank 0 alone evaluates and writes the package. Leave the
             # process group first: exiting with it alive can abort ("terminate called without an
             # active exception") while rank 0 is still evaluating.
-            _leave_process_group()
+            _process_state().destroy_process_group()
             return {}
 
     evaluating = time.perf_counter()
@@ -131,7 +131,7 @@ def run(config: RunConfig, *, resume: bool = False, eval_only: bool = False) -> 
         "hyperparameters": {"lora": asdict(config.lora), "train": asdict(config.train)},
         "base_quantization": config.model.quantization,
         "device": device,
-        "processes": _process_count(),
+        "processes": _process_state().num_processes,
         "train_seconds": train_seconds,
         "libraries": library_versions(),
     }
@@ -175,22 +175,11 @@ def _tokens_per_step(examples: list[Example], t: TrainSettings) -> float:
     return labelled / max(len(examples), 1) * t.batch_size * t.grad_accum
 
 
-def _process_count() -> int:
+def _process_state() -> Any:
+    """accelerate's view of this process (rank, world size), also outside `accelerate launch`."""
     from accelerate import PartialState
 
-    return PartialState().num_processes
-
-
-def _leave_process_group() -> None:
-    from accelerate import PartialState
-
-    PartialState().destroy_process_group()
-
-
-def _is_main_process() -> bool:
-    from accelerate import PartialState
-
-    return PartialState().is_main_process
+    return PartialState()
 
 
 def _latest_checkpoint(directory: Path) -> Path | None:
