@@ -31,6 +31,7 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--base-model", dest="model.base")
     g.add_argument("--quantization", dest="model.quantization", choices=["nf4", "int8", "bf16", "fp32"])
     g.add_argument("--device", dest="model.device", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--attention", dest="model.attention", choices=["auto", "sdpa", "eager"])
     g.add_argument("--cache-dir", dest="model.cache_dir", type=Path)
     g = p.add_argument_group("lora")
     g.add_argument("--lora-r", dest="lora.r", type=int)

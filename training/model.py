@@ -44,10 +44,12 @@ def load_base_for_training(config: ModelConfig, *, gradient_checkpointing: bool 
     source: ModelSource = resolve_source(config.base, config.cache_dir)
     device = pick_device(config.device)
     quiet_int8_cast_warning()
+    attention = {} if config.attention == "auto" else {"attn_implementation": config.attention}
     model = AutoModelForCausalLM.from_pretrained(
         source.path,
         device_map={"": device},
         trust_remote_code=False,
+        **attention,
         **quantization_kwargs(config.quantization, device, training_dtype(config, device)),
     )
     if config.quantization in ("nf4", "int8"):

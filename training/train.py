@@ -130,6 +130,8 @@ def run(config: RunConfig, *, resume: bool = False, eval_only: bool = False) -> 
         "steps": config.train.max_steps,
         "hyperparameters": {"lora": asdict(config.lora), "train": asdict(config.train)},
         "base_quantization": config.model.quantization,
+        "compute_dtype": config.model.compute_dtype,
+        "attention": config.model.attention,
         "device": device,
         "processes": _process_state().num_processes,
         "train_seconds": train_seconds,

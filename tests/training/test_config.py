@@ -26,6 +26,9 @@ def test_preset_then_file_then_flags(tmp_path):
 def test_dolly_default_is_qlora_nf4_on_all_linear_layers(tmp_path):
     config = build_config("dolly", tmp_path / "dolly")
     assert config.model.quantization == "nf4" and config.lora.targets == ["all-linear"]
+    assert config.model.attention == "eager"  # measured faster for training on CPU
+    args = make_parser().parse_args(["dolly", "--attention", "sdpa"])
+    assert build_config("dolly", tmp_path / "d", overrides=overrides_from(args)).model.attention == "sdpa"
     assert config.checkpoint_dir == tmp_path / ".dolly-checkpoints"
 
 
@@ -46,6 +49,7 @@ def test_seed_presets_carry_the_seed_recipes(tmp_path):
         ("optimizer:\n  lr: 1\n", "unknown section"),
         ("train:\n  max_steps: 0\n", "max_steps must be positive"),
         ("lora:\n  dropout: 1.5\n", "dropout"),
+        ("model:\n  attention: flash\n", "model.attention"),
     ],
 )
 def test_bad_configs_are_refused_clearly(tmp_path, doc, message):

@@ -70,10 +70,21 @@ def test_package_is_complete_and_serves(trained, tiny):
     assert manifest.base_model.fingerprint == tiny.fingerprint
     assert manifest.training["dataset_sha256"] and manifest.training["libraries"]["peft"]
     assert manifest.training["hyperparameters"]["lora"]["r"] == 4
+    assert manifest.training["attention"] == "eager"  # the dolly preset's, recorded
     assert manifest.metrics["eval_loss_adapter"] == metrics["eval_loss_adapter"]
     registry = AdapterRegistry(out.parent, base_id="tiny", base_fingerprint=tiny.fingerprint)
     registry.scan()
     assert [r.name for r in registry.ready()] == ["tiny-dolly"]
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_training_loader_uses_the_configured_attention(tiny, cache_dir, attention):
+    from training.config import ModelConfig
+    from training.model import load_base_for_training
+
+    config = ModelConfig(base=str(tiny.base_dir), quantization="nf4", attention=attention, cache_dir=cache_dir)
+    model, *_ = load_base_for_training(config)
+    assert model.config._attn_implementation == attention
 
 
 def test_resume_and_eval_only(trained):
