@@ -28,9 +28,8 @@ class ModelConfig:
     # Compute dtype of the quantized layers: "auto" is the service's rule (bf16 on GPU, fp32 on
     # CPU); "bf16" on a CPU with AVX512-BF16 trains about 1.7x faster (docs/training.md).
     compute_dtype: Literal["auto", "bf16", "fp32"] = "auto"
-    # Attention kernel for training: "auto" is transformers' choice (SDPA). On this 2-core CPU the
-    # plain "eager" attention trains 8-12% faster: SDPA's CPU flash backward is slow at these
-    # short, padded shapes (docs/training.md). Serving is not affected.
+    # Attention kernel for training: "auto" is transformers' choice (SDPA). "eager" was faster on
+    # single CPU batches but not inside a real run here (docs/training.md). Serving is unaffected.
     attention: Literal["auto", "sdpa", "eager"] = "auto"
     cache_dir: Path = Path("~/.cache/hotswap")
 
