@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from training.config import ATTENTIONS, LOSS_WEIGHTINGS, QUANTIZATIONS
 from training.presets import PRESETS
 
 
@@ -29,9 +30,9 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-train-records", dest="data.max_train_records", type=int)
     g = p.add_argument_group("model")
     g.add_argument("--base-model", dest="model.base")
-    g.add_argument("--quantization", dest="model.quantization", choices=["nf4", "int8", "bf16", "fp32"])
+    g.add_argument("--quantization", dest="model.quantization", choices=QUANTIZATIONS)
     g.add_argument("--device", dest="model.device", choices=["auto", "cpu", "cuda"])
-    g.add_argument("--attention", dest="model.attention", choices=["auto", "sdpa", "eager"])
+    g.add_argument("--attention", dest="model.attention", choices=ATTENTIONS)
     g.add_argument("--cache-dir", dest="model.cache_dir", type=Path)
     g = p.add_argument_group("lora")
     g.add_argument("--lora-r", dest="lora.r", type=int)
@@ -46,7 +47,7 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-length", dest="train.max_length", type=int)
     g.add_argument("--loraplus-ratio", dest="train.loraplus_ratio", type=float,
                    help="LoRA+: learning rate of the B matrices over that of A")
-    g.add_argument("--loss-weighting", dest="train.loss_weighting", choices=["batch", "token"],
+    g.add_argument("--loss-weighting", dest="train.loss_weighting", choices=LOSS_WEIGHTINGS,
                    help="weigh every batch the same, or every labelled token of the run")
     g.add_argument("--seed", dest="train.seed", type=int)
     g.add_argument("--save-steps", dest="train.save_steps", type=int)

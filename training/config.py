@@ -5,11 +5,20 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 
 from training.presets import preset
+
+# The allowed values of the constrained settings, one source for the dataclasses, the command
+# line's choices and validate() (a YAML file bypasses argparse).
+Quantization = Literal["nf4", "int8", "bf16", "fp32"]
+Attention = Literal["auto", "sdpa", "eager"]
+LossWeighting = Literal["batch", "token"]
+QUANTIZATIONS: tuple[str, ...] = get_args(Quantization)
+ATTENTIONS: tuple[str, ...] = get_args(Attention)
+LOSS_WEIGHTINGS: tuple[str, ...] = get_args(LossWeighting)
 
 
 @dataclass
@@ -23,14 +32,14 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     base: str = "embedded:smollm2-135m-instruct"
-    quantization: Literal["nf4", "int8", "bf16", "fp32"] = "nf4"
+    quantization: Quantization = "nf4"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Compute dtype of the quantized layers: "auto" is the service's rule (bf16 on GPU, fp32 on
     # CPU); "bf16" on a CPU with AVX512-BF16 trains about 1.7x faster (docs/training.md).
     compute_dtype: Literal["auto", "bf16", "fp32"] = "auto"
     # Attention kernel for training: "auto" is transformers' choice (SDPA). "eager" was faster on
     # single CPU batches but not inside a real run here (docs/training.md). Serving is unaffected.
-    attention: Literal["auto", "sdpa", "eager"] = "auto"
+    attention: Attention = "auto"
     cache_dir: Path = Path("~/.cache/hotswap")
 
 
@@ -58,7 +67,7 @@ class TrainSettings:
     # the same (transformers' rule). "token": every labelled token of the run weighs the same: a
     # batch's summed loss is divided by the training set's mean labelled tokens per batch. With
     # length-grouped batches the difference is large (docs/training.md).
-    loss_weighting: Literal["batch", "token"] = "batch"
+    loss_weighting: LossWeighting = "batch"
     gradient_checkpointing: bool = False
     seed: int = 42
     logging_steps: int = 10
@@ -131,9 +140,9 @@ def validate(config: RunConfig) -> None:
         (0 <= lora.dropout < 1, "lora.dropout must lie in [0, 1)"),
         (bool(lora.targets), "lora.targets must name at least one module"),
         (config.data.eval_size > 0, "data.eval_size must be positive"),
-        (config.model.quantization in ("nf4", "int8", "bf16", "fp32"), "unknown model.quantization"),
-        (config.model.attention in ("auto", "sdpa", "eager"), "model.attention must be auto, sdpa or eager"),
-        (t.loss_weighting in ("batch", "token"), "train.loss_weighting must be 'batch' or 'token'"),
+        (config.model.quantization in QUANTIZATIONS, "unknown model.quantization"),
+        (config.model.attention in ATTENTIONS, "model.attention must be auto, sdpa or eager"),
+        (t.loss_weighting in LOSS_WEIGHTINGS, "train.loss_weighting must be 'batch' or 'token'"),
     ]
     for ok, message in checks:
         if not ok:
