@@ -51,6 +51,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="weigh every batch the same, or every labelled token of the run")
     g.add_argument("--seed", dest="train.seed", type=int)
     g.add_argument("--save-steps", dest="train.save_steps", type=int)
+    g.add_argument("--eval-steps", dest="train.eval_steps", type=int,
+                   help="held-out loss during training every N steps (default: --save-steps)")
     g.add_argument("--logging-steps", dest="train.logging_steps", type=int)
     g.add_argument("--tensorboard", dest="train.tensorboard", action="store_const", const=True)
     return p

@@ -72,6 +72,7 @@ class TrainSettings:
     seed: int = 42
     logging_steps: int = 10
     save_steps: int = 50
+    eval_steps: int | None = None  # held-out loss during training every N steps (None: save_steps)
     tensorboard: bool = False
 
 
@@ -135,6 +136,8 @@ def validate(config: RunConfig) -> None:
         (t.max_steps > 0, "train.max_steps must be positive"),
         (t.batch_size > 0 and t.grad_accum > 0, "train.batch_size and grad_accum must be positive"),
         (t.learning_rate > 0, "train.learning_rate must be positive"),
+        (t.save_steps > 0, "train.save_steps must be positive"),
+        (t.eval_steps is None or t.eval_steps > 0, "train.eval_steps must be positive"),
         (t.max_length >= 32, "train.max_length must be at least 32"),
         (lora.r > 0 and lora.alpha > 0, "lora.r and lora.alpha must be positive"),
         (0 <= lora.dropout < 1, "lora.dropout must lie in [0, 1)"),

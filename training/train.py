@@ -71,7 +71,7 @@ def _trainer_args(config: RunConfig, device: str, has_eval: bool) -> Any:
         save_steps=t.save_steps,
         save_total_limit=2,
         eval_strategy="steps" if has_eval else "no",
-        eval_steps=t.save_steps if has_eval else None,
+        eval_steps=(t.eval_steps or t.save_steps) if has_eval else None,
         report_to=["tensorboard"] if t.tensorboard else [],
         bf16=bf16,  # autocast; LoRA weights and optimizer state stay fp32
         use_cpu=device == "cpu",

@@ -50,6 +50,7 @@ def test_seed_presets_carry_the_seed_recipes(tmp_path):
         ("train:\n  max_steps: 0\n", "max_steps must be positive"),
         ("lora:\n  dropout: 1.5\n", "dropout"),
         ("model:\n  attention: flash\n", "model.attention"),
+        ("train:\n  eval_steps: 0\n", "eval_steps must be positive"),
     ],
 )
 def test_bad_configs_are_refused_clearly(tmp_path, doc, message):
