@@ -54,7 +54,7 @@ class LoraSettings:
 @dataclass
 class TrainSettings:
     max_steps: int = 100
-    batch_size: int = 8
+    batch_size: int = 8  # sequences per forward pass, summed over all processes (see per_device_batch)
     grad_accum: int = 1
     learning_rate: float = 2e-4
     scheduler: str = "cosine"

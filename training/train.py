@@ -50,6 +50,7 @@ def _trainer_args(config: RunConfig, device: str, has_eval: bool) -> Any:
     from training.model import training_dtype
 
     t = config.train
+    per_device = per_device_batch(t.batch_size, _world_size())
     dtype = training_dtype(config.model, device)
     bf16 = dtype == torch.bfloat16 or (
         dtype is None and device == "cuda" and torch.cuda.is_bf16_supported()
@@ -57,7 +58,9 @@ def _trainer_args(config: RunConfig, device: str, has_eval: bool) -> Any:
     return SFTConfig(
         output_dir=str(config.checkpoint_dir),
         max_steps=t.max_steps,
-        per_device_train_batch_size=t.batch_size,
+        per_device_train_batch_size=per_device,
+        # Each rank evaluates whole batches of `batch_size`, so the in-training held-out loss (a
+        # mean over batches) is the same figure for any number of processes.
         per_device_eval_batch_size=t.batch_size,
         gradient_accumulation_steps=t.grad_accum,
         learning_rate=t.learning_rate,
@@ -87,6 +90,8 @@ def _trainer_args(config: RunConfig, device: str, has_eval: bool) -> Any:
 def run(config: RunConfig, *, resume: bool = False, eval_only: bool = False) -> dict[str, Any]:
     name = parse_adapter_name(config.output_dir.name)
     task = TASKS[config.task]
+    processes = _world_size()
+    per_device_batch(config.train.batch_size, processes)  # refuse a bad split before loading anything
     source_id = config.data.source or DEFAULT_SOURCES[config.task]
     records = load_records(source_id, task.required_record_fields)
     train_records, held = split(records, config.data.eval_size, config.data.split_seed)
@@ -111,6 +116,8 @@ def run(config: RunConfig, *, resume: bool = False, eval_only: bool = False) -> 
             # active exception") while rank 0 is still evaluating.
             _process_state().destroy_process_group()
             return {}
+        if processes > 1 and device == "cpu":
+            _take_all_cores()  # the other ranks have left; evaluation runs on rank 0 alone
 
     evaluating = time.perf_counter()
     held_examples = tokenize_all(tokenizer, manifest, task, held, config.train.max_length)
@@ -133,7 +140,7 @@ def run(config: RunConfig, *, resume: bool = False, eval_only: bool = False) -> 
         "compute_dtype": config.model.compute_dtype,
         "attention": config.model.attention,
         "device": device,
-        "processes": _process_state().num_processes,
+        "processes": _world_size(),
         "train_seconds": train_seconds,
         "libraries": library_versions(),
     }
@@ -147,10 +154,14 @@ def run(config: RunConfig, *, resume: bool = False, eval_only: bool = False) -> 
 
 
 def _train(config, base, tokenizer, manifest, task, train_records, held, device, resume):
+    from transformers import set_seed
+
     from training.trainer import ResponseOnlyTrainer, loraplus_optimizer
 
     train_examples = tokenize_all(tokenizer, manifest, task, train_records, config.train.max_length)
     eval_examples = tokenize_all(tokenizer, manifest, task, held[:EVAL_DURING_TRAINING], config.train.max_length)
+    # The Trainer seeds only once it is built; the adapter's initial A matrices are drawn before.
+    set_seed(config.train.seed)
     model = add_lora(base, config.lora)
     args = _trainer_args(config, device, has_eval=bool(eval_examples))
     ratio = config.train.loraplus_ratio
@@ -161,7 +172,7 @@ def _train(config, base, tokenizer, manifest, task, train_records, held, device,
         eval_dataset=_dataset(eval_examples) if eval_examples else None,
         processing_class=tokenizer,
         optimizers=(loraplus_optimizer(model, args, ratio) if ratio else None, None),
-        tokens_per_step=_tokens_per_step(train_examples, config.train)
+        tokens_per_step=_tokens_per_step(train_examples, config.train, _world_size())
         if config.train.loss_weighting == "token" else None,
     )
     checkpoint = _latest_checkpoint(config.checkpoint_dir) if resume else None
@@ -171,10 +182,38 @@ def _train(config, base, tokenizer, manifest, task, train_records, held, device,
     return trainer.model, trainer.state.log_history
 
 
-def _tokens_per_step(examples: list[Example], t: TrainSettings) -> float:
+def per_device_batch(batch_size: int, processes: int) -> int:
+    """`train.batch_size` counts the sequences of one forward pass over all processes, so a recipe
+    trains on the same batches whatever the number of ranks; each rank takes an equal share."""
+    if batch_size % processes:
+        raise ValueError(
+            f"train.batch_size ({batch_size}) must be a multiple of the number of processes ({processes}): "
+            "it is the batch summed over all of them"
+        )
+    return batch_size // processes
+
+
+def _tokens_per_step(examples: list[Example], t: TrainSettings, processes: int) -> float:
     """Expected labelled tokens of one optimiser step on one device (the first token is never a target)."""
     labelled = sum(sum(label != -100 for label in e.labels[1:]) for e in examples)
-    return labelled / max(len(examples), 1) * t.batch_size * t.grad_accum
+    return labelled / max(len(examples), 1) * per_device_batch(t.batch_size, processes) * t.grad_accum
+
+
+def _take_all_cores() -> None:
+    """torch.distributed.run starts each rank with one thread (OMP_NUM_THREADS=1)."""
+    import os
+
+    import torch
+
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+
+
+def _world_size() -> int:
+    """Processes in this run, as torch.distributed.run / accelerate launch announce them. (Before the
+    Trainer sets up the process group, accelerate's PartialState reports one process on CPU.)"""
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _process_state() -> Any:

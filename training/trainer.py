@@ -81,18 +81,23 @@ class ResponseOnlyTrainer(SFTTrainer):
         dataset = self.train_dataset if train_dataset is None else train_dataset
         if self.args.train_sampling_strategy != "group_by_length" or "length" not in dataset.column_names:
             return super()._get_train_sampler(train_dataset)
-        size = self.args.train_batch_size * self.args.gradient_accumulation_steps
+        # One run of like lengths per optimiser step over all ranks: accelerate deals consecutive
+        # batches to the ranks in turn, so the ranks of a step get like lengths (none waits long
+        # for another) and the step holds the same sequences as on one process.
+        size = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
         return LengthBuckets(dataset["length"], size, self.args.seed)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"]
-        backbone_inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")}
-        causal_lm = _causal_lm(model)
-        backbone = getattr(causal_lm, causal_lm.base_model_prefix)
-        hidden = backbone(**backbone_inputs, use_cache=False).last_hidden_state[:, :-1]
-        targets = labels[:, 1:].to(hidden.device)
+        targets = labels[:, 1:]
         mask = targets != -100
-        logits = causal_lm.get_output_embeddings()(hidden[mask]).float()
+        # Position t predicts token t + 1: keep the positions whose next token is labelled, and let
+        # the model project only those through its LM head (transformers' boolean logits_to_keep).
+        # The call goes through the model as wrapped (DDP under torch.distributed.run): DDP syncs the
+        # gradients only of what ran through its own forward.
+        keep = torch.nn.functional.pad(mask, (0, 1), value=False)
+        backbone_inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")}
+        logits = model(**backbone_inputs, logits_to_keep=keep, use_cache=False).logits.float()
         picked = targets[mask]
         nll = torch.nn.functional.cross_entropy(logits, picked, reduction="sum")
         count = mask.sum()
@@ -112,13 +117,6 @@ class ResponseOnlyTrainer(SFTTrainer):
             self._total_train_tokens += self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
             self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
         return (loss, {"loss": loss}) if return_outputs else loss
-
-
-def _causal_lm(model: Any) -> Any:
-    """The transformers causal LM under PEFT and accelerate wrappers."""
-    while hasattr(model, "module"):  # DDP
-        model = model.module
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def loraplus_optimizer(model: Any, args: Any, ratio: float) -> Any:

@@ -121,7 +121,8 @@ def test_marketmail_verdict(text, ok, why):
 
 
 def test_two_process_data_parallel_run_on_cpu(tiny, tmp_path, cache_dir):
-    """Two ranks train data-parallel (gloo on CPU); rank 0 alone evaluates and writes the package.
+    """Two ranks train data-parallel (gloo on CPU) on the same batches as one process would; rank 0
+    alone evaluates and writes the package.
 
     `accelerate launch --multi_gpu` starts ranks with torch.distributed.run, used here directly:
     accelerate's own CPU multi-process launch needs MPI (`mpirun`), which this machine lacks.
@@ -131,21 +132,33 @@ def test_two_process_data_parallel_run_on_cpu(tiny, tmp_path, cache_dir):
 
     data = tmp_path / "d.jsonl"
     data.write_text("".join(
-        json.dumps({"instruction": q, "context": "", "response": a}) + "\n" for q, a in FACTS * 8
+        json.dumps({"instruction": q, "context": "", "response": a * (1 + i % 3)}) + "\n"
+        for i, (q, a) in enumerate(FACTS * 8)
     ))
-    out = tmp_path / "acc-dolly"
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_port", str(free_port()),
+    args = [
         "-m", "training", "dolly", "--data", str(data), "--eval-size", "4", "--base-model", str(tiny.base_dir),
-        "--quantization", "fp32", "--cache-dir", str(cache_dir), "--steps", "4", "--batch-size", "2",
-        "--lora-r", "4", "--lora-targets", "q_proj", "v_proj", "--max-length", "96", "--output-dir", str(out),
+        "--quantization", "fp32", "--cache-dir", str(cache_dir), "--steps", "4", "--batch-size", "4",
+        "--lr", "1e-2", "--lora-r", "4", "--lora-targets", "q_proj", "v_proj", "--max-length", "96",
+        "--loss-weighting", "token", "--logging-steps", "1",
     ]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    manifest = AdapterManifest.read(out)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
+    two, one = tmp_path / "two-dolly", tmp_path / "one-dolly"
+    for cmd in (launch + [*args, "--output-dir", str(two)], [sys.executable, *args, "--output-dir", str(one)]):
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    manifest = AdapterManifest.read(two)
     assert manifest.training["processes"] == 2
-    assert (out / "adapter_model.safetensors").is_file()
+    assert AdapterManifest.read(one).training["processes"] == 1
+    assert (two / "adapter_model.safetensors").is_file()
+
+    # Each step's gradient is the one process's, batch for batch: the ranks split each batch of 4
+    # and DDP averages their gradients. (Ranks whose gradients were not synced each stepped on
+    # their own half batch: norms 10-20% off.)
+    def grad_norms(out):
+        return [h["grad_norm"] for h in json.loads((out / "training_log.json").read_text()) if "grad_norm" in h]
+
+    assert len(grad_norms(two)) == 4
+    assert grad_norms(two) == pytest.approx(grad_norms(one), rel=2e-3)
 
 
 def test_loss_plot_is_drawn_from_the_run_log(trained, tmp_path):

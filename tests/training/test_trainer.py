@@ -100,7 +100,17 @@ def test_tokens_per_step_counts_the_labelled_targets():
 
     examples = [Example([1, 2, 3, 4], [-100, -100, 3, 4]), Example([1, 2, 3, 4, 5, 6], [-100, 2, 3, 4, 5, 6])]
     settings = TrainSettings(batch_size=4, grad_accum=2)
-    assert _tokens_per_step(examples, settings) == pytest.approx((2 + 5) / 2 * 4 * 2)
+    assert _tokens_per_step(examples, settings, processes=1) == pytest.approx((2 + 5) / 2 * 4 * 2)
+    # batch_size spans all processes: each of 2 ranks steps on half of it
+    assert _tokens_per_step(examples, settings, processes=2) == pytest.approx((2 + 5) / 2 * 2 * 2)
+
+
+def test_batch_size_must_split_evenly_over_the_processes():
+    from training.train import per_device_batch
+
+    assert per_device_batch(8, 2) == 4
+    with pytest.raises(ValueError, match=r"train.batch_size \(6\) must be a multiple of the number of processes \(4\)"):
+        per_device_batch(6, 4)
 
 
 def test_loraplus_gives_the_b_matrices_ratio_times_the_learning_rate(tiny, tmp_path):
