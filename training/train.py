@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -140,7 +141,7 @@ def run(config: RunConfig, *, resume: bool = False, eval_only: bool = False) -> 
         "compute_dtype": config.model.compute_dtype,
         "attention": config.model.attention,
         "device": device,
-        "processes": _world_size(),
+        "processes": processes,
         "train_seconds": train_seconds,
         "libraries": library_versions(),
     }
@@ -201,8 +202,6 @@ def _tokens_per_step(examples: list[Example], t: TrainSettings, processes: int) 
 
 def _take_all_cores() -> None:
     """torch.distributed.run starts each rank with one thread (OMP_NUM_THREADS=1)."""
-    import os
-
     import torch
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
@@ -211,8 +210,6 @@ def _take_all_cores() -> None:
 def _world_size() -> int:
     """Processes in this run, as torch.distributed.run / accelerate launch announce them. (Before the
     Trainer sets up the process group, accelerate's PartialState reports one process on CPU.)"""
-    import os
-
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 

@@ -96,8 +96,8 @@ class ResponseOnlyTrainer(SFTTrainer):
         # The call goes through the model as wrapped (DDP under torch.distributed.run): DDP syncs the
         # gradients only of what ran through its own forward.
         keep = torch.nn.functional.pad(mask, (0, 1), value=False)
-        backbone_inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")}
-        logits = model(**backbone_inputs, logits_to_keep=keep, use_cache=False).logits.float()
+        model_inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")}
+        logits = model(**model_inputs, logits_to_keep=keep, use_cache=False).logits.float()
         picked = targets[mask]
         nll = torch.nn.functional.cross_entropy(logits, picked, reduction="sum")
         count = mask.sum()
