@@ -85,6 +85,9 @@ def _trainer_args(config: RunConfig, device: str, has_eval: bool) -> Any:
         remove_unused_columns=False,
         prediction_loss_only=True,
         dataloader_num_workers=0,
+        # Every LoRA weight takes part in every forward, so DDP need not walk the autograd graph
+        # each step looking for unused ones (transformers' default without gradient checkpointing).
+        ddp_find_unused_parameters=False,
     )
 
 

@@ -36,6 +36,9 @@ class LengthBuckets(torch.utils.data.Sampler[int]):
 
     Shuffle, sort each window of `BUCKET_WINDOW` batches by length, cut it into batches, then
     shuffle all the batches. Deterministic for a (seed, epoch), so resuming skips the same batches.
+    The one short batch (the end of the last window) comes last: the data loader cuts the index
+    stream into steps by count, so a short batch mid-epoch would shift every later step across
+    two runs (mixed lengths, more padding: on the dolly run 36% more tokens a step after it).
     """
 
     def __init__(self, lengths: Sequence[int], batch_size: int, seed: int) -> None:
@@ -58,7 +61,8 @@ class LengthBuckets(torch.utils.data.Sampler[int]):
         for start in range(0, len(order), window):
             chunk = sorted(order[start : start + window], key=self.lengths.__getitem__)
             batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
-        return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+        shuffled = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+        return [b for b in shuffled if len(b) == self.batch_size] + [b for b in shuffled if len(b) < self.batch_size]
 
     def __iter__(self) -> Iterator[int]:
         for batch in self.batches():

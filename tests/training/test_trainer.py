@@ -150,6 +150,23 @@ def test_length_buckets_group_like_lengths_in_random_order():
     assert list(sampler) != order
 
 
+def test_length_buckets_keep_every_step_on_one_run_when_the_data_does_not_divide():
+    import random
+
+    from training.trainer import LengthBuckets
+
+    rng = random.Random(1)
+    lengths = [rng.randint(10, 320) for _ in range(4003)]  # 500 full batches of 8 and one of 3
+    order = list(LengthBuckets(lengths, batch_size=8, seed=42))
+    assert sorted(order) == list(range(len(lengths)))
+    # The data loader cuts the stream into steps of 8 by count: every full step must be one
+    # like-length run (a short run mid-stream would shift all later steps across two runs).
+    steps = [order[i : i + 8] for i in range(0, len(order), 8)]
+    assert [len(s) for s in steps] == [8] * 500 + [3]
+    spread = [max(lengths[j] for j in s) - min(lengths[j] for j in s) for s in steps[:-1]]
+    assert max(spread) <= 40 and sorted(spread)[len(spread) // 2] <= 4
+
+
 def test_trainer_draws_length_buckets_when_grouping_by_length(tiny, tmp_path):
     from datasets import Dataset
     from trl import SFTConfig
