@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import time
@@ -122,6 +123,14 @@ def run(config: RunConfig, *, resume: bool = False, eval_only: bool = False) -> 
             return {}
         if processes > 1 and device == "cpu":
             _take_all_cores()  # the other ranks have left; evaluation runs on rank 0 alone
+        # Evaluate what ships: the adapter as saved, on a base loaded afresh the way --eval-only
+        # and the service load it, not the training model object (the schema run's greedy
+        # outputs differed between the two: docs/training.md).
+        staged = config.checkpoint_dir / "final"
+        model.save_pretrained(staged, safe_serialization=True)
+        del model
+        gc.collect()
+        model, tokenizer, source, device = load_trained(config.model, staged)
 
     evaluating = time.perf_counter()
     held_examples = tokenize_all(tokenizer, manifest, task, held, config.train.max_length)

@@ -69,6 +69,22 @@ class LengthBuckets(torch.utils.data.Sampler[int]):
             yield from batch
 
 
+def keep_adapter_fp32(model: Any) -> None:
+    """Trainable weights back to fp32 after trl's SFTTrainer cast them to bf16.
+
+    trl (1.x) casts every trainable weight of a model on a quantized base to bf16 when it builds
+    the trainer, so AdamW then updates bf16 weights: an update smaller than half a bf16 step of the
+    weight (2^-9 of it) is lost, which a LoRA A weight of 0.04 meets below an update of 8e-5, that
+    is for most of a cosine schedule's tail. fp32 weights keep every update; under bf16 autocast
+    the products are still computed in bf16, so this costs no speed.
+    """
+    import torch
+
+    for param in model.parameters():
+        if param.requires_grad and param.dtype in (torch.bfloat16, torch.float16):
+            param.data = param.data.float()
+
+
 class ResponseOnlyTrainer(SFTTrainer):
     """`tokens_per_step`: when given, a training batch's summed loss is divided by this constant
     (the expected labelled tokens of one optimiser step on one device) instead of by the batch's
@@ -77,6 +93,7 @@ class ResponseOnlyTrainer(SFTTrainer):
 
     def __init__(self, *args: Any, tokens_per_step: float | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        keep_adapter_fp32(self.model)
         self.tokens_per_step = tokens_per_step
         if tokens_per_step is not None:
             self.loss_is_scaled_for_ga = True  # the constant spans the accumulated micro-batches
