@@ -43,6 +43,17 @@ class IncrementalDecoder:
         return full[len(prefix) :].rstrip("\ufffd")
 
 
+def first_stop(text: str, stops: list[str]) -> int | None:
+    """Where to cut `text` for the stop string that completes first, as token-by-token generation
+    meets them (ties: the one that starts first); None when none occurs.
+
+    The stop that *starts* first is not the answer: in "#aa" with stops "a" and "#aa", generation
+    ends at "#a", when "a" completes, so the output is "#" however the text arrives.
+    """
+    hits = [(i + len(s), i) for s in stops if s and (i := text.find(s)) >= 0]
+    return min(hits)[1] if hits else None
+
+
 class StopMatcher:
     """Finds stop strings in streamed text, even when one spans several deltas.
 
@@ -59,10 +70,10 @@ class StopMatcher:
         if not self.stops:
             return delta, False
         text = self.held + delta
-        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
-        if hits:
+        cut = first_stop(text, self.stops)
+        if cut is not None:
             self.held = ""
-            return text[: min(hits)], True
+            return text[:cut], True
         keep = self._partial_suffix(text)
         self.held = text[len(text) - keep :] if keep else ""
         return text[: len(text) - keep], False
