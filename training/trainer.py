@@ -74,9 +74,10 @@ def keep_adapter_fp32(model: Any) -> None:
 
     trl (1.x) casts every trainable weight of a model on a quantized base to bf16 when it builds
     the trainer, so AdamW then updates bf16 weights: an update smaller than half a bf16 step of the
-    weight (2^-9 of it) is lost, which a LoRA A weight of 0.04 meets below an update of 8e-5, that
-    is for most of a cosine schedule's tail. fp32 weights keep every update; under bf16 autocast
-    the products are still computed in bf16, so this costs no speed.
+    weight (2^-9 to 2^-8 of it) is lost; for a LoRA A weight of 0.04, any update below 1.2e-4,
+    which with Adam's steps of about the learning rate is the tail of a cosine schedule from 1e-3.
+    fp32 weights keep every update; under bf16 autocast the products are still computed in bf16,
+    so this costs no speed.
     """
     import torch
 
