@@ -128,7 +128,7 @@ def run(config: RunConfig, *, resume: bool = False, eval_only: bool = False) -> 
         # outputs differed between the two: docs/training.md).
         staged = config.checkpoint_dir / "final"
         model.save_pretrained(staged, safe_serialization=True)
-        del model
+        del model, base  # `base` is the same model (LoRA wraps it in place): free both names
         gc.collect()
         model, tokenizer, source, device = load_trained(config.model, staged)
 

@@ -62,7 +62,7 @@ class LengthBuckets(torch.utils.data.Sampler[int]):
             chunk = sorted(order[start : start + window], key=self.lengths.__getitem__)
             batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
         shuffled = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
-        return [b for b in shuffled if len(b) == self.batch_size] + [b for b in shuffled if len(b) < self.batch_size]
+        return sorted(shuffled, key=lambda b: len(b) < self.batch_size)  # stable: the short one last
 
     def __iter__(self) -> Iterator[int]:
         for batch in self.batches():
@@ -79,8 +79,6 @@ def keep_adapter_fp32(model: Any) -> None:
     fp32 weights keep every update; under bf16 autocast the products are still computed in bf16,
     so this costs no speed.
     """
-    import torch
-
     for param in model.parameters():
         if param.requires_grad and param.dtype in (torch.bfloat16, torch.float16):
             param.data = param.data.float()
