@@ -33,11 +33,11 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             # and on this CPU LoRA dropout costs about a quarter of each step (docs/training.md).
             "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "targets": ["all-linear"]},
             "train": {
-                # 1,650 steps of 8 (about one epoch) at about 3.4 s a step as two data-parallel
+                # 1,650 steps of 8 (about one epoch) at about 3.25 s a step as two data-parallel
                 # ranks of one thread each (`make train-dolly`; one two-thread process trains the
-                # same batches at about 3.9 s a step): the shipped run took 99 minutes with
-                # evaluation, about 94 with the sampler fixed since, against the plan of 90
-                # (docs/training.md). 1,500 steps fit 93 minutes but score 14.93%, short of 15%.
+                # same batches at about 3.9 s a step): the shipped run took 92 min 45 s with
+                # evaluation, against the plan of about 90, and scored 15.21%
+                # (docs/training.md). 1,500 steps score 14.93%, short of 15%.
                 # `batch_size` spans all ranks.
                 "max_steps": 1650, "batch_size": 8, "learning_rate": 1e-3, "scheduler": "cosine",
                 "warmup_steps": 20, "max_length": 320, "max_grad_norm": 1.0,
