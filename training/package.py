@@ -43,8 +43,18 @@ def write_package(
     out.mkdir(parents=True, exist_ok=True)
     peft_model.save_pretrained(out, safe_serialization=True)
     (out / "README.md").unlink(missing_ok=True)  # PEFT's boilerplate card; hotswap.json says it all
+    _sort_target_modules(out / "adapter_config.json")
     final = manifest.model_copy(update={"training": training, "metrics": metrics})
     final.write(out)
     if log_history is not None:
         (out / "training_log.json").write_text(json.dumps(log_history, indent=1) + "\n")
     return out
+
+
+def _sort_target_modules(config_path: Path) -> None:
+    """PEFT keeps `target_modules` as a set and writes it in hash order, which differs between
+    processes; sorted, two runs that train the same weights write the same package."""
+    config = json.loads(config_path.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True))

@@ -64,6 +64,8 @@ def test_package_is_complete_and_serves(trained, tiny):
     out, metrics, _ = trained
     assert {p.name for p in out.iterdir()} >= {"adapter_config.json", "adapter_model.safetensors", "hotswap.json"}
     assert not list(out.glob("*.bin"))
+    targets = json.loads((out / "adapter_config.json").read_text())["target_modules"]
+    assert len(targets) > 1 and targets == sorted(targets)  # PEFT writes its set in hash order
     weights = load_file(out / "adapter_model.safetensors")
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in weights.items())  # B starts at zero
     manifest = AdapterManifest.read(out)
