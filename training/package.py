@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -36,14 +37,27 @@ def draft_manifest(task: Task, name: str, source: ModelSource) -> AdapterManifes
     )
 
 
-def write_package(
-    peft_model: Any, manifest: AdapterManifest, out: Path, *, training: dict[str, Any],
-    metrics: dict[str, Any], log_history: list[dict[str, Any]] | None = None,
-) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def save_adapter(peft_model: Any, out: Path) -> Path:
+    """The PEFT half of a package: safetensors weights and `adapter_config.json`."""
     peft_model.save_pretrained(out, safe_serialization=True)
     (out / "README.md").unlink(missing_ok=True)  # PEFT's boilerplate card; hotswap.json says it all
     _sort_target_modules(out / "adapter_config.json")
+    return out
+
+
+def write_package(
+    manifest: AdapterManifest, out: Path, *, adapter: Path, training: dict[str, Any],
+    metrics: dict[str, Any], log_history: list[dict[str, Any]] | None = None,
+) -> Path:
+    """`adapter`: the directory `save_adapter` wrote (the weights that were evaluated); its files
+    are copied as they are. When it is `out` itself (`--eval-only`), the weights stay untouched."""
+    out.mkdir(parents=True, exist_ok=True)
+    if adapter.resolve() != out.resolve():
+        for name in ADAPTER_FILES:
+            shutil.copyfile(adapter / name, out / name)
     final = manifest.model_copy(update={"training": training, "metrics": metrics})
     final.write(out)
     if log_history is not None:

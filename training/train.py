@@ -15,7 +15,7 @@ from training.config import RunConfig, TrainSettings
 from training.data import Example, load_records, sha256_of, split, tokenize_example
 from training.evaluation import compare_losses, schema_rates
 from training.model import add_lora, load_base_for_training, load_trained
-from training.package import draft_manifest, library_versions, write_package
+from training.package import draft_manifest, library_versions, save_adapter, write_package
 from training.recipes import TASKS
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,8 @@ def run(config: RunConfig, *, resume: bool = False, eval_only: bool = False) -> 
         train_records = train_records[: config.data.max_train_records]
 
     if eval_only:
-        model, tokenizer, source, device = load_trained(config.model, config.output_dir)
+        adapter = config.output_dir
+        model, tokenizer, source, device = load_trained(config.model, adapter)
         manifest = AdapterManifest.read(config.output_dir)
         history = None
     else:
@@ -126,11 +127,10 @@ def run(config: RunConfig, *, resume: bool = False, eval_only: bool = False) -> 
         # Evaluate what ships: the adapter as saved, on a base loaded afresh the way --eval-only
         # and the service load it, not the training model object (the schema run's greedy
         # outputs differed between the two: docs/training.md).
-        staged = config.checkpoint_dir / "final"
-        model.save_pretrained(staged, safe_serialization=True)
+        adapter = save_adapter(model, config.checkpoint_dir / "final")
         del model, base  # `base` is the same model (LoRA wraps it in place): free both names
         gc.collect()
-        model, tokenizer, source, device = load_trained(config.model, staged)
+        model, tokenizer, source, device = load_trained(config.model, adapter)
 
     evaluating = time.perf_counter()
     held_examples = tokenize_all(tokenizer, manifest, task, held, config.train.max_length)
@@ -161,7 +161,7 @@ def run(config: RunConfig, *, resume: bool = False, eval_only: bool = False) -> 
         # Evaluating on another quantization of the base (e.g. the nf4 the service defaults
         # to): keep the run's own figures and add these beside them.
         metrics = {**manifest.metrics, f"on_{config.model.quantization}": metrics}
-    write_package(model, manifest, config.output_dir, training=training, metrics=metrics,
+    write_package(manifest, config.output_dir, adapter=adapter, training=training, metrics=metrics,
                   log_history=history)
     return metrics
 
