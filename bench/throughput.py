@@ -36,8 +36,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep", default="", help="comma-separated client counts, e.g. 1,2,4,8,16,32")
     p.add_argument("--plot", type=Path, help="PNG for the sweep (default docs/benchmark-<device>.png)")
     p.add_argument("--seed-requests", type=int, default=0,
-                   help="run (a) on only this many requests (its rate does not depend on the client "
-                        "count: it serves one request at a time); 0: all of them")
+                   help="run (a) once, on this many requests, for every client count (its rate does "
+                        "not depend on the count: it serves one request at a time); 0: all of them, per count")
     return p
 
 
@@ -156,7 +156,8 @@ def start_service(args, adapter_dir: Path, port: int, max_batch: int) -> subproc
     import httpx
 
     env = {**os.environ, "HOTSWAP_ADAPTER_DIR": str(adapter_dir), "HOTSWAP_CACHE_DIR": str(args.cache_dir),
-           "HOTSWAP_MAX_BATCH_SIZE": str(max_batch), "HOTSWAP_LOG_LEVEL": "warning"}
+           "HOTSWAP_MAX_BATCH_SIZE": str(max_batch),
+           "HOTSWAP_LOG_LEVEL": os.environ.get("HOTSWAP_LOG_LEVEL", "warning")}
     proc = subprocess.Popen([sys.executable, "-m", "service", "--model", args.model, "--quantization",
                              args.quantization, "--device", args.device, "--port", str(port)], env=env)
     deadline = time.monotonic() + 1200
@@ -191,14 +192,20 @@ def main(argv: list[str] | None = None) -> int:
     cycle = [None, *names]
     port = free_port()
     service = start_service(args, adapter_dir, port, max(counts))
-    rows = []
+    rows, seed = [], None
     try:
         for n in counts:
             prompts = make_prompts(base.tokenizer, n, args.prompt_tokens)
             adapters = [cycle[i % len(cycle)] for i in range(n)]
             static_batch(model, prompts[:1], adapters[:1], 2, base.device)  # warm-up
-            k = args.seed_requests or n
-            a = seed_path(model, prompts[:k], adapters[:k], args.new_tokens, base.device)
+            if args.seed_requests:  # the same first requests for every count: measured once
+                if seed is None:
+                    k = args.seed_requests
+                    seed = seed_path(model, make_prompts(base.tokenizer, k, args.prompt_tokens),
+                                     [cycle[i % len(cycle)] for i in range(k)], args.new_tokens, base.device)
+                a = seed
+            else:
+                a = seed_path(model, prompts, adapters, args.new_tokens, base.device)
             b = static_batch(model, prompts, adapters, args.new_tokens, base.device)
             url = f"http://127.0.0.1:{port}"
             # Warm-up, one request per adapter: (a) and (b) run on adapters loaded beforehand, so

@@ -6,12 +6,15 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from service.adapters.registry import AdapterRegistry
 from service.adapters.residency import AdapterResidency
 from service.base_model import load_base
 from service.engine import Engine
 from service.engine.runner import ModelRunner
 from service.engine.batched import BatchedEngine
+from service.engine.kvcache import capture_unsupported
 from service.engine.simple import SimpleEngine
 from service.metrics import Metrics
 from service.settings import Settings
@@ -55,9 +58,10 @@ def load_runtime(settings: Settings, metrics: Metrics) -> Runtime:
         "serving %s (fingerprint %s); adapters, loaded on first use: %s",
         base.source.served_id, base.source.fingerprint, [r.name for r in registry.ready()],
     )
+    max_context = min(base.max_context, settings.max_model_len or base.max_context)
     common = dict(
         eos_token_ids=base.eos_token_ids,
-        max_context=base.max_context,
+        max_context=max_context,
         max_queued=settings.max_queued_requests,
         on_state=metrics.observe_engine,
         on_step=metrics.batch_size.observe,
@@ -65,10 +69,60 @@ def load_runtime(settings: Settings, metrics: Metrics) -> Runtime:
     )
     runner = ModelRunner(base.model, base.device)
     if settings.engine == "batched":
+        kv_cache = choose_kv_cache(settings, base.model, base.device, max_context)
         engine: Engine = BatchedEngine(
             runner, max_batch_size=settings.max_batch_size,
-            max_prefill_tokens=settings.max_prefill_tokens, **common,
+            max_prefill_tokens=settings.max_prefill_tokens, kv_cache=kv_cache,
+            cuda_graphs=settings.cuda_graphs, **common,
         )
     else:
         engine = SimpleEngine(runner, **common)
-    return Runtime(engine, base.tokenizer, registry, base.source.served_id, base.max_context)
+    return Runtime(engine, base.tokenizer, registry, base.source.served_id, max_context)
+
+
+def choose_kv_cache(settings: Settings, model: Any, device: str, max_context: int) -> str:
+    """'static' or 'dynamic' for the batched engine (see Settings.kv_cache)."""
+    if settings.kv_cache == "dynamic":
+        return "dynamic"
+    reason = static_kv_unsupported(model.config)
+    if reason:
+        if settings.kv_cache == "static":
+            raise ValueError(f"KV_CACHE=static: {reason}")
+        return "dynamic"
+    need = static_kv_bytes(model.config, settings.max_batch_size, max_context, model.dtype)
+    no_graphs = ("not on CUDA" if device != "cuda" else "CUDA_GRAPHS is off" if not settings.cuda_graphs
+                 else capture_unsupported(model))
+    if settings.kv_cache == "auto":
+        if no_graphs:  # the static cache pays off through CUDA graphs (docs/benchmarks.md)
+            if device == "cuda":
+                log.info("KV cache: dynamic (no CUDA graphs: %s)", no_graphs)
+            return "dynamic"
+        free, _ = torch.cuda.mem_get_info()
+        if need > free // 2:
+            log.warning(
+                "KV cache: dynamic, since a static one (%d rows x %d positions) needs %.1f GiB and "
+                "%.1f GiB is free; set MAX_MODEL_LEN or MAX_BATCH_SIZE lower to get the static "
+                "cache and CUDA graphs", settings.max_batch_size, max_context, need / 2**30, free / 2**30,
+            )
+            return "dynamic"
+    log.info("KV cache: static, %d rows x %d positions (%.2f GiB), %s", settings.max_batch_size, max_context,
+             need / 2**30, f"no CUDA graphs ({no_graphs})" if no_graphs else "CUDA graphs")
+    return "static"
+
+
+def static_kv_unsupported(config: Any) -> str | None:
+    """Why the static KV cache cannot serve this model (None: it can)."""
+    config = getattr(config, "get_text_config", lambda: config)()
+    kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
+    if kinds != {"full_attention"} or getattr(config, "sliding_window", None):
+        return f"the model has layers other than full attention ({sorted(kinds)}); use KV_CACHE=dynamic"
+    return None
+
+
+def static_kv_bytes(config: Any, rows: int, positions: int, dtype: Any) -> int:
+    """Bytes of the static KV cache for this many rows and positions."""
+    config = getattr(config, "get_text_config", lambda: config)()
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    size = torch.empty((), dtype=dtype).element_size()
+    return config.num_hidden_layers * 2 * rows * positions * heads * head_dim * size

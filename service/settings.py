@@ -68,6 +68,22 @@ class Settings(BaseSettings):
     max_prefill_tokens: int = Field(
         4096, ge=1, description="Prompt tokens the batched engine prefills per iteration (>= 1 request)."
     )
+    kv_cache: Literal["auto", "static", "dynamic"] = Field(
+        "auto",
+        description="The batched engine's KV cache. static: one preallocated slot of "
+        "MAX_MODEL_LEN positions per batch row, and on CUDA each decode step replayed from a "
+        "CUDA graph; dynamic: a cache that grows with the batch (no reservation). auto: static "
+        "where CUDA graphs can run (CUDA, CUDA_GRAPHS on, no 8-bit layers) and the reservation "
+        "fits in half the free GPU memory, else dynamic.",
+    )
+    cuda_graphs: bool = Field(
+        True, description="With the static KV cache on CUDA, replay decode steps from CUDA graphs."
+    )
+    max_model_len: int = Field(
+        0, ge=0,
+        description="Longest prompt + completion served, in tokens; 0: the model's context. "
+        "The static KV cache reserves this many positions per batch row.",
+    )
     max_resident_adapters: int = Field(
         8, ge=1, le=1024,
         description="Adapters kept loaded on the base; the least recently used idle one is evicted.",

@@ -41,11 +41,11 @@ def adapter_dir(tmp_path_factory, cache_dir):
     return root
 
 
-def batched_vs_single(adapter_dir, cache_dir, quantization):
+def batched_vs_single(adapter_dir, cache_dir, quantization, kv_cache="dynamic"):
     settings = Settings(quantization=quantization, device="cpu", adapter_dir=adapter_dir, cache_dir=cache_dir)
     runtime = preload_adapters(load_runtime(settings, Metrics()), ("a1", "a2"))
     runner, tok = runtime.engine.runner, runtime.tokenizer
-    engine = BatchedEngine(runner, eos_token_ids=frozenset(), max_context=2048, max_batch_size=8)
+    engine = BatchedEngine(runner, eos_token_ids=frozenset(), max_context=2048, max_batch_size=8, kv_cache=kv_cache)
     prompts = [tok(p).input_ids for p in PROMPTS]
 
     async def main():
@@ -74,8 +74,9 @@ def batched_vs_single(adapter_dir, cache_dir, quantization):
     return batched, singles, len(prompts[0])
 
 
-def test_fp32_mixed_batch_is_token_identical(adapter_dir, cache_dir):
-    batched, singles, _ = batched_vs_single(adapter_dir, cache_dir, "fp32")
+@pytest.mark.parametrize("kv_cache", ["dynamic", "static"])
+def test_fp32_mixed_batch_is_token_identical(adapter_dir, cache_dir, kv_cache):
+    batched, singles, _ = batched_vs_single(adapter_dir, cache_dir, "fp32", kv_cache)
     for outs, single, ids in zip(batched, singles, PROMPTS, strict=True):
         tokens = [t for o in outs for t in o.token_ids]
         assert tokens == single.sequences[0, -NEW_TOKENS:].tolist(), ids

@@ -98,3 +98,66 @@ def test_qlora_training_steps_on_cuda(tiny, tmp_path, cache_dir):
     })
     metrics = train_run(config)
     assert metrics["eval_loss_adapter"] < metrics["eval_loss_base"]
+
+
+MIXED = [((5, 17, 42, 99, 7, 3), None, 12), ((8, 9), "alpha", 5), ((100, 101, 102, 103, 104, 105), "beta", 20),
+         ((33,), "alpha", 9), ((250, 251, 252, 12, 13), None, 16), ((60, 61, 62), "beta", 3)]
+
+
+def test_static_kv_with_cuda_graphs_is_token_identical_on_cuda_fp32(tiny, cache_dir):
+    from service.engine.batched import BatchedEngine
+
+    runtime = preload_adapters(load_runtime(settings(tiny, cache_dir, "fp32"), Metrics()))
+    runner = runtime.engine.runner
+    engine = BatchedEngine(runner, eos_token_ids=frozenset(), max_context=256, max_batch_size=4,
+                           kv_cache="static", cuda_graphs=True)
+
+    async def main():
+        await engine.start()
+        try:
+            async def one(i, prompt, adapter, n):
+                await asyncio.sleep(0.01 * i)  # later requests join a running batch
+                request = EngineRequest(f"r{i}", prompt, adapter, SamplingParams(max_tokens=n, temperature=0.0))
+                return [t for out in [o async for o in engine.generate(request)] for t in out.token_ids]
+            return await asyncio.gather(*(one(i, *m) for i, m in enumerate(MIXED)))
+        finally:
+            await engine.stop()
+
+    results = asyncio.run(main())
+    assert engine._kv.graphs and engine._kv.captures > 0  # captured, never fell back to eager
+    model = runner.model
+    for got, (prompt, adapter, n) in zip(results, MIXED, strict=True):
+        if adapter:
+            model.set_adapter(adapter)
+        ctx = model.disable_adapter() if adapter is None else torch.no_grad()
+        with ctx, torch.no_grad():
+            ref = model.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=n, do_sample=False,
+                                 eos_token_id=None, pad_token_id=0)
+        assert got == ref[0, len(prompt):].tolist(), (prompt, adapter)
+
+
+@pytest.mark.parametrize("quantization", ["nf4", "int8", "bf16"])
+def test_captured_decode_step_matches_eager_on_cuda(tiny, cache_dir, quantization):
+    from service.engine.kvcache import SlotKV
+
+    runner = preload_adapters(load_runtime(settings(tiny, cache_dir, quantization), Metrics())).engine.runner
+    prompts = [[5, 17, 42, 99], [8, 9, 10, 11], [7, 7, 7, 7]]
+    adapters = [None, "alpha", "beta"]
+    outs = {}
+    for graphs in (False, True):
+        kv = SlotKV(runner, 4, 64, cuda_graphs=graphs)
+        logits, cache, mask = runner.prefill_batch(prompts, adapters)
+        kv.join(cache, mask)
+        tokens = logits.argmax(-1).tolist()
+        steps = []
+        for step in range(3):
+            out = kv.decode(tokens, [4 + step] * 3, adapters)
+            steps.append(out)
+            tokens = out.argmax(-1).tolist()
+        outs[graphs] = torch.stack(steps)
+        # LLM.int8() syncs with the host inside every layer: never captured, eager instead.
+        captured = graphs and quantization != "int8"
+        assert kv.graphs == captured and kv.captures == (1 if captured else 0)
+    scale = outs[False].abs().max()
+    assert torch.isfinite(outs[True]).all()
+    assert (outs[True] - outs[False]).abs().max() <= 1e-2 * scale

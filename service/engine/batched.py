@@ -5,10 +5,10 @@ prefill token budget), then advances every running sequence by one token in a si
 pass in which each row runs through its own adapter (PEFT's per-row `adapter_names`). A sequence
 leaves the batch as soon as it finishes or its client goes away.
 
-The KV cache is a transformers `DynamicCache` whose rows are left-padded to a common length: a
-new request's cache is padded (or the batch's is) when it joins, rows are dropped with
-`batch_select_indices` when they leave, and columns that became padding in every row are cut
-off. Each row keeps its own positions, so padding never changes what a sequence computes.
+The running batch's KV cache (service/engine/kvcache.py) is either a left-padded `DynamicCache`
+(`kv_cache="dynamic"`) or one preallocated slot per row, written in place, with each decode step
+replayed from a CUDA graph on CUDA (`kv_cache="static"`). Each row keeps its own positions, so
+neither padding nor slots change what a sequence computes.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from collections import deque
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
 
 from service.engine import EngineOutput
+from service.engine.kvcache import PaddedKV, SlotKV
 from service.engine.sampling import make_generator, sample, token_logprob
 from service.engine.worker import STOP, Job, Outbox, WorkerEngine
 from service.errors import EngineError, ServiceUnavailableError
@@ -44,14 +44,26 @@ class _Row:
 
 
 class BatchedEngine(WorkerEngine):
-    def __init__(self, *args, max_batch_size: int = 16, max_prefill_tokens: int = 4096, **kwargs):
+    def __init__(
+        self,
+        *args,
+        max_batch_size: int = 16,
+        max_prefill_tokens: int = 4096,
+        kv_cache: str = "dynamic",
+        cuda_graphs: bool = True,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.capacity = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
         self._pending: deque[Job] = deque()  # taken from the queue, not admitted yet (FIFO)
         self._rows: list[_Row] = []
-        self._cache: DynamicCache | None = None
-        self._mask: torch.Tensor | None = None  # [rows, cache length], 0 on left padding
+        if kv_cache == "static":
+            self._kv = SlotKV(self.runner, max_batch_size, self.max_context, cuda_graphs=cuda_graphs)
+        elif kv_cache == "dynamic":
+            self._kv = PaddedKV(self.runner)
+        else:
+            raise ValueError(f"kv_cache must be 'static' or 'dynamic', not {kv_cache!r}")
         self._outbox = Outbox()
 
     # --- scheduling ---------------------------------------------------------------------------
@@ -163,7 +175,7 @@ class BatchedEngine(WorkerEngine):
         if len(keep) < len(jobs):
             cache.batch_select_indices(torch.tensor(keep, device=self.runner.device))
             mask = mask[keep]
-        self._join(cache, mask)
+        self._kv.join(cache, mask)
         self._rows += rows
 
     def _new_row(self, job: Job, budget: int) -> _Row:
@@ -185,7 +197,7 @@ class BatchedEngine(WorkerEngine):
         if self._emit(row, logits, scored):
             self._change(running_remove=job.label)
             return
-        self._join(cache, torch.ones((1, row.length), dtype=torch.long, device=self.runner.device))
+        self._kv.join(cache, torch.ones((1, row.length), dtype=torch.long, device=self.runner.device))
         self._rows.append(row)
 
     def _emit(self, row: _Row, logits: torch.Tensor, scored=None, greedy: int | None = None) -> bool:
@@ -210,15 +222,9 @@ class BatchedEngine(WorkerEngine):
     def _step(self) -> None:
         rows = self._rows
         self._on_step(len(rows))
-        mask = torch.cat([self._mask, self._mask.new_ones((len(rows), 1))], dim=1)
-        logits = self.runner.decode_batch(
-            [r.last_token for r in rows],
-            self._cache,
-            mask,
-            [r.length for r in rows],
-            [r.adapter for r in rows],
+        logits = self._kv.decode(
+            [r.last_token for r in rows], [r.length for r in rows], [r.adapter for r in rows]
         )
-        self._mask = mask
         # One argmax and one device-to-host copy for every greedy row, not one per row.
         greedy = None
         if any(r.job.request.params.temperature == 0.0 for r in rows):
@@ -234,56 +240,15 @@ class BatchedEngine(WorkerEngine):
         if len(keep) < len(rows):
             self._retain(keep)
 
-    # --- the padded cache ---------------------------------------------------------------------
-
-    def _join(self, cache: DynamicCache, new_mask: torch.Tensor) -> None:
-        """Add freshly prefilled rows (their cache and mask, left-padded) to the running batch."""
-        lead = int(new_mask.argmax(dim=1).min())  # columns that are padding in every new row
-        if lead:
-            new_mask = new_mask[:, lead:]
-            for layer in cache.layers:
-                layer.keys = layer.keys[..., lead:, :]
-                layer.values = layer.values[..., lead:, :]
-        if self._cache is None:
-            self._cache, self._mask = cache, new_mask
-            return
-        width = max(self._mask.shape[1], new_mask.shape[1])
-        self._mask = torch.cat([_pad_left(self._mask, width), _pad_left(new_mask, width)], dim=0)
-        for running, joining in zip(self._cache.layers, cache.layers, strict=True):
-            running.keys = torch.cat([_pad_left(running.keys, width), _pad_left(joining.keys, width)])
-            running.values = torch.cat(
-                [_pad_left(running.values, width), _pad_left(joining.values, width)]
-            )
-
     def _retain(self, keep: list[int]) -> None:
-        """Drop finished rows, then the columns that are padding in every remaining row."""
-        self._rows = [self._rows[i] for i in keep]
-        if not keep:
-            self._cache = self._mask = None
-            return
-        index = torch.tensor(keep, device=self.runner.device)
-        self._cache.batch_select_indices(index)
-        self._mask = self._mask[index]
-        lead = int(self._mask.argmax(dim=1).min())  # first valid column of the earliest row
-        if lead:
-            self._mask = self._mask[:, lead:]
-            for layer in self._cache.layers:
-                layer.keys = layer.keys[..., lead:, :]
-                layer.values = layer.values[..., lead:, :]
+        """Drop the finished rows (the cache may move the others: follow its order)."""
+        order = self._kv.retain(keep)
+        self._rows = [self._rows[i] for i in order]
 
     def _fail_running(self, error: Exception) -> None:
         for row in self._rows:
             self._outbox.post(row.job, error)  # after the step's earlier outputs, in order
             self._change(running_remove=row.job.label)
-        self._rows, self._cache, self._mask = [], None, None
+        self._rows = []
+        self._kv.clear()
 
-
-def _pad_left(tensor: torch.Tensor, width: int) -> torch.Tensor:
-    """Left-pad the sequence dimension (-1 for masks, -2 for keys/values) with zeros to `width`."""
-    dim = -1 if tensor.dim() == 2 else -2
-    missing = width - tensor.shape[dim]
-    if missing == 0:
-        return tensor
-    shape = list(tensor.shape)
-    shape[dim] = missing
-    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)

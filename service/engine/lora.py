@@ -16,6 +16,13 @@ to PEFT's forward whenever `names` is unset. If any LoRA layer cannot be fused (
 layer), the runner passes `adapter_names` as before. A layer with a LoRA variant (DoRA, aLoRA)
 or a LoRA bias goes through PEFT's mixed-batch code. The result equals PEFT's up to floating-point summation order
 (tests/service/test_lora.py).
+
+For CUDA graphs (service/engine/kvcache.py) the routing must not create tensors while a graph is
+captured or change them between replays by anything but an in-place copy: `route_static` stacks
+every loaded adapter in every layer (a row of an adapter absent from the batch multiplies zeros)
+and keeps one row-mask buffer per batch size and layer layout, rewritten in place before each
+forward pass; `signature` changes whenever an adapter is loaded, removed or reloaded, which
+invalidates the graphs captured over the old weights.
 """
 
 from __future__ import annotations
@@ -52,6 +59,11 @@ class FusedMixedLoRA:
         self._installed_for: tuple | None = None
         self._stacks: dict[tuple[int, tuple[str, ...]], tuple] = {}
         self._masks: dict[tuple, torch.Tensor] = {}
+        # Static routing (CUDA graphs): row masks rewritten in place, per (rows, layer layout).
+        self._static = False
+        self._static_masks: dict[tuple[int, tuple], torch.Tensor] = {}
+        self._loaded: tuple[str, ...] = ()
+        self._probes: dict[str, Any] = {}  # per adapter, one LoRA layer holding it
 
     def install(self, model: Any) -> None:
         """Patch the model's LoRA layers, once per set of loaded adapters."""
@@ -62,10 +74,15 @@ class FusedMixedLoRA:
 
         self._stacks.clear()
         self._masks.clear()
+        self._static_masks.clear()
+        self._loaded = tuple(sorted(model.peft_config))
+        self._probes = {}
         self.complete = True
         for module in model.modules():
             if not isinstance(module, LoraLayer):
                 continue
+            for name in module.lora_A:
+                self._probes.setdefault(name, module)
             if not isinstance(module.get_base_layer(), torch.nn.Linear) or getattr(module, "fan_in_fan_out", False):
                 self.complete = False
                 continue
@@ -78,6 +95,28 @@ class FusedMixedLoRA:
         """Set the rows' adapters for the next forward pass (None after it)."""
         self.names = None if names is None else tuple(names)
         self._present = tuple(sorted(set(names or ()) - {BASE_ADAPTER}))
+        self._static = False
+
+    def route_static(self, names: list[str], *, fill: bool = True) -> None:
+        """Route the next forward pass (captured or replayed) through every loaded adapter, with
+        the rows' choice in the mask buffers, which are rewritten in place here (not while a
+        graph is captured: `fill=False`, after warm-up passes with the same rows)."""
+        unknown = set(names) - {BASE_ADAPTER} - set(self._loaded)
+        if unknown:
+            raise ValueError(f"adapters not loaded: {sorted(unknown)}")
+        self.names = tuple(names)
+        self._present = self._loaded
+        self._static = True
+        for (rows, blocks), buffer in self._static_masks.items():
+            if fill and rows == len(names):
+                buffer.copy_(self._row_mask(self.names, blocks, buffer.shape[1], buffer.device, buffer.dtype))
+
+    def signature(self) -> tuple:
+        """Changes whenever the loaded adapters or their weights do (a reload makes new ones)."""
+        return self._installed_for, tuple(
+            (name, id(self._probes[name].lora_A[name].weight) if name in self._probes else None)
+            for name in self._loaded
+        )
 
     def _layer_forward(self, layer: Any, x: torch.Tensor, *args: Any, **kwargs: Any):
         """A LoRA layer's forward: the fused mixed batch while the runner has set `names`."""
@@ -121,6 +160,17 @@ class FusedMixedLoRA:
         return cached[:3]
 
     def _mask(self, names: tuple[str, ...], blocks: tuple, width: int, device, dtype) -> torch.Tensor:
+        if not self._static:
+            return self._row_mask(names, blocks, width, device, dtype)
+        buffer = self._static_masks.get((len(names), blocks))
+        if buffer is None:
+            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("a LoRA row mask was first needed during CUDA graph capture")
+            buffer = self._row_mask(names, blocks, width, device, dtype).clone()
+            self._static_masks[(len(names), blocks)] = buffer
+        return buffer
+
+    def _row_mask(self, names: tuple[str, ...], blocks: tuple, width: int, device, dtype) -> torch.Tensor:
         key = (names, blocks)
         mask = self._masks.get(key)
         if mask is None:

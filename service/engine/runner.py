@@ -21,6 +21,45 @@ class ModelRunner:
         self._cache_kwarg = _cache_kwarg(model)
         # Mixed-adapter batches through service.engine.lora (False: PEFT's own loop).
         self.fused_lora = fused_lora
+        # A 4D attention mask is passed as is: boolean for SDPA, added to the scores (in this
+        # dtype) by the eager attention.
+        config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
+        attention = getattr(config, "_attn_implementation", "sdpa") or "sdpa"
+        self.additive_mask = None if attention == "sdpa" else (getattr(config, "dtype", None) or torch.float32)
+
+    @property
+    def cache_kwarg(self) -> str:
+        """The forward argument that takes the KV cache (its name depends on the version)."""
+        return self._cache_kwarg
+
+    def route_static(self, names: list[str] | None) -> None:
+        """Route the next forward pass (or graph replay) for CUDA graphs (None: back to normal)."""
+        if not hasattr(self.model, "peft_config"):
+            if names is not None and any(n != BASE_ADAPTER for n in names):
+                raise ValueError("no adapters are loaded on this model")
+            return
+        fused = FusedMixedLoRA.for_model(self.model)
+        if names is None:
+            fused.route(None)
+            return
+        fused.install(self.model)
+        if not fused.complete:
+            raise RuntimeError("CUDA graphs need every LoRA layer fused (linear layers only)")
+        fused.route_static(names)
+
+    def forward_static(self, names: list[str], *, static: bool | str, **kwargs: Any) -> Any:
+        """A forward pass with the rows' adapters (BASE_ADAPTER for the base). `static` routes
+        LoRA through fixed buffers, as CUDA graphs need ("capture": without rewriting them)."""
+        if not static:
+            return self._forward([None if n == BASE_ADAPTER else n for n in names], **kwargs)
+        if static == "capture" and hasattr(self.model, "peft_config"):
+            FusedMixedLoRA.for_model(self.model).route_static(names, fill=False)
+        else:
+            self.route_static(names)
+        try:
+            return self.model(**kwargs)
+        finally:
+            self.route_static(None)
 
     def _forward(self, adapters: list[str | None], **kwargs: Any) -> Any:
         """The model's forward pass, each row through its own adapter (None: the base)."""

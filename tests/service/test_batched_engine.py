@@ -33,8 +33,20 @@ def runner(tiny, cache_dir):
     return preload_adapters(load_runtime(settings, Metrics())).engine.runner
 
 
-def make(runner, cls=BatchedEngine, **kw):
-    return cls(runner, eos_token_ids=frozenset(), max_context=256, **kw)
+@pytest.fixture(params=["dynamic", "static", "graphs"])
+def kv(request):
+    """The batched engine's KV caches: dynamic; static (slots, eager); and static with the CUDA
+    graph path's bucketing, padding rows and static LoRA routing, replayed eagerly on CPU."""
+    return request.param
+
+
+def make(runner, cls=BatchedEngine, kv=None, **kw):
+    if kv is not None:
+        kw["kv_cache"] = "static" if kv == "graphs" else kv
+    engine = cls(runner, eos_token_ids=frozenset(), max_context=256, **kw)
+    if kv == "graphs":
+        engine._kv.graphs = True
+    return engine
 
 
 def run(engine, body):
@@ -64,7 +76,7 @@ def reference(runner, prompt, adapter, n):
     return out[0, len(prompt):].tolist()
 
 
-def test_mixed_batch_is_token_identical_to_single_requests(runner):
+def test_mixed_batch_is_token_identical_to_single_requests(runner, kv):
     lengths = [12, 5, 20, 9, 16, 3]  # sequences leave at different steps: the batch compacts
 
     async def body(engine):
@@ -75,13 +87,13 @@ def test_mixed_batch_is_token_identical_to_single_requests(runner):
             await asyncio.sleep(0.01 * i)  # later requests join a batch already running
         return await asyncio.gather(*tasks)
 
-    results = run(make(runner, max_batch_size=4), body)
+    results = run(make(runner, kv=kv, max_batch_size=4), body)
     for (tokens, outs), prompt, adapter, n in zip(results, PROMPTS, ADAPTERS, lengths, strict=True):
         assert tokens == reference(runner, list(prompt), adapter, n), (prompt, adapter)
         assert outs[-1].finish_reason == "length" and len(tokens) == n
 
 
-def test_batched_matches_simple_engine_for_sampling_with_seeds(runner):
+def test_batched_matches_simple_engine_for_sampling_with_seeds(runner, kv):
     params = [SamplingParams(max_tokens=10, temperature=0.9, top_p=0.95, seed=100 + i, logprobs=2)
               for i in range(len(PROMPTS))]
 
@@ -89,7 +101,7 @@ def test_batched_matches_simple_engine_for_sampling_with_seeds(runner):
         return await asyncio.gather(*(collect(engine, p, a, s, f"r{i}") for i, (p, a, s)
                                       in enumerate(zip(PROMPTS, ADAPTERS, params, strict=True))))
 
-    batched = run(make(runner, max_batch_size=8), all_at_once)
+    batched = run(make(runner, kv=kv, max_batch_size=8), all_at_once)
     simple = run(make(runner, SimpleEngine), all_at_once)
     for (b_tokens, b_outs), (s_tokens, s_outs) in zip(batched, simple, strict=True):
         assert b_tokens == s_tokens
@@ -97,7 +109,7 @@ def test_batched_matches_simple_engine_for_sampling_with_seeds(runner):
             assert b.logprobs[0].logprob == pytest.approx(s.logprobs[0].logprob, abs=1e-4)
 
 
-def test_cancelled_request_leaves_the_batch_and_others_continue(runner):
+def test_cancelled_request_leaves_the_batch_and_others_continue(runner, kv):
     async def body(engine):
         long = engine.generate(EngineRequest("long", PROMPTS[0], "alpha", SamplingParams(max_tokens=200, temperature=1.0)))
         await anext(long)
@@ -109,12 +121,12 @@ def test_cancelled_request_leaves_the_batch_and_others_continue(runner):
         await asyncio.sleep(0.05)
         return tokens, engine._rows
 
-    tokens, rows_left = run(make(runner), body)
+    tokens, rows_left = run(make(runner, kv=kv), body)
     assert tokens == reference(runner, list(PROMPTS[1]), "beta", 30)
     assert rows_left == []  # the cancelled row left at the next step, long before its 200 tokens
 
 
-def test_queue_admission_is_fifo_beyond_capacity(runner):
+def test_queue_admission_is_fifo_beyond_capacity(runner, kv):
     order = []
 
     async def body(engine):
@@ -123,25 +135,26 @@ def test_queue_admission_is_fifo_beyond_capacity(runner):
             order.append(i)
         await asyncio.gather(*(one(i) for i in range(6)))
 
-    run(make(runner, max_batch_size=2), body)
+    run(make(runner, kv=kv, max_batch_size=2), body)
     assert order[:2] == sorted(order[:2]) and set(order) == set(range(6))
     assert order.index(0) < order.index(4) and order.index(1) < order.index(5)
 
 
-def test_prompt_logprobs_and_zero_max_tokens(runner):
+def test_prompt_logprobs_and_zero_max_tokens(runner, kv):
     async def body(engine):
         return await collect(engine, PROMPTS[2], "beta", SamplingParams(max_tokens=0, prompt_logprobs=1))
 
-    tokens, outs = run(make(runner), body)
+    tokens, outs = run(make(runner, kv=kv), body)
     assert tokens == [] and outs[0].finish_reason == "length"
     assert outs[0].prompt_logprobs[0] is None and len(outs[0].prompt_logprobs) == len(PROMPTS[2])
 
 
-def test_a_failing_step_fails_its_batch_and_the_engine_serves_on(runner, monkeypatch):
+def test_a_failing_step_fails_its_batch_and_the_engine_serves_on(runner, monkeypatch, kv):
     from service.errors import EngineError
 
-    engine = make(runner)
-    real = runner.decode_batch
+    engine = make(runner, kv=kv)
+    step = "decode_batch" if kv == "dynamic" else "forward_static"
+    real = getattr(runner, step)
     failures = {"left": 1}
 
     def flaky(*args, **kwargs):
@@ -150,7 +163,7 @@ def test_a_failing_step_fails_its_batch_and_the_engine_serves_on(runner, monkeyp
             raise RuntimeError("simulated device fault")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(runner, "decode_batch", flaky)
+    monkeypatch.setattr(runner, step, flaky)
 
     async def body(engine):
         async def one(prompt):

@@ -1,0 +1,378 @@
+"""The running batch's KV cache, two ways: padded (DynamicCache) and slotted (static, CUDA graphs).
+
+Both keep the rows in the order of the engine's running list and offer the same four operations:
+`join` (add freshly prefilled rows), `decode` (one token for every row, each through its own
+adapter), `retain` (drop the rows that finished) and `clear`.
+
+- `PaddedKV` keeps a transformers `DynamicCache` whose rows are left-padded to a common length: a
+  joining request's cache is padded (or the batch's is) when it joins, rows are dropped with
+  `batch_select_indices` when they leave, and columns that became padding in every row are cut
+  off. Every step grows every layer's tensors by one column (a copy of the whole cache).
+- `SlotKV` preallocates one buffer [layers, 2, slots, max_len, kv_heads, head_dim] and writes in
+  place: row i of the batch lives in slot i, its token at position p in column p (no padding:
+  each row writes at its own position), and attention reads the first `width` columns of the
+  first rows, with a mask that hides the columns past each row's position. A row that leaves is
+  replaced by the last row (one copy), so the rows always fill the first slots. Nothing changes
+  shape from one step to the next within a (rows, width) bucket, so on CUDA each bucket's decode
+  step is captured once in a CUDA graph and replayed: one launch instead of the thousands of
+  kernel launches (and the Python between them) of a quantized 7B model's forward pass, which
+  were most of a decode step's time (docs/benchmarks.md).
+
+Each row keeps its own positions in both, so neither padding nor slots change what it computes.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from service.engine import BASE_ADAPTER
+from service.engine.lora import FusedMixedLoRA
+from service.engine.runner import ModelRunner
+
+log = logging.getLogger(__name__)
+
+_MIN_WIDTH = 64  # smallest width bucket of a captured step
+
+
+class PaddedKV:
+    """Left-padded rows in a DynamicCache that grows by one column a step."""
+
+    def __init__(self, runner: ModelRunner):
+        self.runner = runner
+        self._cache: DynamicCache | None = None
+        self._mask: torch.Tensor | None = None  # [rows, cache length], 0 on left padding
+
+    def join(self, cache: DynamicCache, new_mask: torch.Tensor) -> None:
+        """Add freshly prefilled rows (their cache and mask, left-padded) after the running ones."""
+        lead = int(new_mask.argmax(dim=1).min())  # columns that are padding in every new row
+        if lead:
+            new_mask = new_mask[:, lead:]
+            for layer in cache.layers:
+                layer.keys = layer.keys[..., lead:, :]
+                layer.values = layer.values[..., lead:, :]
+        if self._cache is None:
+            self._cache, self._mask = cache, new_mask
+            return
+        width = max(self._mask.shape[1], new_mask.shape[1])
+        self._mask = torch.cat([_pad_left(self._mask, width), _pad_left(new_mask, width)], dim=0)
+        for running, joining in zip(self._cache.layers, cache.layers, strict=True):
+            running.keys = torch.cat([_pad_left(running.keys, width), _pad_left(joining.keys, width)])
+            running.values = torch.cat(
+                [_pad_left(running.values, width), _pad_left(joining.values, width)]
+            )
+
+    def decode(self, tokens: list[int], positions: list[int], adapters: list[str | None]) -> torch.Tensor:
+        mask = torch.cat([self._mask, self._mask.new_ones((len(tokens), 1))], dim=1)
+        logits = self.runner.decode_batch(tokens, self._cache, mask, positions, adapters)
+        self._mask = mask
+        return logits
+
+    def retain(self, keep: list[int]) -> list[int]:
+        """Drop the other rows, then the columns that are padding in every remaining row; return
+        the kept rows' old indices in their new order (unchanged here)."""
+        if not keep:
+            self.clear()
+            return keep
+        index = torch.tensor(keep, device=self.runner.device)
+        self._cache.batch_select_indices(index)
+        self._mask = self._mask[index]
+        lead = int(self._mask.argmax(dim=1).min())  # first valid column of the earliest row
+        if lead:
+            self._mask = self._mask[:, lead:]
+            for layer in self._cache.layers:
+                layer.keys = layer.keys[..., lead:, :]
+                layer.values = layer.values[..., lead:, :]
+        return keep
+
+    def clear(self) -> None:
+        self._cache = self._mask = None
+
+
+class SlotKV:
+    """Rows in the slots of one preallocated buffer; decode steps from CUDA graphs on CUDA.
+
+    `max_len` bounds a row's prompt plus completion (the engine's context); `capacity` is the
+    most rows at once. The buffer is allocated at the first join, in the dtype and head shape of
+    the model's own cache.
+    """
+
+    def __init__(self, runner: ModelRunner, capacity: int, max_len: int, *, cuda_graphs: bool = True):
+        self.runner = runner
+        self.capacity = capacity
+        self.max_len = max_len
+        self.graphs = cuda_graphs and runner.device.type == "cuda" and capture_unsupported(runner.model) is None
+        self.rows = 0
+        self._lengths: list[int] = []  # per row: tokens in its slot (kept to size the copies)
+        self._buffer: torch.Tensor | None = None
+        self._flat: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer: [slots*max_len, heads, dim]
+        self._steps: dict[tuple[int, int], _Step] = {}
+        self._signature: Any = None
+        self._pool = None
+        self.captures = 0  # graphs captured so far (for logs and tests)
+
+    # --- joining and leaving ------------------------------------------------------------------
+
+    def join(self, cache: DynamicCache, new_mask: torch.Tensor) -> None:
+        """Copy freshly prefilled, left-padded rows into the next free slots, each from column 0."""
+        rows, width = new_mask.shape
+        if self.rows + rows > self.capacity:
+            raise RuntimeError(f"{self.rows + rows} rows exceed the batch capacity {self.capacity}")
+        if width > self.max_len:
+            raise RuntimeError(f"a prompt of {width} tokens exceeds the KV cache length {self.max_len}")
+        if self._buffer is None:
+            self._allocate(cache)
+        lengths = new_mask.sum(dim=1)
+        # Row r's tokens sit in columns [width - length_r, width): shift each left to column 0.
+        shift = (width - lengths).unsqueeze(1)
+        columns = (torch.arange(width, device=new_mask.device).unsqueeze(0) + shift).clamp(max=width - 1)
+        heads, dim = self._buffer.shape[-2:]
+        index = columns[:, None, :, None].expand(rows, heads, width, dim)
+        start = self.rows
+        for layer, source in enumerate(cache.layers):
+            for kind, states in enumerate((source.keys, source.values)):
+                aligned = states.gather(2, index.to(states.device))  # [rows, heads, width, dim]
+                self._buffer[layer, kind, start : start + rows, :width] = aligned.transpose(1, 2)
+        self._lengths += lengths.tolist()
+        self.rows += rows
+
+    def retain(self, keep: list[int]) -> list[int]:
+        """Keep these rows (old indices, ascending): each kept row past the new row count moves
+        into a slot that a leaving row frees below it. Returns the kept rows' old indices in
+        their new slot order."""
+        count = len(keep)
+        kept = set(keep)
+        holes = [i for i in range(count) if i not in kept]
+        movers = [i for i in keep if i >= count]  # as many as there are holes
+        order = list(range(count))
+        for hole, source in zip(holes, movers, strict=True):
+            order[hole] = source
+        if holes:
+            width = max(self._lengths[s] for s in movers)
+            to = torch.tensor(holes, device=self._buffer.device)
+            source = torch.tensor(movers, device=self._buffer.device)
+            self._buffer[:, :, to, :width] = self._buffer[:, :, source, :width]
+        self._lengths = [self._lengths[i] for i in order]
+        self.rows = count
+        return order
+
+    def clear(self) -> None:
+        self.rows = 0
+        self._lengths = []
+
+    # --- one step -----------------------------------------------------------------------------
+
+    def decode(self, tokens: list[int], positions: list[int], adapters: list[str | None]) -> torch.Tensor:
+        """One token for every row; returns [rows, vocab] fp32 logits."""
+        rows = len(tokens)
+        assert rows == self.rows, (rows, self.rows)
+        # Each row writes its new token's key and value at its position: the column count needed
+        # is the largest position + 1.
+        need = max(positions) + 1
+        if need > self.max_len:
+            raise RuntimeError(f"position {need - 1} is past the KV cache length {self.max_len}")
+        names = [a or BASE_ADAPTER for a in adapters]
+        if self.graphs:
+            logits = self._decode_graph(tokens, positions, names, need)
+        else:
+            logits = self._decode_eager(tokens, positions, names, need)
+        self._lengths = [p + 1 for p in positions]
+        return logits
+
+    def _decode_eager(self, tokens, positions, names, width) -> torch.Tensor:
+        step = _Step(self, len(tokens), width)
+        step.load(tokens, positions)
+        with torch.inference_mode():
+            return step.forward(names, static=False)[: len(tokens)]
+
+    def _decode_graph(self, tokens, positions, names, need) -> torch.Tensor:
+        rows = len(tokens)
+        bucket = next(b for b in _buckets(self.capacity) if b >= rows)
+        width = next(w for w in _widths(self.max_len) if w >= need)
+        fused = self._fused()
+        signature = fused.signature() if fused else None
+        if signature != self._signature:  # adapters loaded, removed or reloaded: recapture
+            self._steps.clear()
+            self._signature = signature
+        step = self._steps.get((bucket, width))
+        padded = names + [BASE_ADAPTER] * (bucket - rows)
+        inputs = (tokens + [0] * (bucket - rows), positions + [0] * (bucket - rows))
+        if step is None:
+            step = _Step(self, bucket, width)
+            # The warm-up passes write this step's keys and values into the cache: with this
+            # step's own inputs, what they write is what the replay writes again.
+            step.load(*inputs)
+            try:
+                with torch.inference_mode():
+                    step.capture(padded, self._graph_pool())
+            except GraphCaptureError:
+                log.exception("CUDA graph capture failed for %d rows x %d columns: decoding without "
+                              "graphs from now on", bucket, width)
+                self.graphs = False
+                self._steps.clear()
+                return self._decode_eager(tokens, positions, names, need)
+            self._steps[(bucket, width)] = step
+            self.captures += 1
+            log.info("captured the decode step for %d rows x %d columns", bucket, width)
+        step.load(*inputs)
+        with torch.inference_mode():
+            return step.replay(padded)[:rows].clone()
+
+    # --- internals ----------------------------------------------------------------------------
+
+    def _allocate(self, cache: DynamicCache) -> None:
+        first = cache.layers[0].keys  # [rows, kv_heads, tokens, head_dim]
+        layers, heads, dim = len(cache.layers), first.shape[1], first.shape[3]
+        shape = (layers, 2, self.capacity, self.max_len, heads, dim)
+        # Zeros, not empty: padding rows of a captured step read their slots, and garbage there
+        # could be NaN (harmless, since those rows are dropped, but never worth the doubt).
+        self._buffer = torch.zeros(shape, dtype=first.dtype, device=first.device)
+        flat = self._buffer.view(layers, 2, self.capacity * self.max_len, heads, dim)
+        self._flat = [(flat[i, 0], flat[i, 1]) for i in range(layers)]
+        log.info("static KV cache: %d slots x %d positions, %.2f GiB", self.capacity, self.max_len,
+                 self._buffer.numel() * self._buffer.element_size() / 2**30)
+
+    def _fused(self) -> FusedMixedLoRA | None:
+        model = self.runner.model
+        if not hasattr(model, "peft_config"):
+            return None
+        fused = FusedMixedLoRA.for_model(model)
+        fused.install(model)
+        return fused
+
+    def _graph_pool(self):
+        if self._pool is None and self.runner.device.type == "cuda":
+            self._pool = torch.cuda.graph_pool_handle()
+        return self._pool
+
+
+def capture_unsupported(model: Any) -> str | None:
+    """Why a decode step of this model cannot be captured in a CUDA graph (None: it can)."""
+    for module in model.modules():
+        if type(module).__name__ == "Linear8bitLt":
+            # LLM.int8() looks for outlier columns on the host every call (`outliers.any()`).
+            return "bitsandbytes 8-bit layers synchronise with the host"
+    return None
+
+
+class GraphCaptureError(RuntimeError):
+    """A decode step ran eagerly but could not be captured in a CUDA graph."""
+
+
+class _SlotView:
+    """What the attention layers see as the cache: each row's new key and value are written at
+    its own position in its slot; the layer then attends over the first `width` columns."""
+
+    def __init__(self, kv: SlotKV, rows: int, width: int, write: torch.Tensor):
+        self.kv, self.rows, self.width = kv, rows, width
+        self.write = write  # [rows] flat index slot * max_len + position
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
+        flat_keys, flat_values = self.kv._flat[layer_idx]
+        flat_keys.index_copy_(0, self.write, keys[:, :, 0])  # keys: [rows, kv_heads, 1, head_dim]
+        flat_values.index_copy_(0, self.write, values[:, :, 0])
+        buffer = self.kv._buffer
+        return (buffer[layer_idx, 0, : self.rows, : self.width].transpose(1, 2),
+                buffer[layer_idx, 1, : self.rows, : self.width].transpose(1, 2))
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.width
+
+
+class _Step:
+    """The static inputs and outputs of one (rows, width) decode step, and its CUDA graph."""
+
+    def __init__(self, kv: SlotKV, rows: int, width: int):
+        self.kv, self.rows, self.width = kv, rows, width
+        device = kv.runner.device
+        self.inputs = torch.zeros((2, rows), dtype=torch.long, device=device)  # tokens, positions
+        self.columns = torch.arange(width, device=device)
+        self.slots = torch.arange(rows, device=device) * kv.max_len
+        self.graph = None
+        self.logits: torch.Tensor | None = None
+
+    def load(self, tokens: list[int], positions: list[int]) -> None:
+        self.inputs.copy_(torch.tensor([tokens, positions]), non_blocking=False)
+
+    def forward(self, names: list[str], *, static: bool | str) -> torch.Tensor:
+        runner = self.kv.runner
+        tokens, positions = self.inputs[0].unsqueeze(1), self.inputs[1].unsqueeze(1)
+        mask = (self.columns.unsqueeze(0) <= positions)[:, None, None, :]  # [rows, 1, 1, width]
+        if runner.additive_mask is not None:  # eager attention adds its mask to the scores
+            mask = torch.zeros(mask.shape, dtype=runner.additive_mask, device=mask.device).masked_fill_(
+                ~mask, torch.finfo(runner.additive_mask).min)
+        view = _SlotView(self.kv, self.rows, self.width, self.slots + self.inputs[1])
+        out = runner.forward_static(
+            names,
+            static=static,
+            input_ids=tokens,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            **{runner.cache_kwarg: view},
+            logits_to_keep=1,
+        )
+        return out.logits[:, -1].float()
+
+    def capture(self, names: list[str], pool) -> None:
+        """Warm up, then capture the step in a CUDA graph. Off CUDA (tests), only the warm-up:
+        `replay` then runs the same statically routed forward pass eagerly."""
+        if self.kv.runner.device.type != "cuda":
+            self.forward(names, static=True)
+            return
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up: kernels chosen, LoRA stacks and mask buffers made
+                self.forward(names, static=True)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(self.graph, pool=pool):
+                self.logits = self.forward(names, static="capture")
+        except Exception as exc:  # the warm-up ran: the step itself works, its capture does not
+            self.graph = None
+            raise GraphCaptureError(f"{type(exc).__name__}: {exc}") from exc
+
+    def replay(self, names: list[str]) -> torch.Tensor:
+        if self.graph is None:
+            return self.forward(names, static=True)
+        runner = self.kv.runner
+        runner.route_static(names)  # the rows' adapters, into the mask buffers
+        try:
+            self.graph.replay()
+        finally:
+            runner.route_static(None)
+        return self.logits
+
+
+def _buckets(capacity: int) -> list[int]:
+    """Row counts a step is captured for: powers of two, then the capacity itself."""
+    sizes, b = [], 1
+    while b < capacity:
+        sizes.append(b)
+        b *= 2
+    return [*sizes, capacity]
+
+
+def _widths(max_len: int) -> list[int]:
+    """Column counts a step is captured for: powers of two from 64, then max_len itself."""
+    widths, w = [], _MIN_WIDTH
+    while w < max_len:
+        widths.append(w)
+        w *= 2
+    return [*widths, max_len]
+
+
+def _pad_left(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    """Left-pad the sequence dimension (-1 for masks, -2 for keys/values) with zeros to `width`."""
+    dim = -1 if tensor.dim() == 2 else -2
+    missing = width - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)

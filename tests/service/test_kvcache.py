@@ -1,0 +1,134 @@
+"""The static (slot) KV cache: joining left-padded rows, compaction when rows leave, and when its
+CUDA-graph steps are captured again. Token identity with single requests is tested through the
+engine (test_batched_engine.py, test_batched_smollm2.py); CUDA capture itself in test_cuda.py."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from service.engine.kvcache import SlotKV, _buckets, _widths
+from service.engine.lora import FusedMixedLoRA
+from service.metrics import Metrics
+from service.runtime import load_runtime, static_kv_bytes, static_kv_unsupported
+from service.settings import Settings
+from tests.factories import preload_adapters
+
+LAYERS, HEADS, DIM = 2, 3, 4
+
+
+def padded_cache(lengths: list[int], first_id: int = 0):
+    """A left-padded cache whose row r holds 100 * (first_id + r) + position at each position."""
+    width = max(lengths)
+    cache = DynamicCache()
+    mask = torch.zeros((len(lengths), width), dtype=torch.long)
+    keys = torch.full((len(lengths), HEADS, width, DIM), -1.0)
+    for r, length in enumerate(lengths):
+        mask[r, width - length:] = 1
+        for p in range(length):
+            keys[r, :, width - length + p, :] = 100 * (first_id + r) + p
+    for layer in range(LAYERS):
+        cache.update(keys.clone(), -keys.clone(), layer)
+    return cache, mask
+
+
+def slot(kv: SlotKV, row: int, length: int) -> torch.Tensor:
+    return kv._buffer[1, 0, row, :length, 0, 0]  # layer 1, keys, first head and channel
+
+
+def test_join_puts_each_row_from_column_zero_and_retain_fills_the_holes_from_the_end():
+    kv = SlotKV(SimpleNamespace(device=torch.device("cpu")), capacity=6, max_len=16)
+    lengths = [3, 5, 2]
+    kv.join(*padded_cache(lengths))
+    kv.join(*padded_cache([4, 1], first_id=3))  # joins a running batch
+    lengths += [4, 1]
+    for r, length in enumerate(lengths):
+        assert slot(kv, r, length).tolist() == [100 * r + p for p in range(length)]
+        assert kv._buffer[1, 1, r, :length, 0, 0].tolist() == [-(100 * r + p) for p in range(length)]
+    assert kv.rows == 5
+
+    order = kv.retain([0, 2, 4])  # rows 1 and 3 leave: row 4 moves into slot 1
+    assert order == [0, 4, 2] and kv.rows == 3
+    for new, old in enumerate(order):
+        assert slot(kv, new, lengths[old]).tolist() == [100 * old + p for p in range(lengths[old])]
+
+    assert kv.retain([0, 1, 2]) == [0, 1, 2]  # nobody leaves: nothing moves
+    assert kv.retain([2]) == [2] and slot(kv, 0, 2).tolist() == [200, 201]
+    assert kv.retain([]) == [] and kv.rows == 0
+
+
+def test_join_refuses_rows_beyond_capacity_or_length():
+    kv = SlotKV(SimpleNamespace(device=torch.device("cpu")), capacity=2, max_len=4)
+    with pytest.raises(RuntimeError, match="capacity"):
+        kv.join(*padded_cache([1, 2, 3]))
+    with pytest.raises(RuntimeError, match="KV cache length"):
+        kv.join(*padded_cache([5]))
+
+
+def test_buckets_cover_every_row_count_and_width():
+    assert _buckets(1) == [1] and _buckets(64) == [1, 2, 4, 8, 16, 32, 64] and _buckets(24)[-1] == 24
+    assert _widths(2048) == [64, 128, 256, 512, 1024, 2048] and _widths(300) == [64, 128, 256, 300]
+    assert _widths(10) == [10]
+
+
+@pytest.fixture()
+def runner(tiny, cache_dir):
+    settings = Settings(model=str(tiny.base_dir), quantization="fp32", device="cpu",
+                        adapter_dir=tiny.adapter_dir, cache_dir=cache_dir)
+    return preload_adapters(load_runtime(settings, Metrics())).engine.runner
+
+
+def test_captured_steps_are_dropped_when_an_adapter_is_reloaded(runner, tiny):
+    kv = SlotKV(runner, capacity=4, max_len=64)
+    kv.graphs = True  # off CUDA: the same bucketed, statically routed steps, replayed eagerly
+    logits, cache = runner.prefill([5, 17, 42], "alpha")
+    kv.join(cache, torch.ones((1, 3), dtype=torch.long))
+    first = kv.decode([int(logits.argmax())], [3], ["alpha"])
+    kv.decode([int(first.argmax())], [4], ["alpha"])
+    assert kv.captures == 1  # one bucket (1 row x 64 columns), captured once
+
+    model = runner.model
+    fused = FusedMixedLoRA.for_model(model)
+    before = fused.signature()
+    model.delete_adapter("alpha")
+    model.load_adapter(str(tiny.adapter_dir / "alpha"), adapter_name="alpha")
+    assert fused.signature() != before  # new weights, same name: the graphs must go
+    kv.decode([7], [5], ["alpha"])
+    assert kv.captures == 2
+
+
+def test_static_kv_sizing_and_support(tiny):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(tiny.base_dir)
+    assert static_kv_unsupported(config) is None
+    heads = config.num_key_value_heads
+    head_dim = config.hidden_size // config.num_attention_heads
+    assert static_kv_bytes(config, 8, 128, torch.bfloat16) == config.num_hidden_layers * 2 * 8 * 128 * heads * head_dim * 2
+    config.sliding_window = 32
+    assert "full attention" in static_kv_unsupported(config)
+
+
+def test_settings_choose_the_kv_cache(tiny, cache_dir):
+    def engine(**kw):
+        settings = Settings(model=str(tiny.base_dir), quantization="fp32", device="cpu",
+                            adapter_dir=tiny.adapter_dir, cache_dir=cache_dir, **kw)
+        return load_runtime(settings, Metrics()).engine
+
+    assert type(engine()._kv).__name__ == "PaddedKV"  # auto on CPU: dynamic
+    static = engine(kv_cache="static", max_model_len=100)
+    assert type(static._kv).__name__ == "SlotKV" and static._kv.max_len == 100 and static.max_context == 100
+    assert not static._kv.graphs  # no CUDA here
+
+
+def test_int8_layers_are_never_captured(tiny, cache_dir):
+    from service.base_model import load_base
+    from service.engine.kvcache import capture_unsupported
+
+    int8 = load_base(str(tiny.base_dir), quantization="int8", device="cpu", cache_dir=cache_dir).model
+    nf4 = load_base(str(tiny.base_dir), quantization="nf4", device="cpu", cache_dir=cache_dir).model
+    assert "8-bit" in capture_unsupported(int8)
+    assert capture_unsupported(nf4) is None
