@@ -132,3 +132,25 @@ def test_int8_layers_are_never_captured(tiny, cache_dir):
     nf4 = load_base(str(tiny.base_dir), quantization="nf4", device="cpu", cache_dir=cache_dir).model
     assert "8-bit" in capture_unsupported(int8)
     assert capture_unsupported(nf4) is None
+
+
+def test_max_model_len_bounds_what_the_api_accepts(tiny, cache_dir):
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from service.app import build_app
+
+    settings = Settings(model=str(tiny.base_dir), quantization="fp32", device="cpu", adapter_dir=tiny.adapter_dir,
+                        cache_dir=cache_dir, kv_cache="static", max_model_len=12)
+    with TestClient(build_app(settings)) as client:
+        for _ in range(600):
+            if client.get("/ready").status_code == 200:
+                break
+            time.sleep(0.1)
+        ok = client.post("/v1/completions", json={"model": "alpha", "prompt": [5, 6, 7], "max_tokens": 9,
+                                                    "temperature": 0, "ignore_eos": True})
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 9
+        long = client.post("/v1/completions", json={"model": "alpha", "prompt": [5, 6, 7], "max_tokens": 10})
+        assert long.status_code == 400 and long.json()["error"]["param"] == "max_tokens"
+        assert "context of 12 tokens" in long.json()["error"]["message"]
