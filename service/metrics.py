@@ -93,6 +93,17 @@ class Metrics:
             ["reason"], registry=r,
         )
 
+        self.cuda_graph_capture = Histogram(
+            "hotswap_cuda_graph_capture_seconds",
+            "Time to capture a decode step in a CUDA graph (the running sequences wait meanwhile).",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=r,
+        )
+        self.kv_cache_info = Gauge(
+            "hotswap_engine_kv_cache_info",
+            "The batched engine's KV cache (static or dynamic) and whether it replays CUDA graphs; value 1.",
+            ["kv_cache", "cuda_graphs"], registry=r,
+        )
+
         self.guardrail_actions = Counter(
             "hotswap_guardrail_actions", "Guardrail hook actions (redact, block, flag, retry, error).",
             ["stage", "hook", "action"], registry=r,
@@ -114,6 +125,10 @@ class Metrics:
         self.lora_requests_info.labels(
             adapters(running), adapters(waiting), str(self.max_lora)
         ).set_to_current_time()
+
+    def observe_kv_cache(self, kv_cache: str, cuda_graphs: bool) -> None:
+        self.kv_cache_info.clear()
+        self.kv_cache_info.labels(kv_cache, str(cuda_graphs).lower()).set(1)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

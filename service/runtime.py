@@ -73,7 +73,8 @@ def load_runtime(settings: Settings, metrics: Metrics) -> Runtime:
         engine: Engine = BatchedEngine(
             runner, max_batch_size=settings.max_batch_size,
             max_prefill_tokens=settings.max_prefill_tokens, kv_cache=kv_cache,
-            cuda_graphs=settings.cuda_graphs, **common,
+            cuda_graphs=settings.cuda_graphs, on_kv_cache=metrics.observe_kv_cache,
+            on_capture=metrics.cuda_graph_capture.observe, **common,
         )
     else:
         engine = SimpleEngine(runner, **common)

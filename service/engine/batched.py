@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +52,8 @@ class BatchedEngine(WorkerEngine):
         max_prefill_tokens: int = 4096,
         kv_cache: str = "dynamic",
         cuda_graphs: bool = True,
+        on_kv_cache: Callable[[str, bool], None] = lambda kv_cache, graphs: None,
+        on_capture: Callable[[float], None] = lambda seconds: None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -59,11 +62,13 @@ class BatchedEngine(WorkerEngine):
         self._pending: deque[Job] = deque()  # taken from the queue, not admitted yet (FIFO)
         self._rows: list[_Row] = []
         if kv_cache == "static":
-            self._kv = SlotKV(self.runner, max_batch_size, self.max_context, cuda_graphs=cuda_graphs)
+            self._kv = SlotKV(self.runner, max_batch_size, self.max_context, cuda_graphs=cuda_graphs,
+                              on_capture=on_capture, on_graphs_off=lambda: on_kv_cache("static", False))
         elif kv_cache == "dynamic":
             self._kv = PaddedKV(self.runner)
         else:
             raise ValueError(f"kv_cache must be 'static' or 'dynamic', not {kv_cache!r}")
+        on_kv_cache(kv_cache, bool(getattr(self._kv, "graphs", False)))
         self._outbox = Outbox()
 
     # --- scheduling ---------------------------------------------------------------------------

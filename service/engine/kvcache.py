@@ -24,6 +24,8 @@ Each row keeps its own positions in both, so neither padding nor slots change wh
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -100,8 +102,18 @@ class SlotKV:
     the model's own cache.
     """
 
-    def __init__(self, runner: ModelRunner, capacity: int, max_len: int, *, cuda_graphs: bool = True):
+    def __init__(
+        self,
+        runner: ModelRunner,
+        capacity: int,
+        max_len: int,
+        *,
+        cuda_graphs: bool = True,
+        on_capture: Callable[[float], None] = lambda seconds: None,
+        on_graphs_off: Callable[[], None] = lambda: None,
+    ):
         self.runner = runner
+        self._on_capture, self._on_graphs_off = on_capture, on_graphs_off
         self.capacity = capacity
         self.max_len = max_len
         self.graphs = cuda_graphs and runner.device.type == "cuda" and capture_unsupported(runner.model) is None
@@ -205,6 +217,7 @@ class SlotKV:
             # The warm-up passes write this step's keys and values into the cache: with this
             # step's own inputs, what they write is what the replay writes again.
             step.load(*inputs)
+            started = time.perf_counter()
             try:
                 with torch.inference_mode():
                     step.capture(padded, self._graph_pool())
@@ -213,10 +226,13 @@ class SlotKV:
                               "graphs from now on", bucket, width)
                 self.graphs = False
                 self._steps.clear()
+                self._on_graphs_off()
                 return self._decode_eager(tokens, positions, names, need)
             self._steps[(bucket, width)] = step
             self.captures += 1
-            log.info("captured the decode step for %d rows x %d columns", bucket, width)
+            seconds = time.perf_counter() - started
+            self._on_capture(seconds)
+            log.info("captured the decode step for %d rows x %d columns in %.2f s", bucket, width, seconds)
         step.load(*inputs)
         with torch.inference_mode():
             return step.replay(padded)[:rows].clone()

@@ -82,7 +82,8 @@ def runner(tiny, cache_dir):
 
 
 def test_captured_steps_are_dropped_when_an_adapter_is_reloaded(runner, tiny):
-    kv = SlotKV(runner, capacity=4, max_len=64)
+    captures = []
+    kv = SlotKV(runner, capacity=4, max_len=64, on_capture=captures.append)
     kv.graphs = True  # off CUDA: the same bucketed, statically routed steps, replayed eagerly
     logits, cache = runner.prefill([5, 17, 42], "alpha")
     kv.join(cache, torch.ones((1, 3), dtype=torch.long))
@@ -97,7 +98,7 @@ def test_captured_steps_are_dropped_when_an_adapter_is_reloaded(runner, tiny):
     model.load_adapter(str(tiny.adapter_dir / "alpha"), adapter_name="alpha")
     assert fused.signature() != before  # new weights, same name: the graphs must go
     kv.decode([7], [5], ["alpha"])
-    assert kv.captures == 2
+    assert kv.captures == 2 and len(captures) == 2 and all(t > 0 for t in captures)  # for the metric
 
 
 def test_static_kv_sizing_and_support(tiny):
@@ -113,15 +114,20 @@ def test_static_kv_sizing_and_support(tiny):
 
 
 def test_settings_choose_the_kv_cache(tiny, cache_dir):
+    metrics = Metrics()
+
     def engine(**kw):
         settings = Settings(model=str(tiny.base_dir), quantization="fp32", device="cpu",
                             adapter_dir=tiny.adapter_dir, cache_dir=cache_dir, **kw)
-        return load_runtime(settings, Metrics()).engine
+        return load_runtime(settings, metrics).engine
 
     assert type(engine()._kv).__name__ == "PaddedKV"  # auto on CPU: dynamic
+    assert 'hotswap_engine_kv_cache_info{cuda_graphs="false",kv_cache="dynamic"} 1.0' in metrics.render().decode()
     static = engine(kv_cache="static", max_model_len=100)
     assert type(static._kv).__name__ == "SlotKV" and static._kv.max_len == 100 and static.max_context == 100
     assert not static._kv.graphs  # no CUDA here
+    text = metrics.render().decode()
+    assert 'kv_cache="static"} 1.0' in text and 'kv_cache="dynamic"' not in text
 
 
 def test_int8_layers_are_never_captured(tiny, cache_dir):
