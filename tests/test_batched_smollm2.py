@@ -45,7 +45,10 @@ def batched_vs_single(adapter_dir, cache_dir, quantization, kv_cache="dynamic"):
     settings = Settings(quantization=quantization, device="cpu", adapter_dir=adapter_dir, cache_dir=cache_dir)
     runtime = preload_adapters(load_runtime(settings, Metrics()), ("a1", "a2"))
     runner, tok = runtime.engine.runner, runtime.tokenizer
-    engine = BatchedEngine(runner, eos_token_ids=frozenset(), max_context=2048, max_batch_size=8, kv_cache=kv_cache)
+    engine = BatchedEngine(runner, eos_token_ids=frozenset(), max_context=2048, max_batch_size=8,
+                           kv_cache="static" if kv_cache == "graphs" else kv_cache)
+    if kv_cache == "graphs":  # the CUDA-graph path's buckets and static routing, replayed eagerly
+        engine._kv.graphs = True
     prompts = [tok(p).input_ids for p in PROMPTS]
 
     async def main():
@@ -74,7 +77,7 @@ def batched_vs_single(adapter_dir, cache_dir, quantization, kv_cache="dynamic"):
     return batched, singles, len(prompts[0])
 
 
-@pytest.mark.parametrize("kv_cache", ["dynamic", "static"])
+@pytest.mark.parametrize("kv_cache", ["dynamic", "static", "graphs"])
 def test_fp32_mixed_batch_is_token_identical(adapter_dir, cache_dir, kv_cache):
     batched, singles, _ = batched_vs_single(adapter_dir, cache_dir, "fp32", kv_cache)
     for outs, single, ids in zip(batched, singles, PROMPTS, strict=True):
