@@ -14,7 +14,7 @@ from service.base_model import load_base
 from service.engine import Engine
 from service.engine.runner import ModelRunner
 from service.engine.batched import BatchedEngine
-from service.engine.kvcache import capture_unsupported
+from service.engine.kvcache import capture_unsupported, kv_shape
 from service.engine.simple import SimpleEngine
 from service.metrics import Metrics
 from service.settings import Settings
@@ -114,6 +114,8 @@ def choose_kv_cache(settings: Settings, model: Any, device: str, max_context: in
 def static_kv_unsupported(config: Any) -> str | None:
     """Why the static KV cache cannot serve this model (None: it can)."""
     config = getattr(config, "get_text_config", lambda: config)()
+    if kv_shape(config) is None:
+        return "the config does not give the cache's shape (layers, KV heads, head size)"
     kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
     if kinds != {"full_attention"} or getattr(config, "sliding_window", None):
         return f"the model has layers other than full attention ({sorted(kinds)}); use KV_CACHE=dynamic"
@@ -122,8 +124,6 @@ def static_kv_unsupported(config: Any) -> str | None:
 
 def static_kv_bytes(config: Any, rows: int, positions: int, dtype: Any) -> int:
     """Bytes of the static KV cache for this many rows and positions."""
-    config = getattr(config, "get_text_config", lambda: config)()
-    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    layers, heads, head_dim = kv_shape(config)
     size = torch.empty((), dtype=dtype).element_size()
-    return config.num_hidden_layers * 2 * rows * positions * heads * head_dim * size
+    return layers * 2 * rows * positions * heads * head_dim * size

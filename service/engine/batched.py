@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from service.engine import EngineOutput
-from service.engine.kvcache import PaddedKV, SlotKV
+from service.engine.kvcache import PaddedKV, SlotKV, kv_shape
 from service.engine.sampling import make_generator, sample, token_logprob
 from service.engine.worker import STOP, Job, Outbox, WorkerEngine
 from service.errors import EngineError, ServiceUnavailableError
@@ -64,6 +64,10 @@ class BatchedEngine(WorkerEngine):
         if kv_cache == "static":
             self._kv = SlotKV(self.runner, max_batch_size, self.max_context, cuda_graphs=cuda_graphs,
                               on_capture=on_capture, on_graphs_off=lambda: on_kv_cache("static", False))
+            shape = kv_shape(self.runner.model.config)
+            if shape is not None:
+                # The hidden states, and so the keys and values, take the embeddings' dtype.
+                self._kv.reserve(*shape, dtype=self.runner.model.get_input_embeddings().weight.dtype)
         elif kv_cache == "dynamic":
             self._kv = PaddedKV(self.runner)
         else:

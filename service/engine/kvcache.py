@@ -137,6 +137,15 @@ class SlotKV:
             raise RuntimeError(f"a prompt of {width} tokens exceeds the KV cache length {self.max_len}")
         if self._buffer is None:
             self._allocate(cache)
+        elif self._mismatch(cache):
+            if self.rows:
+                raise RuntimeError(f"the model's cache {self._mismatch(cache)} does not match the static "
+                                   f"KV cache's {self._mismatch(self._buffer)}")
+            log.warning("the static KV cache was reserved as %s but the model's cache is %s: reallocating",
+                        self._mismatch(self._buffer), self._mismatch(cache))
+            self._buffer = self._flat = None
+            self._steps.clear()
+            self._allocate(cache)
         lengths = new_mask.sum(dim=1)
         # Row r's tokens sit in columns [width - length_r, width): shift each left to column 0.
         shift = (width - lengths).unsqueeze(1)
@@ -239,17 +248,30 @@ class SlotKV:
 
     # --- internals ----------------------------------------------------------------------------
 
-    def _allocate(self, cache: DynamicCache) -> None:
-        first = cache.layers[0].keys  # [rows, kv_heads, tokens, head_dim]
-        layers, heads, dim = len(cache.layers), first.shape[1], first.shape[3]
-        shape = (layers, 2, self.capacity, self.max_len, heads, dim)
+    def reserve(self, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
+        """Allocate the buffer now (at start: a reservation that does not fit fails the start,
+        not the first request); otherwise the first join allocates it from its cache's shape."""
+        shape = (layers, 2, self.capacity, self.max_len, kv_heads, head_dim)
         # Zeros, not empty: padding rows of a captured step read their slots, and garbage there
         # could be NaN (harmless, since those rows are dropped, but never worth the doubt).
-        self._buffer = torch.zeros(shape, dtype=first.dtype, device=first.device)
-        flat = self._buffer.view(layers, 2, self.capacity * self.max_len, heads, dim)
+        self._buffer = torch.zeros(shape, dtype=dtype, device=self.runner.device)
+        flat = self._buffer.view(layers, 2, self.capacity * self.max_len, kv_heads, head_dim)
         self._flat = [(flat[i, 0], flat[i, 1]) for i in range(layers)]
         log.info("static KV cache: %d slots x %d positions, %.2f GiB", self.capacity, self.max_len,
                  self._buffer.numel() * self._buffer.element_size() / 2**30)
+
+    def _allocate(self, cache: DynamicCache) -> None:
+        first = cache.layers[0].keys  # [rows, kv_heads, tokens, head_dim]
+        self.reserve(len(cache.layers), first.shape[1], first.shape[3], first.dtype)
+
+    def _mismatch(self, source) -> tuple | None:
+        """(layers, KV heads, head size, dtype) of a cache or of the buffer, when the cache's
+        differs from the buffer's; None when they agree."""
+        if isinstance(source, torch.Tensor):
+            return (source.shape[0], source.shape[4], source.shape[5], source.dtype)
+        first = source.layers[0].keys
+        got = (len(source.layers), first.shape[1], first.shape[3], first.dtype)
+        return None if got == self._mismatch(self._buffer) else got
 
     def _fused(self) -> FusedMixedLoRA | None:
         model = self.runner.model
@@ -263,6 +285,17 @@ class SlotKV:
         if self._pool is None and self.runner.device.type == "cuda":
             self._pool = torch.cuda.graph_pool_handle()
         return self._pool
+
+
+def kv_shape(config: Any) -> tuple[int, int, int] | None:
+    """(layers, KV heads, head size) of a decoder's cache, from its config (None: unknown)."""
+    config = getattr(config, "get_text_config", lambda: config)()
+    try:
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return config.num_hidden_layers, heads, head_dim
+    except AttributeError:
+        return None
 
 
 def capture_unsupported(model: Any) -> str | None:

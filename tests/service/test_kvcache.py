@@ -60,12 +60,19 @@ def test_join_puts_each_row_from_column_zero_and_retain_fills_the_holes_from_the
     assert kv.retain([]) == [] and kv.rows == 0
 
 
-def test_join_refuses_rows_beyond_capacity_or_length():
+def test_join_refuses_rows_beyond_capacity_or_length_or_of_another_shape():
     kv = SlotKV(SimpleNamespace(device=torch.device("cpu")), capacity=2, max_len=4)
     with pytest.raises(RuntimeError, match="capacity"):
         kv.join(*padded_cache([1, 2, 3]))
     with pytest.raises(RuntimeError, match="KV cache length"):
         kv.join(*padded_cache([5]))
+    kv.reserve(LAYERS, HEADS + 1, DIM, torch.bfloat16)  # a wrong guess at start ...
+    kv.join(*padded_cache([2]))  # ... costs a reallocation while no row runs
+    assert kv._buffer.shape[-2] == HEADS and kv._buffer.dtype == torch.float32
+    assert slot(kv, 0, 2).tolist() == [0, 1]
+    kv._buffer = kv._buffer.to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="does not match"):  # never under running rows
+        kv.join(*padded_cache([2]))
 
 
 def test_buckets_cover_every_row_count_and_width():
@@ -125,6 +132,8 @@ def test_settings_choose_the_kv_cache(tiny, cache_dir):
     assert 'hotswap_engine_kv_cache_info{cuda_graphs="false",kv_cache="dynamic"} 1.0' in metrics.render().decode()
     static = engine(kv_cache="static", max_model_len=100)
     assert type(static._kv).__name__ == "SlotKV" and static._kv.max_len == 100 and static.max_context == 100
+    # reserved at start, so a reservation that does not fit fails the start, not a request
+    assert static._kv._buffer.shape[:4] == (2, 2, 16, 100)
     assert not static._kv.graphs  # no CUDA here
     text = metrics.render().decode()
     assert 'kv_cache="static"} 1.0' in text and 'kv_cache="dynamic"' not in text
