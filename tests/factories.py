@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -87,15 +88,18 @@ def make_lora_adapter(
     base_id: str = "tiny",
     seed: int = 1,
     manifest: dict | None = None,
+    rank: int = 4,
+    **lora: Any,
 ) -> Path:
-    """A random LoRA (both A and B random, so it changes outputs) plus its hotswap.json."""
+    """A random LoRA (both A and B random, so it changes outputs) plus its hotswap.json; `lora`
+    adds LoraConfig arguments (use_dora=True, ...)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     config = LoraConfig(
-        r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False
+        r=rank, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False, **lora
     )
     peft_model = get_peft_model(base, config)
     peft_model.save_pretrained(out_dir)

@@ -62,8 +62,10 @@ class BatchedEngine(WorkerEngine):
         self._pending: deque[Job] = deque()  # taken from the queue, not admitted yet (FIFO)
         self._rows: list[_Row] = []
         if kv_cache == "static":
+            slots = self.residency.max_resident if self.residency is not None else 8
             self._kv = SlotKV(self.runner, max_batch_size, self.max_context, cuda_graphs=cuda_graphs,
-                              on_capture=on_capture, on_graphs_off=lambda: on_kv_cache("static", False))
+                              lora_slots=slots, on_capture=on_capture,
+                              on_graphs_off=lambda: on_kv_cache("static", False))
             shape = kv_shape(self.runner.model.config)
             if shape is not None:
                 # The hidden states, and so the keys and values, take the embeddings' dtype.

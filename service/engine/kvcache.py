@@ -109,10 +109,12 @@ class SlotKV:
         max_len: int,
         *,
         cuda_graphs: bool = True,
+        lora_slots: int = 8,
         on_capture: Callable[[float], None] = lambda seconds: None,
         on_graphs_off: Callable[[], None] = lambda: None,
     ):
         self.runner = runner
+        self.lora_slots = lora_slots  # adapters the LoRA pool holds before it must grow
         self._on_capture, self._on_graphs_off = on_capture, on_graphs_off
         self.capacity = capacity
         self.max_len = max_len
@@ -122,7 +124,7 @@ class SlotKV:
         self._buffer: torch.Tensor | None = None
         self._flat: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer: [slots*max_len, heads, dim]
         self._steps: dict[tuple[int, int], _Step] = {}
-        self._signature: Any = None
+        self._graph_key: Any = None
         self._pool = None
         self.captures = 0  # graphs captured so far (for logs and tests)
 
@@ -214,10 +216,14 @@ class SlotKV:
         bucket = next(b for b in _buckets(self.capacity) if b >= rows)
         width = next(w for w in _widths(self.max_len) if w >= need)
         fused = self._fused()
-        signature = fused.signature() if fused else None
-        if signature != self._signature:  # adapters loaded, removed or reloaded: recapture
+        if fused is not None and not fused.sync_pool():  # a LoRA variant or bias: eager steps
+            return self._decode_eager(tokens, positions, names, need)
+        # Loads, evictions and reloads copy into the adapter pool in place; only a new pool (a
+        # new layer, a higher rank, more adapters than slots) or the first adapter recaptures.
+        key = (id(self.runner.model), fused.pool_version if fused else None)
+        if key != self._graph_key:
             self._steps.clear()
-            self._signature = signature
+            self._graph_key = key
         step = self._steps.get((bucket, width))
         padded = names + [BASE_ADAPTER] * (bucket - rows)
         inputs = (tokens + [0] * (bucket - rows), positions + [0] * (bucket - rows))
@@ -279,6 +285,7 @@ class SlotKV:
             return None
         fused = FusedMixedLoRA.for_model(model)
         fused.install(model)
+        fused.pool_slots = self.lora_slots
         return fused
 
     def _graph_pool(self):

@@ -18,11 +18,14 @@ or a LoRA bias goes through PEFT's mixed-batch code. The result equals PEFT's up
 (tests/service/test_lora.py).
 
 For CUDA graphs (service/engine/kvcache.py) the routing must not create tensors while a graph is
-captured or change them between replays by anything but an in-place copy: `route_static` stacks
-every loaded adapter in every layer (a row of an adapter absent from the batch multiplies zeros)
-and keeps one row-mask buffer per batch size and layer layout, rewritten in place before each
-forward pass; `signature` changes whenever an adapter is loaded, removed or reloaded, which
-invalidates the graphs captured over the old weights.
+captured, nor change them between replays by anything but an in-place copy. `route_static` runs
+every layer through an adapter pool (`_Pool`): per LoRA layer, one A and one B buffer with a
+fixed slot (of the pool's rank, zero-padded) for each resident adapter, and one row mask per row
+count, rewritten in place before each pass. Loading, evicting or reloading an adapter copies its
+weights into a slot, or zeroes it, in place: captured graphs stay valid. Only a change of
+structure (a newly wrapped layer, a higher rank, more adapters than slots) rebuilds the pool and
+bumps `pool_version`, which the graphs are keyed on. Adapters with a LoRA variant or bias cannot
+be pooled (`graph_ready` is False): their steps run eagerly.
 """
 
 from __future__ import annotations
@@ -59,11 +62,17 @@ class FusedMixedLoRA:
         self._installed_for: tuple | None = None
         self._stacks: dict[tuple[int, tuple[str, ...]], tuple] = {}
         self._masks: dict[tuple, torch.Tensor] = {}
-        # Static routing (CUDA graphs): row masks rewritten in place, per (rows, layer layout).
+        # Static routing (CUDA graphs): the adapter pool and its row masks, one per row count.
         self._static = False
-        self._static_masks: dict[tuple[int, tuple], torch.Tensor] = {}
+        self._static_masks: dict[int, torch.Tensor] = {}
         self._loaded: tuple[str, ...] = ()
         self._probes: dict[str, Any] = {}  # per adapter, one LoRA layer holding it
+        self._lora_layers: list[Any] = []
+        self.pool_slots = 8  # adapters the pool holds before it must grow (resident adapters)
+        self._pool: _Pool | None = None
+        self._pool_synced: tuple | None = None
+        self._graph_ready = False
+        self.pool_version = 0
 
     def install(self, model: Any) -> None:
         """Patch the model's LoRA layers, once per set of loaded adapters."""
@@ -74,13 +83,14 @@ class FusedMixedLoRA:
 
         self._stacks.clear()
         self._masks.clear()
-        self._static_masks.clear()
         self._loaded = tuple(sorted(model.peft_config))
         self._probes = {}
+        self._lora_layers = []
         self.complete = True
         for module in model.modules():
             if not isinstance(module, LoraLayer):
                 continue
+            self._lora_layers.append(module)
             for name in module.lora_A:
                 self._probes.setdefault(name, module)
             if not isinstance(module.get_base_layer(), torch.nn.Linear) or getattr(module, "fan_in_fan_out", False):
@@ -98,18 +108,24 @@ class FusedMixedLoRA:
         self._static = False
 
     def route_static(self, names: list[str], *, fill: bool = True) -> None:
-        """Route the next forward pass (captured or replayed) through every loaded adapter, with
-        the rows' choice in the mask buffers, which are rewritten in place here (not while a
-        graph is captured: `fill=False`, after warm-up passes with the same rows)."""
+        """Route the next forward pass (captured or replayed) through the adapter pool, with the
+        rows' slots in the row mask, rewritten in place here. With `fill=False` (while a graph
+        is captured, after warm-up passes with the same rows) nothing is copied or made."""
         unknown = set(names) - {BASE_ADAPTER} - set(self._loaded)
         if unknown:
             raise ValueError(f"adapters not loaded: {sorted(unknown)}")
         self.names = tuple(names)
-        self._present = self._loaded
         self._static = True
-        for (rows, blocks), buffer in self._static_masks.items():
-            if fill and rows == len(names):
-                buffer.copy_(self._row_mask(self.names, blocks, buffer.shape[1], buffer.device, buffer.dtype))
+        if not fill:
+            return
+        if not self.sync_pool():
+            raise RuntimeError("static LoRA routing cannot serve adapters with a LoRA variant or bias")
+        mask = self._static_masks.get(len(names))
+        if mask is None:
+            # A buffer of its own: the pool's masks are a cache, and this one is rewritten.
+            mask = self._static_masks[len(names)] = self._pool.row_mask(self.names).clone()
+        else:
+            mask.copy_(self._pool.row_mask(self.names))
 
     def signature(self) -> tuple:
         """Changes whenever the loaded adapters or their weights do (a reload makes new ones)."""
@@ -118,22 +134,58 @@ class FusedMixedLoRA:
             for name in self._loaded
         )
 
+    def sync_pool(self) -> bool:
+        """Bring the pool in line with the loaded adapters, in place where the structure allows
+        (else a new pool and `pool_version`). Returns whether the static routing can serve every
+        loaded adapter: False with a LoRA variant or bias, or a layer that is not fused."""
+        signature = self.signature()
+        if signature == self._pool_synced:
+            return self._graph_ready
+        self._graph_ready = self.complete and not any(
+            name in layer.lora_variant or layer.lora_bias.get(name, False)
+            for layer in self._lora_layers for name in layer.lora_A
+        )
+        if not self._graph_ready:
+            self._pool_synced = signature
+            return False
+        layers = [layer for layer in self._lora_layers if layer.lora_A]
+        rank = max((layer.lora_A[n].weight.shape[0] for layer in layers for n in layer.lora_A), default=1)
+        pool = self._pool
+        if pool is None or not pool.fits(layers, rank, len(self._loaded)):
+            slots = max(self.pool_slots, len(self._loaded))
+            pool = self._pool = _Pool(layers, slots, max(rank, pool.rank if pool else 0))
+            self._static_masks.clear()
+            self.pool_version += 1
+        pool.update(self._loaded)
+        self._pool_synced = signature
+        return True
+
     def _layer_forward(self, layer: Any, x: torch.Tensor, *args: Any, **kwargs: Any):
         """A LoRA layer's forward: the fused mixed batch while the runner has set `names`."""
         names = self.names
         if names is None or "adapter_names" in kwargs or layer.disable_adapters or layer.merged:
             return layer._hotswap_peft_forward(x, *args, **kwargs)
-        own = tuple(a for a in self._present if a in layer.lora_A)
-        if any(a in layer.lora_variant or layer.lora_bias.get(a, False) for a in own):
-            return layer._mixed_batch_forward(x, *args, adapter_names=list(names), **kwargs)
-        for key in VARIANT_KWARG_KEYS:  # aLoRA's per-call arguments; never for the base layer
-            kwargs.pop(key, None)
-        result = layer.base_layer(x, *args, **kwargs)
-        if not own:
-            return result
-        a_t, b_t, blocks = self._stack(layer, own)  # [in, ranks], [ranks, out]
-        mask = self._mask(names, blocks, a_t.shape[1], x.device, a_t.dtype)
-        h = torch.matmul(x.to(a_t.dtype), a_t)  # [rows, (tokens,) sum of ranks]
+        if self._static:  # the pool: every slot, the row mask picks (graph_ready: no variants)
+            for key in VARIANT_KWARG_KEYS:
+                kwargs.pop(key, None)
+            result = layer.base_layer(x, *args, **kwargs)
+            buffers = self._pool.buffers.get(id(layer))
+            if buffers is None:  # a LoRA layer no loaded adapter uses
+                return result
+            a_t, b_t = buffers
+            mask = self._static_masks[len(names)]
+        else:
+            own = tuple(a for a in self._present if a in layer.lora_A)
+            if any(a in layer.lora_variant or layer.lora_bias.get(a, False) for a in own):
+                return layer._mixed_batch_forward(x, *args, adapter_names=list(names), **kwargs)
+            for key in VARIANT_KWARG_KEYS:  # aLoRA's per-call arguments; never for the base layer
+                kwargs.pop(key, None)
+            result = layer.base_layer(x, *args, **kwargs)
+            if not own:
+                return result
+            a_t, b_t, blocks = self._stack(layer, own)  # [in, ranks], [ranks, out]
+            mask = self._row_mask(names, blocks, a_t.shape[1], x.device, a_t.dtype)
+        h = torch.matmul(x.to(a_t.dtype), a_t)  # [rows, (tokens,) ranks]
         h.mul_(mask if h.dim() == 2 else mask.unsqueeze(1))
         return result + torch.matmul(h, b_t).to(result.dtype)  # the base output is left untouched
 
@@ -159,17 +211,6 @@ class FusedMixedLoRA:
             self._stacks[key] = cached
         return cached[:3]
 
-    def _mask(self, names: tuple[str, ...], blocks: tuple, width: int, device, dtype) -> torch.Tensor:
-        if not self._static:
-            return self._row_mask(names, blocks, width, device, dtype)
-        buffer = self._static_masks.get((len(names), blocks))
-        if buffer is None:
-            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-                raise RuntimeError("a LoRA row mask was first needed during CUDA graph capture")
-            buffer = self._row_mask(names, blocks, width, device, dtype).clone()
-            self._static_masks[(len(names), blocks)] = buffer
-        return buffer
-
     def _row_mask(self, names: tuple[str, ...], blocks: tuple, width: int, device, dtype) -> torch.Tensor:
         key = (names, blocks)
         mask = self._masks.get(key)
@@ -182,4 +223,71 @@ class FusedMixedLoRA:
                 if name in spans:
                     mask[row, spans[name][0] : spans[name][1]] = 1
             mask = self._masks[key] = mask.to(device)
+        return mask
+
+
+class _Pool:
+    """Per LoRA layer, A [in, slots * rank] and B [slots * rank, out] (scaling folded in), one
+    slot per resident adapter, zero where an adapter has a lower rank or skips the layer."""
+
+    def __init__(self, layers: list[Any], slots: int, rank: int):
+        self.layers, self.slots, self.rank = layers, slots, rank
+        self.structure = tuple(id(layer) for layer in layers)
+        self.buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for layer in layers:
+            weight = next(iter(layer.lora_A.values())).weight
+            self.buffers[id(layer)] = (
+                torch.zeros((layer.in_features, slots * rank), dtype=weight.dtype, device=weight.device),
+                torch.zeros((slots * rank, layer.out_features), dtype=weight.dtype, device=weight.device),
+            )
+        self.assigned: dict[str, int] = {}  # adapter -> slot
+        self._copied: dict[str, tuple] = {}  # adapter -> the parameters its slot holds
+        self._masks: dict[tuple[str, ...], torch.Tensor] = {}
+
+    def fits(self, layers: list[Any], rank: int, adapters: int) -> bool:
+        return self.structure == tuple(id(layer) for layer in layers) and rank <= self.rank and adapters <= self.slots
+
+    def update(self, loaded: tuple[str, ...]) -> None:
+        """Free the slots of unloaded adapters, give new ones a free slot, copy changed weights."""
+        self._masks.clear()
+        for name in [n for n in self.assigned if n not in loaded]:
+            self._write(self.assigned.pop(name), None)
+            self._copied.pop(name, None)
+        free = sorted(set(range(self.slots)) - set(self.assigned.values()))
+        for name in loaded:
+            if name not in self.assigned:
+                self.assigned[name] = free.pop(0)
+            sources = tuple(layer.lora_A[name].weight for layer in self.layers if name in layer.lora_A)
+            copied = self._copied.get(name)
+            if copied is None or len(copied) != len(sources) or any(a is not b for a, b in zip(copied, sources, strict=True)):
+                self._write(self.assigned[name], name)
+                self._copied[name] = sources
+
+    def _write(self, slot: int, name: str | None) -> None:
+        start, end = slot * self.rank, (slot + 1) * self.rank
+        with torch.no_grad():
+            for layer in self.layers:
+                a_t, b_t = self.buffers[id(layer)]
+                a_t[:, start:end].zero_()
+                b_t[start:end].zero_()
+                if name is None or name not in layer.lora_A:
+                    continue
+                a = layer.lora_A[name].weight  # [rank, in]
+                b = layer.lora_B[name].weight * layer.scaling[name]  # [out, rank]
+                a_t[:, start : start + a.shape[0]].copy_(a.t())
+                b_t[start : start + a.shape[0]].copy_(b.t())
+
+    def row_mask(self, names: tuple[str, ...]) -> torch.Tensor:
+        """[rows, slots * rank]: ones over each row's adapter's slot (none for the base)."""
+        mask = self._masks.get(names)
+        if mask is None:
+            if len(self._masks) >= _MAX_MASKS:
+                self._masks.clear()
+            a_t = next(iter(self.buffers.values()))[0]
+            host = torch.zeros((len(names), self.slots * self.rank), dtype=a_t.dtype)
+            for row, name in enumerate(names):
+                if name in self.assigned:
+                    slot = self.assigned[name]
+                    host[row, slot * self.rank : (slot + 1) * self.rank] = 1
+            mask = self._masks[names] = host.to(a_t.device)
         return mask

@@ -11,11 +11,10 @@ import torch
 from transformers import DynamicCache
 
 from service.engine.kvcache import SlotKV, _buckets, _widths
-from service.engine.lora import FusedMixedLoRA
 from service.metrics import Metrics
 from service.runtime import load_runtime, static_kv_bytes, static_kv_unsupported
 from service.settings import Settings
-from tests.factories import preload_adapters
+from tests.factories import make_lora_adapter, preload_adapters
 
 LAYERS, HEADS, DIM = 2, 3, 4
 
@@ -88,24 +87,57 @@ def runner(tiny, cache_dir):
     return preload_adapters(load_runtime(settings, Metrics())).engine.runner
 
 
-def test_captured_steps_are_dropped_when_an_adapter_is_reloaded(runner, tiny):
+def test_adapter_churn_is_copied_into_the_pool_without_recapturing(runner, tiny, tmp_path):
+    """Loads, evictions and reloads write the adapter pool in place, so captured steps stay valid
+    and compute what the eager fused path does; only a pool that must grow recaptures."""
+    for name, seed, rank in (("gamma", 3, 4), ("wide", 4, 8), ("alpha-v2", 7, 4)):
+        make_lora_adapter(tiny.base_dir, tmp_path / name, fingerprint=tiny.fingerprint, seed=seed, rank=rank)
     captures = []
-    kv = SlotKV(runner, capacity=4, max_len=64, on_capture=captures.append)
+    kv = SlotKV(runner, capacity=4, max_len=64, lora_slots=2, on_capture=captures.append)
     kv.graphs = True  # off CUDA: the same bucketed, statically routed steps, replayed eagerly
-    logits, cache = runner.prefill([5, 17, 42], "alpha")
-    kv.join(cache, torch.ones((1, 3), dtype=torch.long))
-    first = kv.decode([int(logits.argmax())], [3], ["alpha"])
-    kv.decode([int(first.argmax())], [4], ["alpha"])
-    assert kv.captures == 1  # one bucket (1 row x 64 columns), captured once
-
+    prompts, adapters = [[5, 17, 42], [8, 9, 10]], ["alpha", "beta"]
+    logits, cache, mask = runner.prefill_batch(prompts, adapters)
+    kv.join(cache, mask)
+    tokens = logits.argmax(-1).tolist()
     model = runner.model
-    fused = FusedMixedLoRA.for_model(model)
-    before = fused.signature()
-    model.delete_adapter("alpha")
-    model.load_adapter(str(tiny.adapter_dir / "alpha"), adapter_name="alpha")
-    assert fused.signature() != before  # new weights, same name: the graphs must go
-    kv.decode([7], [5], ["alpha"])
-    assert kv.captures == 2 and len(captures) == 2 and all(t > 0 for t in captures)  # for the metric
+
+    def step(position, adapters):
+        graph = kv.decode(tokens, [position] * 2, adapters)
+        kv.graphs = False
+        eager = kv.decode(tokens, [position] * 2, adapters)  # the same keys written again
+        kv.graphs = True
+        assert torch.allclose(graph, eager, atol=1e-5), (graph - eager).abs().max()
+        return graph
+
+    before = step(3, adapters)
+    assert kv.captures == 1  # one bucket (2 rows x 64 columns)
+    model.delete_adapter("beta")  # evicted; gamma takes its slot
+    model.load_adapter(str(tmp_path / "gamma"), adapter_name="gamma")
+    step(4, ["alpha", "gamma"])
+    model.delete_adapter("alpha")  # reloaded, changed on disk: new weights, same slot
+    model.load_adapter(str(tmp_path / "alpha-v2"), adapter_name="alpha")
+    after = step(5, ["alpha", "gamma"])
+    assert kv.captures == 1 and len(captures) == 1  # no pause for any of it
+    assert not torch.allclose(before, after)  # the steps did change (other positions, adapters)
+
+    model.delete_adapter("gamma")
+    model.load_adapter(str(tmp_path / "wide"), adapter_name="wide")  # rank 8 > the pool's 4
+    step(6, ["alpha", "wide"])
+    assert kv.captures == 2 and all(t > 0 for t in captures)  # a new pool: recaptured (metric)
+
+
+def test_adapters_the_pool_cannot_hold_run_eagerly(runner, tiny, tmp_path):
+    make_lora_adapter(tiny.base_dir, tmp_path / "dora", fingerprint=tiny.fingerprint, seed=5, use_dora=True)
+    runner.model.load_adapter(str(tmp_path / "dora"), adapter_name="dora")
+    kv = SlotKV(runner, capacity=2, max_len=64)
+    kv.graphs = True
+    logits, cache = runner.prefill([5, 17, 42], "dora")
+    kv.join(cache, torch.ones((1, 3), dtype=torch.long))
+    out = kv.decode([int(logits.argmax())], [3], ["dora"])
+    assert kv.captures == 0 and torch.isfinite(out).all()  # DoRA: PEFT's own path, eagerly
+    runner.model.delete_adapter("dora")
+    kv.decode([int(out.argmax())], [4], ["alpha"])
+    assert kv.captures == 1  # gone again: the steps are captured
 
 
 def test_static_kv_sizing_and_support(tiny):
@@ -169,3 +201,20 @@ def test_max_model_len_bounds_what_the_api_accepts(tiny, cache_dir):
         long = client.post("/v1/completions", json={"model": "alpha", "prompt": [5, 6, 7], "max_tokens": 10})
         assert long.status_code == 400 and long.json()["error"]["param"] == "max_tokens"
         assert "context of 12 tokens" in long.json()["error"]["message"]
+
+
+def test_static_row_masks_follow_the_rows_every_pass(runner):
+    from service.engine import BASE_ADAPTER
+    from service.engine.lora import FusedMixedLoRA
+
+    fused = FusedMixedLoRA.for_model(runner.model)
+    fused.install(runner.model)
+    masks = {}
+    for names in (("alpha", BASE_ADAPTER), (BASE_ADAPTER, "beta"), ("alpha", BASE_ADAPTER)):
+        fused.route_static(list(names))
+        masks.setdefault(names, []).append(fused._static_masks[2].clone())
+    fused.route(None)
+    first, again = masks[("alpha", BASE_ADAPTER)]
+    assert torch.equal(first, again)  # the buffer rewritten in place never corrupts a composition
+    assert first[1].sum() == 0 and first[0].sum() > 0  # the base row: no adapter
+    assert not torch.equal(first, masks[(BASE_ADAPTER, "beta")][0])
