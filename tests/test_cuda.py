@@ -161,3 +161,10 @@ def test_captured_decode_step_matches_eager_on_cuda(tiny, cache_dir, quantizatio
     scale = outs[False].abs().max()
     assert torch.isfinite(outs[True]).all()
     assert (outs[True] - outs[False]).abs().max() <= 1e-2 * scale
+
+
+def test_adapter_churn_keeps_the_captured_graphs_on_cuda(tiny, cache_dir, tmp_path):
+    from tests.service.test_kvcache import check_adapter_churn
+
+    runner = preload_adapters(load_runtime(settings(tiny, cache_dir, "fp32"), Metrics())).engine.runner
+    check_adapter_churn(runner, tiny, tmp_path, emulate=False, atol=1e-4)

@@ -88,13 +88,21 @@ def runner(tiny, cache_dir):
 
 
 def test_adapter_churn_is_copied_into_the_pool_without_recapturing(runner, tiny, tmp_path):
+    check_adapter_churn(runner, tiny, tmp_path, emulate=True)
+
+
+def check_adapter_churn(runner, tiny, tmp_path, *, emulate: bool, atol: float = 1e-5):
     """Loads, evictions and reloads write the adapter pool in place, so captured steps stay valid
-    and compute what the eager fused path does; only a pool that must grow recaptures."""
+    and compute what the eager fused path does; only a pool that must grow recaptures. With
+    `emulate`, off CUDA: the same bucketed, statically routed steps, replayed eagerly (test_cuda
+    runs it with real graphs)."""
     for name, seed, rank in (("gamma", 3, 4), ("wide", 4, 8), ("alpha-v2", 7, 4)):
         make_lora_adapter(tiny.base_dir, tmp_path / name, fingerprint=tiny.fingerprint, seed=seed, rank=rank)
     captures = []
     kv = SlotKV(runner, capacity=4, max_len=64, lora_slots=2, on_capture=captures.append)
-    kv.graphs = True  # off CUDA: the same bucketed, statically routed steps, replayed eagerly
+    if emulate:
+        kv.graphs = True
+    assert kv.graphs
     prompts, adapters = [[5, 17, 42], [8, 9, 10]], ["alpha", "beta"]
     logits, cache, mask = runner.prefill_batch(prompts, adapters)
     kv.join(cache, mask)
@@ -106,7 +114,7 @@ def test_adapter_churn_is_copied_into_the_pool_without_recapturing(runner, tiny,
         kv.graphs = False
         eager = kv.decode(tokens, [position] * 2, adapters)  # the same keys written again
         kv.graphs = True
-        assert torch.allclose(graph, eager, atol=1e-5), (graph - eager).abs().max()
+        assert torch.allclose(graph, eager, atol=atol), (graph - eager).abs().max()
         return graph
 
     before = step(3, adapters)
