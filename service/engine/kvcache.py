@@ -98,8 +98,8 @@ class SlotKV:
     """Rows in the slots of one preallocated buffer; decode steps from CUDA graphs on CUDA.
 
     `max_len` bounds a row's prompt plus completion (the engine's context); `capacity` is the
-    most rows at once. The buffer is allocated at the first join, in the dtype and head shape of
-    the model's own cache.
+    most rows at once. The engine reserves the buffer when it is built (`reserve`, from the
+    model's config); otherwise the first join allocates it in the shape of the model's cache.
     """
 
     def __init__(
@@ -139,13 +139,13 @@ class SlotKV:
             raise RuntimeError(f"a prompt of {width} tokens exceeds the KV cache length {self.max_len}")
         if self._buffer is None:
             self._allocate(cache)
-        elif self._mismatch(cache):
+        elif _layout(cache) != _layout(self._buffer):
             if self.rows:
-                raise RuntimeError(f"the model's cache {self._mismatch(cache)} does not match the static "
-                                   f"KV cache's {self._mismatch(self._buffer)}")
+                raise RuntimeError(f"the model's cache {_layout(cache)} does not match the static "
+                                   f"KV cache's {_layout(self._buffer)}")
             log.warning("the static KV cache was reserved as %s but the model's cache is %s: reallocating",
-                        self._mismatch(self._buffer), self._mismatch(cache))
-            self._buffer = self._flat = None
+                        _layout(self._buffer), _layout(cache))
+            self._buffer, self._flat = None, []
             self._steps.clear()
             self._allocate(cache)
         lengths = new_mask.sum(dim=1)
@@ -270,15 +270,6 @@ class SlotKV:
         first = cache.layers[0].keys  # [rows, kv_heads, tokens, head_dim]
         self.reserve(len(cache.layers), first.shape[1], first.shape[3], first.dtype)
 
-    def _mismatch(self, source) -> tuple | None:
-        """(layers, KV heads, head size, dtype) of a cache or of the buffer, when the cache's
-        differs from the buffer's; None when they agree."""
-        if isinstance(source, torch.Tensor):
-            return (source.shape[0], source.shape[4], source.shape[5], source.dtype)
-        first = source.layers[0].keys
-        got = (len(source.layers), first.shape[1], first.shape[3], first.dtype)
-        return None if got == self._mismatch(self._buffer) else got
-
     def _fused(self) -> FusedMixedLoRA | None:
         model = self.runner.model
         if not hasattr(model, "peft_config"):
@@ -292,6 +283,14 @@ class SlotKV:
         if self._pool is None and self.runner.device.type == "cuda":
             self._pool = torch.cuda.graph_pool_handle()
         return self._pool
+
+
+def _layout(source: DynamicCache | torch.Tensor) -> tuple:
+    """(layers, KV heads, head size, dtype) of a prefilled cache or of the slot buffer."""
+    if isinstance(source, torch.Tensor):  # [layers, 2, slots, max_len, heads, dim]
+        return source.shape[0], source.shape[4], source.shape[5], source.dtype
+    first = source.layers[0].keys  # [rows, heads, tokens, dim]
+    return len(source.layers), first.shape[1], first.shape[3], first.dtype
 
 
 def kv_shape(config: Any) -> tuple[int, int, int] | None:
@@ -382,7 +381,7 @@ class _Step:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up: kernels chosen, LoRA stacks and mask buffers made
+            for _ in range(2):  # warm-up: kernels chosen, the adapter pool and row masks made
                 self.forward(names, static=True)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()

@@ -226,3 +226,28 @@ def test_static_row_masks_follow_the_rows_every_pass(runner):
     assert torch.equal(first, again)  # the buffer rewritten in place never corrupts a composition
     assert first[1].sum() == 0 and first[0].sum() > 0  # the base row: no adapter
     assert not torch.equal(first, masks[(BASE_ADAPTER, "beta")][0])
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_slot_steps_match_the_padded_cache_with_either_attention(tiny, cache_dir, attention):
+    """SDPA takes the 4D mask as booleans; the eager attention adds it to the scores."""
+    from service.base_model import load_base
+    from service.engine.kvcache import PaddedKV
+    from service.engine.runner import ModelRunner
+
+    model = load_base(str(tiny.base_dir), quantization="fp32", device="cpu", cache_dir=cache_dir).model
+    model.set_attn_implementation(attention)
+    runner = ModelRunner(model, "cpu")
+    assert (runner.additive_mask is None) == (attention == "sdpa")
+    prompts = [[5, 17, 42, 99], [8, 9]]
+    outs = []
+    for kv in (PaddedKV(runner), SlotKV(runner, capacity=2, max_len=32)):
+        logits, cache, mask = runner.prefill_batch(prompts, [None, None])
+        kv.join(cache, mask)
+        tokens, positions, steps = logits.argmax(-1).tolist(), [4, 2], []
+        for _ in range(3):
+            out = kv.decode(tokens, positions, [None, None])
+            steps.append(out)
+            tokens, positions = out.argmax(-1).tolist(), [p + 1 for p in positions]
+        outs.append(torch.stack(steps))
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)
