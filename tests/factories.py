@@ -89,6 +89,7 @@ def make_lora_adapter(
     seed: int = 1,
     manifest: dict | None = None,
     rank: int = 4,
+    targets: tuple[str, ...] = ("q_proj", "v_proj", "o_proj"),
     **lora: Any,
 ) -> Path:
     """A random LoRA (both A and B random, so it changes outputs) plus its hotswap.json; `lora`
@@ -99,7 +100,7 @@ def make_lora_adapter(
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     config = LoraConfig(
-        r=rank, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False, **lora
+        r=rank, lora_alpha=16, target_modules=list(targets), init_lora_weights=False, **lora
     )
     peft_model = get_peft_model(base, config)
     peft_model.save_pretrained(out_dir)

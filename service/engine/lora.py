@@ -148,12 +148,20 @@ class FusedMixedLoRA:
         if not self._graph_ready:
             self._pool_synced = signature
             return False
-        layers = [layer for layer in self._lora_layers if layer.lora_A]
-        rank = max((layer.lora_A[n].weight.shape[0] for layer in layers for n in layer.lora_A), default=1)
+        # Every LoRA layer, also those no loaded adapter uses now (PEFT keeps the wrapper after
+        # `delete_adapter`): evicting an adapter must not change the pool's structure.
+        layers = self._lora_layers
+        weights = [layer.lora_A[n].weight for layer in layers for n in layer.lora_A]
+        rank = max((w.shape[0] for w in weights), default=1)
+        dtype = torch.float32 if not weights else weights[0].dtype
+        for weight in weights:  # the widest adapter dtype: no adapter computes below its own
+            dtype = torch.promote_types(dtype, weight.dtype)
+        device = weights[0].device if weights else next((x.get_base_layer().weight.device for x in layers), None)
         pool = self._pool
-        if pool is None or not pool.fits(layers, rank, len(self._loaded)):
-            slots = max(self.pool_slots, len(self._loaded))
-            pool = self._pool = _Pool(layers, slots, max(rank, pool.rank if pool else 0))
+        if pool is None or not pool.fits(layers, rank, len(self._loaded), dtype):
+            slots = max(self.pool_slots, len(self._loaded), pool.slots if pool else 0)
+            rank = max(rank, pool.rank if pool else 0)
+            pool = self._pool = _Pool(layers, slots, rank, dtype, device)
             self._static_masks.clear()
             self.pool_version += 1
         pool.update(self._loaded)
@@ -230,22 +238,23 @@ class _Pool:
     """Per LoRA layer, A [in, slots * rank] and B [slots * rank, out] (scaling folded in), one
     slot per resident adapter, zero where an adapter has a lower rank or skips the layer."""
 
-    def __init__(self, layers: list[Any], slots: int, rank: int):
-        self.layers, self.slots, self.rank = layers, slots, rank
+    def __init__(self, layers: list[Any], slots: int, rank: int, dtype: torch.dtype, device: torch.device):
+        self.layers, self.slots, self.rank, self.dtype = layers, slots, rank, dtype
         self.structure = tuple(id(layer) for layer in layers)
-        self.buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        for layer in layers:
-            weight = next(iter(layer.lora_A.values())).weight
-            self.buffers[id(layer)] = (
-                torch.zeros((layer.in_features, slots * rank), dtype=weight.dtype, device=weight.device),
-                torch.zeros((slots * rank, layer.out_features), dtype=weight.dtype, device=weight.device),
+        self.buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {
+            id(layer): (
+                torch.zeros((layer.in_features, slots * rank), dtype=dtype, device=device),
+                torch.zeros((slots * rank, layer.out_features), dtype=dtype, device=device),
             )
+            for layer in layers
+        }
         self.assigned: dict[str, int] = {}  # adapter -> slot
         self._copied: dict[str, tuple] = {}  # adapter -> the parameters its slot holds
         self._masks: dict[tuple[str, ...], torch.Tensor] = {}
 
-    def fits(self, layers: list[Any], rank: int, adapters: int) -> bool:
-        return self.structure == tuple(id(layer) for layer in layers) and rank <= self.rank and adapters <= self.slots
+    def fits(self, layers: list[Any], rank: int, adapters: int, dtype: torch.dtype) -> bool:
+        return (self.structure == tuple(id(layer) for layer in layers) and rank <= self.rank
+                and adapters <= self.slots and dtype == self.dtype)
 
     def update(self, loaded: tuple[str, ...]) -> None:
         """Free the slots of unloaded adapters, give new ones a free slot, copy changed weights."""

@@ -98,6 +98,8 @@ def check_adapter_churn(runner, tiny, tmp_path, *, emulate: bool, atol: float = 
     runs it with real graphs)."""
     for name, seed, rank in (("gamma", 3, 4), ("wide", 4, 8), ("alpha-v2", 7, 4)):
         make_lora_adapter(tiny.base_dir, tmp_path / name, fingerprint=tiny.fingerprint, seed=seed, rank=rank)
+    make_lora_adapter(tiny.base_dir, tmp_path / "mlp", fingerprint=tiny.fingerprint, seed=8,
+                      targets=("q_proj", "gate_proj", "down_proj"))
     captures = []
     kv = SlotKV(runner, capacity=4, max_len=64, lora_slots=2, on_capture=captures.append)
     if emulate:
@@ -132,6 +134,18 @@ def check_adapter_churn(runner, tiny, tmp_path, *, emulate: bool, atol: float = 
     model.load_adapter(str(tmp_path / "wide"), adapter_name="wide")  # rank 8 > the pool's 4
     step(6, ["alpha", "wide"])
     assert kv.captures == 2 and all(t > 0 for t in captures)  # a new pool: recaptured (metric)
+
+    model.delete_adapter("wide")  # an adapter on more layers: PEFT wraps them, a new pool ...
+    model.load_adapter(str(tmp_path / "mlp"), adapter_name="mlp")
+    step(7, ["mlp", "alpha"])
+    assert kv.captures == 3
+    model.delete_adapter("mlp")  # ... and keeps the wrappers when it goes: no new pool
+    model.load_adapter(str(tmp_path / "gamma"), adapter_name="gamma")
+    step(8, ["gamma", "alpha"])
+    model.delete_adapter("gamma")
+    model.load_adapter(str(tmp_path / "mlp"), adapter_name="mlp")
+    step(9, ["alpha", "mlp"])
+    assert kv.captures == 3
 
 
 def test_adapters_the_pool_cannot_hold_run_eagerly(runner, tiny, tmp_path):
