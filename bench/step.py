@@ -19,21 +19,17 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 
 def make_parser() -> argparse.ArgumentParser:
+    from bench.throughput import add_model_args
+
     p = argparse.ArgumentParser(prog="python -m bench.step", description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="embedded:smollm2-135m-instruct")
-    p.add_argument("--quantization", default="nf4", choices=["nf4", "int8", "bf16", "fp32"])
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--cache-dir", type=Path, default=Path("~/.cache/hotswap").expanduser())
+    add_model_args(p)
     p.add_argument("--rows", default="1,16,64", help="comma-separated batch sizes")
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--steps", type=int, default=20, help="timed decode steps per mode")
-    p.add_argument("--adapters", type=int, default=2, help="random LoRA adapters besides the base")
     p.add_argument("--modes", default="dynamic,static,graphs")
     return p
 
@@ -87,17 +83,10 @@ def run_mode(runner, mode: str, prompts, adapters, steps: int, capacity: int) ->
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
-    from bench.throughput import make_adapters, make_prompts
-    from service.adapters.registry import AdapterRegistry
-    from service.base_model import load_base
+    from bench.throughput import load_with_adapters, make_prompts
     from service.engine.runner import ModelRunner
 
-    base = load_base(args.model, quantization=args.quantization, device=args.device, cache_dir=args.cache_dir)
-    adapter_dir = Path(tempfile.mkdtemp(prefix="hotswap-step-"))
-    names = make_adapters(base.source, adapter_dir, args.adapters)
-    registry = AdapterRegistry(adapter_dir, base_id=base.source.served_id, base_fingerprint=base.source.fingerprint)
-    registry.scan()
-    model = registry.attach(base.model)
+    base, model, names, _ = load_with_adapters(args)
     runner = ModelRunner(model, base.device)
     counts = [int(c) for c in args.rows.split(",") if c]
     cycle = [None, *names]

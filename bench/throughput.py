@@ -23,16 +23,21 @@ import time
 from pathlib import Path
 
 
-def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench.throughput", description=__doc__.split("\n")[0])
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The base and its random adapters: options shared with bench.step."""
     p.add_argument("--model", default="embedded:smollm2-135m-instruct")
     p.add_argument("--quantization", default="nf4", choices=["nf4", "int8", "bf16", "fp32"])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--cache-dir", type=Path, default=Path("~/.cache/hotswap").expanduser())
+    p.add_argument("--adapters", type=int, default=2, help="random LoRA adapters besides the base")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.throughput", description=__doc__.split("\n")[0])
+    add_model_args(p)
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--adapters", type=int, default=2, help="random LoRA adapters besides the base")
     p.add_argument("--sweep", default="", help="comma-separated client counts, e.g. 1,2,4,8,16,32")
     p.add_argument("--plot", type=Path, help="PNG for the sweep (default docs/benchmark-<device>.png)")
     p.add_argument("--seed-requests", type=int, default=0,
@@ -71,6 +76,20 @@ def make_adapters(source, directory: Path, count: int) -> list[str]:
                         prompt_template="{{ text }}", input_fields=["text"]).write(out)
         names.append(name)
     return names
+
+
+def load_with_adapters(args) -> tuple:
+    """(base, model with the adapters attached, adapter names, their directory): the base loaded
+    as the service loads it, and --adapters random packages made for it."""
+    from service.adapters.registry import AdapterRegistry
+    from service.base_model import load_base
+
+    base = load_base(args.model, quantization=args.quantization, device=args.device, cache_dir=args.cache_dir)
+    adapter_dir = Path(tempfile.mkdtemp(prefix="hotswap-bench-"))
+    names = make_adapters(base.source, adapter_dir, args.adapters)
+    registry = AdapterRegistry(adapter_dir, base_id=base.source.served_id, base_fingerprint=base.source.fingerprint)
+    registry.scan()
+    return base, registry.attach(base.model), names, adapter_dir
 
 
 def make_prompts(tokenizer, count: int, length: int) -> list[list[int]]:
@@ -179,15 +198,7 @@ def start_service(args, adapter_dir: Path, port: int, max_batch: int) -> subproc
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
-    from service.adapters.registry import AdapterRegistry
-    from service.base_model import load_base
-
-    base = load_base(args.model, quantization=args.quantization, device=args.device, cache_dir=args.cache_dir)
-    adapter_dir = Path(tempfile.mkdtemp(prefix="hotswap-bench-"))
-    names = make_adapters(base.source, adapter_dir, args.adapters)
-    registry = AdapterRegistry(adapter_dir, base_id=base.source.served_id, base_fingerprint=base.source.fingerprint)
-    registry.scan()
-    model = registry.attach(base.model)
+    base, model, names, adapter_dir = load_with_adapters(args)
     counts = sorted({args.clients, *(int(c) for c in args.sweep.split(",") if c)})
     cycle = [None, *names]
     port = free_port()

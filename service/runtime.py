@@ -12,9 +12,9 @@ from service.adapters.registry import AdapterRegistry
 from service.adapters.residency import AdapterResidency
 from service.base_model import load_base
 from service.engine import Engine
-from service.engine.runner import ModelRunner
+from service.engine.runner import ModelRunner, hidden_dtype
 from service.engine.batched import BatchedEngine
-from service.engine.kvcache import capture_unsupported, kv_shape
+from service.engine.kvcache import graphs_unavailable, kv_shape
 from service.engine.simple import SimpleEngine
 from service.metrics import Metrics
 from service.settings import Settings
@@ -69,7 +69,7 @@ def load_runtime(settings: Settings, metrics: Metrics) -> Runtime:
     )
     runner = ModelRunner(base.model, base.device)
     if settings.engine == "batched":
-        kv_cache = choose_kv_cache(settings, base.model, base.device, max_context)
+        kv_cache = choose_kv_cache(settings, runner, max_context)
         engine: Engine = BatchedEngine(
             runner, max_batch_size=settings.max_batch_size,
             max_prefill_tokens=settings.max_prefill_tokens, kv_cache=kv_cache,
@@ -81,8 +81,9 @@ def load_runtime(settings: Settings, metrics: Metrics) -> Runtime:
     return Runtime(engine, base.tokenizer, registry, base.source.served_id, max_context)
 
 
-def choose_kv_cache(settings: Settings, model: Any, device: str, max_context: int) -> str:
+def choose_kv_cache(settings: Settings, runner: ModelRunner, max_context: int) -> str:
     """'static' or 'dynamic' for the batched engine (see Settings.kv_cache)."""
+    model, device = runner.model, runner.device.type
     if settings.kv_cache == "dynamic":
         return "dynamic"
     reason = static_kv_unsupported(model.config)
@@ -90,9 +91,8 @@ def choose_kv_cache(settings: Settings, model: Any, device: str, max_context: in
         if settings.kv_cache == "static":
             raise ValueError(f"KV_CACHE=static: {reason}")
         return "dynamic"
-    need = static_kv_bytes(model.config, settings.max_batch_size, max_context, model.dtype)
-    no_graphs = ("not on CUDA" if device != "cuda" else "CUDA_GRAPHS is off" if not settings.cuda_graphs
-                 else capture_unsupported(model))
+    need = static_kv_bytes(model.config, settings.max_batch_size, max_context, hidden_dtype(model))
+    no_graphs = graphs_unavailable(runner, settings.cuda_graphs)
     if settings.kv_cache == "auto":
         if no_graphs:  # the static cache pays off through CUDA graphs (docs/benchmarks.md)
             if device == "cuda":

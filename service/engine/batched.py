@@ -22,6 +22,7 @@ import torch
 
 from service.engine import EngineOutput
 from service.engine.kvcache import PaddedKV, SlotKV, kv_shape
+from service.engine.runner import hidden_dtype
 from service.engine.sampling import make_generator, sample, token_logprob
 from service.engine.worker import STOP, Job, Outbox, WorkerEngine
 from service.errors import EngineError, ServiceUnavailableError
@@ -68,8 +69,7 @@ class BatchedEngine(WorkerEngine):
                               on_graphs_off=lambda: on_kv_cache("static", False))
             shape = kv_shape(self.runner.model.config)
             if shape is not None:
-                # The hidden states, and so the keys and values, take the embeddings' dtype.
-                self._kv.reserve(*shape, dtype=self.runner.model.get_input_embeddings().weight.dtype)
+                self._kv.reserve(*shape, dtype=hidden_dtype(self.runner.model))
         elif kv_cache == "dynamic":
             self._kv = PaddedKV(self.runner)
         else:

@@ -118,7 +118,7 @@ class SlotKV:
         self._on_capture, self._on_graphs_off = on_capture, on_graphs_off
         self.capacity = capacity
         self.max_len = max_len
-        self.graphs = cuda_graphs and runner.device.type == "cuda" and capture_unsupported(runner.model) is None
+        self.graphs = graphs_unavailable(runner, cuda_graphs) is None
         self.rows = 0
         self._lengths: list[int] = []  # per row: tokens in its slot (kept to size the copies)
         self._buffer: torch.Tensor | None = None
@@ -302,6 +302,15 @@ def kv_shape(config: Any) -> tuple[int, int, int] | None:
         return config.num_hidden_layers, heads, head_dim
     except AttributeError:
         return None
+
+
+def graphs_unavailable(runner: ModelRunner, enabled: bool) -> str | None:
+    """Why this runner's decode steps will not be replayed from CUDA graphs (None: they will)."""
+    if runner.device.type != "cuda":
+        return "not on CUDA"
+    if not enabled:
+        return "CUDA_GRAPHS is off"
+    return capture_unsupported(runner.model)
 
 
 def capture_unsupported(model: Any) -> str | None:

@@ -177,10 +177,7 @@ class FusedMixedLoRA:
             for key in VARIANT_KWARG_KEYS:
                 kwargs.pop(key, None)
             result = layer.base_layer(x, *args, **kwargs)
-            buffers = self._pool.buffers.get(id(layer))
-            if buffers is None:  # a LoRA layer no loaded adapter uses
-                return result
-            a_t, b_t = buffers
+            a_t, b_t = self._pool.buffers[id(layer)]  # the pool spans every LoRA layer
             mask = self._static_masks[len(names)]
         else:
             own = tuple(a for a in self._present if a in layer.lora_A)

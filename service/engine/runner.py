@@ -25,15 +25,16 @@ class ModelRunner:
         # dtype) by the eager attention.
         config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
         attention = getattr(config, "_attn_implementation", "sdpa") or "sdpa"
-        self.additive_mask = None if attention == "sdpa" else (getattr(config, "dtype", None) or torch.float32)
+        self.additive_mask = None if attention == "sdpa" else hidden_dtype(model)
 
     @property
     def cache_kwarg(self) -> str:
         """The forward argument that takes the KV cache (its name depends on the version)."""
         return self._cache_kwarg
 
-    def route_static(self, names: list[str] | None) -> None:
-        """Route the next forward pass (or graph replay) for CUDA graphs (None: back to normal)."""
+    def route_static(self, names: list[str] | None, *, fill: bool = True) -> None:
+        """Route the next forward pass (or graph replay) for CUDA graphs (None: back to normal;
+        `fill=False` while a graph is captured: see FusedMixedLoRA.route_static)."""
         if not hasattr(self.model, "peft_config"):
             if names is not None and any(n != BASE_ADAPTER for n in names):
                 raise ValueError("no adapters are loaded on this model")
@@ -45,17 +46,14 @@ class ModelRunner:
         fused.install(self.model)
         if not fused.complete:
             raise RuntimeError("CUDA graphs need every LoRA layer fused (linear layers only)")
-        fused.route_static(names)
+        fused.route_static(names, fill=fill)
 
     def forward_static(self, names: list[str], *, static: bool | str, **kwargs: Any) -> Any:
         """A forward pass with the rows' adapters (BASE_ADAPTER for the base). `static` routes
         LoRA through fixed buffers, as CUDA graphs need ("capture": without rewriting them)."""
         if not static:
             return self._forward([None if n == BASE_ADAPTER else n for n in names], **kwargs)
-        if static == "capture" and hasattr(self.model, "peft_config"):
-            FusedMixedLoRA.for_model(self.model).route_static(names, fill=False)
-        else:
-            self.route_static(names)
+        self.route_static(names, fill=static != "capture")
         try:
             return self.model(**kwargs)
         finally:
@@ -171,3 +169,8 @@ def _cache_kwarg(model: Any) -> str:
     """transformers 5.2x renamed `past_key_values` to `cache`; older 5.x only knows the former."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def hidden_dtype(model: Any) -> torch.dtype:
+    """The dtype of the hidden states, and so of the keys and values: the input embeddings'."""
+    return model.get_input_embeddings().weight.dtype
