@@ -1,15 +1,19 @@
 """The batched engine on the real SmolLM2 with two LoRA adapters: a mixed batch against
-single-request greedy `generate`, in fp32 (identical tokens) and nf4 (see the bound below)."""
+single-request greedy `generate` in fp32, and PEFT's batched `generate` in nf4 (identical
+tokens in both; why nf4 needs a batched reference is said below)."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
-from service.engine import EngineRequest, SamplingParams
+from service.engine import BASE_ADAPTER, EngineRequest, SamplingParams
 from service.engine.batched import BatchedEngine
+from service.engine.runner import ModelRunner
 from service.metrics import Metrics
 from service.runtime import load_runtime
 from service.settings import Settings
@@ -85,22 +89,84 @@ def test_fp32_mixed_batch_is_token_identical(adapter_dir, cache_dir, kv_cache):
         assert tokens == single.sequences[0, -NEW_TOKENS:].tolist(), ids
 
 
-def test_nf4_mixed_batch_stays_within_the_bound(adapter_dir, cache_dir):
-    """bitsandbytes' CPU 4-bit kernel computes a many-row batch differently from one row (its
-    packed AVX512-BF16 path), so nf4 cannot be token-identical. Measured here: 4 of 6 sequences
-    identical over 16 tokens, the others diverging after 6 and 8 tokens, and chosen-token
-    log-probabilities within 0.13 nats before divergence. The bound tested, with margin: until
-    the first disagreement, |delta log-prob| < 0.25 nats, and at least 3 of 6 sequences agree
-    on all 16 tokens."""
-    batched, singles, _ = batched_vs_single(adapter_dir, cache_dir, "nf4")
-    identical = 0
-    for outs, single in zip(batched, singles, strict=True):
+@pytest.fixture(params=["native", "bf16-activations"])
+def kernel_numerics(request, monkeypatch):
+    """The 4-bit matmul as this CPU runs it, and as an AVX512-BF16 / AMX CPU does: there,
+    bitsandbytes repacks every 4-bit weight at the first eval-mode forward and its fused kernel
+    takes bf16 activations and returns bf16 (backends/cpu/ops.py, gemv_4bit). The second
+    emulates that rounding on any CPU, so the comparison below runs under both numerics here."""
+    if request.param == "bf16-activations":
+        import bitsandbytes as bnb
+
+        matmul_4bit = bnb.matmul_4bit
+
+        def bf16_matmul_4bit(A, B, quant_state, out=None, bias=None):
+            result = matmul_4bit(A.to(torch.bfloat16).float(), B, quant_state, bias=bias)
+            return result.to(torch.bfloat16).to(A.dtype)
+
+        monkeypatch.setattr(bnb, "matmul_4bit", bf16_matmul_4bit)
+    return request.param
+
+
+def test_nf4_mixed_batch_matches_peft_on_the_same_kernel_path(adapter_dir, cache_dir, kernel_numerics):
+    """nf4 against PEFT's own mixed-adapter `generate` over the same left-padded batch.
+
+    A single-request reference cannot bound nf4 on every CPU: bitsandbytes picks its kernel by
+    the CPU's ISA and by the row count, and with bf16 activations (AVX512-BF16, AMX) one row
+    alone rounds differently from six together. A CI machine with AMX measured 0.35 nats
+    between the two where this CPU measured under 1e-4; the emulation above gives 0.41.
+    So the reference here runs the same rows through the same kernels at every step: all six
+    requests are queued before the engine's first iteration (one prefill, like `generate`'s),
+    none leaves before the last token, and the engine uses PEFT's per-row LoRA, the same
+    operations as `generate(adapter_names=...)` (the fused LoRA is held to PEFT's in fp32 by
+    the test above and tests/service/test_lora.py). Every row's 4-bit matmuls then see the
+    same inputs in the same shapes, so what the engine adds (scheduling, padding, positions,
+    the KV cache, sampling) must not change a token or a log-probability on any CPU."""
+    settings = Settings(quantization="nf4", device="cpu", adapter_dir=adapter_dir, cache_dir=cache_dir)
+    runtime = preload_adapters(load_runtime(settings, Metrics()), ("a1", "a2"))
+    model, tok = runtime.engine.runner.model, runtime.tokenizer
+    runner = ModelRunner(model, "cpu", fused_lora=False)
+    queued = threading.Event()
+
+    def on_state(running, waiting, capacity):
+        if len(waiting) == len(PROMPTS):
+            queued.set()
+
+    engine = BatchedEngine(runner, eos_token_ids=frozenset(), max_context=2048, max_batch_size=8,
+                           on_state=on_state)
+    prompts = [tok(p).input_ids for p in PROMPTS]
+
+    async def main():
+        gate = threading.Event()
+        executor = ThreadPoolExecutor(1)
+        executor.submit(gate.wait)  # the engine's thread starts its loop once every job is queued
+        await engine.start(executor)
+        try:
+            async def one(i):
+                request = EngineRequest(f"r{i}", tuple(prompts[i]), ADAPTERS[i],
+                                        SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, logprobs=0))
+                return [o async for o in engine.generate(request)]
+            tasks = [asyncio.create_task(one(i)) for i in range(len(PROMPTS))]
+            while not queued.is_set():
+                await asyncio.sleep(0.01)
+            gate.set()
+            return await asyncio.gather(*tasks)
+        finally:
+            gate.set()
+            await engine.stop()
+            executor.shutdown(wait=False)
+
+    batched = asyncio.run(main())
+    tok.padding_side = "left"
+    batch = tok(PROMPTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        reference = model.generate(**batch, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None,
+                                   pad_token_id=tok.pad_token_id, output_scores=True,
+                                   return_dict_in_generate=True,
+                                   adapter_names=[a or BASE_ADAPTER for a in ADAPTERS])
+    for row, outs in enumerate(batched):
         tokens = [t for o in outs for t in o.token_ids]
-        reference = single.sequences[0, -NEW_TOKENS:].tolist()
-        identical += tokens == reference
-        for step, (token, want) in enumerate(zip(tokens, reference, strict=True)):
-            if token != want:
-                break
-            ref_lp = float(torch.log_softmax(single.scores[step][0].float(), -1)[want])
-            assert abs(outs[step].logprobs[0].logprob - ref_lp) < 0.25
-    assert identical >= 3
+        assert tokens == reference.sequences[row, -NEW_TOKENS:].tolist(), (kernel_numerics, PROMPTS[row])
+        for step, token in enumerate(tokens):
+            want = float(torch.log_softmax(reference.scores[step][row].float(), -1)[token])
+            assert outs[step].logprobs[0].logprob == pytest.approx(want, abs=1e-4)
