@@ -24,11 +24,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import __version__
 from service.errors import HotswapError, InvalidRequestError, NotFoundError, RequestTooLargeError
+from service.request_id import HEADER as REQUEST_ID_HEADER
+from service.request_id import RequestIdMiddleware
 from service.guardrails import Guardrails, GuardrailConfigError
 from service.guardrails import load as load_guardrails
 from service.metrics import Metrics
 from service.runtime import Runtime, load_runtime
 from service.serving.generation import ServingContext
+from service.serving.sse import error_body
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -57,6 +60,7 @@ class ServiceState:
             max_context=runtime.max_context,
             metrics=self.metrics,
             guardrails=guardrails,
+            default_max_tokens=self.settings.default_max_tokens,
         )
 
 
@@ -117,7 +121,7 @@ RETRY_AFTER_SECONDS = "1"  # overload and drain are short-lived: come back soon 
 
 def _error_response(exc: HotswapError) -> JSONResponse:
     headers = {"Retry-After": RETRY_AFTER_SECONDS} if exc.status_code in (429, 503) else None
-    return JSONResponse(exc.to_body(), status_code=exc.status_code, headers=headers)
+    return JSONResponse(error_body(exc), status_code=exc.status_code, headers=headers)
 
 
 def _rejection_reason(exc: HotswapError) -> str | None:
@@ -148,6 +152,9 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0]
+        param = (first.get("ctx") or {}).get("param")  # a body-wide check that names its field
+        if param is not None:
+            return _error_response(InvalidRequestError(first["msg"], param=param))
         if first.get("type") == "json_invalid" or tuple(first.get("loc", ())) == ("body",):
             return _error_response(InvalidRequestError(f"the request body is invalid: {first['msg']}"))
         param = _validation_param(tuple(first["loc"]))
@@ -164,8 +171,13 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s", request.url.path)
-        return _error_response(HotswapError(f"internal error: {type(exc).__name__}"))
+        # Starlette calls this from its outermost middleware, past RequestIdMiddleware's
+        # header: the id is set here again.
+        request_id = request.state.request_id
+        log.error("request %s: unhandled error on %s", request_id, request.url.path, exc_info=exc)
+        response = _error_response(HotswapError(f"{type(exc).__name__}: {exc}"))
+        response.headers[REQUEST_ID_HEADER] = request_id
+        return response
 
 
 # ------------------------------------------------------------------------------------------------
@@ -254,4 +266,5 @@ def build_app(settings: Settings | None = None, runtime: Runtime | None = None) 
     app.add_middleware(
         BodyLimitMiddleware, max_bytes=settings.max_request_bytes, metrics=app.state.hotswap.metrics
     )
+    app.add_middleware(RequestIdMiddleware)  # outermost: every response carries the id
     return app

@@ -12,7 +12,8 @@
     └── EngineError                   500 server_error (a model step failed)
 
 Every error renders as ``{"error": {"message", "type", "param", "code"}}`` (OpenAI's shape), so
-openai-python raises its matching exception class (BadRequestError, NotFoundError, ...).
+openai-python raises its matching exception class (BadRequestError, NotFoundError, ...). A 500's
+message is for the log: the client gets "internal error" and the request id to quote.
 """
 
 from __future__ import annotations
@@ -29,10 +30,19 @@ class HotswapError(Exception):
         self.param = param
         self.code = code if code is not None else self.default_code
 
-    def to_body(self) -> dict:
+    @property
+    def internal(self) -> bool:
+        """A server fault whose message (an exception's text) must not reach the client."""
+        return self.status_code == 500
+
+    def to_body(self, request_id: str | None = None) -> dict:
+        message = self.message
+        if self.internal:
+            quote = f" (request id {request_id})" if request_id else ""
+            message = f"internal error{quote}; the server log has the details"
         return {
             "error": {
-                "message": self.message,
+                "message": message,
                 "type": self.error_type,
                 "param": self.param,
                 "code": self.code,

@@ -12,6 +12,7 @@ import time
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 MAX_N = 16
 MAX_LOGPROBS = 5
@@ -22,6 +23,27 @@ StopField = Annotated[
     str | list[Annotated[str, Field(min_length=1)]] | None,
     Field(description="Up to 4 sequences where generation stops; not included in the text."),
 ]
+
+
+def lone_surrogate_at(value: Any, path: tuple = ()) -> str | None:
+    """The dotted path of the first string (or key) holding a lone UTF-16 surrogate, or None.
+
+    JSON's `\\ud800` escape decodes to such a string: not text in any encoding, so the
+    tokenizer and the guardrails cannot take it. It is refused as input, naming the field."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")  # fails on surrogates only, at C speed
+        except UnicodeEncodeError:
+            return ".".join(map(str, path)) or "body"
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        if isinstance(key, str) and lone_surrogate_at(key) is not None:
+            return ".".join(map(str, (*path, key)))
+        found = lone_surrogate_at(item, (*path, key))
+        if found is not None:
+            return found
+    return None
 
 
 class StreamOptions(BaseModel):
@@ -53,6 +75,18 @@ class _SamplingFields(BaseModel):
     ignore_eos: bool = Field(
         False, description="Generate exactly max_tokens, past the end-of-sequence token (as vLLM)."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        path = lone_surrogate_at(data)
+        if path is not None:
+            raise PydanticCustomError(
+                "lone_surrogate",
+                "{param}: holds a lone UTF-16 surrogate, which is not text; send valid Unicode",
+                {"param": path},
+            )
+        return data
 
     @field_validator("stop")
     @classmethod

@@ -26,7 +26,7 @@ from service.protocol import (
 from service.serving.chat import ChatServing
 from service.serving.completions import CompletionServing
 from service.serving.generation import ServingContext
-from service.serving.sse import DONE, sse
+from service.serving.sse import DONE, error_body, sse
 
 _ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 429, 500, 503, 504)}
 # Completions answer JSON, or server-sent events when the request sets `stream`.
@@ -93,7 +93,7 @@ async def _until(stream: AsyncIterator[str], deadline: float, limit: float) -> A
             except StopAsyncIteration:
                 return
             except TimeoutError:
-                yield sse(RequestTimeoutError(f"the request took longer than {limit:g} s").to_body())
+                yield sse(error_body(RequestTimeoutError(f"the request took longer than {limit:g} s")))
                 yield DONE
                 return
             yield frame

@@ -84,6 +84,12 @@ class Settings(BaseSettings):
         description="Longest prompt + completion served, in tokens; 0: the model's context. "
         "The static KV cache reserves this many positions per batch row.",
     )
+    default_max_tokens: int = Field(
+        1024, ge=0,
+        description="Completion budget of a chat request that sets neither max_completion_tokens "
+        "nor max_tokens; 0: up to the context (OpenAI's default, minutes of a CPU). Completions "
+        "keep OpenAI's default of 16.",
+    )
     max_resident_adapters: int = Field(
         8, ge=1, le=1024,
         description="Adapters kept loaded on the base; the least recently used idle one is evicted.",

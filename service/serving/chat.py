@@ -79,7 +79,7 @@ class ChatServing:
         self, request: ChatCompletionRequest, target: Target
     ) -> ChatCompletionResponse | AsyncIterator[str]:
         ids, actions = self.render(request, target)
-        max_tokens = request.max_new_tokens or max(self.ctx.max_context - len(ids), 0)
+        max_tokens = request.max_new_tokens or self.ctx.default_budget(len(ids))
         check_prompt(ids, max_tokens, self.ctx, param="messages")
         top = request.top_logprobs or 0
         specs = [

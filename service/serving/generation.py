@@ -35,6 +35,13 @@ class ServingContext:
     max_context: int
     metrics: Metrics
     guardrails: Guardrails = field(default_factory=Guardrails)
+    default_max_tokens: int = 0  # a chat request's budget when it sets none (0: the context)
+
+    def default_budget(self, prompt_tokens: int) -> int:
+        """What a chat request that names no budget may generate: the rest of the context,
+        within DEFAULT_MAX_TOKENS."""
+        left = max(self.max_context - prompt_tokens, 0)
+        return min(left, self.default_max_tokens) if self.default_max_tokens else left
 
 
 @dataclass(frozen=True)

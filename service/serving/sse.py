@@ -9,10 +9,19 @@ from collections.abc import AsyncIterator
 from pydantic import BaseModel
 
 from service.errors import EngineError, HotswapError
+from service.request_id import current_request_id
 
 log = logging.getLogger(__name__)
 
 DONE = "data: [DONE]\n\n"
+
+
+def error_body(exc: HotswapError) -> dict:
+    """The OpenAI error body of `exc`; a 500's cause goes to the log under the request id."""
+    request_id = current_request_id()
+    if exc.internal:
+        log.error("request %s failed: %s", request_id, exc.message)
+    return exc.to_body(request_id)
 
 
 def sse(payload: BaseModel | dict) -> str:
@@ -26,8 +35,8 @@ async def framed(chunks: AsyncIterator[BaseModel]) -> AsyncIterator[str]:
         async for chunk in chunks:
             yield sse(chunk)
     except HotswapError as exc:
-        yield sse(exc.to_body())
+        yield sse(error_body(exc))
     except Exception as exc:  # the response has started: the status can no longer change
-        log.exception("stream failed")
-        yield sse(EngineError(f"stream failed: {type(exc).__name__}").to_body())
+        log.exception("request %s: stream failed", current_request_id())
+        yield sse(EngineError(f"stream failed: {type(exc).__name__}").to_body(current_request_id()))
     yield DONE
