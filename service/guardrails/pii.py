@@ -94,10 +94,12 @@ def _phone_ok(text: str) -> bool:
 
 def _ip_ok(text: str) -> bool:
     try:
-        ipaddress.ip_address(text)
+        address = ipaddress.ip_address(text)
     except ValueError:
         return False
-    return True
+    # 0.0.0.0/8 is "this network" (RFC 6890): no host has such an address, while release
+    # numbers look exactly like one ("since the 0.11.0.0 release", in Dolly).
+    return not (address.version == 4 and text.startswith("0."))
 
 
 def _p(pattern: str) -> re.Pattern[str]:
@@ -184,7 +186,7 @@ DETECTORS: tuple[Detector, ...] = (
     Detector(
         "IP_ADDRESS",
         re.compile(
-            r"(?<![\w.:])(?:\d{1,3}(?:\.\d{1,3}){3}(?!\w|\.\d)|[0-9a-f]{0,4}(?::[0-9a-f]{0,4}){2,7}(?!\w|[.:][0-9a-f]))",
+            r"(?<![\w.:])(?<!version )(?<!release )(?:\d{1,3}(?:\.\d{1,3}){3}(?!\w|\.\d)|[0-9a-f]{0,4}(?::[0-9a-f]{0,4}){2,7}(?!\w|[.:][0-9a-f]))",
             re.IGNORECASE,
         ),
         re.compile(r"[0-9a-f.:]*\Z", re.IGNORECASE),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from typing import Any
 
 from service.guardrails.base import (
@@ -39,28 +40,53 @@ _INJECTION = {
 }
 _INJECTION_PATTERNS = {k: re.compile(v, re.IGNORECASE) for k, v in _INJECTION.items()}
 _EMOJI_NEIGHBOURS = re.compile(r"[\U0001F000-\U0001FAFF\u2600-\u27BF\uFE0F]")
+# Characters that change what a reader sees without being seen: the explicit bidi embeddings,
+# overrides and isolates of the Trojan Source attack (CVE-2021-42574: LRE, RLE, PDF, LRO, RLO,
+# LRI, RLI, FSI, PDI) and the tag characters, which spell ASCII invisibly. Real prose carries
+# neither; an emoji flag's tag sequence (after U+1F3F4) is the one ordinary use of tags.
+_HIDING = re.compile("[\u202a-\u202e\u2066-\u2069\U000E0000-\U000E007F]")
+_BLACK_FLAG = "\U0001F3F4"
 
 
-def _hidden_positions(text: str) -> list[int]:
-    """Invisible characters that hide text: format characters other than an emoji's joiner."""
-    found = []
+def _invisible(text: str) -> tuple[list[int], list[int]]:
+    """Positions of invisible format characters (Unicode category Cf) in `text`, split into
+    those that hide text (above: blocked) and the rest: zero-width spaces, word joiners, soft
+    hyphens, direction marks, which web text (Wikipedia) is full of and which are safe to strip
+    (sanitized). Joiners that are ordinary text stay: ZWJ inside an emoji sequence (👩‍💻), and
+    ZWJ / ZWNJ between two letters of a script that uses them (Persian, Arabic, Indic)."""
+    hiding, benign = [], []
+    flag = False  # inside an emoji flag's tag sequence
     for i, char in enumerate(text):
-        if not is_hidden(char):
+        if char == _BLACK_FLAG:
+            flag = True
             continue
-        if char == "\u200d" and 0 < i < len(text) - 1 and (
-            _EMOJI_NEIGHBOURS.match(text[i - 1]) and _EMOJI_NEIGHBOURS.match(text[i + 1])
-        ):
-            continue  # ZWJ inside an emoji sequence (👩‍💻) is ordinary text
-        found.append(i)
-    return found
+        if not is_hidden(char):
+            flag = False
+            continue
+        if flag and "\U000E0020" <= char <= "\U000E007F":
+            continue
+        if char in "\u200c\u200d" and 0 < i < len(text) - 1:
+            before, after = text[i - 1], text[i + 1]
+            if char == "\u200d" and _EMOJI_NEIGHBOURS.match(before) and _EMOJI_NEIGHBOURS.match(after):
+                continue
+            if _script_letter(before) and _script_letter(after):
+                continue
+        (hiding if _HIDING.match(char) else benign).append(i)
+    return hiding, benign
+
+
+def _script_letter(char: str) -> bool:
+    """A non-ASCII letter or combining mark (a virama before an Indic joiner is a mark)."""
+    return not char.isascii() and unicodedata.category(char)[0] in "LM"
 
 
 def hidden_characters(text: str) -> int:
-    return 0 if text.isascii() else len(_hidden_positions(text))
+    """Characters that hide text from a reader (bidi controls, tag characters)."""
+    return 0 if text.isascii() else len(_invisible(text)[0])
 
 
-def strip_hidden(text: str) -> str:
-    drop = set(_hidden_positions(text)) if not text.isascii() else set()
+def _strip(text: str, positions: list[int]) -> str:
+    drop = set(positions)
     return "".join(c for i, c in enumerate(text) if i not in drop)
 
 
@@ -68,7 +94,9 @@ class InjectionDetector(Hook):
     """Prompt-injection phrasing and hidden text in prompts.
 
     action: `block` (400), `flag` (let through, list and count it), or `sanitize` (strip the
-    hidden characters, block the phrasing).
+    hiding characters too, block the phrasing). Whatever the action, harmless invisible
+    formatting (zero-width spaces, joiners, soft hyphens, direction marks) is stripped, never
+    blocked: counted as `invisible_format`, with `sanitize` as the action.
     """
 
     name = "injection"
@@ -85,25 +113,31 @@ class InjectionDetector(Hook):
 
     def pre(self, request: GuardedRequest) -> Verdict:
         found: dict[str, int] = {}
+        drops: list[list[int]] = []  # per text: the positions sanitizing removes
         for text in request.texts():
             view = skeleton(text).text
             for category, pattern in self.patterns.items():
                 if pattern.search(view):
                     found[category] = found.get(category, 0) + 1
-            if self.hidden_text and (n := hidden_characters(text)):
-                found["hidden_text"] = found.get("hidden_text", 0) + n
+            hiding, benign = _invisible(text) if self.hidden_text and not text.isascii() else ([], [])
+            if hiding:
+                found["hidden_text"] = found.get("hidden_text", 0) + len(hiding)
+            if benign:
+                found["invisible_format"] = found.get("invisible_format", 0) + len(benign)
+            drops.append(benign + hiding if self.action == "sanitize" else benign)
         if not found:
             return Verdict.allow()
-        reason = "possible prompt injection: " + ", ".join(sorted(found))
-        if self.action == "flag":
-            return Verdict("flag", reason, details=found)
-        if self.action == "sanitize" and set(found) == {"hidden_text"}:
-            texts = [strip_hidden(t) for t in request.texts()]
-            return Verdict(
-                "modify", "removed hidden characters", request=request.with_texts(texts), details=found,
-                label="sanitize",
-            )
-        return Verdict("block", reason, details=found)
+        threats = sorted(set(found) - {"invisible_format"})
+        if self.action == "sanitize":  # hiding characters are stripped with the rest
+            threats = [t for t in threats if t != "hidden_text"]
+        if threats:
+            reason = "possible prompt injection: " + ", ".join(threats)
+            return Verdict("flag" if self.action == "flag" else "block", reason, details=found)
+        texts = [_strip(t, d) for t, d in zip(request.texts(), drops, strict=True)]
+        return Verdict(
+            "modify", "removed invisible characters", request=request.with_texts(texts), details=found,
+            label="sanitize",
+        )
 
 
 class BannedTerms(Hook):

@@ -92,5 +92,7 @@ CORPUS: list[tuple[str, list[tuple[str, str]]]] = [
     ("The account was opened in 1998 with 250 USD and 17 transactions.", []),
     ("Instruction: summarise the text below in three bullet points.", []),
     ("Coordinates 48.8566, 2.3522 mark Paris.", []),
-    ("Firmware release 10.2.0.1 fixes the fan curve.", []),  # a known false positive (looks like IPv4)
+    ("Firmware release 10.2.0.1 fixes the fan curve.", []),  # a version, not an IPv4 address
+    ("Since the 0.11.0.0 release, Kafka offers transactions.", []),  # Dolly: 0.0.0.0/8 is no host
+    ("Upgrade to version 2.4.1.7 first.", []),
 ]
