@@ -63,6 +63,7 @@ class GuardedOutput:
     manifest: AdapterManifest | None
     text: str
     retried: bool = False  # this is already the greedy retry of an output a hook rejected
+    streaming: bool = False  # the client reads a stream (released text cannot be retried)
 
 
 @dataclass(frozen=True)

@@ -106,6 +106,27 @@ def _p(pattern: str) -> re.Pattern[str]:
     return re.compile(pattern, re.IGNORECASE)
 
 
+def _growing(prefixes: Iterable[str], body: str) -> str:
+    """A tail that is still becoming a value that starts with one of `prefixes`: a proper
+    prefix of one of them, or one of them followed by `body` characters. Tails are bounded so
+    that a stream holds back only what could still become a match: an unbroken run of text
+    (CJK, digits, code) that no value can start inside is released as it comes."""
+    prefixes = sorted(set(prefixes), key=len, reverse=True)
+    partial = sorted({p[:i] for p in prefixes for i in range(1, len(p))}, key=len, reverse=True)
+    return "(?:" + "|".join([re.escape(p) + body for p in prefixes] + [re.escape(p) for p in partial]) + ")"
+
+
+_PROVIDER_PREFIXES = (
+    "sk-", "sk_live_", "sk_test_", "rk_live_", "rk_test_", "pk_live_", "pk_test_", "AKIA", "ASIA",
+    "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_", "xoxa-", "xoxb-", "xoxp-", "xoxr-",
+    "xoxs-", "AIza", "hf_", "eyJ",
+)
+_SECRET_NAMES = tuple(
+    f"{a}{sep}{b}" for a, b in (("api", "key"), ("secret", "key"), ("access", "token"), ("auth", "token"))
+    for sep in ("_", "-", "")
+) + ("secret", "password", "passwd")
+
+
 # Boundaries: a value does not continue a longer word or number on either side.
 _NB = r"(?<![\w@.+-])"  # no value character before
 _NA = r"(?![\w@])"  # no word character after
@@ -138,7 +159,7 @@ DETECTORS: tuple[Detector, ...] = (
             r"|AIza[0-9A-Za-z_\-]{35}|(?:sk|rk|pk)_(?:live|test)_[A-Za-z0-9]{16,}|hf_[A-Za-z0-9]{30,}"
             r"|eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,})(?![\w-])"
         ),
-        re.compile(r"[A-Za-z0-9_\-.]*\Z"),
+        re.compile(r"(?<![\w-])" + _growing(_PROVIDER_PREFIXES, r"[A-Za-z0-9_\-.]*") + r"\Z"),
         priority=8,
     ),
     Detector(
@@ -147,13 +168,13 @@ DETECTORS: tuple[Detector, ...] = (
             r"(?<![\w])(?:api[_-]?key|secret(?:[_-]?key)?|access[_-]?token|auth[_-]?token|password|passwd)"
             r"\s*[:=]\s*[\"']?(?P<value>[^\s\"']{8,})"
         ),
-        _p(r"[\w-]*(?:\s*[:=]\s*[\"']?[^\s\"']*)?\Z"),
+        _p(r"(?<![\w])" + _growing(_SECRET_NAMES, r"(?:\s*[:=]\s*[\"']?[^\s\"']*|\s*)") + r"\Z"),
         group="value", priority=7,
     ),
     Detector(
         "EMAIL",
         _p(_NB + r"[a-z0-9](?:[a-z0-9._%+-]{0,63})@[a-z0-9](?:[a-z0-9-]{0,62})(?:\.[a-z0-9-]{1,63})*\.[a-z]{2,24}(?![a-z0-9-])"),
-        _p(r"[a-z0-9._%+@-]*\Z"),
+        _p(_NB + r"[a-z0-9][a-z0-9._%+-]{0,63}(?:@[a-z0-9.-]*)?\Z"),  # local parts have <= 64
         priority=6,
     ),
     Detector(
@@ -162,7 +183,7 @@ DETECTORS: tuple[Detector, ...] = (
             r"(?<![\d-])(?:[2-6]\d{3}[ -]?\d{4}[ -]?\d{4}[ -]?\d{1,4}(?:[ -]?\d{3})?"
             r"|3[47]\d{2}[ -]?\d{6}[ -]?\d{5}|[2-6]\d{12,18})(?![\d])"
         ),
-        re.compile(r"[\d -]*\Z"),
+        re.compile(r"(?<![\d-])[2-6][\d -]{0,22}\Z"),  # at most 23 characters
         validate=_card_ok, priority=5,
     ),
     Detector(
@@ -174,13 +195,13 @@ DETECTORS: tuple[Detector, ...] = (
     Detector(
         "US_SSN",  # dashed or spaced; not 000/666/9xx areas, 00 groups or 0000 serials
         re.compile(r"(?<![\d-])(?!000|666|9\d\d)\d{3}(?P<s>[- ])(?!00)\d{2}(?P=s)(?!0000)\d{4}(?![\d-])"),
-        re.compile(r"[\d -]*\Z"),
+        re.compile(r"(?<![\d-])\d[\d -]{0,10}\Z"),  # 11 characters
         priority=3,
     ),
     Detector(
         "PHONE",  # candidates, confirmed by libphonenumber (international forms, 00 prefix)
         re.compile(r"(?<![\w+(])(?:\+|00)?\(?\d[\d ().\-]{5,20}\d(?![\w])"),
-        re.compile(r"[\d ().+\-]*\Z"),
+        re.compile(r"(?<![\w+(])(?:\+|00)?\(?(?:\d[\d ().\-]{0,22})?\Z"),  # at most 25 characters
         validate=_phone_ok, priority=1,
     ),
     Detector(
@@ -189,7 +210,7 @@ DETECTORS: tuple[Detector, ...] = (
             r"(?<![\w.:])(?<!version )(?<!release )(?:\d{1,3}(?:\.\d{1,3}){3}(?!\w|\.\d)|[0-9a-f]{0,4}(?::[0-9a-f]{0,4}){2,7}(?!\w|[.:][0-9a-f]))",
             re.IGNORECASE,
         ),
-        re.compile(r"[0-9a-f.:]*\Z", re.IGNORECASE),
+        re.compile(r"(?<![\w.:])(?:[\d.]{0,15}|[0-9a-f]{0,4}(?::[0-9a-f]{0,4}){0,7})\Z", re.IGNORECASE),
         validate=_ip_ok, priority=2,
     ),
 )

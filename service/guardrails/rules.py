@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import re
 import unicodedata
 from typing import Any
 
 from service.guardrails.base import (
     GuardedOutput,
+    apply_post,
     GuardedRequest,
     HoldbackFilter,
     Hook,
@@ -247,7 +249,11 @@ class MaxPromptLength(Hook):
 class JsonOutputSchema(Hook):
     """For adapters whose manifest declares JSON output: the output must be one JSON value that
     validates against the manifest's schema. An invalid output is retried once greedily, then
-    blocked (`finish_reason: "content_filter"`); other adapters pass untouched."""
+    blocked (`finish_reason: "content_filter"`); other adapters pass untouched.
+
+    A stream is not held back for the check: its text leaves as it is generated and the whole
+    is validated at the end, where an invalid output ends the choice with "content_filter"
+    (what was sent cannot be taken back, so a stream is not retried)."""
 
     name = "json_schema"
 
@@ -270,7 +276,9 @@ class JsonOutputSchema(Hook):
         manifest = output.manifest
         if manifest is None or manifest.output.format != "json":
             return _PassThrough(self, output)
-        return StreamFilter(self, output)  # the whole output is needed to validate it
+        if output.streaming:
+            return _ValidatedAtEnd(self, output)
+        return StreamFilter(self, output)  # held whole: an invalid output can still be retried
 
 
 class _PassThrough(StreamFilter):
@@ -278,6 +286,19 @@ class _PassThrough(StreamFilter):
         return delta
 
     def finish(self) -> str:
+        return ""
+
+
+class _ValidatedAtEnd(StreamFilter):
+    """Releases every delta at once and checks the whole output when it ends."""
+
+    def feed(self, delta: str) -> str:
+        self._held.append(delta)
+        return delta
+
+    def finish(self) -> str:
+        output = replace(self.output, text="".join(self._held), retried=True)  # no retry
+        apply_post(self.hook, output, self.actions)
         return ""
 
 

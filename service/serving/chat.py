@@ -95,6 +95,7 @@ class ChatServing:
                     logprobs=top if request.logprobs else None,
                 ),
                 stops=(request.stop or []) + (target.manifest.output.stop if target.manifest else []),
+                stream=request.stream,
             )
             for i in range(request.n)
         ]

@@ -116,6 +116,7 @@ class CompletionServing:
                     prompt_logprobs=request.logprobs if want_prompt_logprobs else None,
                 ),
                 stops=stops,
+                stream=request.stream,
             )
             for p, ids in enumerate(prompts)
             for c in range(request.n)

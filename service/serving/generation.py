@@ -113,6 +113,7 @@ class ChoiceSpec:
     prompt_ids: list[int]
     params: SamplingParams
     stops: list[str]
+    stream: bool = False  # the client reads a stream: text leaves as post hooks pass it
 
 
 @dataclass
@@ -187,7 +188,7 @@ class _GuardedAttempt:
 
     def __init__(self, spec: ChoiceSpec, target: Target, ctx: ServingContext, started: float, *, retried: bool):
         self.spec, self.target, self.ctx, self.started = spec, target, ctx, started
-        output = GuardedOutput(target.label, target.manifest, "", retried)
+        output = GuardedOutput(target.label, target.manifest, "", retried, streaming=spec.stream)
         self.guard = OutputGuard(ctx.guardrails.chain(target.label), output, ctx.metrics, spec.index)
         self.retried = retried
         self.retry_reason: str | None = None
@@ -219,7 +220,14 @@ class _GuardedAttempt:
                     self.generated += event.tokens
                     held += event.logprobs
                     final = event.finish_reason is not None
-                    text = self.guard.feed(event.text) + (self.guard.finish() if final else "")
+                    text = self.guard.feed(event.text)
+                    if final:
+                        try:
+                            text += self.guard.finish()
+                        except Blocked:  # what the hooks had passed still leaves, then the block
+                            if text:
+                                yield ChoiceEvent(self.spec.index, text)
+                            raise
                     self.released = self.released or bool(text)
                     logprobs = held if final and not self.guard.changed else []
                     yield replace(event, text=text, logprobs=logprobs, guardrails=_take(self.guard))

@@ -166,19 +166,36 @@ def test_json_that_stays_invalid_never_reaches_the_client_as_success(tiny, token
             "model": "tiny", "adapter": "mailer", "input": {"product": "lamp"}, "max_tokens": 60, "stream": stream,
         })
         assert r.status_code == 200
-        if stream:
-            assert "not json" not in r.text and r.text.endswith("data: [DONE]\n\n")
+        if stream:  # the text left as it came (no holding back), so it cannot be retried
+            assert r.text.endswith("data: [DONE]\n\n")
             frames = [json.loads(f[6:]) for f in r.text.split("\n\n")[:-2]]
             finishes = [f["choices"][0]["finish_reason"] for f in frames if f["choices"]]
             actions = [a["action"] for f in frames for a in f.get("guardrails", [])]
+            streamed = "".join(f["choices"][0]["text"] for f in frames if f["choices"])
+            assert streamed and " not json".startswith(streamed)
+            assert len(engine.requests) == 1
         else:
             choice = r.json()["choices"][0]
             assert choice["text"] == ""
             finishes = [choice["finish_reason"]]
             actions = [a["action"] for a in r.json()["guardrails"]]
+            assert len(engine.requests) == 2
         assert finishes[-1] == "content_filter"
-        assert actions == ["retry", "block"]
+        assert actions == (["block"] if stream else ["retry", "block"])
         assert metric(c, "hotswap_guardrail_actions_total", stage="post", hook="json_schema", action="block") == 1
+
+
+def test_a_json_adapter_stream_is_incremental_and_checked_at_the_end(tiny, tokenizer, adapters):
+    engine = ScriptedEngine(tokenizer, ' {"subject": "A new lamp for your desk, in three colours"}')
+    with client_for(tiny, tokenizer, adapters, engine) as c:
+        r = c.post("/v1/completions", json={
+            "model": "tiny", "adapter": "mailer", "input": {"product": "lamp"}, "max_tokens": 200, "stream": True,
+        })
+        frames = [json.loads(f[6:]) for f in r.text.split("\n\n")[:-2]]
+        texts = [f["choices"][0]["text"] for f in frames if f["choices"] and f["choices"][0]["text"]]
+        assert len(texts) > 5  # token by token, not one event at the end
+        assert json.loads("".join(texts))["subject"].startswith("A new lamp")
+        assert [f["choices"][0]["finish_reason"] for f in frames if f["choices"]][-1] == "stop"
 
 
 def test_banned_output_term_ends_the_choice_with_content_filter(tiny, tokenizer, adapters, tmp_path):

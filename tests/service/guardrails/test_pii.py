@@ -71,7 +71,35 @@ def stream_through(hook, text: str, cuts: list[int]) -> tuple[str, list[str]]:
 STREAM_TEXTS = [t for t, _ in CORPUS] + [
     "secret sk-proj-abcdefghijklmnopqrstuvwx0123456789 then mail x@example.org.",
     "-----BEGIN EC PRIVATE KEY-----\nabc\ndef\n-----END EC PRIVATE KEY-----\nok 4111 1111 1111 1111",
+    # values after long unbroken runs, where the bounded tails (pii.py) start to matter
+    "1234567890123456789012345678901234567890 4111 1111 1111 1111 and 123-45-6789",
+    "東京タワーからのメールはtaro.yamada@example.jpへ、電話は+81 3 1234 5678です。",
+    "x" * 70 + "@example.com is no address but y@example.com is",
+    "config: api_key = abcd1234efgh5678 and PASSWORD: hunter2hunter2 then AKIAIOSFODNN7EXAMPLE",
+    "route 2001:db8::ff00:42:8329 via 10.0.0.1, token ghp_abcdefghijklmnopqrstuvwxyz0123456789",
 ]
+
+
+def test_a_stream_holds_back_only_what_could_still_become_a_value():
+    """Text no value can start inside leaves as it comes, whatever the script: the held tail is
+    bounded by the longest value still in progress (an e-mail's local part: 64 characters of
+    ASCII letters and digits), never the whole run up to the next whitespace; a script no
+    value is written in is not held at all."""
+    runs = {
+        "katakana": "カタカナノテキストガツヅク" * 8,
+        "digits": "31415926535897932384626433832795028841971693993751" * 4,
+        "emoji": "🚀✨🎉👩\u200d💻 " * 20,
+        "code": "def f(x):\n    return [i*i for i in range(x) if i%3==0]  # squares\n" * 3,
+        "chinese": "人工智能正在改变世界的每一个角落" * 6,
+    }
+    for name, text in runs.items():
+        f = REDACTOR.stream(GuardedOutput("a", None, ""))
+        released = ""
+        for i, char in enumerate(text):
+            released += f.feed(char)
+            held = i + 1 - len(released)
+            assert held <= (64 if text.isascii() else 0), (name, i, held)
+        assert released + f.finish() == text
 
 
 @settings(max_examples=150, deadline=None)
