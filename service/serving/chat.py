@@ -4,7 +4,8 @@ How messages become a prompt:
 - the base model: the tokenizer's own chat template, with the generation prompt appended;
 - an adapter: adapters are single-turn (their prompt template has named input fields), so the
   **last user message** supplies the inputs. If its text is a JSON object, its keys are the
-  input fields (`{"product": ..., "description": ...}`); otherwise the whole text fills the
+  input fields (`{"product": ..., "description": ...}`); if it holds such an object among other
+  text (a sentence around it, a Markdown fence), that object; otherwise the whole text fills the
   adapter's first input field. Earlier turns and system messages are not part of an adapter's
   prompt.
 """
@@ -115,10 +116,29 @@ def _adapter_inputs(request: ChatCompletionRequest, target: Target) -> dict[str,
     try:
         value = json.loads(text)
     except json.JSONDecodeError:
-        value = None
+        value = _embedded_inputs(text, target)
     if isinstance(value, dict):
         return value
     return {target.manifest.input_fields[0].name: text}
+
+
+def _embedded_inputs(text: str, target: Target) -> dict[str, object] | None:
+    """The first JSON object inside `text` that is the adapter's input: its keys are input
+    fields and it has every required one. Clients wrap it in prose or a Markdown fence (instructor's
+    JSON modes append an instruction to the user's message)."""
+    fields = {f.name for f in target.manifest.input_fields}
+    required = {f.name for f in target.manifest.input_fields if f.required}
+    decoder = json.JSONDecoder()
+    start = text.find("{")
+    while start != -1:
+        try:
+            value, _ = decoder.raw_decode(text, start)
+        except json.JSONDecodeError:
+            value = None
+        if isinstance(value, dict) and value and set(value) <= fields and required <= set(value):
+            return value
+        start = text.find("{", start + 1)
+    return None
 
 
 class _ChatRun:

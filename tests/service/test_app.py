@@ -198,6 +198,24 @@ def test_chat_with_adapter_maps_last_user_message(client, tokenizer):
     assert tokenizer.decode(client.engine.requests[-1].prompt_ids) == "Instruction: plain\nResponse:"
 
 
+@pytest.mark.parametrize("content", [
+    # instructor's Markdown-JSON mode: the user's object, then an instruction appended to it
+    'Here is the input:\n```json\n{"instruction": "Go", "context": "Here"}\n```\n'
+    'Return the correct JSON response within a ```json codeblock. not the JSON_SCHEMA',
+    'Please answer {"instruction": "Go", "context": "Here"} briefly. Schema: {"type": "object"}',
+])
+def test_chat_with_adapter_finds_its_input_object_inside_a_message(client, tokenizer, content):
+    r = client.post("/v1/chat/completions", json={"model": "beta", "messages": [{"role": "user", "content": content}]})
+    assert r.status_code == 200
+    assert tokenizer.decode(client.engine.requests[-1].prompt_ids) == "Instruction: Go\nContext: Here\nResponse:"
+
+
+def test_chat_with_adapter_takes_text_whose_objects_are_not_its_input_as_text(client, tokenizer):
+    content = 'Explain {"a": 1} in words'  # an object, but not the adapter's fields
+    client.post("/v1/chat/completions", json={"model": "beta", "messages": [{"role": "user", "content": content}]})
+    assert tokenizer.decode(client.engine.requests[-1].prompt_ids) == f"Instruction: {content}\nResponse:"
+
+
 def test_models_lists_base_and_adapters_with_extensions(client):
     data = client.get("/v1/models").json()["data"]
     by_id = {m["id"]: m for m in data}
