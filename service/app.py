@@ -252,7 +252,7 @@ class BodyLimitMiddleware:
 
 
 def build_app(settings: Settings | None = None, runtime: Runtime | None = None) -> FastAPI:
-    from service.routes import admin, api, ops
+    from service.routes import admin, api, ops, tokenizer
 
     settings = settings or Settings()
     app = FastAPI(title="hotswap", version=__version__, lifespan=_lifespan(runtime))
@@ -261,6 +261,7 @@ def build_app(settings: Settings | None = None, runtime: Runtime | None = None) 
     app.include_router(api)
     app.include_router(ops)
     app.include_router(admin)
+    app.include_router(tokenizer)
     _install_error_handlers(app)
     app.add_middleware(RequestMetricsMiddleware, metrics=app.state.hotswap.metrics, state=app.state.hotswap)
     app.add_middleware(

@@ -181,12 +181,8 @@ def _dummy_source(shape: str, cache_dir: Path) -> ModelSource:
 
 def _copy_bundled_tokenizer(directory: Path) -> None:
     """The SmolLM2 tokenizer shipped in service/assets (no GGUF or network needed)."""
-    import gzip
-
     for item in TOKENIZER_ASSET.iterdir():
-        if item.name == "tokenizer.json.gz":
-            (directory / "tokenizer.json").write_bytes(gzip.decompress(item.read_bytes()))
-        elif item.suffix in (".json", ".jinja"):
+        if item.suffix in (".json", ".jinja"):
             shutil.copy(item, directory / item.name)
 
 

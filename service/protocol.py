@@ -50,10 +50,26 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _SamplingFields(BaseModel):
-    """Fields shared by completions and chat completions."""
+class _TextRequest(BaseModel):
+    """A request body whose every string must be text (refused otherwise, naming the field)."""
 
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        path = lone_surrogate_at(data)
+        if path is not None:
+            raise PydanticCustomError(
+                "lone_surrogate",
+                "{param}: holds a lone UTF-16 surrogate, which is not text; send valid Unicode",
+                {"param": path},
+            )
+        return data
+
+
+class _SamplingFields(_TextRequest):
+    """Fields shared by completions and chat completions."""
 
     model: str = Field(min_length=1)
     frequency_penalty: float = 0.0
@@ -75,18 +91,6 @@ class _SamplingFields(BaseModel):
     ignore_eos: bool = Field(
         False, description="Generate exactly max_tokens, past the end-of-sequence token (as vLLM)."
     )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _valid_unicode(cls, data: Any) -> Any:
-        path = lone_surrogate_at(data)
-        if path is not None:
-            raise PydanticCustomError(
-                "lone_surrogate",
-                "{param}: holds a lone UTF-16 surrogate, which is not text; send valid Unicode",
-                {"param": path},
-            )
-        return data
 
     @field_validator("stop")
     @classmethod
@@ -332,6 +336,44 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# ---------------------------------------------------------------------------------------------
+# vLLM's tokenizer endpoints (`/tokenize`, `/detokenize`, `/tokenizer_info`), in vLLM's shapes, so
+# tools written for vLLM work unchanged: lm-evaluation-harness's `tokenizer_backend=remote`.
+
+
+class TokenizeRequest(_TextRequest):
+    model: str | None = Field(None, description="Optional: a served model or adapter id.")
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_special_tokens: bool | None = Field(
+        None, description="Default: true for `prompt`, false for `messages` (the chat template adds them)."
+    )
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of `prompt` or `messages`")
+        return self
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(_TextRequest):
+    model: str | None = None
+    tokens: list[Annotated[int, Field(ge=0)]]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 class ErrorInfo(BaseModel):

@@ -18,6 +18,10 @@ from service.protocol import (
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    TokenizeRequest,
+    TokenizeResponse,
     ErrorResponse,
     ModelCard,
     ModelList,
@@ -27,6 +31,7 @@ from service.serving.chat import ChatServing
 from service.serving.completions import CompletionServing
 from service.serving.generation import ServingContext
 from service.serving.sse import DONE, error_body, sse
+from service.serving.tokenization import TokenizerServing
 
 _ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 429, 500, 503, 504)}
 # Completions answer JSON, or server-sent events when the request sets `stream`.
@@ -49,6 +54,8 @@ Context = Annotated[ServingContext, Depends(serving_context)]
 
 api = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=_ERRORS)
 ops = APIRouter()
+# vLLM serves these at the root, not under /v1; they need an API key like /v1 does.
+tokenizer = APIRouter(dependencies=[Depends(require_api_key)], responses=_ERRORS)
 admin = APIRouter(prefix="/admin", dependencies=[Depends(require_admin_key)], responses=_ERRORS)
 
 
@@ -155,6 +162,21 @@ async def retrieve_model(model_id: str, ctx: Context) -> ModelCard:
         if card.id == model_id:
             return card
     raise NotFoundError(f"the model {model_id!r} does not exist", param="model")
+
+
+@tokenizer.post("/tokenize")
+async def tokenize(body: TokenizeRequest, ctx: Context) -> TokenizeResponse:
+    return TokenizerServing(ctx).tokenize(body)
+
+
+@tokenizer.post("/detokenize")
+async def detokenize(body: DetokenizeRequest, ctx: Context) -> DetokenizeResponse:
+    return TokenizerServing(ctx).detokenize(body)
+
+
+@tokenizer.get("/tokenizer_info")
+async def tokenizer_info(ctx: Context) -> JSONResponse:
+    return JSONResponse(TokenizerServing(ctx).info())
 
 
 _STATUS = {200: {"model": ServiceStatus}, 503: {"model": ServiceStatus}}

@@ -73,8 +73,7 @@ class ChatServing:
             params=params, param="messages",
         )
         messages = [{"role": m.role, "content": m.content} for m in guarded.messages]
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return tokenizer(text, add_special_tokens=False).input_ids, actions
+        return tokenizer(chat_prompt(tokenizer, messages), add_special_tokens=False).input_ids, actions
 
     async def create(
         self, request: ChatCompletionRequest, target: Target
@@ -106,6 +105,12 @@ class ChatServing:
         if request.stream:
             return framed(await run.stream())
         return await run.collect()
+
+
+def chat_prompt(tokenizer, messages: list[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
+    """The base model's prompt for `messages`: its tokenizer's chat template, special tokens
+    included (so the text is tokenized without adding more)."""
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
 
 
 def _adapter_inputs(request: ChatCompletionRequest, target: Target) -> dict[str, object]:

@@ -92,15 +92,16 @@ def test_dummy_tiny_is_written_once_and_loads_quantized(cache_dir):
     assert base.model.config.vocab_size == len(base.tokenizer)
 
 
-def test_bundled_tokenizer_matches_the_embedded_one(cache_dir, tmp_path):
+def test_bundled_tokenizer_matches_the_embedded_one(cache_dir):
+    """Clients (lm-evaluation-harness) load the asset directory as it is, with AutoTokenizer."""
     from transformers import AutoTokenizer
 
-    bm._copy_bundled_tokenizer(tmp_path)
-    bundled = AutoTokenizer.from_pretrained(tmp_path)
+    bundled = AutoTokenizer.from_pretrained(bm.TOKENIZER_ASSET)
     embedded = AutoTokenizer.from_pretrained(bm.resolve_source("embedded:smollm2-135m-instruct", cache_dir).path)
     text = "The capital of France is Paris. 東京 😀 <|im_end|>"
     assert bundled(text).input_ids == embedded(text).input_ids
     assert bundled.eos_token_id == embedded.eos_token_id and len(bundled) == len(embedded)
+    assert bundled.chat_template == embedded.chat_template
 
 
 def test_the_int8_cast_notice_is_dropped_and_other_bitsandbytes_warnings_kept(caplog):
