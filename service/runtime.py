@@ -90,6 +90,7 @@ def choose_kv_cache(settings: Settings, runner: ModelRunner, max_context: int) -
     if reason:
         if settings.kv_cache == "static":
             raise ValueError(f"KV_CACHE=static: {reason}")
+        log.info("KV cache: dynamic (the static cache cannot serve this model: %s)", reason)
         return "dynamic"
     need = static_kv_bytes(model.config, settings.max_batch_size, max_context, hidden_dtype(model))
     no_graphs = graphs_unavailable(runner, settings.cuda_graphs)

@@ -80,6 +80,49 @@ def make_tiny_llama(directory: Path, *, seed: int = 0, vocab_size: int | None = 
     return directory
 
 
+# Tiny configs of real decoder classes (2 layers, hidden 64), one per family PEFT can put LoRA on:
+# rotary and learned and ALiBi positions, grouped-query, multi-query and fused-QKV attention,
+# Conv1D projections (GPT-2), sliding-window and soft-capped layers (Gemma2).
+_SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              max_position_embeddings=256)
+FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama": ("LlamaConfig", {**_SMALL, "num_key_value_heads": 2}),
+    "mistral": ("MistralConfig", {**_SMALL, "num_key_value_heads": 2, "sliding_window": None}),
+    "qwen2": ("Qwen2Config", {**_SMALL, "num_key_value_heads": 2}),
+    "qwen3": ("Qwen3Config", {**_SMALL, "num_key_value_heads": 2, "head_dim": 16}),
+    "gemma2": ("Gemma2Config", {**_SMALL, "num_key_value_heads": 2, "head_dim": 16, "sliding_window": 16}),
+    "phi3": ("Phi3Config", {**_SMALL, "num_key_value_heads": 2}),
+    "gpt_neox": ("GPTNeoXConfig", {**_SMALL}),
+    "bloom": ("BloomConfig", {"hidden_size": 64, "n_layer": 2, "n_head": 4}),
+    "falcon": ("FalconConfig", {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}),
+    "falcon_alibi": ("FalconConfig", {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                                      "alibi": True, "multi_query": False, "parallel_attn": False, "bias": True}),
+    "gpt2": ("GPT2Config", {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 256}),
+    "opt": ("OPTConfig", {"hidden_size": 64, "ffn_dim": 128, "num_hidden_layers": 2,
+                          "num_attention_heads": 4, "word_embed_proj_dim": 64, "max_position_embeddings": 256}),
+}
+
+
+def make_tiny_family(family: str, directory: Path, *, seed: int = 0) -> Path:
+    """A random 2-layer model of `family` (a key of FAMILIES) with the tiny tokenizer."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = make_tokenizer(directory)
+    config_class, fields = FAMILIES[family]
+    config = getattr(transformers, config_class)(
+        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False, **fields,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # sharper logits than the default init, as make_tiny_llama
+        model.get_output_embeddings().weight.mul_(8.0)
+    model.save_pretrained(directory)
+    return directory
+
+
 def make_lora_adapter(
     base_dir: Path,
     out_dir: Path,
@@ -89,18 +132,19 @@ def make_lora_adapter(
     seed: int = 1,
     manifest: dict | None = None,
     rank: int = 4,
-    targets: tuple[str, ...] = ("q_proj", "v_proj", "o_proj"),
+    targets: tuple[str, ...] | str = ("q_proj", "v_proj", "o_proj"),
     **lora: Any,
 ) -> Path:
     """A random LoRA (both A and B random, so it changes outputs) plus its hotswap.json; `lora`
-    adds LoraConfig arguments (use_dora=True, ...)."""
+    adds LoraConfig arguments (use_dora=True, ...); `targets="all-linear"` as PEFT means it."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     config = LoraConfig(
-        r=rank, lora_alpha=16, target_modules=list(targets), init_lora_weights=False, **lora
+        r=rank, lora_alpha=16, target_modules=targets if isinstance(targets, str) else list(targets),
+        init_lora_weights=False, **lora
     )
     peft_model = get_peft_model(base, config)
     peft_model.save_pretrained(out_dir)

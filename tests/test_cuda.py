@@ -17,7 +17,14 @@ from service.engine import EngineRequest, SamplingParams
 from service.metrics import Metrics
 from service.runtime import load_runtime
 from service.settings import Settings
-from tests.factories import preload_adapters
+from tests.factories import FAMILIES, preload_adapters
+from tests.service.test_families import (  # noqa: F401  (worlds: a fixture)
+    STATIC_UNSUPPORTED,
+    assert_peft_tokens,
+    runtime_for,
+    serve_mixed_batch,
+    worlds,
+)
 from training.config import build_config
 from training.train import run as train_run
 
@@ -168,3 +175,11 @@ def test_adapter_churn_keeps_the_captured_graphs_on_cuda(tiny, cache_dir, tmp_pa
 
     runner = preload_adapters(load_runtime(settings(tiny, cache_dir, "fp32"), Metrics())).engine.runner
     check_adapter_churn(runner, tiny, tmp_path, emulate=False, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in STATIC_UNSUPPORTED])
+def test_family_matrix_on_the_static_cache_with_cuda_graphs(worlds, cache_dir, family):  # noqa: F811
+    """tests/service/test_families.py's matrix with real CUDA graphs: fp32, token-identical."""
+    runtime = runtime_for(worlds, family, cache_dir, device="cuda")
+    runner, tokenizer = runtime.engine.runner, runtime.tokenizer
+    assert_peft_tokens(runner, tokenizer, serve_mixed_batch(runner, tokenizer, "static"), family)

@@ -345,6 +345,17 @@ class _SlotView:
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.width
 
+    # What transformers' mask helpers ask of a cache when a model passes them a 2D mask (ALiBi
+    # models): every query may see all `width` columns, and the 2D mask hides each row's future.
+    # Compileable, so that no helper skips the mask on a check that would read the device.
+    is_compileable = True
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return self.width - 1
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.width, 0
+
 
 class _Step:
     """The static inputs and outputs of one (rows, width) decode step, and its CUDA graph."""
@@ -365,7 +376,9 @@ class _Step:
         runner = self.kv.runner
         tokens, positions = self.inputs[0].unsqueeze(1), self.inputs[1].unsqueeze(1)
         mask = (self.columns.unsqueeze(0) <= positions)[:, None, None, :]  # [rows, 1, 1, width]
-        if runner.additive_mask is not None:  # eager attention adds its mask to the scores
+        if runner.mask_2d:  # the model builds its ALiBi biases and 4D mask from [rows, width]
+            mask = mask[:, 0, 0].long()
+        elif runner.additive_mask is not None:  # eager attention adds its mask to the scores
             mask = torch.zeros(mask.shape, dtype=runner.additive_mask, device=mask.device).masked_fill_(
                 ~mask, torch.finfo(runner.additive_mask).min)
         view = _SlotView(self.kv, self.rows, self.width, self.slots + self.inputs[1])

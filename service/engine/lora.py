@@ -191,7 +191,12 @@ class FusedMixedLoRA:
             a_t, b_t, blocks = self._stack(layer, own)  # [in, ranks], [ranks, out]
             mask = self._row_mask(names, blocks, a_t.shape[1], x.device, a_t.dtype)
         h = torch.matmul(x.to(a_t.dtype), a_t)  # [rows, (tokens,) ranks]
-        h.mul_(mask if h.dim() == 2 else mask.unsqueeze(1))
+        if h.dim() == 3:
+            h.mul_(mask.unsqueeze(1))
+        elif h.shape[0] == mask.shape[0]:
+            h.mul_(mask)
+        else:  # tokens flattened into rows, row-major (OPT's MLP): [rows * tokens, ranks]
+            h.view(mask.shape[0], -1, h.shape[-1]).mul_(mask.unsqueeze(1))
         return result + torch.matmul(h, b_t).to(result.dtype)  # the base output is left untouched
 
     def _stack(self, layer: Any, adapters: tuple[str, ...]) -> tuple:

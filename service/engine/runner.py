@@ -26,6 +26,9 @@ class ModelRunner:
         config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
         attention = getattr(config, "_attn_implementation", "sdpa") or "sdpa"
         self.additive_mask = None if attention == "sdpa" else hidden_dtype(model)
+        # ALiBi models (BLOOM, MPT, Falcon-RW) build their position biases from a 2D padding
+        # mask, so a static step must pass one [rows, columns] and let the model make the rest.
+        self.mask_2d = config.model_type in ("bloom", "mpt") or bool(getattr(config, "alibi", False))
 
     @property
     def cache_kwarg(self) -> str:
