@@ -168,3 +168,76 @@ def test_default_guardrails_redact_pii_before_the_model_and_block_jailbreaks(ser
     assert caught.value.code == "content_policy_violation"
     metrics = httpx.get(f"{server[0]}/metrics").text
     assert 'hotswap_guardrail_actions_total{action="redact",hook="pii",stage="pre"}' in metrics
+
+
+# --- clients nobody here wrote: openai-python sync and async, LangChain ------------------------
+
+MIXED = [BASE, "rand", "dolly"]  # the base and two adapters, in one running batch
+# "rand" is a random adapter: its greedy answer may be an immediate end of sequence. The clients'
+# paths are under test here, not the text: every answer runs to its max_tokens.
+FULL_LENGTH = {"ignore_eos": True}
+
+
+def test_async_client_streams_concurrently_over_mixed_adapters_for_several_rounds(server):
+    import asyncio
+
+    async def main():
+        client = openai.AsyncOpenAI(base_url=f"{server[0]}/v1", api_key="unused", max_retries=0)
+        async with client:
+            async def one(model: str, i: int):
+                stream = await client.chat.completions.create(
+                    model=model, messages=[{"role": "user", "content": f"Name {i + 2} fruits."}],
+                    max_tokens=12, temperature=0.7, seed=i, stream=True,
+                    stream_options={"include_usage": True}, extra_body=FULL_LENGTH,
+                )
+                text, finish, usage, chunks = "", None, None, 0
+                async for chunk in stream:
+                    chunks += 1
+                    if chunk.usage is not None:
+                        usage = chunk.usage
+                    for choice in chunk.choices:
+                        text += choice.delta.content or ""
+                        finish = choice.finish_reason or finish
+                return model, text, finish, usage, chunks
+
+            for _ in range(3):  # one client, several rounds
+                results = await asyncio.gather(*(one(m, i) for i in range(2) for m in MIXED))
+                for model, text, finish, usage, chunks in results:
+                    assert finish in ("stop", "length") and usage.completion_tokens >= 1
+                    if model == BASE:  # no stop strings: exactly max_tokens, streamed token by token
+                        assert text and finish == "length" and usage.completion_tokens == 12 and chunks > 6
+                    # adapters end at their manifests' stop strings ("\n\n" for rand)
+
+    asyncio.run(main())
+
+
+def test_sync_client_rounds_mix_streams_and_completions(client):
+    for _ in range(2):
+        for model in MIXED:
+            full = client.completions.create(model=model, prompt="The sky is", max_tokens=6, temperature=0)
+            assert full.choices[0].text and full.choices[0].finish_reason in ("stop", "length")
+            raw = client.completions.with_raw_response.create(model=model, prompt="Hi", max_tokens=2)
+            assert raw.headers.get("x-request-id") and raw.parse().choices
+            pieces = [c.choices[0].text for c in client.completions.create(
+                model=model, prompt="One, two,", max_tokens=6, temperature=0, stream=True) if c.choices]
+            assert "".join(pieces)
+
+
+def test_langchain_chat_openai_invoke_stream_astream_and_batch(server):
+    import asyncio
+
+    from langchain_openai import ChatOpenAI
+
+    for model in (BASE, "dolly"):  # rand's greedy text meets its "\n\n" stop string at once
+        chat = ChatOpenAI(model=model, base_url=f"{server[0]}/v1", api_key="unused", temperature=0,
+                          max_tokens=10, max_retries=0, extra_body=FULL_LENGTH)
+        assert chat.invoke("What is the capital of France?").content
+        chunks = [c.content for c in chat.stream("Count from one to five.")]
+        assert len([c for c in chunks if c]) > 1, (model, chunks)  # streamed, not one event
+
+        async def astream(chat=chat):
+            return [c.content async for c in chat.astream("Say hello.")]
+
+        assert len([c for c in asyncio.run(astream()) if c]) > 1
+        answers = chat.batch(["Name a colour.", "Name an animal.", "Name a city."])
+        assert len(answers) == 3 and all(a.content for a in answers)
