@@ -108,6 +108,20 @@ class Metrics:
             "hotswap_guardrail_actions", "Guardrail hook actions (redact, block, flag, retry, error).",
             ["stage", "hook", "action"], registry=r,
         )
+        # Structured outputs (docs/structured-outputs.md).
+        self.grammar_compile = Histogram(
+            "hotswap_grammar_compile_seconds", "Time to compile a new response_format or adapter schema.",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5), registry=r,
+        )
+        self.grammar_cache = Counter(
+            "hotswap_grammar_cache_lookups", "Grammar cache lookups by result (hit or miss).",
+            ["result"], registry=r,
+        )
+        self.grammar_mask = Histogram(
+            "hotswap_grammar_mask_seconds", "Per constrained row and step: computing its token mask, "
+            "applying it and advancing the grammar.",
+            buckets=(0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.01), registry=r,
+        )
 
     def observe_adapter_load(self, adapter: str, result: str, seconds: float) -> None:
         self.adapter_loads.labels(adapter, result).inc()

@@ -68,6 +68,38 @@ class _TextRequest(BaseModel):
         return data
 
 
+class ResponseFormatText(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+
+
+class ResponseFormatJsonObject(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["json_object"]
+
+
+class JsonSchemaFormat(BaseModel):
+    """https://platform.openai.com/docs/guides/structured-outputs: `name`, `description`,
+    `schema`, `strict`. The schema is enforced by constrained decoding whatever `strict` says."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=lambda: {"type": "object"}, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormatJsonSchema(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaFormat
+
+
+ResponseFormat = Annotated[
+    ResponseFormatText | ResponseFormatJsonObject | ResponseFormatJsonSchema, Field(discriminator="type")
+]
+
+
 class _SamplingFields(_TextRequest):
     """Fields shared by completions and chat completions."""
 
@@ -83,6 +115,9 @@ class _SamplingFields(_TextRequest):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     user: str | None = None
+    response_format: ResponseFormat | None = Field(
+        None, description="text, json_object or json_schema: JSON enforced by constrained decoding."
+    )
 
     # --- hotswap extension -----------------------------------------------------------------
     adapter: str | None = Field(

@@ -65,6 +65,7 @@ def load_runtime(settings: Settings, metrics: Metrics) -> Runtime:
         max_queued=settings.max_queued_requests,
         on_state=metrics.observe_engine,
         on_step=metrics.batch_size.observe,
+        on_grammar_step=metrics.grammar_mask.observe,
         residency=residency,
     )
     runner = ModelRunner(base.model, base.device)

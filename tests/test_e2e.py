@@ -248,3 +248,55 @@ def test_langchain_chat_openai_invoke_stream_astream_and_batch(server):
 
     for chunks in asyncio.run(astreams()):
         assert len([c for c in chunks if c]) > 1
+
+
+# --- structured outputs with the clients' own helpers (issue #20) ------------------------------
+
+
+def _city_model():
+    from pydantic import BaseModel, Field
+
+    class City(BaseModel):  # bounded strings: a 135M model must finish inside the budget
+        name: str = Field(max_length=24)
+        country: str = Field(max_length=24)
+        coastal: bool
+
+    return City
+
+
+def test_openai_parse_with_a_pydantic_model(client):
+    City = _city_model()
+    for model in (BASE, "dolly"):
+        r = client.chat.completions.parse(
+            model=model, messages=[{"role": "user", "content": "Describe Lisbon as JSON."}],
+            response_format=City, max_tokens=80, temperature=0,
+        )
+        assert isinstance(r.choices[0].message.parsed, City) and r.choices[0].finish_reason == "stop"
+
+
+def test_langchain_with_structured_output_json_schema_and_json_mode(server):
+    from langchain_openai import ChatOpenAI
+
+    City = _city_model()
+    chat = ChatOpenAI(model=BASE, base_url=f"{server[0]}/v1", api_key="unused", temperature=0,
+                      max_tokens=80, max_retries=0)
+    city = chat.with_structured_output(City, method="json_schema").invoke("Describe Lisbon as JSON.")
+    assert isinstance(city, City)
+    # json_mode: any object, so the prompt must ask for a small one (this 135M model, asked to
+    # "describe Lisbon as a JSON object", adds keys until its budget runs out)
+    loose = chat.with_structured_output({"title": "Anything", "type": "object"}, method="json_mode").invoke(
+        "Give a JSON object with the name and country of Lisbon.")
+    assert isinstance(loose, dict) and loose
+
+
+def test_instructor_json_schema_mode(server):
+    import instructor
+
+    City = _city_model()
+    client = instructor.from_openai(openai.OpenAI(base_url=f"{server[0]}/v1", api_key="unused", max_retries=0),
+                                    mode=instructor.Mode.JSON_SCHEMA)
+    city = client.chat.completions.create(
+        model=BASE, response_model=City, max_retries=0, max_tokens=80, temperature=0,
+        messages=[{"role": "user", "content": "Describe Lisbon as JSON."}],
+    )
+    assert isinstance(city, City)

@@ -60,6 +60,9 @@ class OutputSpec(BaseModel):
     format: Literal["text", "json"] = "text"
     json_schema: dict[str, Any] | None = None
     stop: list[str] = Field(default_factory=list, max_length=4)
+    # JSON output is enforced by constrained decoding unless the manifest opts out; a request's
+    # own response_format wins either way.
+    enforce: bool = True
 
     @model_validator(mode="after")
     def _json_needs_schema(self) -> OutputSpec:

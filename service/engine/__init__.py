@@ -16,6 +16,23 @@ BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in per-row `adapter_na
 EngineFinish = Literal["stop", "length"]
 
 
+class GrammarMatcher(Protocol):
+    def mask(self, logits: Any) -> Any:
+        """A copy of a 1-D row of logits with the forbidden tokens at -inf."""
+        ...
+
+    def accept(self, token: int) -> None: ...
+
+    @property
+    def finished(self) -> bool: ...
+
+
+class Grammar(Protocol):
+    def matcher(self) -> GrammarMatcher:
+        """A new sequence's matcher (called on the engine thread; cheap: a copy)."""
+        ...
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int
@@ -26,6 +43,9 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # same, for every prompt token after the first
     stop_token_ids: frozenset[int] = field(default_factory=frozenset)
     ignore_eos: bool = False  # benchmarks: generate exactly max_tokens
+    # Constrained decoding: each step's logits are masked to the tokens the grammar allows, and
+    # the sequence ends ("stop") once the grammar is complete (service.grammar.Grammar).
+    grammar: Grammar | None = field(default=None, compare=False)
 
     def stop_ids(self, eos_token_ids: frozenset[int]) -> frozenset[int]:
         return self.stop_token_ids if self.ignore_eos else self.stop_token_ids | eos_token_ids

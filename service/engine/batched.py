@@ -17,13 +17,14 @@ import logging
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from service.engine import EngineOutput
 from service.engine.kvcache import PaddedKV, SlotKV, kv_shape
 from service.engine.runner import hidden_dtype
-from service.engine.sampling import make_generator, sample, token_logprob
+from service.engine.sampling import make_generator
 from service.engine.worker import STOP, Job, Outbox, WorkerEngine
 from service.errors import EngineError, ServiceUnavailableError
 
@@ -39,6 +40,7 @@ class _Row:
     length: int  # tokens of this row in the cache
     last_token: int = -1
     step: int = 0
+    matcher: Any = None  # the row's GrammarMatcher, when its request has a grammar
 
     @property
     def adapter(self) -> str | None:
@@ -197,6 +199,7 @@ class BatchedEngine(WorkerEngine):
             budget=budget,
             stop_ids=params.stop_ids(self.eos_token_ids),
             length=len(job.request.prompt_ids),
+            matcher=params.grammar.matcher() if params.grammar is not None else None,
         )
 
     def _start_row(self, job: Job) -> None:
@@ -217,15 +220,10 @@ class BatchedEngine(WorkerEngine):
         `greedy` is the row's argmax when the step computed all of them at once.
         """
         params = row.job.request.params
-        if params.temperature == 0.0 and greedy is not None:
-            token = greedy
-        else:
-            token = sample(logits, params, row.generator)
-        logprobs = None
-        if params.logprobs is not None:
-            logprobs = (token_logprob(torch.log_softmax(logits, -1), token, params.logprobs),)
+        token, logprobs, complete = self._choose(params, logits, row.generator, row.matcher, greedy)
         row.step += 1
-        finish = "stop" if token in row.stop_ids else ("length" if row.step >= row.budget else None)
+        stop = token in row.stop_ids or complete
+        finish = "stop" if stop else ("length" if row.step >= row.budget else None)
         self._outbox.post(row.job, EngineOutput((token,), logprobs=logprobs, prompt_logprobs=scored, finish_reason=finish))
         row.last_token = token
         return finish is not None

@@ -39,5 +39,7 @@ def token_logprob(logprobs: torch.Tensor, token_id: int, top_k: int) -> TokenLog
     top: tuple[tuple[int, float], ...] = ()
     if top_k > 0:
         values, indices = torch.topk(logprobs, top_k)
-        top = tuple(zip(indices.tolist(), values.tolist(), strict=True))
+        # A grammar's mask leaves fewer than top_k possible tokens: the impossible ones are not
+        # alternatives (and -inf is no JSON number).
+        top = tuple((i, v) for i, v in zip(indices.tolist(), values.tolist(), strict=True) if v != float("-inf"))
     return TokenLogprob(token_id=token_id, logprob=float(logprobs[token_id]), top=top)

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import logging
 
-import torch
 
 from service.engine import EngineOutput
-from service.engine.sampling import make_generator, sample, token_logprob
+from service.engine.sampling import make_generator
 from service.engine.worker import STOP, Job, WorkerEngine
 from service.errors import EngineError
 
@@ -50,14 +49,13 @@ class SimpleEngine(WorkerEngine):
             return
         generator = make_generator(params.seed, self.runner.device)
         stop_ids = params.stop_ids(self.eos_token_ids)
+        matcher = params.grammar.matcher() if params.grammar is not None else None
         for step in range(budget):
             if job.cancelled.is_set():
                 return
-            token = sample(logits, params, generator)
-            logprobs = None
-            if params.logprobs is not None:
-                logprobs = (token_logprob(torch.log_softmax(logits, -1), token, params.logprobs),)
-            finish = "stop" if token in stop_ids else ("length" if step == budget - 1 else None)
+            token, logprobs, complete = self._choose(params, logits, generator, matcher)
+            stop = token in stop_ids or complete
+            finish = "stop" if stop else ("length" if step == budget - 1 else None)
             job.push(
                 EngineOutput(
                     (token,),

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from concurrent.futures import Executor, ThreadPoolExecutor
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ import torch
 
 from service.engine import EngineOutput, EngineRequest, TokenLogprob
 from service.engine.runner import ModelRunner
-from service.engine.sampling import token_logprob
+from service.engine.sampling import sample, token_logprob
 from service.errors import HotswapError, OverloadedError, ServiceUnavailableError
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ class WorkerEngine:
         max_queued: int = 256,
         on_state: Callable[[list[str], list[str], int], None] | None = None,
         on_step: Callable[[int], None] | None = None,
+        on_grammar_step: Callable[[float], None] | None = None,
         residency: Any = None,
     ):
         self.runner = runner
@@ -95,6 +97,8 @@ class WorkerEngine:
         # Told (running adapters, waiting adapters, capacity) at every change; "base" for none.
         self._on_state = on_state or (lambda running, waiting, capacity: None)
         self._on_step = on_step or (lambda batch_size: None)  # told each decode step's size
+        # Told the seconds a grammar row's mask and accept took (hotswap_grammar_mask_seconds).
+        self._on_grammar_step = on_grammar_step or (lambda seconds: None)
         self._jobs: queue.Queue[Job | object] = queue.Queue()
         self._running_loop: asyncio.Future | None = None  # the worker loop, until it returns
         self._own_executor: ThreadPoolExecutor | None = None
@@ -197,6 +201,36 @@ class WorkerEngine:
             return None
         self.runner.model = self.residency.model  # a PeftModel from the first adapter on
         return ready
+
+    def _choose(
+        self, params: Any, logits: torch.Tensor, generator: torch.Generator, matcher: Any, greedy: int | None = None
+    ) -> tuple[int, tuple[TokenLogprob, ...] | None, bool]:
+        """A row's next token, within its grammar if it has one: (token, its log-probabilities,
+        whether the grammar is now complete). `greedy` is the row's argmax when a step computed
+        every row's at once (unused under a grammar, whose mask changes the argmax).
+
+        Log-probabilities are those of the distribution the token was drawn from: under a
+        grammar, the masked one (docs/structured-outputs.md)."""
+        started = time.perf_counter()
+        if matcher is not None:
+            logits, greedy = matcher.mask(logits), None
+        if params.temperature == 0.0 and greedy is not None:
+            token = greedy
+        else:
+            token = sample(logits, params, generator)
+        logprobs = None
+        if params.logprobs is not None:
+            logprobs = (token_logprob(torch.log_softmax(logits, -1), token, params.logprobs),)
+        if matcher is None:
+            return token, logprobs, False
+        try:
+            matcher.accept(token)
+            done = matcher.finished
+        except ValueError as exc:  # cannot happen with the mask applied; never fail the batch
+            log.error("grammar: %s; ending the sequence", exc)
+            done = True
+        self._on_grammar_step(time.perf_counter() - started)
+        return token, logprobs, done
 
     def _budget(self, job: Job) -> int:
         """Tokens the job may generate: max_tokens, within what is left of the context."""

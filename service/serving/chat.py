@@ -39,6 +39,7 @@ from service.serving.generation import (
     check_prompt,
     choice_seed,
     first_and_rest,
+    output_grammar,
     guard_request,
     new_id,
     resolve_target,
@@ -82,6 +83,7 @@ class ChatServing:
         max_tokens = request.max_new_tokens or self.ctx.default_budget(len(ids))
         check_prompt(ids, max_tokens, self.ctx, param="messages")
         top = request.top_logprobs or 0
+        grammar = await output_grammar(request.response_format, target, self.ctx)
         specs = [
             ChoiceSpec(
                 index=i,
@@ -93,6 +95,7 @@ class ChatServing:
                     seed=choice_seed(request.seed, i),
                     ignore_eos=request.ignore_eos,
                     logprobs=top if request.logprobs else None,
+                    grammar=grammar,
                 ),
                 stops=(request.stop or []) + (target.manifest.output.stop if target.manifest else []),
                 stream=request.stream,

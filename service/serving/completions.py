@@ -24,6 +24,7 @@ from service.serving.generation import (
     check_token_ids,
     choice_seed,
     first_and_rest,
+    output_grammar,
     guard_request,
     new_id,
     resolve_target,
@@ -102,6 +103,7 @@ class CompletionServing:
             check_prompt(ids, request.max_tokens, self.ctx, param=param)
         stops = (request.stop or []) + (target.manifest.output.stop if target.manifest else [])
         want_prompt_logprobs = request.echo and request.logprobs is not None
+        grammar = await output_grammar(request.response_format, target, self.ctx)
         specs = [
             ChoiceSpec(
                 index=p * request.n + c,
@@ -114,6 +116,7 @@ class CompletionServing:
                     ignore_eos=request.ignore_eos,
                     logprobs=request.logprobs,
                     prompt_logprobs=request.logprobs if want_prompt_logprobs else None,
+                    grammar=grammar,
                 ),
                 stops=stops,
                 stream=request.stream,

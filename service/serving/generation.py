@@ -19,6 +19,7 @@ from service.adapters.manifest import AdapterManifest
 from service.adapters.registry import AdapterRegistry
 from service.engine import Engine, EngineRequest, SamplingParams, TokenLogprob
 from service.errors import InvalidRequestError, NotFoundError
+from service.grammar import JSON_OBJECT, Grammar, GrammarCompiler, GrammarError
 from service.guardrails import ActionRecord, GuardedOutput, GuardedRequest, Guardrails, Message
 from service.guardrails.base import Blocked, RetryRequested
 from service.guardrails.runner import OutputGuard, run_pre
@@ -36,6 +37,15 @@ class ServingContext:
     metrics: Metrics
     guardrails: Guardrails = field(default_factory=Guardrails)
     default_max_tokens: int = 0  # a chat request's budget when it sets none (0: the context)
+    grammars: GrammarCompiler | None = None  # structured outputs; made from the tokenizer if None
+
+    def __post_init__(self) -> None:
+        if self.grammars is None:
+            self.grammars = GrammarCompiler(
+                self.tokenizer,
+                on_compile=self.metrics.grammar_compile.observe,
+                on_cache=lambda hit: self.metrics.grammar_cache.labels("hit" if hit else "miss").inc(),
+            )
 
     def default_budget(self, prompt_tokens: int) -> int:
         """What a chat request that names no budget may generate: the rest of the context,
@@ -55,6 +65,26 @@ class Target:
     @property
     def label(self) -> str:
         return self.adapter or "base"
+
+
+async def output_grammar(response_format: Any, target: Target, ctx: ServingContext) -> Grammar | None:
+    """The grammar the output must follow (issue #20): the request's own `response_format` wins
+    (`text`: none); else an adapter whose manifest declares JSON output with a schema, unless
+    the manifest opts out (`output.enforce: false`). A schema the engine cannot compile is a
+    400 with the library's reason, never a silent fallback to unconstrained text."""
+    if response_format is not None:
+        if response_format.type == "text":
+            return None
+        schema = JSON_OBJECT if response_format.type == "json_object" else response_format.json_schema.schema_
+        param = "response_format"
+    elif target.manifest is not None and target.manifest.output.format == "json" and target.manifest.output.enforce:
+        schema, param = target.manifest.output.json_schema, "model"
+    else:
+        return None
+    try:
+        return await ctx.grammars.compile(schema)
+    except GrammarError as exc:
+        raise InvalidRequestError(f"{param}: this JSON schema cannot be enforced: {exc}", param=param) from exc
 
 
 def resolve_target(model: str, adapter: str | None, ctx: ServingContext) -> Target:
