@@ -52,18 +52,48 @@ def compare_losses(peft_model: Any, examples: list[Example], pad_id: int) -> dic
     }
 
 
+class _GrammarLogits:
+    """A transformers logits processor: each row's scores masked by its own grammar matcher,
+    as the service's engine masks them (service/grammar.py)."""
+
+    def __init__(self, grammar: Any, rows: int, prompt_width: int, eos: int):
+        self.matchers = [grammar.matcher() for _ in range(rows)]
+        self.prompt_width, self.eos = prompt_width, eos
+        self.done = [False] * rows
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        for row, matcher in enumerate(self.matchers):
+            if input_ids.shape[1] > self.prompt_width and not self.done[row]:
+                matcher.accept(int(input_ids[row, -1]))
+                self.done[row] = matcher.finished
+            if self.done[row]:  # complete: only the end of the sequence may follow
+                scores[row] = float("-inf")
+                scores[row, self.eos] = 0.0
+            else:
+                scores[row] = matcher.mask(scores[row])
+        return scores
+
+
 @torch.no_grad()
-def greedy(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, batch_size: int = 10) -> list[str]:
-    """Greedy completions, batched with left padding."""
+def greedy(
+    model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, batch_size: int = 10,
+    grammar: Any = None,
+) -> list[str]:
+    """Greedy completions, batched with left padding; under `grammar` (a service.grammar
+    Grammar) each row decodes as the service enforces a JSON adapter's schema."""
     model.eval()
     device = next(model.parameters()).device
     tokenizer.padding_side = "left"
     outputs = []
     for start in range(0, len(prompts), batch_size):
         enc = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True).to(device)
+        processors = None
+        if grammar is not None:
+            processors = [_GrammarLogits(grammar, *enc.input_ids.shape, tokenizer.eos_token_id)]
         generated = model.generate(
             **enc, max_new_tokens=max_new_tokens, do_sample=False,
             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            logits_processor=processors,
         )
         for row in generated[:, enc.input_ids.shape[1] :]:
             outputs.append(tokenizer.decode(row, skip_special_tokens=True))
@@ -93,15 +123,20 @@ def schema_rates(
     peft_model: Any, tokenizer: Any, manifest: Any, held: list[dict[str, Any]],
     shots: list[tuple[dict[str, str], str]], max_new_tokens: int = 256,
 ) -> dict[str, Any]:
-    """Share of held-out inputs whose greedy output is valid: adapter (zero-shot) vs base few-shot."""
+    """Share of held-out inputs whose greedy output is valid: the adapter zero-shot without and
+    with the grammar the service enforces (`valid_rate_adapter_grammar`), and the base few-shot."""
     schema = manifest.output.json_schema
     plain = [manifest.render_prompt({"product": r["product"], "description": r["description"]}) for r in held]
     prefix = "".join(manifest.render_prompt(i) + t + "\n\n" for i, t in shots)
+    from service.grammar import GrammarCompiler
+
+    grammar = GrammarCompiler(tokenizer).compile_now(schema)  # what the service enforces
     adapter_out = greedy(peft_model, tokenizer, plain, max_new_tokens)
+    grammar_out = greedy(peft_model, tokenizer, plain, max_new_tokens, grammar=grammar)
     with peft_model.disable_adapter():
         base_out = greedy(peft_model, tokenizer, [prefix + p for p in plain], max_new_tokens)
     result: dict[str, Any] = {"held_out": len(held)}
-    for label, outs in (("adapter", adapter_out), ("base_few_shot", base_out)):
+    for label, outs in (("adapter", adapter_out), ("adapter_grammar", grammar_out), ("base_few_shot", base_out)):
         verdicts = [marketmail_verdict(o.split("\n\n")[0] if label == "base_few_shot" else o, r["product"], schema)
                     for o, r in zip(outs, held, strict=True)]
         result[f"valid_rate_{label}"] = round(sum(v for v, _ in verdicts) / len(held), 4)

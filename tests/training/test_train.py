@@ -205,3 +205,25 @@ def test_running_mean_of_the_training_loss_looks_back_only():
     points = [(5, 4.0), (10, 2.0), (15, 6.0), (20, 0.0)]
     assert running_mean(points, 2) == [(5, 4.0), (10, 3.0), (15, 4.0), (20, 3.0)]
     assert running_mean(points, 1) == points
+
+
+def test_greedy_under_the_service_grammar_writes_what_the_schema_allows(tiny):
+    """schema_rates' `adapter_grammar` column decodes as the service enforces a JSON adapter."""
+    import json
+
+    import jsonschema
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from service.grammar import GrammarCompiler
+    from training.evaluation import greedy
+
+    small = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 2, 3]}},
+             "required": ["ok", "n"]}
+    model = AutoModelForCausalLM.from_pretrained(tiny.base_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny.base_dir)
+    grammar = GrammarCompiler(tokenizer).compile_now(small)
+    free = greedy(model, tokenizer, ["Product: lamp", "a much longer prompt than that"], 40)
+    constrained = greedy(model, tokenizer, ["Product: lamp", "a much longer prompt than that"], 40, grammar=grammar)
+    for text in constrained:
+        jsonschema.validate(json.loads(text), small)
+    assert constrained != free  # the random model's own text is no such JSON
