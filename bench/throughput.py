@@ -8,6 +8,11 @@ Every request has the same prompt length and generates exactly --new-tokens toke
 suppressed), spread round-robin over the base and --adapters random LoRA adapters made on the
 spot for the loaded base. Prints a table and a JSON line; --sweep adds a plot of aggregate tok/s
 and p99 time to first token against concurrent clients.
+
+--json-schema FILE runs (c) a second time with that schema as every request's response_format
+(bench/schemas/long_text.json never completes within the budget, so both runs generate the same
+tokens) and prints the ratio of the two, then the time to first token of a request with a
+schema the server has not compiled yet against one it has.
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--sweep", default="", help="comma-separated client counts, e.g. 1,2,4,8,16,32")
     p.add_argument("--plot", type=Path, help="PNG for the sweep (default docs/benchmark-<device>.png)")
+    p.add_argument("--json-schema", type=Path,
+                   help="also run (c) with this JSON schema as response_format on every request")
     p.add_argument("--seed-requests", type=int, default=0,
                    help="run (a) once, on this many requests, for every client count (its rate does "
                         "not depend on the count: it serves one request at a time); 0: all of them, per count")
@@ -139,12 +146,13 @@ def static_batch(model, prompts, adapters, new_tokens, device) -> dict:
     return {"tokens": tokens, "seconds": time.perf_counter() - started}
 
 
-async def service_clients(url, model_id, prompts, adapters, new_tokens) -> dict:
+async def service_clients(url, model_id, prompts, adapters, new_tokens, extra: dict | None = None) -> dict:
     import httpx
 
     async def one(client, ids, adapter) -> tuple[int, float, list[float]]:
         body = {"model": model_id, "adapter": adapter or "base", "prompt": ids, "max_tokens": new_tokens,
-                "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+                "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
+                **(extra or {})}
         sent = time.perf_counter()
         arrivals, tokens = [], 0
         async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
@@ -225,11 +233,34 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(service_clients(url, base.source.served_id, warm, cycle, 2))
             c = asyncio.run(service_clients(url, base.source.served_id, prompts, adapters, args.new_tokens))
             rows.append(summarise(n, a, b, c))
+            if args.json_schema:
+                rows[-1].update(grammar_runs(args, url, base, prompts, adapters, c))
     finally:
         service.terminate()
         service.wait(timeout=60)
     report(args, base, rows)
     return 0
+
+
+def grammar_runs(args, url, base, prompts, adapters, free) -> dict:
+    """(c) again with a response_format on every request, and the TTFT of compiling a schema."""
+    schema = json.loads(args.json_schema.read_text())
+
+    def fmt(s):
+        return {"response_format": {"type": "json_schema", "json_schema": {"name": "bench", "schema": s}}}
+
+    model_id = base.source.served_id
+    asyncio.run(service_clients(url, model_id, prompts[:1], adapters[:1], 2, fmt(schema)))  # compiled once
+    g = asyncio.run(service_clients(url, model_id, prompts, adapters, args.new_tokens, fmt(schema)))
+    new, cached = [], []
+    for i in range(8):  # one at a time: a fresh schema (a title the cache has not seen), then it again
+        fresh = {**schema, "title": f"bench-{time.time_ns()}-{i}"}
+        new.append(asyncio.run(service_clients(url, model_id, prompts[:1], adapters[:1], 2, fmt(fresh)))["ttft_p50"])
+        cached.append(asyncio.run(service_clients(url, model_id, prompts[:1], adapters[:1], 2, fmt(fresh)))["ttft_p50"])
+    rate = g["tokens"] / g["seconds"]
+    return {"grammar_tok_s": rate, "grammar_over_free": rate / (free["tokens"] / free["seconds"]),
+            "grammar_tokens": g["tokens"], "free_tokens": free["tokens"],
+            "ttft_new_schema_p50_s": pct(new, 50), "ttft_cached_schema_p50_s": pct(cached, 50)}
 
 
 def summarise(n, a, b, c) -> dict:
@@ -268,6 +299,12 @@ def report(args, base, rows) -> None:
         print(f"{r['clients']:>7} {r['seed_tok_s']:>10.1f} {r['static_tok_s']:>10.1f} {r['service_tok_s']:>10.1f} "
               f"{r['c_over_a']:>6.2f} {r['c_over_b']:>6.2f} {r['ttft_p50_s']:>9.3f} {r['ttft_p99_s']:>9.3f} "
               f"{r['itl_p50_s']:>8.4f} {r['itl_p99_s']:>8.4f}")
+    for r in rows:
+        if "grammar_tok_s" in r:
+            print(f"{r['clients']:>7} clients, every request under {args.json_schema}: {r['grammar_tok_s']:.1f} tok/s, "
+                  f"{r['grammar_over_free']:.1%} of the same run without ({r['grammar_tokens']} and "
+                  f"{r['free_tokens']} tokens); TTFT p50 of one request: new schema {r['ttft_new_schema_p50_s']:.3f} s, "
+                  f"cached {r['ttft_cached_schema_p50_s']:.3f} s")
     print(json.dumps({"model": args.model, "quantization": args.quantization, "device": device,
                       "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "rows": rows}))
     if len(rows) > 1:
