@@ -45,6 +45,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--sweep", default="", help="comma-separated client counts, e.g. 1,2,4,8,16,32")
     p.add_argument("--plot", type=Path, help="PNG for the sweep (default docs/benchmark-<device>.png)")
+    p.add_argument("--guardrails", help="also run (c) on a second service started with this guardrails "
+                   "config ('default': what make serve runs) and print its ratio to the first (none)")
     p.add_argument("--json-schema", type=Path,
                    help="also run (c) with this JSON schema as response_format on every request")
     p.add_argument("--seed-requests", type=int, default=0,
@@ -179,14 +181,15 @@ async def service_clients(url, model_id, prompts, adapters, new_tokens, extra: d
             "ttft_p50": pct(ttft, 50), "ttft_p99": pct(ttft, 99), "itl_p50": pct(itl, 50), "itl_p99": pct(itl, 99)}
 
 
-def start_service(args, adapter_dir: Path, port: int, max_batch: int) -> subprocess.Popen:
+def start_service(args, adapter_dir: Path, port: int, max_batch: int, guardrails: str | None = None) -> subprocess.Popen:
     import httpx
 
     env = {**os.environ, "HOTSWAP_ADAPTER_DIR": str(adapter_dir), "HOTSWAP_CACHE_DIR": str(args.cache_dir),
            "HOTSWAP_MAX_BATCH_SIZE": str(max_batch),
            "HOTSWAP_LOG_LEVEL": os.environ.get("HOTSWAP_LOG_LEVEL", "warning")}
+    flags = ["--guardrails", guardrails] if guardrails else []
     proc = subprocess.Popen([sys.executable, "-m", "service", "--model", args.model, "--quantization",
-                             args.quantization, "--device", args.device, "--port", str(port)], env=env)
+                             args.quantization, "--device", args.device, "--port", str(port), *flags], env=env)
     deadline = time.monotonic() + 1200
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -238,8 +241,31 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         service.terminate()
         service.wait(timeout=60)
+    if args.guardrails:
+        guarded_runs(args, base, adapter_dir, cycle, rows)
     report(args, base, rows)
     return 0
+
+
+def guarded_runs(args, base, adapter_dir, cycle, rows) -> None:
+    """(c) again on a service with guardrails, after the first (none) has stopped: same prompts."""
+    port = free_port()
+    service = start_service(args, adapter_dir, port, max(r["clients"] for r in rows), args.guardrails)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        warm = make_prompts(base.tokenizer, len(cycle), args.prompt_tokens)
+        asyncio.run(service_clients(url, base.source.served_id, warm, cycle, 2))
+        for row in rows:
+            n = row["clients"]
+            prompts = make_prompts(base.tokenizer, n, args.prompt_tokens)
+            adapters = [cycle[i % len(cycle)] for i in range(n)]
+            g = asyncio.run(service_clients(url, base.source.served_id, prompts, adapters, args.new_tokens))
+            row["guarded_tok_s"] = g["tokens"] / g["seconds"]
+            row["guarded_over_none"] = row["guarded_tok_s"] / row["service_tok_s"]
+            row["guarded_over_seed"] = row["guarded_tok_s"] / row["seed_tok_s"]
+    finally:
+        service.terminate()
+        service.wait(timeout=60)
 
 
 def grammar_runs(args, url, base, prompts, adapters, free) -> dict:
@@ -300,6 +326,9 @@ def report(args, base, rows) -> None:
               f"{r['c_over_a']:>6.2f} {r['c_over_b']:>6.2f} {r['ttft_p50_s']:>9.3f} {r['ttft_p99_s']:>9.3f} "
               f"{r['itl_p50_s']:>8.4f} {r['itl_p99_s']:>8.4f}")
     for r in rows:
+        if "guarded_tok_s" in r:
+            print(f"{r['clients']:>7} clients, guardrails {args.guardrails}: {r['guarded_tok_s']:.1f} tok/s, "
+                  f"{r['guarded_over_none']:.1%} of none, {r['guarded_over_seed']:.2f}x the seed path")
         if "grammar_tok_s" in r:
             print(f"{r['clients']:>7} clients, every request under {args.json_schema}: {r['grammar_tok_s']:.1f} tok/s, "
                   f"{r['grammar_over_free']:.1%} of the same run without ({r['grammar_tokens']} and "
