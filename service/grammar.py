@@ -69,14 +69,22 @@ class GrammarMatcher:
         self._matcher = matcher
         self._vocabulary = vocabulary
         self._bitmask = None
+        self._ready = False  # the bitmask holds the mask of the current position
 
-    def mask(self, logits: torch.Tensor) -> torch.Tensor:
-        """A copy of the 1-D `logits` with every token the grammar forbids at -inf."""
+    def prefetch(self) -> None:
+        """Compute the next mask now (llguidance drops the GIL: the engine calls this on another
+        thread while the forward pass runs, so `mask` finds it ready)."""
         import llguidance.torch as llg_torch
 
         if self._bitmask is None:
             self._bitmask = llg_torch.allocate_token_bitmask(1, self._vocabulary)
-        llg_torch.fill_next_token_bitmask(self._matcher, self._bitmask, 0)  # native, GIL dropped
+        llg_torch.fill_next_token_bitmask(self._matcher, self._bitmask, 0)
+        self._ready = True
+
+    def mask(self, logits: torch.Tensor) -> torch.Tensor:
+        """A copy of the 1-D `logits` with every token the grammar forbids at -inf."""
+        if not self._ready:
+            self.prefetch()
         # Unpacked here: llguidance's own apply is a torch.compile kernel, which would compile
         # (seconds, and a C compiler) on the first request of every process.
         allowed = ((self._bitmask[0].unsqueeze(1) >> _SHIFTS) & 1).flatten()[: self._vocabulary]
@@ -86,6 +94,7 @@ class GrammarMatcher:
         return masked
 
     def accept(self, token: int) -> None:
+        self._ready = False
         if not self._matcher.consume_token(token):
             raise GrammarError(f"the grammar refused token {token}: {self._matcher.get_error()}")
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,6 +79,7 @@ class BatchedEngine(WorkerEngine):
             raise ValueError(f"kv_cache must be 'static' or 'dynamic', not {kv_cache!r}")
         on_kv_cache(kv_cache, bool(getattr(self._kv, "graphs", False)))
         self._outbox = Outbox()
+        self._masker: ThreadPoolExecutor | None = None  # computes grammar masks during forward passes
 
     # --- scheduling ---------------------------------------------------------------------------
 
@@ -231,9 +233,17 @@ class BatchedEngine(WorkerEngine):
     def _step(self) -> None:
         rows = self._rows
         self._on_step(len(rows))
-        logits = self._kv.decode(
-            [r.last_token for r in rows], [r.length for r in rows], [r.adapter for r in rows]
-        )
+        # The grammar rows' next masks are computed on another thread while the forward pass
+        # runs (llguidance drops the GIL), off the step's critical path.
+        constrained = [r.matcher for r in rows if r.matcher is not None]
+        masks = self._mask_thread().submit(lambda: [m.prefetch() for m in constrained]) if constrained else None
+        try:
+            logits = self._kv.decode(
+                [r.last_token for r in rows], [r.length for r in rows], [r.adapter for r in rows]
+            )
+        finally:
+            if masks is not None:
+                masks.result()
         # One argmax and one device-to-host copy for every greedy row, not one per row.
         greedy = None
         if any(r.job.request.params.temperature == 0.0 for r in rows):
@@ -248,6 +258,17 @@ class BatchedEngine(WorkerEngine):
                 keep.append(i)
         if len(keep) < len(rows):
             self._retain(keep)
+
+    async def stop(self) -> None:
+        await super().stop()
+        if self._masker is not None:
+            self._masker.shutdown(wait=False)
+            self._masker = None
+
+    def _mask_thread(self) -> ThreadPoolExecutor:
+        if self._masker is None:
+            self._masker = ThreadPoolExecutor(1, thread_name_prefix="hotswap-grammar")
+        return self._masker
 
     def _retain(self, keep: list[int]) -> None:
         """Drop the finished rows (the cache may move the others: follow its order)."""

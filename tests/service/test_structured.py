@@ -184,3 +184,30 @@ def test_objects_that_list_properties_are_closed_unless_they_say_otherwise():
     assert "additionalProperties" not in closed_objects({"type": "object"})  # json_object: any object
     named = closed_objects({"properties": {"properties": {"type": "string"}}})  # a key named so
     assert named["properties"] == {"properties": {"type": "string"}}
+
+
+def test_masks_are_computed_on_their_own_thread_during_the_forward_pass(runtime, compiler, monkeypatch):
+    import threading
+
+    from service.grammar import GrammarMatcher
+
+    threads = []
+    prefetch = GrammarMatcher.prefetch
+
+    def recording(self):
+        threads.append(threading.current_thread().name)
+        prefetch(self)
+
+    monkeypatch.setattr(GrammarMatcher, "prefetch", recording)
+    grammar = compiler.compile_now(SMALL)
+    prompt = tuple(runtime.tokenizer("x").input_ids)
+
+    async def body(engine):
+        params = SamplingParams(max_tokens=60, temperature=0.0, grammar=grammar)
+        return [o async for o in engine.generate(EngineRequest("r", prompt, None, params))]
+
+    outs = run(make(runtime.engine.runner, kv="dynamic"), body)
+    assert outs[-1].finish_reason == "stop"
+    # the first token's mask is made at prefill, on the engine thread; every later one during a step
+    assert threads[0].startswith("hotswap-engine") and threads[1:]
+    assert all(name.startswith("hotswap-grammar") for name in threads[1:])
