@@ -186,7 +186,8 @@ def test_objects_that_list_properties_are_closed_unless_they_say_otherwise():
     assert named["properties"] == {"properties": {"type": "string"}}
 
 
-def test_masks_are_computed_on_their_own_thread_during_the_forward_pass(runtime, compiler, monkeypatch):
+@pytest.mark.parametrize("overlap", [True, False])  # the default: True on CUDA, False on CPU
+def test_masks_are_computed_on_their_own_thread_during_the_forward_pass(runtime, compiler, monkeypatch, overlap):
     import threading
 
     from service.grammar import GrammarMatcher
@@ -206,8 +207,10 @@ def test_masks_are_computed_on_their_own_thread_during_the_forward_pass(runtime,
         params = SamplingParams(max_tokens=60, temperature=0.0, grammar=grammar)
         return [o async for o in engine.generate(EngineRequest("r", prompt, None, params))]
 
-    outs = run(make(runtime.engine.runner, kv="dynamic"), body)
+    outs = run(make(runtime.engine.runner, kv="dynamic", overlap_masks=overlap), body)
     assert outs[-1].finish_reason == "stop"
-    # the first token's mask is made at prefill, on the engine thread; every later one during a step
+    # the first token's mask is made at prefill, on the engine thread; every later one during a
+    # step, on the mask thread when overlapping
     assert threads[0].startswith("hotswap-engine") and threads[1:]
-    assert all(name.startswith("hotswap-grammar") for name in threads[1:])
+    later = "hotswap-grammar" if overlap else "hotswap-engine"
+    assert all(name.startswith(later) for name in threads[1:])
