@@ -136,7 +136,8 @@ class GrammarCompiler:
         self._tokenizer = None  # llguidance's, built on first use (about 0.5 s for 49k words)
         self._cache: OrderedDict[str, Grammar] = OrderedDict()
         self._cache_size = cache_size
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the cache (held only briefly: the event loop takes it)
+        self._tokenizer_lock = threading.Lock()  # building the llguidance tokenizer (0.5 s)
         self._on_compile, self._on_cache = on_compile, on_cache
 
     async def compile(self, schema: dict[str, Any]) -> Grammar:
@@ -163,7 +164,7 @@ class GrammarCompiler:
     def _llg_tokenizer(self):
         import llguidance.hf
 
-        with self._lock:
+        with self._tokenizer_lock:
             if self._tokenizer is None:
                 self._tokenizer = llguidance.hf.from_tokenizer(self._hf_tokenizer)
             return self._tokenizer
