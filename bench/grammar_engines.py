@@ -26,22 +26,31 @@ ORDER = {
         "order_id": {"type": "string"},
         "status": {"enum": ["new", "paid", "shipped"]},
         "total": {"type": "number", "minimum": 0},
-        "items": {"type": "array", "minItems": 1, "items": {
+        "items": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "properties": {"sku": {"type": "string"}, "qty": {"type": "integer", "minimum": 1}},
+                "required": ["sku", "qty"],
+                "additionalProperties": False,
+            },
+        },
+        "customer": {
             "type": "object",
-            "properties": {"sku": {"type": "string"}, "qty": {"type": "integer", "minimum": 1}},
-            "required": ["sku", "qty"], "additionalProperties": False,
-        }},
-        "customer": {"type": "object", "properties": {"name": {"type": "string"}, "vip": {"type": "boolean"}},
-                     "required": ["name"], "additionalProperties": False},
+            "properties": {"name": {"type": "string"}, "vip": {"type": "boolean"}},
+            "required": ["name"],
+            "additionalProperties": False,
+        },
     },
     "required": ["order_id", "status", "total", "items", "customer"],
     "additionalProperties": False,
 }
 DOCS = {
     "marketmail": '{"subject": "Meet the Lakeside paddle", "body": "Carbon, 480 g, made for long days '
-                  'on the water.", "call_to_action": "Order yours today"}',
+    'on the water.", "call_to_action": "Order yours today"}',
     "order": '{"order_id": "A-1029", "status": "paid", "total": 129.5, "items": [{"sku": "P-1", "qty": 2}, '
-             '{"sku": "K-7", "qty": 1}], "customer": {"name": "Ana", "vip": true}}',
+    '{"sku": "K-7", "qty": 1}], "customer": {"name": "Ana", "vip": true}}',
     "json_object": '{"city": "Lisbon", "population": 545000, "tags": ["coast", "hills"]}',
 }
 
@@ -62,7 +71,8 @@ def run_llguidance(tokenizer, repeat: int) -> dict:
     results = {"tokenizer_setup_s": setup}
     for name, schema in schemas().items():
         grammar = llguidance.LLMatcher.grammar_from_json_schema(
-            schema if schema is not None else {"type": "object"}, defaults={"whitespace_flexible": True})
+            schema if schema is not None else {"type": "object"}, defaults={"whitespace_flexible": True}
+        )
         compile_s, mask_s, apply_s = [], [], []
         for _ in range(repeat):
             started = time.perf_counter()
@@ -95,8 +105,11 @@ def run_xgrammar(tokenizer, repeat: int) -> dict:
         for _ in range(repeat):
             compiler = xgr.GrammarCompiler(info, cache_enabled=False)
             started = time.perf_counter()
-            compiled = (compiler.compile_json_schema(json.dumps(schema)) if schema is not None
-                        else compiler.compile_builtin_json_grammar())
+            compiled = (
+                compiler.compile_json_schema(json.dumps(schema))
+                if schema is not None
+                else compiler.compile_builtin_json_grammar()
+            )
             matcher = xgr.GrammarMatcher(compiled)
             compile_s.append(time.perf_counter() - started)
             bitmask = xgr.allocate_token_bitmask(1, info.vocab_size)
@@ -115,10 +128,12 @@ def run_xgrammar(tokenizer, repeat: int) -> dict:
 
 
 def _summary(compile_s, mask_s, apply_s) -> dict:
-    return {"compile_ms_median": round(statistics.median(compile_s) * 1000, 2),
-            "mask_us_median": round(statistics.median(mask_s) * 1e6, 1),
-            "mask_us_p99": round(sorted(mask_s)[int(len(mask_s) * 0.99) - 1] * 1e6, 1),
-            "apply_us_median": round(statistics.median(apply_s) * 1e6, 1)}
+    return {
+        "compile_ms_median": round(statistics.median(compile_s) * 1000, 2),
+        "mask_us_median": round(statistics.median(mask_s) * 1e6, 1),
+        "mask_us_p99": round(sorted(mask_s)[int(len(mask_s) * 0.99) - 1] * 1e6, 1),
+        "apply_us_median": round(statistics.median(apply_s) * 1e6, 1),
+    }
 
 
 def main() -> None:
@@ -135,8 +150,10 @@ def main() -> None:
         print(f"{engine:<11} {'(tokenizer)':<12} {rows['tokenizer_setup_s'] * 1000:>10.1f}")
         for name, row in rows.items():
             if isinstance(row, dict):
-                print(f"{engine:<11} {name:<12} {row['compile_ms_median']:>10.2f} {row['mask_us_median']:>11.1f} "
-                      f"{row['mask_us_p99']:>11.1f} {row['apply_us_median']:>9.1f}")
+                print(
+                    f"{engine:<11} {name:<12} {row['compile_ms_median']:>10.2f} {row['mask_us_median']:>11.1f} "
+                    f"{row['mask_us_p99']:>11.1f} {row['apply_us_median']:>9.1f}"
+                )
     print(json.dumps({"bench": "grammar_engines", **report}))
 
 

@@ -60,8 +60,12 @@ def score() -> dict[str, dict[str, float]]:
     for kind in KINDS:
         p = tp[kind] / (tp[kind] + fp[kind]) if tp[kind] + fp[kind] else 1.0
         r = tp[kind] / (tp[kind] + fn[kind]) if tp[kind] + fn[kind] else 1.0
-        table[kind] = {"precision": round(p, 3), "recall": round(r, 3), "values": tp[kind] + fn[kind],
-                       "false_positives": fp[kind]}
+        table[kind] = {
+            "precision": round(p, 3),
+            "recall": round(r, 3),
+            "values": tp[kind] + fn[kind],
+            "false_positives": fp[kind],
+        }
     return table
 
 
@@ -73,7 +77,10 @@ def timed(fn, repeat: int) -> dict[str, float]:
         fn()
         samples.append((time.perf_counter() - start) * 1000)
     samples.sort()
-    return {"median_ms": round(statistics.median(samples), 3), "p99_ms": round(samples[int(len(samples) * 0.99) - 1], 3)}
+    return {
+        "median_ms": round(statistics.median(samples), 3),
+        "p99_ms": round(samples[int(len(samples) * 0.99) - 1], 3),
+    }
 
 
 def cost(config: str, repeat: int) -> dict[str, dict[str, float]]:
@@ -84,7 +91,9 @@ def cost(config: str, repeat: int) -> dict[str, dict[str, float]]:
     for label, with_pii in (("clean", False), ("with_pii", True)):
         text = two_kb(with_pii)
         request = GuardedRequest("completions", "base", None, prompts=(text,))
-        results[f"pre_2kb_{label}"] = timed(lambda request=request: run_pre(chain, request, metrics, param="prompt"), repeat)
+        results[f"pre_2kb_{label}"] = timed(
+            lambda request=request: run_pre(chain, request, metrics, param="prompt"), repeat
+        )
 
         def post_whole(text=text):
             guard = OutputGuard(chain, GuardedOutput("base", None, ""), metrics, 0)
@@ -130,9 +139,14 @@ def corpus_report(config: str, path: str, fields: list[str], examples: int = 5) 
                 request = verdict.request or request
             if outcome:
                 records[outcome] += 1
-    return {"records": records["total"], "blocked_records": records["blocked"],
-            "rewritten_records": records["rewritten"], "blocked": dict(counts["blocked"]),
-            "rewritten": dict(counts["rewritten"]), "examples": samples}
+    return {
+        "records": records["total"],
+        "blocked_records": records["blocked"],
+        "rewritten_records": records["rewritten"],
+        "blocked": dict(counts["blocked"]),
+        "rewritten": dict(counts["rewritten"]),
+        "examples": samples,
+    }
 
 
 def _excerpt(hook, request: GuardedRequest, verdict) -> str:
@@ -155,19 +169,31 @@ def main() -> None:
     if args.corpus:
         report = corpus_report(args.config, args.corpus, args.fields.split(","))
         total = report["records"]
-        print(f"{total} records; blocked {report['blocked_records']} "
-              f"({report['blocked_records'] / total:.4%}), rewritten {report['rewritten_records']} "
-              f"({report['rewritten_records'] / total:.2%})")
+        print(
+            f"{total} records; blocked {report['blocked_records']} "
+            f"({report['blocked_records'] / total:.4%}), rewritten {report['rewritten_records']} "
+            f"({report['rewritten_records'] / total:.2%})"
+        )
         for outcome in ("blocked", "rewritten"):
             for key, n in sorted(report[outcome].items(), key=lambda kv: -kv[1]):
                 print(f"  {outcome:<9} {key:<28} {n:>6}   e.g. {report['examples'][key][0]}")
-        print(json.dumps({"bench": "guardrails_corpus", "config": args.config, "corpus": args.corpus,
-                          **{k: v for k, v in report.items() if k != "examples"}}))
+        print(
+            json.dumps(
+                {
+                    "bench": "guardrails_corpus",
+                    "config": args.config,
+                    "corpus": args.corpus,
+                    **{k: v for k, v in report.items() if k != "examples"},
+                }
+            )
+        )
         return
     quality = score()
     print(f"{'kind':<12} {'precision':>9} {'recall':>7} {'values':>7} {'false +':>8}")
     for kind, row in quality.items():
-        print(f"{kind:<12} {row['precision']:>9.3f} {row['recall']:>7.3f} {row['values']:>7} {row['false_positives']:>8}")
+        print(
+            f"{kind:<12} {row['precision']:>9.3f} {row['recall']:>7.3f} {row['values']:>7} {row['false_positives']:>8}"
+        )
     costs = cost(args.config, args.repeat)
     print(f"\n{'hook chain (' + args.config + ')':<40} {'median ms':>10} {'p99 ms':>8}")
     for name, row in costs.items():

@@ -47,8 +47,16 @@ def main() -> None:
 
     held = split(load_records(str(ROOT / "data/schema/marketmail.jsonl"), ("product", "description")), 20, 0)[1]
     unseen = [json.loads(line) for line in (ROOT / "data/schema/unseen.jsonl").read_text().splitlines()]
-    runtime = load_runtime(Settings(quantization=args.quantization, device="cpu", adapter_dir=ROOT / "adapters",
-                                    engine="batched", max_batch_size=20), Metrics())
+    runtime = load_runtime(
+        Settings(
+            quantization=args.quantization,
+            device="cpu",
+            adapter_dir=ROOT / "adapters",
+            engine="batched",
+            max_batch_size=20,
+        ),
+        Metrics(),
+    )
     manifest = next(r.manifest for r in runtime.registry.ready() if r.name == "schema")
     schema = manifest.output.json_schema
     grammar = GrammarCompiler(runtime.tokenizer).compile_now(schema)
@@ -57,11 +65,16 @@ def main() -> None:
     async def generate(records, temperature, constrained):
         async def one(i, record):
             prompt = manifest.render_prompt({"product": record["product"], "description": record["description"]})
-            params = SamplingParams(max_tokens=args.max_tokens, temperature=temperature, seed=1000 + i,
-                                    grammar=grammar if constrained else None)
+            params = SamplingParams(
+                max_tokens=args.max_tokens,
+                temperature=temperature,
+                seed=1000 + i,
+                grammar=grammar if constrained else None,
+            )
             request = EngineRequest(f"r{i}", tuple(tok(prompt).input_ids), "schema", params)
             ids = [t for o in [o async for o in engine.generate(request)] for t in o.token_ids]
             return tok.decode(ids, skip_special_tokens=True)
+
         return await asyncio.gather(*(one(i, r) for i, r in enumerate(records)))
 
     async def run_all():
@@ -74,10 +87,15 @@ def main() -> None:
                         outs = await generate(records, temperature, constrained)
                         verdicts = [verdict(o, r["product"], schema) for o, r in zip(outs, records, strict=True)]
                         key = f"t{temperature:g}_{'grammar' if constrained else 'free'}_{label}"
-                        report[key] = {"valid": sum(v for v, _ in verdicts) / len(records),
-                                       "named": sum(n for _, n in verdicts) / len(records), "n": len(records)}
-                        print(f"{key:<32} valid {report[key]['valid']:.0%}  product named {report[key]['named']:.0%}",
-                              flush=True)
+                        report[key] = {
+                            "valid": sum(v for v, _ in verdicts) / len(records),
+                            "named": sum(n for _, n in verdicts) / len(records),
+                            "n": len(records),
+                        }
+                        print(
+                            f"{key:<32} valid {report[key]['valid']:.0%}  product named {report[key]['named']:.0%}",
+                            flush=True,
+                        )
             return report
         finally:
             await engine.stop()

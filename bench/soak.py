@@ -76,9 +76,15 @@ async def soak(url: str, base_id: str, adapters: list[str], clients: int, second
         async with httpx.AsyncClient(timeout=httpx.Timeout(300, connect=10)) as client:
             n = 0
             while time.monotonic() < stop_at:
-                body = {**targets[(i + n) % len(targets)], "prompt": f"Request {i}.{n}: write a short note.",
-                        "max_tokens": max_tokens, "temperature": 0.8, "seed": i * 1000 + n,
-                        "ignore_eos": True, "stream": (i + n) % 2 == 0}
+                body = {
+                    **targets[(i + n) % len(targets)],
+                    "prompt": f"Request {i}.{n}: write a short note.",
+                    "max_tokens": max_tokens,
+                    "temperature": 0.8,
+                    "seed": i * 1000 + n,
+                    "ignore_eos": True,
+                    "stream": (i + n) % 2 == 0,
+                }
                 outcome, seconds_taken = await one_request(client, url, body)
                 outcomes[outcome] += 1
                 if outcome == "ok":
@@ -94,11 +100,15 @@ async def soak(url: str, base_id: str, adapters: list[str], clients: int, second
     latencies.sort()
     pick = lambda q: round(latencies[min(int(len(latencies) * q), len(latencies) - 1)], 2) if latencies else None  # noqa: E731
     return {
-        "clients": clients, "seconds": round(elapsed, 1), "outcomes": dict(outcomes),
+        "clients": clients,
+        "seconds": round(elapsed, 1),
+        "outcomes": dict(outcomes),
         "lost": sum(v for k, v in outcomes.items() if k.startswith("lost")),
         "server_errors": sum(v for k, v in outcomes.items() if k.startswith("lost:5")),
         "tokens_per_second": round(tokens / elapsed, 1),
-        "latency_p50_s": pick(0.5), "latency_p99_s": pick(0.99), "broken_samples": list(BROKEN),
+        "latency_p50_s": pick(0.5),
+        "latency_p99_s": pick(0.99),
+        "broken_samples": list(BROKEN),
     }
 
 
@@ -114,9 +124,22 @@ def main() -> int:
     parser.add_argument("--log", type=Path, default=Path("soak-server.log"))
     args = parser.parse_args()
     capacity = args.max_batch_size + args.max_queued
-    flags = ["--model", args.model, "--quantization", args.quantization, "--device", "cpu",
-             "--adapter-dir", args.adapter_dir, "--max-batch-size", str(args.max_batch_size),
-             "--max-queued-requests", str(args.max_queued), "--guardrails", "default"]
+    flags = [
+        "--model",
+        args.model,
+        "--quantization",
+        args.quantization,
+        "--device",
+        "cpu",
+        "--adapter-dir",
+        args.adapter_dir,
+        "--max-batch-size",
+        str(args.max_batch_size),
+        "--max-queued-requests",
+        str(args.max_queued),
+        "--guardrails",
+        "default",
+    ]
     with running_service(flags, {}, args.log, timeout=600) as (url, proc):
         models = httpx.get(f"{url}/v1/models").json()["data"]
         base_id = models[0]["id"]
@@ -127,9 +150,15 @@ def main() -> int:
         result = asyncio.run(soak(url, base_id, adapters, 2 * capacity, args.seconds, args.max_tokens))
         rss_end = rss_mib(proc.pid)
     exit_code = proc.returncode
-    result.update(capacity=capacity, model=args.model, rss_start_mib=round(rss_start, 1),
-                  rss_end_mib=round(rss_end, 1), rss_growth_mib=round(rss_end - rss_start, 1),
-                  server_exit_code=exit_code, cpus=os.cpu_count())
+    result.update(
+        capacity=capacity,
+        model=args.model,
+        rss_start_mib=round(rss_start, 1),
+        rss_end_mib=round(rss_end, 1),
+        rss_growth_mib=round(rss_end - rss_start, 1),
+        server_exit_code=exit_code,
+        cpus=os.cpu_count(),
+    )
     width = max(len(k) for k in result)
     for key, value in result.items():
         print(f"{key:<{width}}  {value}")

@@ -70,8 +70,14 @@ def run_mode(runner, mode: str, prompts, adapters, steps: int, capacity: int) ->
         tokens = out.argmax(dim=-1).tolist()  # the engine's one sync a step
         times.append(time.perf_counter() - started)
     step_s = statistics.median(times)
-    row = {"mode": mode, "rows": len(prompts), "step_ms": step_s * 1e3, "tok_s": len(prompts) / step_s,
-           "first_step_ms": first_seconds * 1e3, "first_logits": reference}
+    row = {
+        "mode": mode,
+        "rows": len(prompts),
+        "step_ms": step_s * 1e3,
+        "tok_s": len(prompts) / step_s,
+        "first_step_ms": first_seconds * 1e3,
+        "first_logits": reference,
+    }
     if mode != "dynamic":
         row["captures"] = getattr(kv, "captures", 0)
         row["graphs_used"] = bool(getattr(kv, "graphs", False))
@@ -119,18 +125,31 @@ def report(args, base, results) -> None:
     import torch
 
     device = torch.cuda.get_device_name() if base.device == "cuda" else f"CPU ({os.cpu_count()} cores)"
-    print(f"\n{args.model} {args.quantization} on {device}; decode step after {args.prompt_tokens} prompt "
-          f"tokens, base + {args.adapters} adapters round-robin; median of {args.steps} steps")
+    print(
+        f"\n{args.model} {args.quantization} on {device}; decode step after {args.prompt_tokens} prompt "
+        f"tokens, base + {args.adapters} adapters round-robin; median of {args.steps} steps"
+    )
     print(f"{'rows':>5} {'mode':>8} {'step ms':>9} {'tok/s':>9} {'first ms':>9} {'vs dynamic':>11}")
     for r in results:
         if "step_ms" not in r:
             print(f"{r.get('rows', ''):>5} {r['mode']:>8}  {r.get('error') or r.get('skipped')}")
             continue
         diff = r.get("max_abs_diff_vs_dynamic")
-        print(f"{r['rows']:>5} {r['mode']:>8} {r['step_ms']:>9.2f} {r['tok_s']:>9.1f} {r['first_step_ms']:>9.1f} "
-              f"{'' if diff is None else f'{diff:.3g}':>11}")
-    print(json.dumps({"model": args.model, "quantization": args.quantization, "device": device,
-                      "prompt_tokens": args.prompt_tokens, "rows": results}))
+        print(
+            f"{r['rows']:>5} {r['mode']:>8} {r['step_ms']:>9.2f} {r['tok_s']:>9.1f} {r['first_step_ms']:>9.1f} "
+            f"{'' if diff is None else f'{diff:.3g}':>11}"
+        )
+    print(
+        json.dumps(
+            {
+                "model": args.model,
+                "quantization": args.quantization,
+                "device": device,
+                "prompt_tokens": args.prompt_tokens,
+                "rows": results,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

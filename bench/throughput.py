@@ -45,13 +45,21 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--sweep", default="", help="comma-separated client counts, e.g. 1,2,4,8,16,32")
     p.add_argument("--plot", type=Path, help="PNG for the sweep (default docs/benchmark-<device>.png)")
-    p.add_argument("--guardrails", help="also run (c) on a second service started with this guardrails "
-                   "config ('default': what make serve runs) and print its ratio to the first (none)")
-    p.add_argument("--json-schema", type=Path,
-                   help="also run (c) with this JSON schema as response_format on every request")
-    p.add_argument("--seed-requests", type=int, default=0,
-                   help="run (a) once, on this many requests, for every client count (its rate does "
-                        "not depend on the count: it serves one request at a time); 0: all of them, per count")
+    p.add_argument(
+        "--guardrails",
+        help="also run (c) on a second service started with this guardrails "
+        "config ('default': what make serve runs) and print its ratio to the first (none)",
+    )
+    p.add_argument(
+        "--json-schema", type=Path, help="also run (c) with this JSON schema as response_format on every request"
+    )
+    p.add_argument(
+        "--seed-requests",
+        type=int,
+        default=0,
+        help="run (a) once, on this many requests, for every client count (its rate does "
+        "not depend on the count: it serves one request at a time); 0: all of them, per count",
+    )
     return p
 
 
@@ -72,17 +80,24 @@ def make_adapters(source, directory: Path, count: int) -> list[str]:
     for i in range(count):
         name = f"bench-{i}"
         with torch.device("meta"):
-            peft_model = get_peft_model(AutoModelForCausalLM.from_config(config),
-                                        LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+            peft_model = get_peft_model(
+                AutoModelForCausalLM.from_config(config), LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")
+            )
         generator = torch.Generator().manual_seed(i)
-        weights = {k: (torch.randn(v.shape, generator=generator) * 0.02).to(torch.bfloat16)
-                   for k, v in get_peft_model_state_dict(peft_model).items()}
+        weights = {
+            k: (torch.randn(v.shape, generator=generator) * 0.02).to(torch.bfloat16)
+            for k, v in get_peft_model_state_dict(peft_model).items()
+        }
         out = directory / name
         out.mkdir(parents=True)
         save_file(weights, out / "adapter_model.safetensors")
         peft_model.peft_config["default"].save_pretrained(out)
-        AdapterManifest(name=name, base_model={"id": source.served_id, "fingerprint": source.fingerprint},
-                        prompt_template="{{ text }}", input_fields=["text"]).write(out)
+        AdapterManifest(
+            name=name,
+            base_model={"id": source.served_id, "fingerprint": source.fingerprint},
+            prompt_template="{{ text }}",
+            input_fields=["text"],
+        ).write(out)
         names.append(name)
     return names
 
@@ -102,8 +117,10 @@ def load_with_adapters(args) -> tuple:
 
 
 def make_prompts(tokenizer, count: int, length: int) -> list[list[int]]:
-    text = ("In a quiet harbour town, the lighthouse keeper wrote letters to the sea every night, "
-            "describing ships, storms, gulls and the small lives of the people on the shore. ")
+    text = (
+        "In a quiet harbour town, the lighthouse keeper wrote letters to the sea every night, "
+        "describing ships, storms, gulls and the small lives of the people on the shore. "
+    )
     ids = tokenizer(text * (length // 8 + 4)).input_ids
     return [ids[i % 7 : i % 7 + length] for i in range(count)]
 
@@ -129,8 +146,13 @@ def seed_path(model, prompts, adapters, new_tokens, device) -> dict:
             model.set_adapter(adapter)
         with ctx, torch.no_grad():
             batch = torch.tensor([ids], device=device)
-            out = model.generate(batch, attention_mask=torch.ones_like(batch), max_new_tokens=new_tokens,
-                                 min_new_tokens=new_tokens, do_sample=False)
+            out = model.generate(
+                batch,
+                attention_mask=torch.ones_like(batch),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+            )
         tokens += out.shape[1] - len(ids)
     return {"tokens": tokens, "seconds": time.perf_counter() - started, "requests": len(prompts)}
 
@@ -142,8 +164,14 @@ def static_batch(model, prompts, adapters, new_tokens, device) -> dict:
     kwargs = {"adapter_names": [a or "__base__" for a in adapters]} if hasattr(model, "peft_config") else {}
     ids = torch.tensor(prompts, device=device)  # equal lengths: no padding
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                             min_new_tokens=new_tokens, do_sample=False, **kwargs)
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            **kwargs,
+        )
     tokens = (out.shape[1] - len(prompts[0])) * len(prompts)
     return {"tokens": tokens, "seconds": time.perf_counter() - started}
 
@@ -152,9 +180,17 @@ async def service_clients(url, model_id, prompts, adapters, new_tokens, extra: d
     import httpx
 
     async def one(client, ids, adapter) -> tuple[int, float, list[float]]:
-        body = {"model": model_id, "adapter": adapter or "base", "prompt": ids, "max_tokens": new_tokens,
-                "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
-                **(extra or {})}
+        body = {
+            "model": model_id,
+            "adapter": adapter or "base",
+            "prompt": ids,
+            "max_tokens": new_tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            **(extra or {}),
+        }
         sent = time.perf_counter()
         arrivals, tokens = [], 0
         async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
@@ -177,19 +213,46 @@ async def service_clients(url, model_id, prompts, adapters, new_tokens, extra: d
         seconds = time.perf_counter() - started
     ttft = [r[1] for r in results]
     itl = [g for r in results for g in r[2]]
-    return {"tokens": sum(r[0] for r in results), "seconds": seconds,
-            "ttft_p50": pct(ttft, 50), "ttft_p99": pct(ttft, 99), "itl_p50": pct(itl, 50), "itl_p99": pct(itl, 99)}
+    return {
+        "tokens": sum(r[0] for r in results),
+        "seconds": seconds,
+        "ttft_p50": pct(ttft, 50),
+        "ttft_p99": pct(ttft, 99),
+        "itl_p50": pct(itl, 50),
+        "itl_p99": pct(itl, 99),
+    }
 
 
-def start_service(args, adapter_dir: Path, port: int, max_batch: int, guardrails: str | None = None) -> subprocess.Popen:
+def start_service(
+    args, adapter_dir: Path, port: int, max_batch: int, guardrails: str | None = None
+) -> subprocess.Popen:
     import httpx
 
-    env = {**os.environ, "HOTSWAP_ADAPTER_DIR": str(adapter_dir), "HOTSWAP_CACHE_DIR": str(args.cache_dir),
-           "HOTSWAP_MAX_BATCH_SIZE": str(max_batch),
-           "HOTSWAP_LOG_LEVEL": os.environ.get("HOTSWAP_LOG_LEVEL", "warning")}
+    env = {
+        **os.environ,
+        "HOTSWAP_ADAPTER_DIR": str(adapter_dir),
+        "HOTSWAP_CACHE_DIR": str(args.cache_dir),
+        "HOTSWAP_MAX_BATCH_SIZE": str(max_batch),
+        "HOTSWAP_LOG_LEVEL": os.environ.get("HOTSWAP_LOG_LEVEL", "warning"),
+    }
     flags = ["--guardrails", guardrails] if guardrails else []
-    proc = subprocess.Popen([sys.executable, "-m", "service", "--model", args.model, "--quantization",
-                             args.quantization, "--device", args.device, "--port", str(port), *flags], env=env)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "service",
+            "--model",
+            args.model,
+            "--quantization",
+            args.quantization,
+            "--device",
+            args.device,
+            "--port",
+            str(port),
+            *flags,
+        ],
+        env=env,
+    )
     deadline = time.monotonic() + 1200
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -223,8 +286,13 @@ def main(argv: list[str] | None = None) -> int:
             if args.seed_requests:  # the same first requests for every count: measured once
                 if seed is None:
                     k = args.seed_requests
-                    seed = seed_path(model, make_prompts(base.tokenizer, k, args.prompt_tokens),
-                                     [cycle[i % len(cycle)] for i in range(k)], args.new_tokens, base.device)
+                    seed = seed_path(
+                        model,
+                        make_prompts(base.tokenizer, k, args.prompt_tokens),
+                        [cycle[i % len(cycle)] for i in range(k)],
+                        args.new_tokens,
+                        base.device,
+                    )
                 a = seed
             else:
                 a = seed_path(model, prompts, adapters, args.new_tokens, base.device)
@@ -284,16 +352,28 @@ def grammar_runs(args, url, base, prompts, adapters, free) -> dict:
         new.append(asyncio.run(service_clients(url, model_id, prompts[:1], adapters[:1], 2, fmt(fresh)))["ttft_p50"])
         cached.append(asyncio.run(service_clients(url, model_id, prompts[:1], adapters[:1], 2, fmt(fresh)))["ttft_p50"])
     rate = g["tokens"] / g["seconds"]
-    return {"grammar_tok_s": rate, "grammar_over_free": rate / (free["tokens"] / free["seconds"]),
-            "grammar_tokens": g["tokens"], "free_tokens": free["tokens"],
-            "ttft_new_schema_p50_s": pct(new, 50), "ttft_cached_schema_p50_s": pct(cached, 50)}
+    return {
+        "grammar_tok_s": rate,
+        "grammar_over_free": rate / (free["tokens"] / free["seconds"]),
+        "grammar_tokens": g["tokens"],
+        "free_tokens": free["tokens"],
+        "ttft_new_schema_p50_s": pct(new, 50),
+        "ttft_cached_schema_p50_s": pct(cached, 50),
+    }
 
 
 def summarise(n, a, b, c) -> dict:
     rate = lambda r: r["tokens"] / r["seconds"] if r else float("nan")  # noqa: E731
-    row = {"clients": n, "seed_tok_s": rate(a), "static_tok_s": rate(b), "service_tok_s": rate(c),
-           "ttft_p50_s": c["ttft_p50"], "ttft_p99_s": c["ttft_p99"], "itl_p50_s": c["itl_p50"],
-           "itl_p99_s": c["itl_p99"]}
+    row = {
+        "clients": n,
+        "seed_tok_s": rate(a),
+        "static_tok_s": rate(b),
+        "service_tok_s": rate(c),
+        "ttft_p50_s": c["ttft_p50"],
+        "ttft_p99_s": c["ttft_p99"],
+        "itl_p50_s": c["itl_p50"],
+        "itl_p99_s": c["itl_p99"],
+    }
     row["c_over_a"] = row["service_tok_s"] / row["seed_tok_s"]
     row["c_over_b"] = row["service_tok_s"] / row["static_tok_s"]
     # (a) and (b) run whole requests at once: their TTFT is their full latency.
@@ -316,26 +396,46 @@ def report(args, base, rows) -> None:
     import torch
 
     device = torch.cuda.get_device_name() if base.device == "cuda" else f"CPU ({os.cpu_count()} cores)"
-    print(f"\n{args.model} {args.quantization} on {device}; {args.prompt_tokens} prompt + "
-          f"{args.new_tokens} new tokens per request; base + {args.adapters} adapters round-robin")
-    header = f"{'clients':>7} {'(a) seed':>10} {'(b) static':>10} {'(c) http':>10} {'c/a':>6} {'c/b':>6} " \
-             f"{'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8}"
+    print(
+        f"\n{args.model} {args.quantization} on {device}; {args.prompt_tokens} prompt + "
+        f"{args.new_tokens} new tokens per request; base + {args.adapters} adapters round-robin"
+    )
+    header = (
+        f"{'clients':>7} {'(a) seed':>10} {'(b) static':>10} {'(c) http':>10} {'c/a':>6} {'c/b':>6} "
+        f"{'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8}"
+    )
     print(header)
     for r in rows:
-        print(f"{r['clients']:>7} {r['seed_tok_s']:>10.1f} {r['static_tok_s']:>10.1f} {r['service_tok_s']:>10.1f} "
-              f"{r['c_over_a']:>6.2f} {r['c_over_b']:>6.2f} {r['ttft_p50_s']:>9.3f} {r['ttft_p99_s']:>9.3f} "
-              f"{r['itl_p50_s']:>8.4f} {r['itl_p99_s']:>8.4f}")
+        print(
+            f"{r['clients']:>7} {r['seed_tok_s']:>10.1f} {r['static_tok_s']:>10.1f} {r['service_tok_s']:>10.1f} "
+            f"{r['c_over_a']:>6.2f} {r['c_over_b']:>6.2f} {r['ttft_p50_s']:>9.3f} {r['ttft_p99_s']:>9.3f} "
+            f"{r['itl_p50_s']:>8.4f} {r['itl_p99_s']:>8.4f}"
+        )
     for r in rows:
         if "guarded_tok_s" in r:
-            print(f"{r['clients']:>7} clients, guardrails {args.guardrails}: {r['guarded_tok_s']:.1f} tok/s, "
-                  f"{r['guarded_over_none']:.1%} of none, {r['guarded_over_seed']:.2f}x the seed path")
+            print(
+                f"{r['clients']:>7} clients, guardrails {args.guardrails}: {r['guarded_tok_s']:.1f} tok/s, "
+                f"{r['guarded_over_none']:.1%} of none, {r['guarded_over_seed']:.2f}x the seed path"
+            )
         if "grammar_tok_s" in r:
-            print(f"{r['clients']:>7} clients, every request under {args.json_schema}: {r['grammar_tok_s']:.1f} tok/s, "
-                  f"{r['grammar_over_free']:.1%} of the same run without ({r['grammar_tokens']} and "
-                  f"{r['free_tokens']} tokens); TTFT p50 of one request: new schema {r['ttft_new_schema_p50_s']:.3f} s, "
-                  f"cached {r['ttft_cached_schema_p50_s']:.3f} s")
-    print(json.dumps({"model": args.model, "quantization": args.quantization, "device": device,
-                      "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "rows": rows}))
+            print(
+                f"{r['clients']:>7} clients, every request under {args.json_schema}: {r['grammar_tok_s']:.1f} tok/s, "
+                f"{r['grammar_over_free']:.1%} of the same run without ({r['grammar_tokens']} and "
+                f"{r['free_tokens']} tokens); TTFT p50 of one request: new schema {r['ttft_new_schema_p50_s']:.3f} s, "
+                f"cached {r['ttft_cached_schema_p50_s']:.3f} s"
+            )
+    print(
+        json.dumps(
+            {
+                "model": args.model,
+                "quantization": args.quantization,
+                "device": device,
+                "prompt_tokens": args.prompt_tokens,
+                "new_tokens": args.new_tokens,
+                "rows": rows,
+            }
+        )
+    )
     if len(rows) > 1:
         plot(rows, args.plot or Path("docs") / f"benchmark-{base.device}.png", device)
 
@@ -348,15 +448,26 @@ def plot(rows, path: Path, device: str) -> None:
 
     n = [r["clients"] for r in rows]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
-    for key, label in (("seed_tok_s", "(a) seed path"), ("static_tok_s", "(b) static batch"),
-                       ("service_tok_s", "(c) service over HTTP")):
+    for key, label in (
+        ("seed_tok_s", "(a) seed path"),
+        ("static_tok_s", "(b) static batch"),
+        ("service_tok_s", "(c) service over HTTP"),
+    ):
         left.plot(n, [r[key] for r in rows], "o-", label=label)
-    for key, label in (("seed_ttft_p99_s", "(a) seed path (= latency)"),
-                       ("static_ttft_p99_s", "(b) static batch (= latency)"), ("ttft_p99_s", "(c) service")):
+    for key, label in (
+        ("seed_ttft_p99_s", "(a) seed path (= latency)"),
+        ("static_ttft_p99_s", "(b) static batch (= latency)"),
+        ("ttft_p99_s", "(c) service"),
+    ):
         right.plot(n, [r[key] for r in rows], "o-", label=label)
     left.set(xscale="log", xlabel="concurrent clients", ylabel="aggregate tokens / s", title=f"throughput, {device}")
-    right.set(xscale="log", yscale="log", xlabel="concurrent clients", ylabel="p99 time to first token (s)",
-              title="time to first token")
+    right.set(
+        xscale="log",
+        yscale="log",
+        xlabel="concurrent clients",
+        ylabel="p99 time to first token (s)",
+        title="time to first token",
+    )
     for ax in (left, right):
         ax.set_xticks(n, [str(x) for x in n])
         ax.legend(fontsize=8)

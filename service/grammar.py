@@ -50,7 +50,8 @@ def closed_objects(schema: Any) -> Any:
         return schema
     closed = {
         key: {name: closed_objects(sub) for name, sub in value.items()}
-        if key in _SCHEMA_MAPS and isinstance(value, dict) else closed_objects(value)
+        if key in _SCHEMA_MAPS and isinstance(value, dict)
+        else closed_objects(value)
         for key, value in schema.items()
     }
     if isinstance(closed.get("properties"), dict) and "additionalProperties" not in closed:

@@ -27,100 +27,123 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "hotswap_requests", "HTTP API requests by endpoint, adapter and status code.",
-            ["endpoint", "adapter", "status"], registry=r,
+            "hotswap_requests",
+            "HTTP API requests by endpoint, adapter and status code.",
+            ["endpoint", "adapter", "status"],
+            registry=r,
         )
         self.request_duration = Histogram(
-            "hotswap_request_duration_seconds", "Time from request to last byte of the response.",
-            ["endpoint", "adapter"], buckets=LATENCY_BUCKETS, registry=r,
+            "hotswap_request_duration_seconds",
+            "Time from request to last byte of the response.",
+            ["endpoint", "adapter"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.time_to_first_token = Histogram(
-            "hotswap_time_to_first_token_seconds", "Time from request to the first generated token.",
-            ["adapter"], buckets=TTFT_BUCKETS, registry=r,
+            "hotswap_time_to_first_token_seconds",
+            "Time from request to the first generated token.",
+            ["adapter"],
+            buckets=TTFT_BUCKETS,
+            registry=r,
         )
         self.inter_token_latency = Histogram(
-            "hotswap_inter_token_latency_seconds", "Time between a request's consecutive tokens.",
-            ["adapter"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5), registry=r,
+            "hotswap_inter_token_latency_seconds",
+            "Time between a request's consecutive tokens.",
+            ["adapter"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=r,
         )
         self.cancelled = Counter(
-            "hotswap_cancelled_requests", "Generations stopped because the client went away.",
-            ["adapter"], registry=r,
+            "hotswap_cancelled_requests",
+            "Generations stopped because the client went away.",
+            ["adapter"],
+            registry=r,
         )
         self.batch_size = Histogram(
-            "hotswap_batch_size", "Sequences in each decode step of the engine.",
-            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r,
+            "hotswap_batch_size",
+            "Sequences in each decode step of the engine.",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=r,
         )
-        self.prompt_tokens = Counter(
-            "hotswap_prompt_tokens", "Prompt tokens processed.", ["adapter"], registry=r
-        )
-        self.generation_tokens = Counter(
-            "hotswap_generation_tokens", "Tokens generated.", ["adapter"], registry=r
-        )
-        self.queue_depth = Gauge(
-            "hotswap_queue_depth", "Requests waiting for the engine.", registry=r
-        )
+        self.prompt_tokens = Counter("hotswap_prompt_tokens", "Prompt tokens processed.", ["adapter"], registry=r)
+        self.generation_tokens = Counter("hotswap_generation_tokens", "Tokens generated.", ["adapter"], registry=r)
+        self.queue_depth = Gauge("hotswap_queue_depth", "Requests waiting for the engine.", registry=r)
         self.adapter_loads = Counter(
             "hotswap_adapter_loads", "Adapter loads by result.", ["adapter", "result"], registry=r
         )
         self.adapter_load_duration = Histogram(
-            "hotswap_adapter_load_duration_seconds", "Time to load an adapter onto the base.",
-            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=r,
+            "hotswap_adapter_load_duration_seconds",
+            "Time to load an adapter onto the base.",
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
         )
         self.adapter_evictions = Counter(
-            "hotswap_adapter_evictions", "Adapters unloaded to make room (least recently used).",
-            ["adapter"], registry=r,
+            "hotswap_adapter_evictions",
+            "Adapters unloaded to make room (least recently used).",
+            ["adapter"],
+            registry=r,
         )
-        self.resident_adapters = Gauge(
-            "hotswap_resident_adapters", "Adapters loaded on the base model.", registry=r
-        )
-        self.running = Gauge(
-            "hotswap_running_requests", "Requests the engine is generating for now.", registry=r
-        )
+        self.resident_adapters = Gauge("hotswap_resident_adapters", "Adapters loaded on the base model.", registry=r)
+        self.running = Gauge("hotswap_running_requests", "Requests the engine is generating for now.", registry=r)
         self.batch_utilization = Gauge(
             "hotswap_batch_utilization_ratio",
-            "Running sequences over the engine's batch capacity (0-1).", registry=r,
+            "Running sequences over the engine's batch capacity (0-1).",
+            registry=r,
         )
         # Mirrors vLLM's vllm:lora_requests_info, which the Gateway API Inference Extension's
         # model-server protocol reads to route a request to a replica holding its adapter.
         self.lora_requests_info = Gauge(
             "hotswap_lora_requests_info",
             "Adapters of running and waiting requests (comma-separated labels); value: update time.",
-            ["running_lora_adapters", "waiting_lora_adapters", "max_lora"], registry=r,
+            ["running_lora_adapters", "waiting_lora_adapters", "max_lora"],
+            registry=r,
         )
         self.max_lora = 0
         self.rejected = Counter(
-            "hotswap_rejected_requests", "Requests refused before generation, by reason.",
-            ["reason"], registry=r,
+            "hotswap_rejected_requests",
+            "Requests refused before generation, by reason.",
+            ["reason"],
+            registry=r,
         )
 
         self.cuda_graph_capture = Histogram(
             "hotswap_cuda_graph_capture_seconds",
             "Time to capture a decode step in a CUDA graph (the running sequences wait meanwhile).",
-            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=r,
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
         )
         self.kv_cache_info = Gauge(
             "hotswap_engine_kv_cache_info",
             "The batched engine's KV cache (static or dynamic) and whether it replays CUDA graphs; value 1.",
-            ["kv_cache", "cuda_graphs"], registry=r,
+            ["kv_cache", "cuda_graphs"],
+            registry=r,
         )
 
         self.guardrail_actions = Counter(
-            "hotswap_guardrail_actions", "Guardrail hook actions (redact, block, flag, retry, error).",
-            ["stage", "hook", "action"], registry=r,
+            "hotswap_guardrail_actions",
+            "Guardrail hook actions (redact, block, flag, retry, error).",
+            ["stage", "hook", "action"],
+            registry=r,
         )
         # Structured outputs (docs/structured-outputs.md).
         self.grammar_compile = Histogram(
-            "hotswap_grammar_compile_seconds", "Time to compile a new response_format or adapter schema.",
-            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5), registry=r,
+            "hotswap_grammar_compile_seconds",
+            "Time to compile a new response_format or adapter schema.",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=r,
         )
         self.grammar_cache = Counter(
-            "hotswap_grammar_cache_lookups", "Grammar cache lookups by result (hit or miss).",
-            ["result"], registry=r,
+            "hotswap_grammar_cache_lookups",
+            "Grammar cache lookups by result (hit or miss).",
+            ["result"],
+            registry=r,
         )
         self.grammar_mask = Histogram(
-            "hotswap_grammar_mask_seconds", "Per constrained row and step, on the step's critical path: "
+            "hotswap_grammar_mask_seconds",
+            "Per constrained row and step, on the step's critical path: "
             "applying its token mask (computed during the forward pass) and advancing the grammar.",
-            buckets=(0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.01), registry=r,
+            buckets=(0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.01),
+            registry=r,
         )
 
     def observe_adapter_load(self, adapter: str, result: str, seconds: float) -> None:
@@ -136,9 +159,7 @@ class Metrics:
         # Only adapters count here: the protocol's lists name LoRA adapters, never the base.
         adapters = lambda names: ",".join(sorted(set(names) - {"base"}))  # noqa: E731
         self.lora_requests_info.clear()
-        self.lora_requests_info.labels(
-            adapters(running), adapters(waiting), str(self.max_lora)
-        ).set_to_current_time()
+        self.lora_requests_info.labels(adapters(running), adapters(waiting), str(self.max_lora)).set_to_current_time()
 
     def observe_kv_cache(self, kv_cache: str, cuda_graphs: bool) -> None:
         self.kv_cache_info.clear()

@@ -120,9 +120,7 @@ class _SamplingFields(_TextRequest):
     )
 
     # --- hotswap extension -----------------------------------------------------------------
-    adapter: str | None = Field(
-        None, description="A registered adapter's name, or 'base'. Overrides `model`."
-    )
+    adapter: str | None = Field(None, description="A registered adapter's name, or 'base'. Overrides `model`.")
     ignore_eos: bool = Field(
         False, description="Generate exactly max_tokens, past the end-of-sequence token (as vLLM)."
     )
@@ -275,7 +273,8 @@ FinishReason = Literal["stop", "length", "content_filter"]
 
 # Extension: what the guardrail hooks did (issue #5); absent when they did nothing.
 GuardrailsField = Field(
-    None, exclude_if=lambda v: not v,
+    None,
+    exclude_if=lambda v: not v,
     description="Guardrail actions: [{stage, hook, action, reason, details, index}]",
 )
 

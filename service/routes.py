@@ -20,12 +20,12 @@ from service.protocol import (
     CompletionResponse,
     DetokenizeRequest,
     DetokenizeResponse,
-    TokenizeRequest,
-    TokenizeResponse,
     ErrorResponse,
     ModelCard,
     ModelList,
     ServiceStatus,
+    TokenizeRequest,
+    TokenizeResponse,
 )
 from service.serving.chat import ChatServing
 from service.serving.completions import CompletionServing
@@ -36,9 +36,19 @@ from service.serving.tokenization import TokenizerServing
 _ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 429, 500, 503, 504)}
 # Completions answer JSON, or server-sent events when the request sets `stream`.
 # Each event's `data` is a JSON chunk of the response's shape, or the final "[DONE]".
-_STREAMS = {200: {"content": {"text/event-stream": {"schema": {
-    "type": "object", "properties": {"data": {"type": "string"}}, "required": ["data"],
-}}}}}
+_STREAMS = {
+    200: {
+        "content": {
+            "text/event-stream": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"data": {"type": "string"}},
+                    "required": ["data"],
+                }
+            }
+        }
+    }
+}
 
 
 def serving_context(request: Request) -> ServingContext:
@@ -110,9 +120,7 @@ def _respond(result: object) -> Response:
     if isinstance(result, Response):
         return result
     if isinstance(result, AsyncIterator):
-        return StreamingResponse(
-            result, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-        )
+        return StreamingResponse(result, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     return JSONResponse(result.model_dump(mode="json"))
 
 
@@ -125,9 +133,7 @@ async def create_completion(body: CompletionRequest, request: Request, ctx: Cont
 
 
 @api.post("/chat/completions", response_model=ChatCompletionResponse, responses=_STREAMS)
-async def create_chat_completion(
-    body: ChatCompletionRequest, request: Request, ctx: Context
-) -> Response:
+async def create_chat_completion(body: ChatCompletionRequest, request: Request, ctx: Context) -> Response:
     serving = ChatServing(ctx)
     target = serving.resolve(body)
     request.state.adapter = target.label
@@ -223,7 +229,9 @@ async def reload_adapter(name: str, ctx: Context) -> JSONResponse:
 
 
 @ops.get(
-    "/metrics", dependencies=[Depends(require_metrics_key)], response_class=PlainTextResponse,
+    "/metrics",
+    dependencies=[Depends(require_metrics_key)],
+    response_class=PlainTextResponse,
     responses={401: {"model": ErrorResponse}},
 )
 async def metrics(request: Request) -> Response:

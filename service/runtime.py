@@ -12,9 +12,9 @@ from service.adapters.registry import AdapterRegistry
 from service.adapters.residency import AdapterResidency
 from service.base_model import load_base
 from service.engine import Engine
-from service.engine.runner import ModelRunner, hidden_dtype
 from service.engine.batched import BatchedEngine
 from service.engine.kvcache import graphs_unavailable, kv_shape
+from service.engine.runner import ModelRunner, hidden_dtype
 from service.engine.simple import SimpleEngine
 from service.metrics import Metrics
 from service.settings import Settings
@@ -56,7 +56,9 @@ def load_runtime(settings: Settings, metrics: Metrics) -> Runtime:
     metrics.max_lora = settings.max_resident_adapters
     log.info(
         "serving %s (fingerprint %s); adapters, loaded on first use: %s",
-        base.source.served_id, base.source.fingerprint, [r.name for r in registry.ready()],
+        base.source.served_id,
+        base.source.fingerprint,
+        [r.name for r in registry.ready()],
     )
     max_context = min(base.max_context, settings.max_model_len or base.max_context)
     common = dict(
@@ -72,10 +74,14 @@ def load_runtime(settings: Settings, metrics: Metrics) -> Runtime:
     if settings.engine == "batched":
         kv_cache = choose_kv_cache(settings, runner, max_context)
         engine: Engine = BatchedEngine(
-            runner, max_batch_size=settings.max_batch_size,
-            max_prefill_tokens=settings.max_prefill_tokens, kv_cache=kv_cache,
-            cuda_graphs=settings.cuda_graphs, on_kv_cache=metrics.observe_kv_cache,
-            on_capture=metrics.cuda_graph_capture.observe, **common,
+            runner,
+            max_batch_size=settings.max_batch_size,
+            max_prefill_tokens=settings.max_prefill_tokens,
+            kv_cache=kv_cache,
+            cuda_graphs=settings.cuda_graphs,
+            on_kv_cache=metrics.observe_kv_cache,
+            on_capture=metrics.cuda_graph_capture.observe,
+            **common,
         )
     else:
         engine = SimpleEngine(runner, **common)
@@ -105,11 +111,20 @@ def choose_kv_cache(settings: Settings, runner: ModelRunner, max_context: int) -
             log.warning(
                 "KV cache: dynamic, since a static one (%d rows x %d positions) needs %.1f GiB and "
                 "%.1f GiB is free; set MAX_MODEL_LEN or MAX_BATCH_SIZE lower to get the static "
-                "cache and CUDA graphs", settings.max_batch_size, max_context, need / 2**30, free / 2**30,
+                "cache and CUDA graphs",
+                settings.max_batch_size,
+                max_context,
+                need / 2**30,
+                free / 2**30,
             )
             return "dynamic"
-    log.info("KV cache: static, %d rows x %d positions (%.2f GiB), %s", settings.max_batch_size, max_context,
-             need / 2**30, f"no CUDA graphs ({no_graphs})" if no_graphs else "CUDA graphs")
+    log.info(
+        "KV cache: static, %d rows x %d positions (%.2f GiB), %s",
+        settings.max_batch_size,
+        max_context,
+        need / 2**30,
+        f"no CUDA graphs ({no_graphs})" if no_graphs else "CUDA graphs",
+    )
     return "static"
 
 

@@ -39,9 +39,7 @@ class Settings(BaseSettings):
     quantization: Quantization = Field("nf4", description="Base weights: nf4, int8, bf16 or fp32.")
     device: Device = Field("auto", description="cpu, cuda, or auto (cuda when available).")
     adapter_dir: Path = Field(Path("adapters"), description="Directory scanned for adapter packages.")
-    cache_dir: Path = Field(
-        Path("~/.cache/hotswap"), description="Converted and dummy checkpoints are cached here."
-    )
+    cache_dir: Path = Field(Path("~/.cache/hotswap"), description="Converted and dummy checkpoints are cached here.")
     host: str = Field("127.0.0.1", description="Address to bind.")
     port: int = Field(8000, ge=1, le=65535, description="TCP port to bind.")
     api_keys: Annotated[list[str], NoDecode] = Field(
@@ -62,9 +60,7 @@ class Settings(BaseSettings):
         description="batched: continuous batching of mixed-adapter requests; simple: one "
         "request at a time (the reference the batched engine is tested against).",
     )
-    max_batch_size: int = Field(
-        16, ge=1, le=1024, description="Sequences the batched engine generates at once."
-    )
+    max_batch_size: int = Field(16, ge=1, le=1024, description="Sequences the batched engine generates at once.")
     max_prefill_tokens: int = Field(
         4096, ge=1, description="Prompt tokens the batched engine prefills per iteration (>= 1 request)."
     )
@@ -80,34 +76,44 @@ class Settings(BaseSettings):
         True, description="With the static KV cache on CUDA, replay decode steps from CUDA graphs."
     )
     max_model_len: int = Field(
-        0, ge=0,
+        0,
+        ge=0,
         description="Longest prompt + completion served, in tokens; 0: the model's context. "
         "The static KV cache reserves this many positions per batch row.",
     )
     default_max_tokens: int = Field(
-        1024, ge=0,
+        1024,
+        ge=0,
         description="Completion budget of a chat request that sets neither max_completion_tokens "
         "nor max_tokens; 0: up to the context (OpenAI's default, minutes of a CPU). Completions "
         "keep OpenAI's default of 16.",
     )
     max_resident_adapters: int = Field(
-        8, ge=1, le=1024,
+        8,
+        ge=1,
+        le=1024,
         description="Adapters kept loaded on the base; the least recently used idle one is evicted.",
     )
     max_queued_requests: int = Field(
         256, ge=1, le=100_000, description="Requests waiting for the engine before new ones get 429."
     )
     request_timeout_seconds: float = Field(
-        600.0, gt=0, le=86400,
+        600.0,
+        gt=0,
+        le=86400,
         description="A request still generating after this long is stopped: 504 before the "
         "response starts, an error event at the end of a started stream.",
     )
     max_request_bytes: int = Field(
-        4 * 1024 * 1024, ge=1024, le=1 << 30,
+        4 * 1024 * 1024,
+        ge=1024,
+        le=1 << 30,
         description="Largest request body accepted; larger ones get 413.",
     )
     drain_timeout_seconds: float = Field(
-        30.0, ge=0, le=3600,
+        30.0,
+        ge=0,
+        le=3600,
         description="On SIGTERM, seconds to let in-flight requests and streams finish before exit.",
     )
     guardrails: str | None = Field(

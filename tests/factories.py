@@ -83,8 +83,9 @@ def make_tiny_llama(directory: Path, *, seed: int = 0, vocab_size: int | None = 
 # Tiny configs of real decoder classes (2 layers, hidden 64), one per family PEFT can put LoRA on:
 # rotary and learned and ALiBi positions, grouped-query, multi-query and fused-QKV attention,
 # Conv1D projections (GPT-2), sliding-window and soft-capped layers (Gemma2).
-_SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-              max_position_embeddings=256)
+_SMALL = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256
+)
 FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "llama": ("LlamaConfig", {**_SMALL, "num_key_value_heads": 2}),
     "mistral": ("MistralConfig", {**_SMALL, "num_key_value_heads": 2, "sliding_window": None}),
@@ -95,11 +96,30 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "gpt_neox": ("GPTNeoXConfig", {**_SMALL}),
     "bloom": ("BloomConfig", {"hidden_size": 64, "n_layer": 2, "n_head": 4}),
     "falcon": ("FalconConfig", {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}),
-    "falcon_alibi": ("FalconConfig", {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-                                      "alibi": True, "multi_query": False, "parallel_attn": False, "bias": True}),
+    "falcon_alibi": (
+        "FalconConfig",
+        {
+            "hidden_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "alibi": True,
+            "multi_query": False,
+            "parallel_attn": False,
+            "bias": True,
+        },
+    ),
     "gpt2": ("GPT2Config", {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 256}),
-    "opt": ("OPTConfig", {"hidden_size": 64, "ffn_dim": 128, "num_hidden_layers": 2,
-                          "num_attention_heads": 4, "word_embed_proj_dim": 64, "max_position_embeddings": 256}),
+    "opt": (
+        "OPTConfig",
+        {
+            "hidden_size": 64,
+            "ffn_dim": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "word_embed_proj_dim": 64,
+            "max_position_embeddings": 256,
+        },
+    ),
 }
 
 
@@ -112,8 +132,12 @@ def make_tiny_family(family: str, directory: Path, *, seed: int = 0) -> Path:
     tokenizer = make_tokenizer(directory)
     config_class, fields = FAMILIES[family]
     config = getattr(transformers, config_class)(
-        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False, **fields,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        **fields,
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
@@ -143,8 +167,11 @@ def make_lora_adapter(
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     config = LoraConfig(
-        r=rank, lora_alpha=16, target_modules=targets if isinstance(targets, str) else list(targets),
-        init_lora_weights=False, **lora
+        r=rank,
+        lora_alpha=16,
+        target_modules=targets if isinstance(targets, str) else list(targets),
+        init_lora_weights=False,
+        **lora,
     )
     peft_model = get_peft_model(base, config)
     peft_model.save_pretrained(out_dir)
@@ -153,7 +180,9 @@ def make_lora_adapter(
         "name": out_dir.name,
         "description": f"random test adapter (seed {seed})",
         "base_model": {"id": base_id, "fingerprint": fingerprint},
-        "prompt_template": "Instruction: {{ instruction }}\n{% if context %}Context: {{ context }}\n{% endif %}Response:",
+        "prompt_template": (
+            "Instruction: {{ instruction }}\n{% if context %}Context: {{ context }}\n{% endif %}Response:"
+        ),
         "input_fields": [
             {"name": "instruction", "required": True},
             {"name": "context", "required": False},

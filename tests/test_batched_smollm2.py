@@ -40,8 +40,14 @@ def adapter_dir(tmp_path_factory, cache_dir):
     source = resolve_source(f"embedded:{BASE}", cache_dir)
     root = tmp_path_factory.mktemp("smol-adapters")
     for seed, name in ((11, "a1"), (12, "a2")):
-        make_lora_adapter(source.path, root / name, fingerprint=source.fingerprint, base_id=BASE, seed=seed,
-                          manifest={"output": {"format": "text"}})
+        make_lora_adapter(
+            source.path,
+            root / name,
+            fingerprint=source.fingerprint,
+            base_id=BASE,
+            seed=seed,
+            manifest={"output": {"format": "text"}},
+        )
     return root
 
 
@@ -49,8 +55,13 @@ def batched_vs_single(adapter_dir, cache_dir, quantization, kv_cache="dynamic"):
     settings = Settings(quantization=quantization, device="cpu", adapter_dir=adapter_dir, cache_dir=cache_dir)
     runtime = preload_adapters(load_runtime(settings, Metrics()), ("a1", "a2"))
     runner, tok = runtime.engine.runner, runtime.tokenizer
-    engine = BatchedEngine(runner, eos_token_ids=frozenset(), max_context=2048, max_batch_size=8,
-                           kv_cache="static" if kv_cache == "graphs" else kv_cache)
+    engine = BatchedEngine(
+        runner,
+        eos_token_ids=frozenset(),
+        max_context=2048,
+        max_batch_size=8,
+        kv_cache="static" if kv_cache == "graphs" else kv_cache,
+    )
     if kv_cache == "graphs":  # the CUDA-graph path's buckets and static routing, replayed eagerly
         engine._kv.graphs = True
     prompts = [tok(p).input_ids for p in PROMPTS]
@@ -58,10 +69,16 @@ def batched_vs_single(adapter_dir, cache_dir, quantization, kv_cache="dynamic"):
     async def main():
         await engine.start()
         try:
+
             async def one(i):
-                request = EngineRequest(f"r{i}", tuple(prompts[i]), ADAPTERS[i],
-                                        SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, logprobs=0))
+                request = EngineRequest(
+                    f"r{i}",
+                    tuple(prompts[i]),
+                    ADAPTERS[i],
+                    SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, logprobs=0),
+                )
                 return [o async for o in engine.generate(request)]
+
             return await asyncio.gather(*(one(i) for i in range(len(PROMPTS))))
         finally:
             await engine.stop()
@@ -74,9 +91,15 @@ def batched_vs_single(adapter_dir, cache_dir, quantization, kv_cache="dynamic"):
         if adapter:
             model.set_adapter(adapter)
         with ctx, torch.no_grad():
-            out = model.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False,
-                                 eos_token_id=None, pad_token_id=tok.pad_token_id,
-                                 output_scores=True, return_dict_in_generate=True)
+            out = model.generate(
+                torch.tensor([ids]),
+                max_new_tokens=NEW_TOKENS,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=tok.pad_token_id,
+                output_scores=True,
+                return_dict_in_generate=True,
+            )
         singles.append(out)
     return batched, singles, len(prompts[0])
 
@@ -132,8 +155,7 @@ def test_nf4_mixed_batch_matches_peft_on_the_same_kernel_path(adapter_dir, cache
         if len(waiting) == len(PROMPTS):
             queued.set()
 
-    engine = BatchedEngine(runner, eos_token_ids=frozenset(), max_context=2048, max_batch_size=8,
-                           on_state=on_state)
+    engine = BatchedEngine(runner, eos_token_ids=frozenset(), max_context=2048, max_batch_size=8, on_state=on_state)
     prompts = [tok(p).input_ids for p in PROMPTS]
 
     async def main():
@@ -142,10 +164,16 @@ def test_nf4_mixed_batch_matches_peft_on_the_same_kernel_path(adapter_dir, cache
         executor.submit(gate.wait)  # the engine's thread starts its loop once every job is queued
         await engine.start(executor)
         try:
+
             async def one(i):
-                request = EngineRequest(f"r{i}", tuple(prompts[i]), ADAPTERS[i],
-                                        SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, logprobs=0))
+                request = EngineRequest(
+                    f"r{i}",
+                    tuple(prompts[i]),
+                    ADAPTERS[i],
+                    SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, logprobs=0),
+                )
                 return [o async for o in engine.generate(request)]
+
             tasks = [asyncio.create_task(one(i)) for i in range(len(PROMPTS))]
             while not queued.is_set():
                 await asyncio.sleep(0.01)
@@ -160,10 +188,16 @@ def test_nf4_mixed_batch_matches_peft_on_the_same_kernel_path(adapter_dir, cache
     tok.padding_side = "left"
     batch = tok(PROMPTS, return_tensors="pt", padding=True)
     with torch.no_grad():
-        reference = model.generate(**batch, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None,
-                                   pad_token_id=tok.pad_token_id, output_scores=True,
-                                   return_dict_in_generate=True,
-                                   adapter_names=[a or BASE_ADAPTER for a in ADAPTERS])
+        reference = model.generate(
+            **batch,
+            max_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=tok.pad_token_id,
+            output_scores=True,
+            return_dict_in_generate=True,
+            adapter_names=[a or BASE_ADAPTER for a in ADAPTERS],
+        )
     for row, outs in enumerate(batched):
         tokens = [t for o in outs for t in o.token_ids]
         assert tokens == reference.sequences[row, -NEW_TOKENS:].tolist(), (kernel_numerics, PROMPTS[row])

@@ -9,8 +9,27 @@ from bench.step import main
 
 
 def test_bench_step_reports_each_mode(tiny, cache_dir, capsys):
-    assert main(["--model", str(tiny.base_dir), "--quantization", "fp32", "--device", "cpu",
-                 "--cache-dir", str(cache_dir), "--rows", "1,3", "--prompt-tokens", "8", "--steps", "3"]) == 0
+    assert (
+        main(
+            [
+                "--model",
+                str(tiny.base_dir),
+                "--quantization",
+                "fp32",
+                "--device",
+                "cpu",
+                "--cache-dir",
+                str(cache_dir),
+                "--rows",
+                "1,3",
+                "--prompt-tokens",
+                "8",
+                "--steps",
+                "3",
+            ]
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     rows = {(r["rows"], r["mode"]): r for r in report["rows"]}
     for n in (1, 3):

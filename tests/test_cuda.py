@@ -36,8 +36,13 @@ PROMPT = (5, 17, 42, 99, 7, 3)
 
 
 def settings(tiny, cache_dir, quantization):
-    return Settings(model=str(tiny.base_dir), quantization=quantization, device="cuda",
-                    adapter_dir=tiny.adapter_dir, cache_dir=cache_dir)
+    return Settings(
+        model=str(tiny.base_dir),
+        quantization=quantization,
+        device="cuda",
+        adapter_dir=tiny.adapter_dir,
+        cache_dir=cache_dir,
+    )
 
 
 async def _generate(engine, adapter, max_tokens=10):
@@ -69,9 +74,14 @@ def test_engine_greedy_matches_generate_on_cuda_fp32(tiny, cache_dir):
         else:
             ctx = model.disable_adapter()
         with ctx, torch.no_grad():
-            ref = model.generate(torch.tensor([PROMPT], device="cuda"), max_new_tokens=len(got),
-                                 do_sample=False, eos_token_id=None, pad_token_id=0)
-        assert got == ref[0, len(PROMPT):].tolist()
+            ref = model.generate(
+                torch.tensor([PROMPT], device="cuda"),
+                max_new_tokens=len(got),
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
+        assert got == ref[0, len(PROMPT) :].tolist()
 
 
 def test_nf4_adapters_differ_from_base_on_cuda(tiny, cache_dir):
@@ -93,22 +103,48 @@ def test_http_completion_on_cuda(tiny, cache_dir):
 
 def test_qlora_training_steps_on_cuda(tiny, tmp_path, cache_dir):
     data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps({"instruction": f"Say {w}", "response": w}) + "\n"
-                            for w in ["Paris", "Rome", "Oslo", "Lima"] * 10))
-    config = build_config("dolly", tmp_path / "cuda-dolly", overrides={
-        "data": {"source": str(data), "eval_size": 4},
-        "model": {"base": str(tiny.base_dir), "quantization": "nf4", "device": "cuda", "compute_dtype": "auto",
-                  "cache_dir": cache_dir},
-        "lora": {"r": 4, "alpha": 8, "targets": ["q_proj", "v_proj"]},
-        "train": {"max_steps": 10, "batch_size": 4, "learning_rate": 1e-2, "warmup_steps": 0,
-                  "save_steps": 5, "logging_steps": 1, "max_length": 64},
-    })
+    data.write_text(
+        "".join(
+            json.dumps({"instruction": f"Say {w}", "response": w}) + "\n"
+            for w in ["Paris", "Rome", "Oslo", "Lima"] * 10
+        )
+    )
+    config = build_config(
+        "dolly",
+        tmp_path / "cuda-dolly",
+        overrides={
+            "data": {"source": str(data), "eval_size": 4},
+            "model": {
+                "base": str(tiny.base_dir),
+                "quantization": "nf4",
+                "device": "cuda",
+                "compute_dtype": "auto",
+                "cache_dir": cache_dir,
+            },
+            "lora": {"r": 4, "alpha": 8, "targets": ["q_proj", "v_proj"]},
+            "train": {
+                "max_steps": 10,
+                "batch_size": 4,
+                "learning_rate": 1e-2,
+                "warmup_steps": 0,
+                "save_steps": 5,
+                "logging_steps": 1,
+                "max_length": 64,
+            },
+        },
+    )
     metrics = train_run(config)
     assert metrics["eval_loss_adapter"] < metrics["eval_loss_base"]
 
 
-MIXED = [((5, 17, 42, 99, 7, 3), None, 12), ((8, 9), "alpha", 5), ((100, 101, 102, 103, 104, 105), "beta", 20),
-         ((33,), "alpha", 9), ((250, 251, 252, 12, 13), None, 16), ((60, 61, 62), "beta", 3)]
+MIXED = [
+    ((5, 17, 42, 99, 7, 3), None, 12),
+    ((8, 9), "alpha", 5),
+    ((100, 101, 102, 103, 104, 105), "beta", 20),
+    ((33,), "alpha", 9),
+    ((250, 251, 252, 12, 13), None, 16),
+    ((60, 61, 62), "beta", 3),
+]
 
 
 def test_static_kv_with_cuda_graphs_is_token_identical_on_cuda_fp32(tiny, cache_dir):
@@ -116,16 +152,19 @@ def test_static_kv_with_cuda_graphs_is_token_identical_on_cuda_fp32(tiny, cache_
 
     runtime = preload_adapters(load_runtime(settings(tiny, cache_dir, "fp32"), Metrics()))
     runner = runtime.engine.runner
-    engine = BatchedEngine(runner, eos_token_ids=frozenset(), max_context=256, max_batch_size=4,
-                           kv_cache="static", cuda_graphs=True)
+    engine = BatchedEngine(
+        runner, eos_token_ids=frozenset(), max_context=256, max_batch_size=4, kv_cache="static", cuda_graphs=True
+    )
 
     async def main():
         await engine.start()
         try:
+
             async def one(i, prompt, adapter, n):
                 await asyncio.sleep(0.01 * i)  # later requests join a running batch
                 request = EngineRequest(f"r{i}", prompt, adapter, SamplingParams(max_tokens=n, temperature=0.0))
                 return [t for out in [o async for o in engine.generate(request)] for t in out.token_ids]
+
             return await asyncio.gather(*(one(i, *m) for i, m in enumerate(MIXED)))
         finally:
             await engine.stop()
@@ -138,9 +177,14 @@ def test_static_kv_with_cuda_graphs_is_token_identical_on_cuda_fp32(tiny, cache_
             model.set_adapter(adapter)
         ctx = model.disable_adapter() if adapter is None else torch.no_grad()
         with ctx, torch.no_grad():
-            ref = model.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=n, do_sample=False,
-                                 eos_token_id=None, pad_token_id=0)
-        assert got == ref[0, len(prompt):].tolist(), (prompt, adapter)
+            ref = model.generate(
+                torch.tensor([prompt], device="cuda"),
+                max_new_tokens=n,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
+        assert got == ref[0, len(prompt) :].tolist(), (prompt, adapter)
 
 
 @pytest.mark.parametrize("quantization", ["nf4", "int8", "bf16"])

@@ -31,8 +31,15 @@ def metric(base: str, name: str) -> float:
 @pytest.mark.parametrize("stream", [False, True])
 def test_hang_up_cancels_the_generation(url, stream):
     before = metric(url, CANCELLED)
-    body = {"model": "alpha", "prompt": "x", "max_tokens": 240, "temperature": 1.0, "ignore_eos": True,
-            "stream": stream, "stop": ["never-appears-in-output-xyz"]}
+    body = {
+        "model": "alpha",
+        "prompt": "x",
+        "max_tokens": 240,
+        "temperature": 1.0,
+        "ignore_eos": True,
+        "stream": stream,
+        "stop": ["never-appears-in-output-xyz"],
+    }
     if stream:
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=5) as r:
             next(r.iter_lines())  # the first event; leaving the block hangs up

@@ -14,16 +14,31 @@ from tests.support import running_service
 
 def test_sigterm_during_live_streams_completes_every_accepted_request(tiny, cache_dir, tmp_path):
     env = {"HOTSWAP_ADAPTER_DIR": str(tiny.adapter_dir), "HOTSWAP_CACHE_DIR": str(cache_dir)}
-    flags = ["--model", str(tiny.base_dir), "--quantization", "fp32", "--device", "cpu",
-             "--drain-timeout-seconds", "60"]
+    flags = [
+        "--model",
+        str(tiny.base_dir),
+        "--quantization",
+        "fp32",
+        "--device",
+        "cpu",
+        "--drain-timeout-seconds",
+        "60",
+    ]
     log = tmp_path / "server.log"
     results: dict[int, list[dict]] = {}
     started = threading.Barrier(5)
 
     with running_service(flags, env, log) as (url, proc):
+
         def stream(i: int) -> None:
-            body = {"model": "alpha" if i % 2 else "beta", "prompt": f"x{i}", "max_tokens": 240,
-                    "ignore_eos": True, "stream": True, "stop": ["never-appears-xyz"]}
+            body = {
+                "model": "alpha" if i % 2 else "beta",
+                "prompt": f"x{i}",
+                "max_tokens": 240,
+                "ignore_eos": True,
+                "stream": True,
+                "stop": ["never-appears-xyz"],
+            }
             frames: list[dict] = []
             with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
                 lines = r.iter_lines()

@@ -50,8 +50,10 @@ def test_second_start_skipped_the_conversion(server):
 
 def test_greedy_chat_knows_the_capital_of_france(client):
     r = client.chat.completions.create(
-        model=BASE, messages=[{"role": "user", "content": "What is the capital of France?"}],
-        temperature=0, max_tokens=24,
+        model=BASE,
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        temperature=0,
+        max_tokens=24,
     )
     assert "Paris" in r.choices[0].message.content
     assert r.usage.completion_tokens > 0
@@ -99,8 +101,14 @@ def test_errors_map_to_openai_exceptions(client):
 def test_health_answers_during_a_long_generation(server, client):
     # ignore_eos: a sampled story may otherwise end on its own before the client hangs up, and
     # then nothing is cancelled (a clean-clone CI run met that once)
-    stream = client.completions.create(model=BASE, prompt="Tell a long story:", max_tokens=200,
-                                       temperature=1.0, stream=True, extra_body={"ignore_eos": True})
+    stream = client.completions.create(
+        model=BASE,
+        prompt="Tell a long story:",
+        max_tokens=200,
+        temperature=1.0,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
     first = next(iter(stream))
     assert first.choices
     started = time.perf_counter()
@@ -126,15 +134,19 @@ def test_metrics_count_requests_by_adapter(server, client):
     text = httpx.get(f"{server[0]}/metrics").text
     assert 'hotswap_requests_total{adapter="rand",endpoint="completions",status="200"}' in text
     assert 'hotswap_adapter_loads_total{adapter="rand",result="ok"} 1.0' in text  # loaded once, on first use
-    resident = next(float(line.split()[1]) for line in text.splitlines()
-                    if line.startswith("hotswap_resident_adapters "))
+    resident = next(
+        float(line.split()[1]) for line in text.splitlines() if line.startswith("hotswap_resident_adapters ")
+    )
     assert 1 <= resident <= len(httpx.get(f"{server[0]}/v1/models").json()["data"]) - 1
 
 
 def test_shipped_dolly_adapter_follows_an_instruction(client):
     assert (SHIPPED / "dolly" / "hotswap.json").is_file(), "adapters/dolly is missing"
     r = client.completions.create(
-        model=BASE, prompt="", max_tokens=48, temperature=0,
+        model=BASE,
+        prompt="",
+        max_tokens=48,
+        temperature=0,
         extra_body={"adapter": "dolly", "input": {"instruction": "Name three primary colors."}, "prompt": None},
     )
     text = r.choices[0].text
@@ -146,11 +158,17 @@ def test_shipped_schema_adapter_returns_valid_json_naming_the_product(client):
     schema = json.loads((SHIPPED / "schema" / "hotswap.json").read_text())["output"]["json_schema"]
     product = "Lakeside Canoe Paddle"
     r = client.completions.create(
-        model="schema", prompt="", max_tokens=200, temperature=0,
-        extra_body={"prompt": None, "input": {
-            "product": product,
-            "description": "Lightweight carbon canoe paddle with a palm grip, 480 grams.",
-        }},
+        model="schema",
+        prompt="",
+        max_tokens=200,
+        temperature=0,
+        extra_body={
+            "prompt": None,
+            "input": {
+                "product": product,
+                "description": "Lightweight carbon canoe paddle with a palm grip, 480 grams.",
+            },
+        },
     )
     value = json.loads(r.choices[0].text)
     jsonschema.validate(value, schema)
@@ -159,7 +177,9 @@ def test_shipped_schema_adapter_returns_valid_json_naming_the_product(client):
 
 def test_default_guardrails_redact_pii_before_the_model_and_block_jailbreaks(server, client):
     r = client.chat.completions.create(
-        model=BASE, max_tokens=8, temperature=0,
+        model=BASE,
+        max_tokens=8,
+        temperature=0,
         messages=[{"role": "user", "content": "Repeat exactly: ana@example.com 4111 1111 1111 1111"}],
     )
     actions = r.model_extra["guardrails"]
@@ -186,11 +206,17 @@ def test_async_client_streams_concurrently_over_mixed_adapters_for_several_round
     async def main():
         client = openai.AsyncOpenAI(base_url=f"{server[0]}/v1", api_key="unused", max_retries=0)
         async with client:
+
             async def one(model: str, i: int):
                 stream = await client.chat.completions.create(
-                    model=model, messages=[{"role": "user", "content": f"Name {i + 2} fruits."}],
-                    max_tokens=12, temperature=0.7, seed=i, stream=True,
-                    stream_options={"include_usage": True}, extra_body=FULL_LENGTH,
+                    model=model,
+                    messages=[{"role": "user", "content": f"Name {i + 2} fruits."}],
+                    max_tokens=12,
+                    temperature=0.7,
+                    seed=i,
+                    stream=True,
+                    stream_options={"include_usage": True},
+                    extra_body=FULL_LENGTH,
                 )
                 text, finish, usage, chunks = "", None, None, 0
                 async for chunk in stream:
@@ -220,8 +246,13 @@ def test_sync_client_rounds_mix_streams_and_completions(client):
             assert full.choices[0].text and full.choices[0].finish_reason in ("stop", "length")
             raw = client.completions.with_raw_response.create(model=model, prompt="Hi", max_tokens=2)
             assert raw.headers.get("x-request-id") and raw.parse().choices
-            pieces = [c.choices[0].text for c in client.completions.create(
-                model=model, prompt="One, two,", max_tokens=6, temperature=0, stream=True) if c.choices]
+            pieces = [
+                c.choices[0].text
+                for c in client.completions.create(
+                    model=model, prompt="One, two,", max_tokens=6, temperature=0, stream=True
+                )
+                if c.choices
+            ]
             assert "".join(pieces)
 
 
@@ -231,8 +262,15 @@ def test_langchain_chat_openai_invoke_stream_astream_and_batch(server):
     from langchain_openai import ChatOpenAI
 
     chats = [
-        ChatOpenAI(model=model, base_url=f"{server[0]}/v1", api_key="unused", temperature=0,
-                   max_tokens=10, max_retries=0, extra_body=FULL_LENGTH)
+        ChatOpenAI(
+            model=model,
+            base_url=f"{server[0]}/v1",
+            api_key="unused",
+            temperature=0,
+            max_tokens=10,
+            max_retries=0,
+            extra_body=FULL_LENGTH,
+        )
         for model in (BASE, "dolly")  # rand's greedy text meets its "\n\n" stop string at once
     ]
     for chat in chats:
@@ -270,8 +308,11 @@ def test_openai_parse_with_a_pydantic_model(client):
     City = _city_model()
     for model in (BASE, "dolly"):
         r = client.chat.completions.parse(
-            model=model, messages=[{"role": "user", "content": "Describe Lisbon as JSON."}],
-            response_format=City, max_tokens=80, temperature=0,
+            model=model,
+            messages=[{"role": "user", "content": "Describe Lisbon as JSON."}],
+            response_format=City,
+            max_tokens=80,
+            temperature=0,
         )
         assert isinstance(r.choices[0].message.parsed, City) and r.choices[0].finish_reason == "stop"
 
@@ -280,14 +321,16 @@ def test_langchain_with_structured_output_json_schema_and_json_mode(server):
     from langchain_openai import ChatOpenAI
 
     City = _city_model()
-    chat = ChatOpenAI(model=BASE, base_url=f"{server[0]}/v1", api_key="unused", temperature=0,
-                      max_tokens=80, max_retries=0)
+    chat = ChatOpenAI(
+        model=BASE, base_url=f"{server[0]}/v1", api_key="unused", temperature=0, max_tokens=80, max_retries=0
+    )
     city = chat.with_structured_output(City, method="json_schema").invoke("Describe Lisbon as JSON.")
     assert isinstance(city, City)
     # json_mode: any object, so the prompt must ask for a small one (this 135M model, asked to
     # "describe Lisbon as a JSON object", adds keys until its budget runs out)
     loose = chat.with_structured_output({"title": "Anything", "type": "object"}, method="json_mode").invoke(
-        "Give a JSON object with the name and country of Lisbon.")
+        "Give a JSON object with the name and country of Lisbon."
+    )
     assert isinstance(loose, dict) and loose
 
 
@@ -295,10 +338,15 @@ def test_instructor_json_schema_mode(server):
     import instructor
 
     City = _city_model()
-    client = instructor.from_openai(openai.OpenAI(base_url=f"{server[0]}/v1", api_key="unused", max_retries=0),
-                                    mode=instructor.Mode.JSON_SCHEMA)
+    client = instructor.from_openai(
+        openai.OpenAI(base_url=f"{server[0]}/v1", api_key="unused", max_retries=0), mode=instructor.Mode.JSON_SCHEMA
+    )
     city = client.chat.completions.create(
-        model=BASE, response_model=City, max_retries=0, max_tokens=80, temperature=0,
+        model=BASE,
+        response_model=City,
+        max_retries=0,
+        max_tokens=80,
+        temperature=0,
         messages=[{"role": "user", "content": "Describe Lisbon as JSON."}],
     )
     assert isinstance(city, City)

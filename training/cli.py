@@ -45,14 +45,26 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--grad-accum", dest="train.grad_accum", type=int)
     g.add_argument("--learning-rate", "--lr", dest="train.learning_rate", type=float)
     g.add_argument("--max-length", dest="train.max_length", type=int)
-    g.add_argument("--loraplus-ratio", dest="train.loraplus_ratio", type=float,
-                   help="LoRA+: learning rate of the B matrices over that of A")
-    g.add_argument("--loss-weighting", dest="train.loss_weighting", choices=LOSS_WEIGHTINGS,
-                   help="weigh every batch the same, or every labelled token of the run")
+    g.add_argument(
+        "--loraplus-ratio",
+        dest="train.loraplus_ratio",
+        type=float,
+        help="LoRA+: learning rate of the B matrices over that of A",
+    )
+    g.add_argument(
+        "--loss-weighting",
+        dest="train.loss_weighting",
+        choices=LOSS_WEIGHTINGS,
+        help="weigh every batch the same, or every labelled token of the run",
+    )
     g.add_argument("--seed", dest="train.seed", type=int)
     g.add_argument("--save-steps", dest="train.save_steps", type=int)
-    g.add_argument("--eval-steps", dest="train.eval_steps", type=int,
-                   help="held-out loss during training every N steps (default: --save-steps)")
+    g.add_argument(
+        "--eval-steps",
+        dest="train.eval_steps",
+        type=int,
+        help="held-out loss during training every N steps (default: --save-steps)",
+    )
     g.add_argument("--logging-steps", dest="train.logging_steps", type=int)
     g.add_argument("--tensorboard", dest="train.tensorboard", action="store_const", const=True)
     return p
@@ -75,8 +87,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         config = build_config(
-            args.task, args.output_dir or Path("adapters") / args.task,
-            preset_name=args.preset, config_file=args.config, overrides=overrides_from(args),
+            args.task,
+            args.output_dir or Path("adapters") / args.task,
+            preset_name=args.preset,
+            config_file=args.config,
+            overrides=overrides_from(args),
         )
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)

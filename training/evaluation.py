@@ -32,8 +32,10 @@ def response_loss(model: Any, examples: list[Example], pad_id: int, batch_size: 
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
         shifted = labels[:, 1:].to(device)
         nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.size(-1)), shifted.reshape(-1),
-            ignore_index=-100, reduction="sum",
+            logits[:, :-1].reshape(-1, logits.size(-1)),
+            shifted.reshape(-1),
+            ignore_index=-100,
+            reduction="sum",
         )
         total += float(nll)
         count += int((shifted != -100).sum())
@@ -76,7 +78,11 @@ class _GrammarLogits:
 
 @torch.no_grad()
 def greedy(
-    model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, batch_size: int = 10,
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    max_new_tokens: int,
+    batch_size: int = 10,
     grammar: Any = None,
 ) -> list[str]:
     """Greedy completions, batched with left padding; under `grammar` (a service.grammar
@@ -91,8 +97,11 @@ def greedy(
         if grammar is not None:
             processors = [_GrammarLogits(grammar, *enc.input_ids.shape, tokenizer.eos_token_id)]
         generated = model.generate(
-            **enc, max_new_tokens=max_new_tokens, do_sample=False,
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
             logits_processor=processors,
         )
         for row in generated[:, enc.input_ids.shape[1] :]:
@@ -120,8 +129,12 @@ def marketmail_verdict(text: str, product: str, schema: dict[str, Any]) -> tuple
 
 
 def schema_rates(
-    peft_model: Any, tokenizer: Any, manifest: Any, held: list[dict[str, Any]],
-    shots: list[tuple[dict[str, str], str]], max_new_tokens: int = 256,
+    peft_model: Any,
+    tokenizer: Any,
+    manifest: Any,
+    held: list[dict[str, Any]],
+    shots: list[tuple[dict[str, str], str]],
+    max_new_tokens: int = 256,
 ) -> dict[str, Any]:
     """Share of held-out inputs whose greedy output is valid: the adapter zero-shot without and
     with the grammar the service enforces (`valid_rate_adapter_grammar`), and the base few-shot."""
@@ -137,8 +150,10 @@ def schema_rates(
         base_out = greedy(peft_model, tokenizer, [prefix + p for p in plain], max_new_tokens)
     result: dict[str, Any] = {"held_out": len(held)}
     for label, outs in (("adapter", adapter_out), ("adapter_grammar", grammar_out), ("base_few_shot", base_out)):
-        verdicts = [marketmail_verdict(o.split("\n\n")[0] if label == "base_few_shot" else o, r["product"], schema)
-                    for o, r in zip(outs, held, strict=True)]
+        verdicts = [
+            marketmail_verdict(o.split("\n\n")[0] if label == "base_few_shot" else o, r["product"], schema)
+            for o, r in zip(outs, held, strict=True)
+        ]
         result[f"valid_rate_{label}"] = round(sum(v for v, _ in verdicts) / len(held), 4)
         failures = [f"{r['product']}: {why}" for (v, why), r in zip(verdicts, held, strict=True) if not v]
         result[f"failures_{label}"] = failures[:10]

@@ -53,9 +53,7 @@ def load_base_for_training(config: ModelConfig, *, gradient_checkpointing: bool 
         **quantization_kwargs(config.quantization, device, training_dtype(config, device)),
     )
     if config.quantization in ("nf4", "int8"):
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=gradient_checkpointing
-        )
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     keep_out_of_cpu_packed_path(model)
     tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=False)
     if tokenizer.pad_token_id is None:

@@ -49,8 +49,13 @@ def save_adapter(peft_model: Any, out: Path) -> Path:
 
 
 def write_package(
-    manifest: AdapterManifest, out: Path, *, adapter: Path, training: dict[str, Any],
-    metrics: dict[str, Any], log_history: list[dict[str, Any]] | None = None,
+    manifest: AdapterManifest,
+    out: Path,
+    *,
+    adapter: Path,
+    training: dict[str, Any],
+    metrics: dict[str, Any],
+    log_history: list[dict[str, Any]] | None = None,
 ) -> Path:
     """`adapter`: the directory `save_adapter` wrote (the weights that were evaluated); its files
     are copied as they are. When it is `out` itself (`--eval-only`), the weights stay untouched."""

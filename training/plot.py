@@ -36,12 +36,16 @@ def plot(adapter_dir: Path, out: Path) -> Path:
     # token weighting with its token count), so the trend is drawn as a running mean over the
     # last tenth of the run.
     window = max(1, len(train) // 10)
-    ax.plot(*zip(*train, strict=True), label="training loss (logged)",
-            alpha=0.3 if window > 1 else 1.0, color="tab:blue")
+    ax.plot(
+        *zip(*train, strict=True), label="training loss (logged)", alpha=0.3 if window > 1 else 1.0, color="tab:blue"
+    )
     if window > 1:
         span = train[window][0] - train[0][0]  # window log points apart
-        ax.plot(*zip(*running_mean(train, window), strict=True), color="tab:blue",
-                label=f"training loss, mean of the last {span} steps")
+        ax.plot(
+            *zip(*running_mean(train, window), strict=True),
+            color="tab:blue",
+            label=f"training loss, mean of the last {span} steps",
+        )
     if evals:
         ax.plot(*zip(*evals, strict=True), "o-", color="tab:orange", label="held-out loss (adapter)")
     base = manifest.get("metrics", {}).get("eval_loss_base")

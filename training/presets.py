@@ -26,7 +26,10 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "default": {
         "dolly": {
             "model": {
-                "base": EMBEDDED, "quantization": "nf4", "compute_dtype": "bf16", "attention": "eager",
+                "base": EMBEDDED,
+                "quantization": "nf4",
+                "compute_dtype": "bf16",
+                "attention": "eager",
             },
             # Eager attention: what the shipped adapter was trained with (no faster than SDPA in a
             # real run here). No dropout: the run sees each record about once (one epoch),
@@ -39,9 +42,17 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                 # evaluation, against the plan of about 90, and scored 15.21%
                 # (docs/training.md). 1,500 steps score 14.93%, short of 15%.
                 # `batch_size` spans all ranks.
-                "max_steps": 1650, "batch_size": 8, "learning_rate": 1e-3, "scheduler": "cosine",
-                "warmup_steps": 20, "max_length": 320, "max_grad_norm": 1.0,
-                "optimizer": "adamw_torch", "save_steps": 100, "eval_steps": 275, "logging_steps": 5,
+                "max_steps": 1650,
+                "batch_size": 8,
+                "learning_rate": 1e-3,
+                "scheduler": "cosine",
+                "warmup_steps": 20,
+                "max_length": 320,
+                "max_grad_norm": 1.0,
+                "optimizer": "adamw_torch",
+                "save_steps": 100,
+                "eval_steps": 275,
+                "logging_steps": 5,
                 # Every labelled token weighs the same, as in the held-out per-token loss the
                 # target is stated in (length-grouped batches of 8 hold from 23 to 2,190 of them).
                 "loss_weighting": "token",
@@ -54,9 +65,16 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "train": {
                 # 60 steps (about 4 epochs of the 61 training records): held-out loss is lowest
                 # near step 40 and rises after (a 120-step run overfitted, docs/training.md).
-                "max_steps": 60, "batch_size": 4, "learning_rate": 1e-3, "scheduler": "cosine",
-                "warmup_steps": 6, "max_length": 384, "max_grad_norm": 1.0,
-                "optimizer": "adamw_torch", "save_steps": 20, "logging_steps": 5,
+                "max_steps": 60,
+                "batch_size": 4,
+                "learning_rate": 1e-3,
+                "scheduler": "cosine",
+                "warmup_steps": 6,
+                "max_length": 384,
+                "max_grad_norm": 1.0,
+                "optimizer": "adamw_torch",
+                "save_steps": 20,
+                "logging_steps": 5,
             },
             "data": {"source": "data/schema/marketmail.jsonl", "eval_size": 20},
         },
@@ -64,14 +82,21 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "seed-openllama-7b": {
         "dolly": {
             "model": {
-                "base": "openlm-research/open_llama_7b_v2", "quantization": "nf4",
+                "base": "openlm-research/open_llama_7b_v2",
+                "quantization": "nf4",
                 "compute_dtype": "bf16",
             },
             "lora": {"r": 64, "alpha": 16, "dropout": 0.1, "targets": ["all-linear"]},
             "train": {
-                "max_steps": 500, "batch_size": 4, "grad_accum": 4, "learning_rate": 2e-4,
-                "scheduler": "constant_with_warmup", "warmup_steps": 15, "max_length": 512,
-                "max_grad_norm": 0.3, "optimizer": "paged_adamw_32bit",
+                "max_steps": 500,
+                "batch_size": 4,
+                "grad_accum": 4,
+                "learning_rate": 2e-4,
+                "scheduler": "constant_with_warmup",
+                "warmup_steps": 15,
+                "max_length": 512,
+                "max_grad_norm": 0.3,
+                "optimizer": "paged_adamw_32bit",
                 "gradient_checkpointing": True,
             },
         },
@@ -81,8 +106,13 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "model": {"base": "bigscience/bloomz-3b", "quantization": "int8"},
             "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "targets": ["query_key_value"]},
             "train": {
-                "max_steps": 100, "batch_size": 4, "learning_rate": 1e-3, "scheduler": "linear",
-                "warmup_steps": 10, "max_length": 256, "max_grad_norm": 1.0,
+                "max_steps": 100,
+                "batch_size": 4,
+                "learning_rate": 1e-3,
+                "scheduler": "linear",
+                "warmup_steps": 10,
+                "max_length": 256,
+                "max_grad_norm": 1.0,
                 "optimizer": "adamw_torch",
             },
             "data": {"source": "data/schema/marketmail.jsonl", "eval_size": 20},

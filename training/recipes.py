@@ -12,9 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 DOLLY_TEMPLATE = (
-    "### Instruction:\n{{ instruction }}\n\n"
-    "{% if context %}### Context:\n{{ context }}\n\n{% endif %}"
-    "### Response:\n"
+    "### Instruction:\n{{ instruction }}\n\n{% if context %}### Context:\n{{ context }}\n\n{% endif %}### Response:\n"
 )
 
 SCHEMA_TEMPLATE = (
@@ -58,9 +56,7 @@ def _schema_example(record: dict[str, Any]) -> tuple[dict[str, str], str]:
     output = record["output"]
     if not isinstance(output, dict):
         raise ValueError("field 'output' must be a JSON object")
-    target = json.dumps(
-        {k: output[k] for k in ("subject", "body", "call_to_action")}, ensure_ascii=False
-    )
+    target = json.dumps({k: output[k] for k in ("subject", "body", "call_to_action")}, ensure_ascii=False)
     return {"product": record["product"].strip(), "description": record["description"].strip()}, target
 
 

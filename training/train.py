@@ -54,9 +54,7 @@ def _trainer_args(config: RunConfig, device: str, has_eval: bool) -> Any:
     t = config.train
     per_device = per_device_batch(t.batch_size, _world_size())
     dtype = training_dtype(config.model, device)
-    bf16 = dtype == torch.bfloat16 or (
-        dtype is None and device == "cuda" and torch.cuda.is_bf16_supported()
-    )
+    bf16 = dtype == torch.bfloat16 or (dtype is None and device == "cuda" and torch.cuda.is_bf16_supported())
     return SFTConfig(
         output_dir=str(config.checkpoint_dir),
         max_steps=t.max_steps,
@@ -140,29 +138,33 @@ def run(config: RunConfig, *, resume: bool = False, eval_only: bool = False) -> 
         metrics.update(schema_rates(model, tokenizer, manifest, held, shots))
     metrics["eval_seconds"] = round(time.perf_counter() - evaluating, 1)
 
-    training = dict(manifest.training) if eval_only else {
-        "recipe": f"{config.task} ({'QLoRA' if config.model.quantization == 'nf4' else 'LoRA'}, {config.model.quantization} base)",
-        "dataset": source_id,
-        "dataset_sha256": sha256_of(source_id),
-        "train_records": len(train_records),
-        "eval_records": len(held),
-        "split_seed": config.data.split_seed,
-        "steps": config.train.max_steps,
-        "hyperparameters": {"lora": asdict(config.lora), "train": asdict(config.train)},
-        "base_quantization": config.model.quantization,
-        "compute_dtype": config.model.compute_dtype,
-        "attention": config.model.attention,
-        "device": device,
-        "processes": processes,
-        "train_seconds": train_seconds,
-        "libraries": library_versions(),
-    }
+    training = (
+        dict(manifest.training)
+        if eval_only
+        else {
+            "recipe": f"{config.task} ({'QLoRA' if config.model.quantization == 'nf4' else 'LoRA'}, "
+            f"{config.model.quantization} base)",
+            "dataset": source_id,
+            "dataset_sha256": sha256_of(source_id),
+            "train_records": len(train_records),
+            "eval_records": len(held),
+            "split_seed": config.data.split_seed,
+            "steps": config.train.max_steps,
+            "hyperparameters": {"lora": asdict(config.lora), "train": asdict(config.train)},
+            "base_quantization": config.model.quantization,
+            "compute_dtype": config.model.compute_dtype,
+            "attention": config.model.attention,
+            "device": device,
+            "processes": processes,
+            "train_seconds": train_seconds,
+            "libraries": library_versions(),
+        }
+    )
     if eval_only and config.model.quantization != training.get("base_quantization"):
         # Evaluating on another quantization of the base (e.g. the nf4 the service defaults
         # to): keep the run's own figures and add these beside them.
         metrics = {**manifest.metrics, f"on_{config.model.quantization}": metrics}
-    write_package(manifest, config.output_dir, adapter=adapter, training=training, metrics=metrics,
-                  log_history=history)
+    write_package(manifest, config.output_dir, adapter=adapter, training=training, metrics=metrics, log_history=history)
     return metrics
 
 
@@ -186,7 +188,8 @@ def _train(config, base, tokenizer, manifest, task, train_records, held, device,
         processing_class=tokenizer,
         optimizers=(loraplus_optimizer(model, args, ratio) if ratio else None, None),
         tokens_per_step=_tokens_per_step(train_examples, config.train, _world_size())
-        if config.train.loss_weighting == "token" else None,
+        if config.train.loss_weighting == "token"
+        else None,
     )
     checkpoint = _latest_checkpoint(config.checkpoint_dir) if resume else None
     if resume and checkpoint is None:

@@ -73,9 +73,7 @@ class OutputSpec(BaseModel):
         return self
 
 
-_jinja = ImmutableSandboxedEnvironment(
-    undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False
-)
+_jinja = ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
 
 
 @lru_cache(maxsize=128)
@@ -143,14 +141,11 @@ class AdapterManifest(BaseModel):
         for key, value in inputs.items():
             if key not in declared:
                 raise InvalidRequestError(
-                    f"adapter {self.name!r} has no input field {key!r}; "
-                    f"its fields are {sorted(declared)}",
+                    f"adapter {self.name!r} has no input field {key!r}; its fields are {sorted(declared)}",
                     param=f"{param}.{key}",
                 )
             if not isinstance(value, str):
-                raise InvalidRequestError(
-                    f"input field {key!r} must be a string", param=f"{param}.{key}"
-                )
+                raise InvalidRequestError(f"input field {key!r} must be a string", param=f"{param}.{key}")
         for field in self.input_fields:
             if field.required and not inputs.get(field.name, "").strip():
                 raise InvalidRequestError(

@@ -87,9 +87,7 @@ def validate_package(path: Path, *, base_fingerprint: str, base_id: str) -> Adap
 
 
 def _brief(exc: ValidationError) -> str:
-    return "; ".join(
-        f"{'.'.join(str(p) for p in err['loc']) or 'manifest'}: {err['msg']}" for err in exc.errors()
-    )
+    return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'manifest'}: {err['msg']}" for err in exc.errors())
 
 
 class AdapterRegistry:
@@ -129,9 +127,7 @@ class AdapterRegistry:
                 continue
             signature = package_signature(path)
             try:
-                manifest = validate_package(
-                    path, base_fingerprint=self.base_fingerprint, base_id=self.base_id
-                )
+                manifest = validate_package(path, base_fingerprint=self.base_fingerprint, base_id=self.base_id)
                 record = AdapterRecord(path.name, path, "ready", manifest, signature=signature)
             except AdapterRejected as exc:
                 log.error("adapter %r refused: %s", path.name, exc)
@@ -157,9 +153,7 @@ class AdapterRegistry:
             if isinstance(model, PeftModel):
                 model.load_adapter(str(record.path), adapter_name=name, is_trainable=False)
             else:
-                model = PeftModel.from_pretrained(
-                    model, str(record.path), adapter_name=name, is_trainable=False
-                )
+                model = PeftModel.from_pretrained(model, str(record.path), adapter_name=name, is_trainable=False)
         except Exception as exc:  # shape mismatch, corrupt tensors: refuse this one only
             record.status, record.error = "failed", f"cannot be loaded: {exc}"
             log.error("adapter %r refused: %s", name, record.error)
@@ -167,8 +161,7 @@ class AdapterRegistry:
                 model.delete_adapter(name)
             if on_load:
                 on_load(name, "error", time.perf_counter() - started)
-            raise NotFoundError(f"the adapter {name!r} is not available: {record.error}",
-                                param="adapter") from exc
+            raise NotFoundError(f"the adapter {name!r} is not available: {record.error}", param="adapter") from exc
         record.load_seconds = time.perf_counter() - started
         log.info("adapter %r loaded in %.2fs", name, record.load_seconds)
         if on_load:

@@ -70,9 +70,15 @@ class BatchedEngine(WorkerEngine):
         self._rows: list[_Row] = []
         if kv_cache == "static":
             slots = self.residency.max_resident if self.residency is not None else 8
-            self._kv = SlotKV(self.runner, max_batch_size, self.max_context, cuda_graphs=cuda_graphs,
-                              lora_slots=slots, on_capture=on_capture,
-                              on_graphs_off=lambda: on_kv_cache("static", False))
+            self._kv = SlotKV(
+                self.runner,
+                max_batch_size,
+                self.max_context,
+                cuda_graphs=cuda_graphs,
+                lora_slots=slots,
+                on_capture=on_capture,
+                on_graphs_off=lambda: on_kv_cache("static", False),
+            )
             shape = kv_shape(self.runner.model.config)
             if shape is not None:
                 self._kv.reserve(*shape, dtype=hidden_dtype(self.runner.model))
@@ -229,7 +235,9 @@ class BatchedEngine(WorkerEngine):
         row.step += 1
         stop = token in row.stop_ids or complete
         finish = "stop" if stop else ("length" if row.step >= row.budget else None)
-        self._outbox.post(row.job, EngineOutput((token,), logprobs=logprobs, prompt_logprobs=scored, finish_reason=finish))
+        self._outbox.post(
+            row.job, EngineOutput((token,), logprobs=logprobs, prompt_logprobs=scored, finish_reason=finish)
+        )
         row.last_token = token
         return finish is not None
 
@@ -244,9 +252,7 @@ class BatchedEngine(WorkerEngine):
         overlap = constrained and self.overlap_masks
         masks = self._mask_thread().submit(lambda: [m.prefetch() for m in constrained]) if overlap else None
         try:
-            logits = self._kv.decode(
-                [r.last_token for r in rows], [r.length for r in rows], [r.adapter for r in rows]
-            )
+            logits = self._kv.decode([r.last_token for r in rows], [r.length for r in rows], [r.adapter for r in rows])
         finally:
             if masks is not None:
                 masks.result()
@@ -287,4 +293,3 @@ class BatchedEngine(WorkerEngine):
             self._change(running_remove=row.job.label)
         self._rows = []
         self._kv.clear()
-

@@ -63,9 +63,7 @@ class PaddedKV:
         self._mask = torch.cat([_pad_left(self._mask, width), _pad_left(new_mask, width)], dim=0)
         for running, joining in zip(self._cache.layers, cache.layers, strict=True):
             running.keys = torch.cat([_pad_left(running.keys, width), _pad_left(joining.keys, width)])
-            running.values = torch.cat(
-                [_pad_left(running.values, width), _pad_left(joining.values, width)]
-            )
+            running.values = torch.cat([_pad_left(running.values, width), _pad_left(joining.values, width)])
 
     def decode(self, tokens: list[int], positions: list[int], adapters: list[str | None]) -> torch.Tensor:
         mask = torch.cat([self._mask, self._mask.new_ones((len(tokens), 1))], dim=1)
@@ -141,10 +139,14 @@ class SlotKV:
             self._allocate(cache)
         elif _layout(cache) != _layout(self._buffer):
             if self.rows:
-                raise RuntimeError(f"the model's cache {_layout(cache)} does not match the static "
-                                   f"KV cache's {_layout(self._buffer)}")
-            log.warning("the static KV cache was reserved as %s but the model's cache is %s: reallocating",
-                        _layout(self._buffer), _layout(cache))
+                raise RuntimeError(
+                    f"the model's cache {_layout(cache)} does not match the static KV cache's {_layout(self._buffer)}"
+                )
+            log.warning(
+                "the static KV cache was reserved as %s but the model's cache is %s: reallocating",
+                _layout(self._buffer),
+                _layout(cache),
+            )
             self._buffer, self._flat = None, []
             self._steps.clear()
             self._allocate(cache)
@@ -237,8 +239,11 @@ class SlotKV:
                 with torch.inference_mode():
                     step.capture(padded, self._graph_pool())
             except GraphCaptureError:
-                log.exception("CUDA graph capture failed for %d rows x %d columns: decoding without "
-                              "graphs from now on", bucket, width)
+                log.exception(
+                    "CUDA graph capture failed for %d rows x %d columns: decoding without graphs from now on",
+                    bucket,
+                    width,
+                )
                 self.graphs = False
                 self._steps.clear()
                 self._on_graphs_off()
@@ -263,8 +268,12 @@ class SlotKV:
         self._buffer = torch.zeros(shape, dtype=dtype, device=self.runner.device)
         flat = self._buffer.view(layers, 2, self.capacity * self.max_len, kv_heads, head_dim)
         self._flat = [(flat[i, 0], flat[i, 1]) for i in range(layers)]
-        log.info("static KV cache: %d slots x %d positions, %.2f GiB", self.capacity, self.max_len,
-                 self._buffer.numel() * self._buffer.element_size() / 2**30)
+        log.info(
+            "static KV cache: %d slots x %d positions, %.2f GiB",
+            self.capacity,
+            self.max_len,
+            self._buffer.numel() * self._buffer.element_size() / 2**30,
+        )
 
     def _allocate(self, cache: DynamicCache) -> None:
         first = cache.layers[0].keys  # [rows, kv_heads, tokens, head_dim]
@@ -339,8 +348,10 @@ class _SlotView:
         flat_keys.index_copy_(0, self.write, keys[:, :, 0])  # keys: [rows, kv_heads, 1, head_dim]
         flat_values.index_copy_(0, self.write, values[:, :, 0])
         buffer = self.kv._buffer
-        return (buffer[layer_idx, 0, : self.rows, : self.width].transpose(1, 2),
-                buffer[layer_idx, 1, : self.rows, : self.width].transpose(1, 2))
+        return (
+            buffer[layer_idx, 0, : self.rows, : self.width].transpose(1, 2),
+            buffer[layer_idx, 1, : self.rows, : self.width].transpose(1, 2),
+        )
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.width
@@ -380,7 +391,8 @@ class _Step:
             mask = mask[:, 0, 0].long()
         elif runner.additive_mask is not None:  # eager attention adds its mask to the scores
             mask = torch.zeros(mask.shape, dtype=runner.additive_mask, device=mask.device).masked_fill_(
-                ~mask, torch.finfo(runner.additive_mask).min)
+                ~mask, torch.finfo(runner.additive_mask).min
+            )
         view = _SlotView(self.kv, self.rows, self.width, self.slots + self.inputs[1])
         out = runner.forward_static(
             names,

@@ -143,7 +143,8 @@ class FusedMixedLoRA:
             return self._graph_ready
         self._graph_ready = self.complete and not any(
             name in layer.lora_variant or layer.lora_bias.get(name, False)
-            for layer in self._lora_layers for name in layer.lora_A
+            for layer in self._lora_layers
+            for name in layer.lora_A
         )
         if not self._graph_ready:
             self._pool_synced = signature
@@ -255,8 +256,12 @@ class _Pool:
         self._masks: dict[tuple[str, ...], torch.Tensor] = {}
 
     def fits(self, layers: list[Any], rank: int, adapters: int, dtype: torch.dtype) -> bool:
-        return (self.structure == tuple(id(layer) for layer in layers) and rank <= self.rank
-                and adapters <= self.slots and dtype == self.dtype)
+        return (
+            self.structure == tuple(id(layer) for layer in layers)
+            and rank <= self.rank
+            and adapters <= self.slots
+            and dtype == self.dtype
+        )
 
     def update(self, loaded: tuple[str, ...]) -> None:
         """Free the slots of unloaded adapters, give new ones a free slot, copy changed weights."""
@@ -270,7 +275,11 @@ class _Pool:
                 self.assigned[name] = free.pop(0)
             sources = tuple(layer.lora_A[name].weight for layer in self.layers if name in layer.lora_A)
             copied = self._copied.get(name)
-            if copied is None or len(copied) != len(sources) or any(a is not b for a, b in zip(copied, sources, strict=True)):
+            if (
+                copied is None
+                or len(copied) != len(sources)
+                or any(a is not b for a, b in zip(copied, sources, strict=True))
+            ):
                 self._write(self.assigned[name], name)
                 self._copied[name] = sources
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 
-
 from service.engine import EngineOutput
 from service.engine.sampling import make_generator
 from service.engine.worker import STOP, Job, WorkerEngine

@@ -12,8 +12,8 @@ import logging
 import queue
 import threading
 import time
-from concurrent.futures import Executor, ThreadPoolExecutor
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -244,9 +244,7 @@ class WorkerEngine:
         """
         request, params = job.request, job.request.params
         prompt = list(request.prompt_ids)
-        logits, cache = self.runner.prefill(
-            prompt, request.adapter, all_logits=params.prompt_logprobs is not None
-        )
+        logits, cache = self.runner.prefill(prompt, request.adapter, all_logits=params.prompt_logprobs is not None)
         scored = None
         if params.prompt_logprobs is not None:
             scored = prompt_logprobs(logits, prompt, params.prompt_logprobs)
@@ -284,9 +282,7 @@ class WorkerEngine:
         self._on_state(running, waiting, self.capacity)
 
 
-def prompt_logprobs(
-    logits: torch.Tensor, prompt: list[int], top_k: int
-) -> tuple[TokenLogprob | None, ...]:
+def prompt_logprobs(logits: torch.Tensor, prompt: list[int], top_k: int) -> tuple[TokenLogprob | None, ...]:
     """Log-probability of each prompt token given the ones before it (the first has none)."""
     logprobs = torch.log_softmax(logits[:-1], dim=-1)
     scored = tuple(token_logprob(logprobs[i], prompt[i + 1], top_k) for i in range(len(prompt) - 1))

@@ -14,7 +14,7 @@ from service.guardrails.base import (
     StreamFilter,
     Verdict,
 )
-from service.guardrails.config import Guardrails, GuardrailConfigError, load
+from service.guardrails.config import GuardrailConfigError, Guardrails, load
 
 __all__ = [
     "ActionRecord",

@@ -49,9 +49,7 @@ class GuardedRequest:
         """The same request with its texts replaced, in `texts()` order."""
         if self.prompts is not None:
             return replace(self, prompts=tuple(texts))
-        messages = tuple(
-            Message(m.role, text) for m, text in zip(self.messages or (), texts, strict=True)
-        )
+        messages = tuple(Message(m.role, text) for m, text in zip(self.messages or (), texts, strict=True))
         return replace(self, messages=messages)
 
 

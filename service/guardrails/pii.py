@@ -117,12 +117,33 @@ def _growing(prefixes: Iterable[str], body: str) -> str:
 
 
 _PROVIDER_PREFIXES = (
-    "sk-", "sk_live_", "sk_test_", "rk_live_", "rk_test_", "pk_live_", "pk_test_", "AKIA", "ASIA",
-    "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_", "xoxa-", "xoxb-", "xoxp-", "xoxr-",
-    "xoxs-", "AIza", "hf_", "eyJ",
+    "sk-",
+    "sk_live_",
+    "sk_test_",
+    "rk_live_",
+    "rk_test_",
+    "pk_live_",
+    "pk_test_",
+    "AKIA",
+    "ASIA",
+    "ghp_",
+    "gho_",
+    "ghu_",
+    "ghs_",
+    "ghr_",
+    "github_pat_",
+    "xoxa-",
+    "xoxb-",
+    "xoxp-",
+    "xoxr-",
+    "xoxs-",
+    "AIza",
+    "hf_",
+    "eyJ",
 )
 _SECRET_NAMES = tuple(
-    f"{a}{sep}{b}" for a, b in (("api", "key"), ("secret", "key"), ("access", "token"), ("auth", "token"))
+    f"{a}{sep}{b}"
+    for a, b in (("api", "key"), ("secret", "key"), ("access", "token"), ("auth", "token"))
     for sep in ("_", "-", "")
 ) + ("secret", "password", "passwd")
 
@@ -149,7 +170,8 @@ DETECTORS: tuple[Detector, ...] = (
         "SECRET",  # bearer tokens in any header-like text
         _p(r"(?<![\w])bearer\s+(?P<value>[A-Za-z0-9\-._~+/]{12,}=*)"),
         _p(r"(?<![\w])b(?:e(?:a(?:r(?:e(?:r(?:\s+[A-Za-z0-9\-._~+/]*=*)?)?)?)?)?)?\Z"),
-        group="value", priority=8,
+        group="value",
+        priority=8,
     ),
     Detector(
         "SECRET",  # provider keys with a recognisable prefix, and JWTs
@@ -169,11 +191,16 @@ DETECTORS: tuple[Detector, ...] = (
             r"\s*[:=]\s*[\"']?(?P<value>[^\s\"']{8,})"
         ),
         _p(r"(?<![\w])" + _growing(_SECRET_NAMES, r"(?:\s*[:=]\s*[\"']?[^\s\"']*|\s*)") + r"\Z"),
-        group="value", priority=7,
+        group="value",
+        priority=7,
     ),
     Detector(
         "EMAIL",
-        _p(_NB + r"[a-z0-9](?:[a-z0-9._%+-]{0,63})@[a-z0-9](?:[a-z0-9-]{0,62})(?:\.[a-z0-9-]{1,63})*\.[a-z]{2,24}(?![a-z0-9-])"),
+        _p(
+            _NB
+            + r"[a-z0-9](?:[a-z0-9._%+-]{0,63})@[a-z0-9](?:[a-z0-9-]{0,62})"
+            + r"(?:\.[a-z0-9-]{1,63})*\.[a-z]{2,24}(?![a-z0-9-])"
+        ),
         _p(_NB + r"[a-z0-9][a-z0-9._%+-]{0,63}(?:@[a-z0-9.-]*)?\Z"),  # local parts have <= 64
         priority=6,
     ),
@@ -184,13 +211,15 @@ DETECTORS: tuple[Detector, ...] = (
             r"|3[47]\d{2}[ -]?\d{6}[ -]?\d{5}|[2-6]\d{12,18})(?![\d])"
         ),
         re.compile(r"(?<![\d-])[2-6][\d -]{0,22}\Z"),  # at most 23 characters
-        validate=_card_ok, priority=5,
+        validate=_card_ok,
+        priority=5,
     ),
     Detector(
         "IBAN",
         _p(r"(?<![\w])[a-z]{2}\d{2}(?: ?[a-z0-9]{4}){2,7}(?: ?[a-z0-9]{1,3})?(?![\w])"),
         _p(r"(?<![\w])(?:[a-z]{1,2}|[a-z]{2}\d{1,2}(?: ?[a-z0-9]){0,30} ?)\Z"),
-        validate=_iban_ok, priority=4,
+        validate=_iban_ok,
+        priority=4,
     ),
     Detector(
         "US_SSN",  # dashed or spaced; not 000/666/9xx areas, 00 groups or 0000 serials
@@ -202,16 +231,19 @@ DETECTORS: tuple[Detector, ...] = (
         "PHONE",  # candidates, confirmed by libphonenumber (international forms, 00 prefix)
         re.compile(r"(?<![\w+(])(?:\+|00)?\(?\d[\d ().\-]{5,20}\d(?![\w])"),
         re.compile(r"(?<![\w+(])(?:\+|00)?\(?(?:\d[\d ().\-]{0,22})?\Z"),  # at most 25 characters
-        validate=_phone_ok, priority=1,
+        validate=_phone_ok,
+        priority=1,
     ),
     Detector(
         "IP_ADDRESS",
         re.compile(
-            r"(?<![\w.:])(?<!version )(?<!release )(?:\d{1,3}(?:\.\d{1,3}){3}(?!\w|\.\d)|[0-9a-f]{0,4}(?::[0-9a-f]{0,4}){2,7}(?!\w|[.:][0-9a-f]))",
+            r"(?<![\w.:])(?<!version )(?<!release )"
+            r"(?:\d{1,3}(?:\.\d{1,3}){3}(?!\w|\.\d)|[0-9a-f]{0,4}(?::[0-9a-f]{0,4}){2,7}(?!\w|[.:][0-9a-f]))",
             re.IGNORECASE,
         ),
         re.compile(r"(?<![\w.:])(?:[\d.]{0,15}|[0-9a-f]{0,4}(?::[0-9a-f]{0,4}){0,7})\Z", re.IGNORECASE),
-        validate=_ip_ok, priority=2,
+        validate=_ip_ok,
+        priority=2,
     ),
 )
 
@@ -335,4 +367,3 @@ class PIIStreamFilter(HoldbackFilter):
         self.pending = text[limit:]
         self._record(self.hook._verdict(counts, text=released))
         return released
-

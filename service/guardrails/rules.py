@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 import re
 import unicodedata
+from dataclasses import replace
 from typing import Any
 
 from service.guardrails.base import (
     GuardedOutput,
-    apply_post,
     GuardedRequest,
     HoldbackFilter,
     Hook,
     StreamFilter,
     Verdict,
+    apply_post,
 )
 from service.guardrails.text import is_hidden, skeleton
 
@@ -46,8 +46,8 @@ _EMOJI_NEIGHBOURS = re.compile(r"[\U0001F000-\U0001FAFF\u2600-\u27BF\uFE0F]")
 # overrides and isolates of the Trojan Source attack (CVE-2021-42574: LRE, RLE, PDF, LRO, RLO,
 # LRI, RLI, FSI, PDI) and the tag characters, which spell ASCII invisibly. Real prose carries
 # neither; an emoji flag's tag sequence (after U+1F3F4) is the one ordinary use of tags.
-_HIDING = re.compile("[\u202a-\u202e\u2066-\u2069\U000E0000-\U000E007F]")
-_BLACK_FLAG = "\U0001F3F4"
+_HIDING = re.compile("[\u202a-\u202e\u2066-\u2069\U000e0000-\U000e007f]")
+_BLACK_FLAG = "\U0001f3f4"
 
 
 def _invisible(text: str) -> tuple[list[int], list[int]]:
@@ -65,7 +65,7 @@ def _invisible(text: str) -> tuple[list[int], list[int]]:
         if not is_hidden(char):
             flag = False
             continue
-        if flag and "\U000E0020" <= char <= "\U000E007F":
+        if flag and "\U000e0020" <= char <= "\U000e007f":
             continue
         if char in "\u200c\u200d" and 0 < i < len(text) - 1:
             before, after = text[i - 1], text[i + 1]
@@ -137,7 +137,10 @@ class InjectionDetector(Hook):
             return Verdict("flag" if self.action == "flag" else "block", reason, details=found)
         texts = [_strip(t, d) for t, d in zip(request.texts(), drops, strict=True)]
         return Verdict(
-            "modify", "removed invisible characters", request=request.with_texts(texts), details=found,
+            "modify",
+            "removed invisible characters",
+            request=request.with_texts(texts),
+            details=found,
             label="sanitize",
         )
 
@@ -159,8 +162,7 @@ class BannedTerms(Hook):
             raise ValueError("action must be 'block' or 'redact'")
         self.action, self.replacement = action, replacement
         alternatives = "|".join(
-            r"\s{1,4}".join(map(re.escape, skeleton(t).text.split()))
-            for t in sorted(terms, key=len, reverse=True)
+            r"\s{1,4}".join(map(re.escape, skeleton(t).text.split())) for t in sorted(terms, key=len, reverse=True)
         )
         self.pattern = re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)", re.IGNORECASE)
         # The longest a match can be: each gap between words may hold up to four spaces.
@@ -315,4 +317,3 @@ def json_problem(text: str, schema: dict[str, Any]) -> str | None:
     except jsonschema.ValidationError as exc:
         return exc.message
     return None
-

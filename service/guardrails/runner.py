@@ -43,7 +43,9 @@ def _record(metrics: Metrics, stage: str, hook: str, verdict: Verdict, index: in
     return ActionRecord(stage, hook, verdict.kind, verdict.reason, dict(verdict.details), index)
 
 
-def run_pre(chain: Chain, request: GuardedRequest, metrics: Metrics, *, param: str) -> tuple[GuardedRequest, list[ActionRecord]]:
+def run_pre(
+    chain: Chain, request: GuardedRequest, metrics: Metrics, *, param: str
+) -> tuple[GuardedRequest, list[ActionRecord]]:
     """Every pre hook in order; returns the (possibly modified) request and what was done."""
     actions: list[ActionRecord] = []
     for hook in chain.pre:

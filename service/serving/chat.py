@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 
 from service.engine import SamplingParams, TokenLogprob
 from service.errors import InvalidRequestError
+from service.guardrails import ActionRecord
 from service.protocol import (
     ChatChoice,
     ChatCompletionChunk,
@@ -30,7 +31,6 @@ from service.protocol import (
     ChatTopLogprob,
     UsageInfo,
 )
-from service.guardrails import ActionRecord
 from service.serving.generation import (
     ChoiceEvent,
     ChoiceSpec,
@@ -39,9 +39,9 @@ from service.serving.generation import (
     check_prompt,
     choice_seed,
     first_and_rest,
-    output_grammar,
     guard_request,
     new_id,
+    output_grammar,
     resolve_target,
     run_choices,
 )
@@ -61,17 +61,17 @@ class ChatServing:
         params = request.model_dump(exclude={"messages"}, exclude_none=True)
         if target.manifest is not None:
             text = target.manifest.render_prompt(_adapter_inputs(request, target), param="messages")
-            guarded, actions = guard_request(
-                self.ctx, target, "chat", prompts=[text], params=params, param="messages"
-            )
+            guarded, actions = guard_request(self.ctx, target, "chat", prompts=[text], params=params, param="messages")
             return tokenizer(guarded.prompts[0]).input_ids, actions
         if not tokenizer.chat_template:
-            raise InvalidRequestError(
-                "the base model has no chat template; use /v1/completions", param="messages"
-            )
+            raise InvalidRequestError("the base model has no chat template; use /v1/completions", param="messages")
         guarded, actions = guard_request(
-            self.ctx, target, "chat", messages=[(m.role, m.text) for m in request.messages],
-            params=params, param="messages",
+            self.ctx,
+            target,
+            "chat",
+            messages=[(m.role, m.text) for m in request.messages],
+            params=params,
+            param="messages",
         )
         messages = [{"role": m.role, "content": m.content} for m in guarded.messages]
         return tokenizer(chat_prompt(tokenizer, messages), add_special_tokens=False).input_ids, actions
@@ -153,7 +153,7 @@ class _ChatRun:
     def __init__(self, request, target, specs, ctx, usage, actions: list[ActionRecord]):
         self.request, self.target, self.specs, self.ctx, self.usage = request, target, specs, ctx, usage
         self.id = new_id("chatcmpl")
-        self.actions = [a.as_dict() for a in actions]  # the pre hooks' actions, then the post hooks' 
+        self.actions = [a.as_dict() for a in actions]  # the pre hooks' actions, then the post hooks'
 
     def _logprobs(self, entries: list[TokenLogprob]) -> ChatLogprobs | None:
         if not self.request.logprobs:
@@ -196,13 +196,19 @@ class _ChatRun:
             for i in sorted(texts)
         ]
         return ChatCompletionResponse(
-            id=self.id, model=self.target.model_name, choices=choices, usage=self.usage,
+            id=self.id,
+            model=self.target.model_name,
+            choices=choices,
+            usage=self.usage,
             guardrails=self.actions,
         )
 
     def _chunk(self, choices: list[ChatStreamChoice], usage: UsageInfo | None = None, guardrails=None):
         return ChatCompletionChunk(
-            id=self.id, model=self.target.model_name, choices=choices, usage=usage,
+            id=self.id,
+            model=self.target.model_name,
+            choices=choices,
+            usage=usage,
             guardrails=guardrails,
         )
 

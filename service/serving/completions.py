@@ -7,6 +7,7 @@ from typing import Any
 
 from service.engine import SamplingParams, TokenLogprob
 from service.errors import InvalidRequestError
+from service.guardrails import ActionRecord
 from service.protocol import (
     CompletionChoice,
     CompletionLogprobs,
@@ -14,7 +15,6 @@ from service.protocol import (
     CompletionResponse,
     UsageInfo,
 )
-from service.guardrails import ActionRecord
 from service.serving.generation import (
     ChoiceEvent,
     ChoiceSpec,
@@ -24,9 +24,9 @@ from service.serving.generation import (
     check_token_ids,
     choice_seed,
     first_and_rest,
-    output_grammar,
     guard_request,
     new_id,
+    output_grammar,
     resolve_target,
     run_choices,
 )
@@ -94,9 +94,7 @@ class CompletionServing:
             return ids, actions  # token ids the hooks left alone go to the model as they came
         return [tokenizer(text).input_ids for text in guarded.prompts], actions
 
-    async def create(
-        self, request: CompletionRequest, target: Target
-    ) -> CompletionResponse | AsyncIterator[str]:
+    async def create(self, request: CompletionRequest, target: Target) -> CompletionResponse | AsyncIterator[str]:
         prompts, actions = self._prompts(request, target)
         param = "input" if request.input is not None else "prompt"
         for ids in prompts:
@@ -143,7 +141,7 @@ class _CompletionRun:
         actions: list[ActionRecord],
     ):
         self.request, self.target, self.specs, self.ctx, self.id = request, target, specs, ctx, request_id
-        self.actions = [a.as_dict() for a in actions]  # the pre hooks' actions, then the post hooks' 
+        self.actions = [a.as_dict() for a in actions]  # the pre hooks' actions, then the post hooks'
         self.by_index = {s.index: s for s in specs}
         self.builders = {s.index: LogprobsBuilder(ctx.tokenizer) for s in specs}
         self.started: set[int] = set()
@@ -173,13 +171,14 @@ class _CompletionRun:
             self.usage.completion_tokens += event.completion_tokens
             self.usage.total_tokens += event.completion_tokens
         logprobs = builder.take() if self.request.logprobs is not None else None
-        return CompletionChoice(
-            index=event.index, text=text, logprobs=logprobs, finish_reason=event.finish_reason
-        )
+        return CompletionChoice(index=event.index, text=text, logprobs=logprobs, finish_reason=event.finish_reason)
 
     def _chunk(self, choices: list[CompletionChoice], usage: UsageInfo | None = None, guardrails=None):
         return CompletionResponse(
-            id=self.id, model=self.target.model_name, choices=choices, usage=usage,
+            id=self.id,
+            model=self.target.model_name,
+            choices=choices,
+            usage=usage,
             guardrails=guardrails,
         )
 

@@ -103,9 +103,7 @@ def resolve_target(model: str, adapter: str | None, ctx: ServingContext) -> Targ
     if model == ctx.base_id:
         return Target(model_name=ctx.base_id)
     served = [ctx.base_id, *(r.name for r in ctx.registry.ready())]
-    raise NotFoundError(
-        f"the model {model!r} does not exist; served models are {served}", param="model"
-    )
+    raise NotFoundError(f"the model {model!r} does not exist; served models are {served}", param="model")
 
 
 def check_token_ids(ids: Sequence[int], ctx: ServingContext, *, param: str) -> None:
@@ -267,7 +265,9 @@ class _GuardedAttempt:
 
     def _filtered(self) -> ChoiceEvent:
         return ChoiceEvent(
-            self.spec.index, finish_reason="content_filter", completion_tokens=self.generated,
+            self.spec.index,
+            finish_reason="content_filter",
+            completion_tokens=self.generated,
             guardrails=_take(self.guard),
         )
 
@@ -278,7 +278,10 @@ def _take(guard: OutputGuard) -> list[ActionRecord]:
 
 
 async def _generate(
-    spec: ChoiceSpec, target: Target, ctx: ServingContext, started: float,
+    spec: ChoiceSpec,
+    target: Target,
+    ctx: ServingContext,
+    started: float,
     control: _Control | None = None,
 ) -> AsyncIterator[ChoiceEvent]:
     decoder = IncrementalDecoder(ctx.tokenizer, spec.prompt_ids)
@@ -330,9 +333,7 @@ async def _generate(
             ctx.metrics.cancelled.labels(target.label).inc()
 
 
-async def run_choices(
-    specs: list[ChoiceSpec], target: Target, ctx: ServingContext
-) -> AsyncIterator[ChoiceEvent]:
+async def run_choices(specs: list[ChoiceSpec], target: Target, ctx: ServingContext) -> AsyncIterator[ChoiceEvent]:
     """Run every choice concurrently and interleave their events as they come.
 
     The whole request is admitted first: a 429 comes before any response starts, never in the

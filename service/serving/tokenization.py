@@ -53,8 +53,10 @@ class TokenizerServing:
     def info(self) -> dict[str, Any]:
         """The tokenizer's configuration, as vLLM's `/tokenizer_info` gives it."""
         tokenizer = self.ctx.tokenizer
-        special = {name: str(getattr(tokenizer, name)) if getattr(tokenizer, name, None) is not None else None
-                   for name in ("bos_token", "eos_token", "pad_token", "unk_token")}
+        special = {
+            name: str(getattr(tokenizer, name)) if getattr(tokenizer, name, None) is not None else None
+            for name in ("bos_token", "eos_token", "pad_token", "unk_token")
+        }
         return {
             "tokenizer_class": type(tokenizer).__name__,
             **special,

@@ -17,13 +17,21 @@ CUSTOM_KINDS = {"ServiceMonitor", "PrometheusRule", "ScaledObject", "InferencePo
 VALUE_SETS = {
     "default": {},
     "cpu": {"gpu": {"enabled": False}, "model": {"name": "embedded:smollm2-135m-instruct", "quantization": "nf4"}},
-    "gpu-7b": {"model": {"name": "openlm-research/open_llama_7b_v2", "quantization": "nf4"}, "gpu": {"count": 1},
-               "resources": {"requests": {"cpu": "4", "memory": "32Gi"}, "limits": {"memory": "48Gi"}}},
+    "gpu-7b": {
+        "model": {"name": "openlm-research/open_llama_7b_v2", "quantization": "nf4"},
+        "gpu": {"count": 1},
+        "resources": {"requests": {"cpu": "4", "memory": "32Gi"}, "limits": {"memory": "48Gi"}},
+    },
     "autoscaling": {"autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 6}},
     "autoscaling-keda": {"autoscaling": {"enabled": True, "mode": "keda"}},
     "autoscaling-custom": {"autoscaling": {"enabled": True, "mode": "custom", "queueDepthTarget": 8}},
-    "monitoring": {"metrics": {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True},
-                               "grafanaDashboard": {"enabled": True}}},
+    "monitoring": {
+        "metrics": {
+            "serviceMonitor": {"enabled": True},
+            "prometheusRule": {"enabled": True},
+            "grafanaDashboard": {"enabled": True},
+        }
+    },
     "api-keys": {"apiKeys": {"enabled": True, "keys": ["k" * 24, "m" * 24]}},
     "existing-secret": {"apiKeys": {"enabled": True, "existingSecret": "my-keys"}},
     "adapters-pvc": {"adapters": {"source": "pvc"}, "cache": {"persistence": {"enabled": False}}},
@@ -133,7 +141,9 @@ def test_api_keys_come_from_a_secret_never_the_configmap():
     existing = render(VALUE_SETS["existing-secret"])
     assert not by_kind(existing, "Secret")
     _, c = container(existing)
-    assert next(e for e in c["env"] if e["name"] == "HOTSWAP_API_KEYS")["valueFrom"]["secretKeyRef"]["name"] == "my-keys"
+    assert (
+        next(e for e in c["env"] if e["name"] == "HOTSWAP_API_KEYS")["valueFrom"]["secretKeyRef"]["name"] == "my-keys"
+    )
 
 
 def test_autoscaling_modes():

@@ -22,8 +22,9 @@ def stages() -> dict[str, str]:
 
 def test_hadolint_passes():
     binary = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
-    done = subprocess.run([binary, "--failure-threshold", "info", str(ROOT / "Dockerfile")],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [binary, "--failure-threshold", "info", str(ROOT / "Dockerfile")], capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stdout + done.stderr
 
 

@@ -51,13 +51,20 @@ def service_url(tiny, tmp_path, cache_dir):
 def prometheus_url(service_url, tmp_path):
     port = free_port()
     target = service_url.removeprefix("http://")
-    config = {"global": {"scrape_interval": "1s"},
-              "scrape_configs": [{"job_name": "hotswap", "static_configs": [{"targets": [target]}]}]}
+    config = {
+        "global": {"scrape_interval": "1s"},
+        "scrape_configs": [{"job_name": "hotswap", "static_configs": [{"targets": [target]}]}],
+    }
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
     proc = subprocess.Popen(
-        ["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-         f"--web.listen-address=127.0.0.1:{port}"],
-        stdout=subprocess.DEVNULL, stderr=(tmp_path / "prometheus.log").open("w"),
+        [
+            "prometheus",
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=(tmp_path / "prometheus.log").open("w"),
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -70,7 +77,9 @@ def prometheus_url(service_url, tmp_path):
 
 def test_prometheus_scrapes_the_request_count(service_url, prometheus_url):
     for _ in range(3):
-        r = httpx.post(f"{service_url}/v1/completions", json={"model": "alpha", "prompt": "hi", "max_tokens": 2}, timeout=60)
+        r = httpx.post(
+            f"{service_url}/v1/completions", json={"model": "alpha", "prompt": "hi", "max_tokens": 2}, timeout=60
+        )
         assert r.status_code == 200
     httpx.post(f"{service_url}/v1/completions", json={"model": "nope", "prompt": "hi"}, timeout=60)
     query = 'sum(hotswap_requests_total{job="hotswap", adapter="alpha", status="200"})'
@@ -100,6 +109,8 @@ def test_dashboard_queries_parse(tmp_path):
     dashboard = json.loads((CHART / "files" / "dashboard.json").read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
     # Grafana's variables, replaced by what they expand to.
-    concrete = [re.sub(r"\$__rate_interval", "5m", e).replace("$namespace", ".*").replace("$service", ".*") for e in exprs]
+    concrete = [
+        re.sub(r"\$__rate_interval", "5m", e).replace("$namespace", ".*").replace("$service", ".*") for e in exprs
+    ]
     rules = [{"record": f"hotswap:dashboard_query_{i}", "expr": e} for i, e in enumerate(concrete)]
     promtool_check_rules([{"name": "dashboard", "rules": rules}], tmp_path)

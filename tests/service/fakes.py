@@ -45,7 +45,10 @@ class ScriptedEngine:
         p = request.params
         prompt_lps = None
         if p.prompt_logprobs is not None:
-            prompt_lps = (None, *(TokenLogprob(t, -1.0, ((t, -1.0),) * p.prompt_logprobs) for t in request.prompt_ids[1:]))
+            prompt_lps = (
+                None,
+                *(TokenLogprob(t, -1.0, ((t, -1.0),) * p.prompt_logprobs) for t in request.prompt_ids[1:]),
+            )
         budget = min(p.max_tokens, len(self.script_ids))
         finished = False
         try:
@@ -59,9 +62,15 @@ class ScriptedEngine:
                 finish = None
                 if last:
                     finish = "length" if budget < len(self.script_ids) else "stop"
-                lps = (TokenLogprob(token, -0.5, ((token, -0.5),) * (p.logprobs or 0)),) if p.logprobs is not None else None
+                lps = (
+                    (TokenLogprob(token, -0.5, ((token, -0.5),) * (p.logprobs or 0)),)
+                    if p.logprobs is not None
+                    else None
+                )
                 finished = last
-                yield EngineOutput((token,), logprobs=lps, prompt_logprobs=prompt_lps if step == 0 else None, finish_reason=finish)
+                yield EngineOutput(
+                    (token,), logprobs=lps, prompt_logprobs=prompt_lps if step == 0 else None, finish_reason=finish
+                )
         finally:
             if not finished:
                 self.closed.append(request.request_id)

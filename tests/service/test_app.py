@@ -70,8 +70,13 @@ def test_max_tokens_gives_length(client):
 def test_streaming_frames_end_with_done_and_usage(client):
     r = client.post(
         "/v1/completions",
-        json={"model": "tiny", "prompt": "x", "max_tokens": 50, "stream": True,
-              "stream_options": {"include_usage": True}},
+        json={
+            "model": "tiny",
+            "prompt": "x",
+            "max_tokens": 50,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
     )
     assert r.headers["content-type"].startswith("text/event-stream")
     chunks = events(r)
@@ -89,8 +94,9 @@ def test_stop_string_truncates_and_cancels_the_engine_request(client):
 
 
 def test_stop_string_in_stream_never_leaks(client):
-    r = client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 50,
-                                             "stop": ["capital"], "stream": True})
+    r = client.post(
+        "/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 50, "stop": ["capital"], "stream": True}
+    )
     text = "".join(c["choices"][0]["text"] for c in events(r))
     assert text == " Paris is the "
 
@@ -110,8 +116,10 @@ def test_token_id_prompts_are_accepted_and_checked(client):
 
 def test_echo_logprobs_max_tokens_zero_scores_the_prompt(client, tokenizer):
     prompt = "The capital of France"
-    r = client.post("/v1/completions", json={"model": "tiny", "prompt": prompt, "echo": True,
-                                             "logprobs": 1, "max_tokens": 0, "temperature": 0})
+    r = client.post(
+        "/v1/completions",
+        json={"model": "tiny", "prompt": prompt, "echo": True, "logprobs": 1, "max_tokens": 0, "temperature": 0},
+    )
     choice = r.json()["choices"][0]
     ids = tokenizer(prompt).input_ids
     assert choice["text"] == prompt
@@ -177,7 +185,9 @@ def test_unknown_route_is_openai_shaped_404(client):
 
 
 def test_chat_base_uses_chat_template_and_streams_role_first(client, tokenizer):
-    r = client.post("/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "stream": True})
+    r = client.post(
+        "/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "stream": True}
+    )
     chunks = events(r)
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert "".join(c["choices"][0]["delta"]["content"] or "" for c in chunks[1:]) == " Paris is the capital."
@@ -186,9 +196,14 @@ def test_chat_base_uses_chat_template_and_streams_role_first(client, tokenizer):
 
 
 def test_chat_with_adapter_maps_last_user_message(client, tokenizer):
-    msgs = [{"role": "system", "content": "ignored"}, {"role": "user", "content": "first"},
-            {"role": "user", "content": json.dumps({"instruction": "Go", "context": "Here"})}]
-    r = client.post("/v1/chat/completions", json={"model": "beta", "messages": msgs, "logprobs": True, "top_logprobs": 1})
+    msgs = [
+        {"role": "system", "content": "ignored"},
+        {"role": "user", "content": "first"},
+        {"role": "user", "content": json.dumps({"instruction": "Go", "context": "Here"})},
+    ]
+    r = client.post(
+        "/v1/chat/completions", json={"model": "beta", "messages": msgs, "logprobs": True, "top_logprobs": 1}
+    )
     body = r.json()
     assert body["object"] == "chat.completion"
     assert body["choices"][0]["message"]["role"] == "assistant"
@@ -198,12 +213,15 @@ def test_chat_with_adapter_maps_last_user_message(client, tokenizer):
     assert tokenizer.decode(client.engine.requests[-1].prompt_ids) == "Instruction: plain\nResponse:"
 
 
-@pytest.mark.parametrize("content", [
-    # instructor's Markdown-JSON mode: the user's object, then an instruction appended to it
-    'Here is the input:\n```json\n{"instruction": "Go", "context": "Here"}\n```\n'
-    'Return the correct JSON response within a ```json codeblock. not the JSON_SCHEMA',
-    'Please answer {"instruction": "Go", "context": "Here"} briefly. Schema: {"type": "object"}',
-])
+@pytest.mark.parametrize(
+    "content",
+    [
+        # instructor's Markdown-JSON mode: the user's object, then an instruction appended to it
+        'Here is the input:\n```json\n{"instruction": "Go", "context": "Here"}\n```\n'
+        "Return the correct JSON response within a ```json codeblock. not the JSON_SCHEMA",
+        'Please answer {"instruction": "Go", "context": "Here"} briefly. Schema: {"type": "object"}',
+    ],
+)
 def test_chat_with_adapter_finds_its_input_object_inside_a_message(client, tokenizer, content):
     r = client.post("/v1/chat/completions", json={"model": "beta", "messages": [{"role": "user", "content": content}]})
     assert r.status_code == 200

@@ -28,10 +28,23 @@ def client(tiny, tokenizer, adapters=None, **settings):  # noqa: F811
     return c
 
 
-@pytest.mark.parametrize("path", [
-    "/v1/models", "//v1/models", "/v1//models", "/v1/models/", "/v1/./models", "/v1/%2E/models",
-    "/v1%2Fmodels", "/V1/models", "/v1/models%00", "/v1/models.", "/./v1/models", "/health/../v1/models",
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/models",
+        "//v1/models",
+        "/v1//models",
+        "/v1/models/",
+        "/v1/./models",
+        "/v1/%2E/models",
+        "/v1%2Fmodels",
+        "/V1/models",
+        "/v1/models%00",
+        "/v1/models.",
+        "/./v1/models",
+        "/health/../v1/models",
+    ],
+)
 def test_no_path_trick_reaches_v1_without_a_key(tiny, tokenizer, path):  # noqa: F811
     with client(tiny, tokenizer, api_keys=[KEY]) as c:
         r = c.get(path, follow_redirects=False)
@@ -41,11 +54,20 @@ def test_no_path_trick_reaches_v1_without_a_key(tiny, tokenizer, path):  # noqa:
             assert c.get(r.headers["location"]).status_code == 401
 
 
-@pytest.mark.parametrize("headers", [
-    {"Host": "localhost"}, {"Host": "127.0.0.1:8000"}, {"X-Forwarded-Host": "internal"},
-    {"X-Original-URL": "/health"}, {"X-Rewrite-URL": "/health"}, {"X-Forwarded-Prefix": "/health"},
-    {"Authorization": f"Basic {KEY}"}, {"Authorization": f"Bearer {KEY[:-1]}"}, {"Authorization": "Bearer"},
-])
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Host": "localhost"},
+        {"Host": "127.0.0.1:8000"},
+        {"X-Forwarded-Host": "internal"},
+        {"X-Original-URL": "/health"},
+        {"X-Rewrite-URL": "/health"},
+        {"X-Forwarded-Prefix": "/health"},
+        {"Authorization": f"Basic {KEY}"},
+        {"Authorization": f"Bearer {KEY[:-1]}"},
+        {"Authorization": "Bearer"},
+    ],
+)
 def test_headers_do_not_bypass_the_key(tiny, tokenizer, headers):  # noqa: F811
     with client(tiny, tokenizer, api_keys=[KEY]) as c:
         assert c.get("/v1/models", headers=headers).status_code == 401

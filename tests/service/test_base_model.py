@@ -24,8 +24,11 @@ def test_quantization_kwargs_follow_the_recipe():
 
 @pytest.mark.parametrize(
     ("spec", "message"),
-    [("no-such-model", "neither an existing directory"), ("embedded:gpt-9", "unknown embedded"),
-     ("dummy:huge", "unknown dummy shape")],
+    [
+        ("no-such-model", "neither an existing directory"),
+        ("embedded:gpt-9", "unknown embedded"),
+        ("dummy:huge", "unknown dummy shape"),
+    ],
 )
 def test_unknown_specs_fail_clearly(spec, message, tmp_path):
     with pytest.raises(bm.ModelSourceError, match=message):

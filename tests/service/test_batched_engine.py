@@ -28,8 +28,9 @@ ADAPTERS = [None, "alpha", "beta", "alpha", None, "beta"]
 
 @pytest.fixture(scope="module")
 def runner(tiny, cache_dir):
-    settings = Settings(model=str(tiny.base_dir), quantization="fp32", device="cpu",
-                        adapter_dir=tiny.adapter_dir, cache_dir=cache_dir)
+    settings = Settings(
+        model=str(tiny.base_dir), quantization="fp32", device="cpu", adapter_dir=tiny.adapter_dir, cache_dir=cache_dir
+    )
     return preload_adapters(load_runtime(settings, Metrics())).engine.runner
 
 
@@ -71,9 +72,10 @@ def reference(runner, prompt, adapter, n):
     if adapter:
         model.set_adapter(adapter)
     with ctx, torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
-                             eos_token_id=None, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+        out = model.generate(
+            torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0
+        )
+    return out[0, len(prompt) :].tolist()
 
 
 def test_mixed_batch_is_token_identical_to_single_requests(runner, kv):
@@ -82,8 +84,11 @@ def test_mixed_batch_is_token_identical_to_single_requests(runner, kv):
     async def body(engine):
         tasks = []
         for i, (prompt, adapter, n) in enumerate(zip(PROMPTS, ADAPTERS, lengths, strict=True)):
-            tasks.append(asyncio.create_task(
-                collect(engine, prompt, adapter, SamplingParams(max_tokens=n, temperature=0.0), f"r{i}")))
+            tasks.append(
+                asyncio.create_task(
+                    collect(engine, prompt, adapter, SamplingParams(max_tokens=n, temperature=0.0), f"r{i}")
+                )
+            )
             await asyncio.sleep(0.01 * i)  # later requests join a batch already running
         return await asyncio.gather(*tasks)
 
@@ -94,12 +99,18 @@ def test_mixed_batch_is_token_identical_to_single_requests(runner, kv):
 
 
 def test_batched_matches_simple_engine_for_sampling_with_seeds(runner, kv):
-    params = [SamplingParams(max_tokens=10, temperature=0.9, top_p=0.95, seed=100 + i, logprobs=2)
-              for i in range(len(PROMPTS))]
+    params = [
+        SamplingParams(max_tokens=10, temperature=0.9, top_p=0.95, seed=100 + i, logprobs=2)
+        for i in range(len(PROMPTS))
+    ]
 
     async def all_at_once(engine):
-        return await asyncio.gather(*(collect(engine, p, a, s, f"r{i}") for i, (p, a, s)
-                                      in enumerate(zip(PROMPTS, ADAPTERS, params, strict=True))))
+        return await asyncio.gather(
+            *(
+                collect(engine, p, a, s, f"r{i}")
+                for i, (p, a, s) in enumerate(zip(PROMPTS, ADAPTERS, params, strict=True))
+            )
+        )
 
     batched = run(make(runner, kv=kv, max_batch_size=8), all_at_once)
     simple = run(make(runner, SimpleEngine), all_at_once)
@@ -111,7 +122,9 @@ def test_batched_matches_simple_engine_for_sampling_with_seeds(runner, kv):
 
 def test_cancelled_request_leaves_the_batch_and_others_continue(runner, kv):
     async def body(engine):
-        long = engine.generate(EngineRequest("long", PROMPTS[0], "alpha", SamplingParams(max_tokens=200, temperature=1.0)))
+        long = engine.generate(
+            EngineRequest("long", PROMPTS[0], "alpha", SamplingParams(max_tokens=200, temperature=1.0))
+        )
         await anext(long)
         other = asyncio.create_task(collect(engine, PROMPTS[1], "beta", SamplingParams(max_tokens=30, temperature=0.0)))
         while len(engine._rows) < 2:  # both in one batch
@@ -131,8 +144,11 @@ def test_queue_admission_is_fifo_beyond_capacity(runner, kv):
 
     async def body(engine):
         async def one(i):
-            tokens, _ = await collect(engine, PROMPTS[i % 6], None, SamplingParams(max_tokens=4, temperature=0.0), f"r{i}")
+            tokens, _ = await collect(
+                engine, PROMPTS[i % 6], None, SamplingParams(max_tokens=4, temperature=0.0), f"r{i}"
+            )
             order.append(i)
+
         await asyncio.gather(*(one(i) for i in range(6)))
 
     run(make(runner, kv=kv, max_batch_size=2), body)
@@ -197,8 +213,10 @@ def test_admission_is_per_http_request_and_admitted_sequences_are_never_refused(
         with pytest.raises(OverloadedError):
             engine.admit(2)  # two choices do not fit a queue of one: 429 before anything starts
         engine.admit(1)
-        requests = [EngineRequest(f"r{i}", p, None, SamplingParams(max_tokens=3, temperature=0.0), admitted=True)
-                    for i, p in enumerate(PROMPTS[:4])]
+        requests = [
+            EngineRequest(f"r{i}", p, None, SamplingParams(max_tokens=3, temperature=0.0), admitted=True)
+            for i, p in enumerate(PROMPTS[:4])
+        ]
 
         async def collect(request):
             return [o async for o in engine.generate(request)]

@@ -20,8 +20,12 @@ PROMPT = (5, 17, 42, 99, 7, 3)
 @pytest.fixture(scope="module")
 def runtime(tiny, cache_dir):
     settings = Settings(
-        model=str(tiny.base_dir), quantization="fp32", device="cpu",
-        adapter_dir=tiny.adapter_dir, cache_dir=cache_dir, max_queued_requests=2,
+        model=str(tiny.base_dir),
+        quantization="fp32",
+        device="cpu",
+        adapter_dir=tiny.adapter_dir,
+        cache_dir=cache_dir,
+        max_queued_requests=2,
     )
     return preload_adapters(load_runtime(settings, Metrics()))
 
@@ -52,10 +56,13 @@ def hf_greedy(model, adapter, prompt, n):
     ctx = model.disable_adapter() if adapter is None else torch.no_grad()
     with ctx, torch.no_grad():
         out = model.generate(
-            torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=None,
+            torch.tensor([prompt]),
+            max_new_tokens=n,
+            do_sample=False,
+            eos_token_id=None,
             pad_token_id=0,
         )
-    return out[0, len(prompt):].tolist()
+    return out[0, len(prompt) :].tolist()
 
 
 @pytest.mark.parametrize("adapter", [None, "alpha", "beta"])
@@ -153,7 +160,9 @@ def test_engine_reports_running_and_waiting_adapters(runtime):
 
     states = []
     engine = SimpleEngine(
-        runtime.engine.runner, eos_token_ids=frozenset(), max_context=256,
+        runtime.engine.runner,
+        eos_token_ids=frozenset(),
+        max_context=256,
         on_state=lambda running, waiting, capacity: states.append((running, waiting, capacity)),
     )
 

@@ -19,8 +19,8 @@ SECRET = "The size of tensor a (168) must match the size of tensor b (12)"
 class FailingEngine(ScriptedEngine):
     """Fails every generation the way a broken model step does, after `tokens` tokens."""
 
-    def __init__(self, tokenizer, tokens: int = 0):
-        super().__init__(tokenizer)
+    def __init__(self, scripted_tokenizer, tokens: int = 0):
+        super().__init__(scripted_tokenizer)
         self.tokens = tokens
 
     async def generate(self, request):
@@ -30,13 +30,16 @@ class FailingEngine(ScriptedEngine):
         raise EngineError(f"generation failed: RuntimeError: {SECRET}")
 
 
-@pytest.mark.parametrize("payload, param", [
-    ({"model": "tiny", "prompt": "\ud800"}, "prompt"),
-    ({"model": "tiny", "prompt": ["ok", "bad \udfff"]}, "prompt.1"),
-    ({"model": "tiny", "prompt": "ok", "stop": ["\ud83d"]}, "stop.0"),
-    ({"model": "alpha", "input": {"instruction": "x\ud800y"}}, "input.instruction"),
-    ({"model": "tiny", "prompt": "ok", "user": "\udc00"}, "user"),
-])
+@pytest.mark.parametrize(
+    "payload, param",
+    [
+        ({"model": "tiny", "prompt": "\ud800"}, "prompt"),
+        ({"model": "tiny", "prompt": ["ok", "bad \udfff"]}, "prompt.1"),
+        ({"model": "tiny", "prompt": "ok", "stop": ["\ud83d"]}, "stop.0"),
+        ({"model": "alpha", "input": {"instruction": "x\ud800y"}}, "input.instruction"),
+        ({"model": "tiny", "prompt": "ok", "user": "\udc00"}, "user"),
+    ],
+)
 def test_lone_surrogates_are_a_400_naming_the_field(tiny, tokenizer, payload, param):  # noqa: F811
     c, engine = make_client(tiny, tokenizer)
     with c:
@@ -86,8 +89,10 @@ def test_a_failed_generation_is_a_500_with_the_id_and_never_the_exception(tiny, 
 def test_a_stream_that_fails_midway_ends_with_a_generic_error_event(tiny, tokenizer):  # noqa: F811
     c, _ = make_client(tiny, tokenizer, engine=FailingEngine(tokenizer, tokens=2))
     with c:
-        r = c.post("/v1/chat/completions", json={"model": "tiny", "stream": True,
-                                                 "messages": [{"role": "user", "content": "hi"}]})
+        r = c.post(
+            "/v1/chat/completions",
+            json={"model": "tiny", "stream": True, "messages": [{"role": "user", "content": "hi"}]},
+        )
         assert r.status_code == 200
         last = events(r)[-1]
         assert last["error"]["type"] == "server_error"

@@ -43,8 +43,14 @@ def worlds(tmp_path_factory):
             base = make_tiny_family(family, root / "base")
             fingerprint = fingerprint_files(weight_files(base))
             for seed, name in ((11, "a1"), (12, "a2")):
-                make_lora_adapter(base, root / "adapters" / name, fingerprint=fingerprint, seed=seed,
-                                  targets="all-linear", base_id="base")
+                make_lora_adapter(
+                    base,
+                    root / "adapters" / name,
+                    fingerprint=fingerprint,
+                    seed=seed,
+                    targets="all-linear",
+                    base_id="base",
+                )
             built[family] = (base, root / "adapters")
         return built[family]
 
@@ -53,8 +59,14 @@ def worlds(tmp_path_factory):
 
 def runtime_for(worlds, family, cache_dir, quantization="fp32", device="cpu"):
     base, adapters = worlds(family)
-    settings = Settings(model=str(base), quantization=quantization, device=device, adapter_dir=adapters,
-                        cache_dir=cache_dir, kv_cache="dynamic")
+    settings = Settings(
+        model=str(base),
+        quantization=quantization,
+        device=device,
+        adapter_dir=adapters,
+        cache_dir=cache_dir,
+        kv_cache="dynamic",
+    )
     return preload_adapters(load_runtime(settings, Metrics()), ("a1", "a2"))
 
 
@@ -64,11 +76,16 @@ def serve_mixed_batch(runner, tokenizer, kv) -> list[list[int]]:
 
     async def body(engine):
         async def one(i):
-            request = EngineRequest(f"r{i}", tuple(prompts[i]), ADAPTERS[i],
-                                    SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True))
+            request = EngineRequest(
+                f"r{i}",
+                tuple(prompts[i]),
+                ADAPTERS[i],
+                SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True),
+            )
             outputs = [o async for o in engine.generate(request)]
             assert outputs[-1].finish_reason == "length"
             return [t for o in outputs for t in o.token_ids]
+
         return await asyncio.gather(*(one(i) for i in range(len(PROMPTS))))
 
     return run(engine, body)
@@ -92,9 +109,14 @@ def assert_peft_tokens(runner, tokenizer, got: list[list[int]], label) -> None:
         if adapter:
             model.set_adapter(adapter)
         with model.disable_adapter() if adapter is None else torch.no_grad(), torch.no_grad():
-            out = model.generate(torch.tensor([ids], device=runner.device), max_new_tokens=NEW_TOKENS,
-                                 do_sample=False, eos_token_id=None, pad_token_id=tokenizer.pad_token_id)
-        assert tokens == out[0, len(ids):].tolist(), (label, adapter)
+            out = model.generate(
+                torch.tensor([ids], device=runner.device),
+                max_new_tokens=NEW_TOKENS,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        assert tokens == out[0, len(ids) :].tolist(), (label, adapter)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -110,8 +132,9 @@ def test_nf4_serves_every_family(worlds, cache_dir, family):
 @pytest.mark.parametrize("family", sorted(STATIC_UNSUPPORTED))
 def test_families_the_static_cache_cannot_serve_are_refused_or_fall_back(worlds, cache_dir, family, caplog):
     base, adapters = worlds(family)
-    settings = Settings(model=str(base), quantization="fp32", device="cpu", adapter_dir=adapters,
-                        cache_dir=cache_dir, kv_cache="static")
+    settings = Settings(
+        model=str(base), quantization="fp32", device="cpu", adapter_dir=adapters, cache_dir=cache_dir, kv_cache="static"
+    )
     with pytest.raises(ValueError, match="KV_CACHE=static: the model has layers other than full attention"):
         load_runtime(settings, Metrics())
     # auto on a GPU, where it would otherwise pick the static cache: dynamic, with a log line

@@ -12,6 +12,8 @@ from collections import Counter
 
 import pytest
 import schemathesis
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
@@ -19,8 +21,6 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
-from fastapi.testclient import TestClient
-from hypothesis import HealthCheck, given, settings
 
 from service.adapters.registry import AdapterRegistry
 from service.app import build_app
@@ -34,8 +34,11 @@ from tests.service.fakes import ScriptedEngine
 # cannot express the API's semantic rules (exactly one of prompt/input, token ids within the
 # vocabulary, the context length), which refuse some schema-valid requests with a 400.
 CHECKS = [
-    not_a_server_error, status_code_conformance, content_type_conformance,
-    response_schema_conformance, response_headers_conformance,
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_schema_conformance,
+    response_headers_conformance,
 ]
 FUZZ_EXAMPLES = int(os.environ.get("HOTSWAP_FUZZ_EXAMPLES", "150"))
 
@@ -60,8 +63,7 @@ def fuzz(operation, ran: dict[str, int], statuses: Counter) -> None:
     """Up to FUZZ_EXAMPLES generated requests to one operation, each checked."""
     label = f"{operation.method.upper()} {operation.path}"
 
-    @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck))
     @given(case=operation.as_strategy())
     def check(case):
         if isinstance(case.body, dict) and ran.get(label, 0) % 2:
@@ -86,5 +88,7 @@ def test_api_never_fails_and_conforms(served_app):
         print("fuzz statuses:", sorted(statuses.items()))
     assert sum(ran.values()) >= 500, ran
     # Generated requests got past validation into generation, not only refused.
-    assert statuses["POST /v1/completions", 200] and statuses["POST /v1/chat/completions", 200], sorted(statuses.items())
+    assert statuses["POST /v1/completions", 200] and statuses["POST /v1/chat/completions", 200], sorted(
+        statuses.items()
+    )
     assert {"POST /v1/completions", "POST /v1/chat/completions", "GET /v1/models"} <= set(ran)

@@ -26,7 +26,7 @@ def padded_cache(lengths: list[int], first_id: int = 0):
     mask = torch.zeros((len(lengths), width), dtype=torch.long)
     keys = torch.full((len(lengths), HEADS, width, DIM), -1.0)
     for r, length in enumerate(lengths):
-        mask[r, width - length:] = 1
+        mask[r, width - length :] = 1
         for p in range(length):
             keys[r, :, width - length + p, :] = 100 * (first_id + r) + p
     for layer in range(LAYERS):
@@ -82,8 +82,9 @@ def test_buckets_cover_every_row_count_and_width():
 
 @pytest.fixture()
 def runner(tiny, cache_dir):
-    settings = Settings(model=str(tiny.base_dir), quantization="fp32", device="cpu",
-                        adapter_dir=tiny.adapter_dir, cache_dir=cache_dir)
+    settings = Settings(
+        model=str(tiny.base_dir), quantization="fp32", device="cpu", adapter_dir=tiny.adapter_dir, cache_dir=cache_dir
+    )
     return preload_adapters(load_runtime(settings, Metrics())).engine.runner
 
 
@@ -98,8 +99,13 @@ def check_adapter_churn(runner, tiny, tmp_path, *, emulate: bool, atol: float = 
     runs it with real graphs)."""
     for name, seed, rank in (("gamma", 3, 4), ("wide", 4, 8), ("alpha-v2", 7, 4)):
         make_lora_adapter(tiny.base_dir, tmp_path / name, fingerprint=tiny.fingerprint, seed=seed, rank=rank)
-    make_lora_adapter(tiny.base_dir, tmp_path / "mlp", fingerprint=tiny.fingerprint, seed=8,
-                      targets=("q_proj", "gate_proj", "down_proj"))
+    make_lora_adapter(
+        tiny.base_dir,
+        tmp_path / "mlp",
+        fingerprint=tiny.fingerprint,
+        seed=8,
+        targets=("q_proj", "gate_proj", "down_proj"),
+    )
     captures = []
     kv = SlotKV(runner, capacity=4, max_len=64, lora_slots=2, on_capture=captures.append)
     if emulate:
@@ -169,7 +175,9 @@ def test_static_kv_sizing_and_support(tiny):
     assert static_kv_unsupported(config) is None
     heads = config.num_key_value_heads
     head_dim = config.hidden_size // config.num_attention_heads
-    assert static_kv_bytes(config, 8, 128, torch.bfloat16) == config.num_hidden_layers * 2 * 8 * 128 * heads * head_dim * 2
+    assert (
+        static_kv_bytes(config, 8, 128, torch.bfloat16) == config.num_hidden_layers * 2 * 8 * 128 * heads * head_dim * 2
+    )
     config.sliding_window = 32
     assert "full attention" in static_kv_unsupported(config)
 
@@ -178,8 +186,14 @@ def test_settings_choose_the_kv_cache(tiny, cache_dir):
     metrics = Metrics()
 
     def engine(**kw):
-        settings = Settings(model=str(tiny.base_dir), quantization="fp32", device="cpu",
-                            adapter_dir=tiny.adapter_dir, cache_dir=cache_dir, **kw)
+        settings = Settings(
+            model=str(tiny.base_dir),
+            quantization="fp32",
+            device="cpu",
+            adapter_dir=tiny.adapter_dir,
+            cache_dir=cache_dir,
+            **kw,
+        )
         return load_runtime(settings, metrics).engine
 
     assert type(engine()._kv).__name__ == "PaddedKV"  # auto on CPU: dynamic
@@ -210,15 +224,24 @@ def test_max_model_len_bounds_what_the_api_accepts(tiny, cache_dir):
 
     from service.app import build_app
 
-    settings = Settings(model=str(tiny.base_dir), quantization="fp32", device="cpu", adapter_dir=tiny.adapter_dir,
-                        cache_dir=cache_dir, kv_cache="static", max_model_len=12)
+    settings = Settings(
+        model=str(tiny.base_dir),
+        quantization="fp32",
+        device="cpu",
+        adapter_dir=tiny.adapter_dir,
+        cache_dir=cache_dir,
+        kv_cache="static",
+        max_model_len=12,
+    )
     with TestClient(build_app(settings)) as client:
         for _ in range(600):
             if client.get("/ready").status_code == 200:
                 break
             time.sleep(0.1)
-        ok = client.post("/v1/completions", json={"model": "alpha", "prompt": [5, 6, 7], "max_tokens": 9,
-                                                    "temperature": 0, "ignore_eos": True})
+        ok = client.post(
+            "/v1/completions",
+            json={"model": "alpha", "prompt": [5, 6, 7], "max_tokens": 9, "temperature": 0, "ignore_eos": True},
+        )
         assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 9
         long = client.post("/v1/completions", json={"model": "alpha", "prompt": [5, 6, 7], "max_tokens": 10})
         assert long.status_code == 400 and long.json()["error"]["param"] == "max_tokens"

@@ -51,8 +51,10 @@ def test_a_reloaded_adapter_is_not_served_from_stale_stacks(residency):
     runner = ModelRunner(residency.model, "cpu")
     before = steps(runner, ADAPTERS, n=1)[0]
     registry = residency.registry
-    shutil.copy(registry.directory / "beta" / "adapter_model.safetensors",
-                registry.directory / "alpha" / "adapter_model.safetensors")
+    shutil.copy(
+        registry.directory / "beta" / "adapter_model.safetensors",
+        registry.directory / "alpha" / "adapter_model.safetensors",
+    )
     residency.mark_stale(registry.rescan()["changed"])
     residency.ensure("alpha", busy=set())
     runner.model = residency.model

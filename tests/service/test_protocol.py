@@ -71,16 +71,17 @@ def test_stop_string_becomes_list_and_stream_options_need_stream():
 
 def test_chat_max_completion_tokens_wins_over_max_tokens():
     req = ChatCompletionRequest.model_validate(
-        {"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 5,
-         "max_completion_tokens": 9}
+        {"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 5, "max_completion_tokens": 9}
     )
     assert req.max_new_tokens == 9
 
 
 def test_chat_content_parts_and_top_logprobs_rule():
     req = ChatCompletionRequest.model_validate(
-        {"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "a"},
-                                                                  {"type": "text", "text": "b"}]}]}
+        {
+            "model": "m",
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}],
+        }
     )
     assert req.messages[0].text == "ab"
     with pytest.raises(ValidationError, match="top_logprobs"):

@@ -23,8 +23,14 @@ PROMPT = (5, 17, 42, 99, 7, 3)
 @pytest.fixture
 def setup(tiny, cache_dir, tmp_path):
     events = []  # the adapters are a copy: one test corrupts a package
-    residency = make_residency(tiny, cache_dir, tmp_path, 1, on_load=lambda n, r, s: events.append(("load", n, r)),
-                               on_evict=lambda n: events.append(("evict", n)))
+    residency = make_residency(
+        tiny,
+        cache_dir,
+        tmp_path,
+        1,
+        on_load=lambda n, r, s: events.append(("load", n, r)),
+        on_evict=lambda n: events.append(("evict", n)),
+    )
     return residency, events
 
 
@@ -58,17 +64,24 @@ def test_engine_loads_on_first_use_without_disturbing_running_sequences(tiny, ca
     registry = AdapterRegistry(adapters, base_id="tiny", base_fingerprint=tiny.fingerprint)
     registry.scan()
     residency = AdapterResidency(registry, base.model, 1)
-    engine = BatchedEngine(ModelRunner(base.model, "cpu"), eos_token_ids=frozenset(), max_context=256,
-                           residency=residency, max_batch_size=4)
+    engine = BatchedEngine(
+        ModelRunner(base.model, "cpu"),
+        eos_token_ids=frozenset(),
+        max_context=256,
+        residency=residency,
+        max_batch_size=4,
+    )
     greedy = SamplingParams(max_tokens=24, temperature=0.0)
 
     async def main():
         await engine.start()
         try:
+
             async def one(adapter, delay):
                 await asyncio.sleep(delay)
                 outs = [o async for o in engine.generate(EngineRequest(adapter or "b", PROMPT, adapter, greedy))]
                 return [t for o in outs for t in o.token_ids]
+
             # base runs; alpha loads while it runs; beta must wait for alpha's slot (max 1)
             return await asyncio.gather(one(None, 0), one("alpha", 0.02), one("beta", 0.04))
         finally:
@@ -78,8 +91,10 @@ def test_engine_loads_on_first_use_without_disturbing_running_sequences(tiny, ca
     assert residency.resident == ["beta"]
     model = residency.model
     with model.disable_adapter(), torch.no_grad():
-        ref = model.generate(torch.tensor([PROMPT]), max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0)
-    assert base_tokens == ref[0, len(PROMPT):].tolist()  # untouched by the loads beside it
+        ref = model.generate(
+            torch.tensor([PROMPT]), max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0
+        )
+    assert base_tokens == ref[0, len(PROMPT) :].tolist()  # untouched by the loads beside it
     assert alpha_tokens != base_tokens and beta_tokens != base_tokens and len(beta_tokens) == 24
 
 
@@ -93,8 +108,10 @@ def test_a_package_changed_on_disk_reloads_when_idle_after_a_rescan(setup):
     assert residency.ensure("alpha", busy=set())
     before = lora_weights(residency.model, "alpha")
     # Replace alpha's weights with beta's (same name, manifest kept): a retrained package.
-    shutil.copy(registry.directory / "beta" / "adapter_model.safetensors",
-                registry.directory / "alpha" / "adapter_model.safetensors")
+    shutil.copy(
+        registry.directory / "beta" / "adapter_model.safetensors",
+        registry.directory / "alpha" / "adapter_model.safetensors",
+    )
     diff = registry.rescan()
     assert diff == {"added": [], "removed": [], "changed": ["alpha"]}
     residency.mark_stale(diff["changed"])

@@ -22,8 +22,11 @@ from tests.service.test_batched_engine import make, run
 # Finite: a random model cannot wander in it forever, so every row must end with "stop".
 SMALL = {
     "type": "object",
-    "properties": {"ok": {"type": "boolean"}, "size": {"enum": ["s", "m", "l"]},
-                   "tags": {"type": "array", "items": {"enum": [1, 2]}, "maxItems": 2}},
+    "properties": {
+        "ok": {"type": "boolean"},
+        "size": {"enum": ["s", "m", "l"]},
+        "tags": {"type": "array", "items": {"enum": [1, 2]}, "maxItems": 2},
+    },
     "required": ["ok", "size", "tags"],
     "additionalProperties": False,
 }
@@ -31,8 +34,9 @@ SMALL = {
 
 @pytest.fixture(scope="module")
 def runtime(tiny, cache_dir):
-    settings = Settings(model=str(tiny.base_dir), quantization="fp32", device="cpu",
-                        adapter_dir=tiny.adapter_dir, cache_dir=cache_dir)
+    settings = Settings(
+        model=str(tiny.base_dir), quantization="fp32", device="cpu", adapter_dir=tiny.adapter_dir, cache_dir=cache_dir
+    )
     return preload_adapters(load_runtime(settings, Metrics()))
 
 
@@ -46,8 +50,12 @@ def test_grammar_rows_beside_free_rows_and_adapters_in_one_batch(runtime, compil
     grammar = compiler.compile_now(SMALL)
     tok = runtime.tokenizer
     rows = [  # (adapter, grammar, temperature, seed)
-        (None, grammar, 0.0, None), ("alpha", grammar, 0.9, 1), ("beta", None, 0.0, None),
-        ("alpha", grammar, 0.9, 2), (None, None, 0.9, 3), ("beta", grammar, 0.0, None),
+        (None, grammar, 0.0, None),
+        ("alpha", grammar, 0.9, 1),
+        ("beta", None, 0.0, None),
+        ("alpha", grammar, 0.9, 2),
+        (None, None, 0.9, 3),
+        ("beta", grammar, 0.0, None),
     ]
     prompt = tuple(tok("Return JSON:").input_ids)
 
@@ -56,6 +64,7 @@ def test_grammar_rows_beside_free_rows_and_adapters_in_one_batch(runtime, compil
             params = SamplingParams(max_tokens=60, temperature=temperature, seed=seed, logprobs=2, grammar=g)
             outs = [o async for o in engine.generate(EngineRequest(f"r{i}", prompt, adapter, params))]
             return [t for o in outs for t in o.token_ids], outs
+
         return await asyncio.gather(*(one(i, *r) for i, r in enumerate(rows)))
 
     results = run(make(runtime.engine.runner, kv=kv), body)
@@ -98,12 +107,25 @@ def test_compiler_caches_by_schema_and_refuses_what_it_cannot_compile(runtime):
 def client(tiny, cache_dir, tmp_path_factory):
     adapters = tmp_path_factory.mktemp("structured-adapters")
     for name, enforce in (("mailer", True), ("loose", False)):
-        make_lora_adapter(tiny.base_dir, adapters / name, fingerprint=tiny.fingerprint, seed=3, manifest={
-            "prompt_template": "Product: {{ product }}\nJSON:", "input_fields": [{"name": "product"}],
-            "output": {"format": "json", "json_schema": SMALL, "enforce": enforce},
-        })
-    settings = Settings(model=str(tiny.base_dir), quantization="fp32", device="cpu", adapter_dir=adapters,
-                        cache_dir=cache_dir, guardrails="default")
+        make_lora_adapter(
+            tiny.base_dir,
+            adapters / name,
+            fingerprint=tiny.fingerprint,
+            seed=3,
+            manifest={
+                "prompt_template": "Product: {{ product }}\nJSON:",
+                "input_fields": [{"name": "product"}],
+                "output": {"format": "json", "json_schema": SMALL, "enforce": enforce},
+            },
+        )
+    settings = Settings(
+        model=str(tiny.base_dir),
+        quantization="fp32",
+        device="cpu",
+        adapter_dir=adapters,
+        cache_dir=cache_dir,
+        guardrails="default",
+    )
     app = build_app(settings, runtime=load_runtime(settings, Metrics()))
     with TestClient(app) as c:
         yield c
@@ -111,24 +133,49 @@ def client(tiny, cache_dir, tmp_path_factory):
 
 def test_response_format_json_schema_on_completions_and_chat(client):
     fmt = {"type": "json_schema", "json_schema": {"name": "small", "schema": SMALL, "strict": True}}
-    r = client.post("/v1/completions", json={"model": "tiny", "prompt": "JSON:", "max_tokens": 60,
-                                             "temperature": 0.8, "seed": 4, "n": 3, "response_format": fmt})
+    r = client.post(
+        "/v1/completions",
+        json={
+            "model": "tiny",
+            "prompt": "JSON:",
+            "max_tokens": 60,
+            "temperature": 0.8,
+            "seed": 4,
+            "n": 3,
+            "response_format": fmt,
+        },
+    )
     assert r.status_code == 200, r.text
     for choice in r.json()["choices"]:
         assert choice["finish_reason"] == "stop"
         jsonschema.validate(json.loads(choice["text"]), SMALL)
-    chat = client.post("/v1/chat/completions", json={
-        "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 60,
-        "temperature": 0, "response_format": fmt, "stream": True})
+    chat = client.post(
+        "/v1/chat/completions",
+        json={
+            "model": "tiny",
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 60,
+            "temperature": 0,
+            "response_format": fmt,
+            "stream": True,
+        },
+    )
     frames = [json.loads(f[6:]) for f in chat.text.split("\n\n")[:-2]]
     text = "".join(f["choices"][0]["delta"].get("content") or "" for f in frames if f["choices"])
     jsonschema.validate(json.loads(text), SMALL)
 
 
 def test_json_object_gives_an_object(client):
-    r = client.post("/v1/chat/completions", json={
-        "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 120,
-        "temperature": 0, "response_format": {"type": "json_object"}})
+    r = client.post(
+        "/v1/chat/completions",
+        json={
+            "model": "tiny",
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 120,
+            "temperature": 0,
+            "response_format": {"type": "json_object"},
+        },
+    )
     choice = r.json()["choices"][0]
     if choice["finish_reason"] == "stop":  # a random model may fill a string past the budget
         assert isinstance(json.loads(choice["message"]["content"]), dict)
@@ -149,13 +196,22 @@ def test_json_adapters_are_enforced_unless_they_opt_out_and_text_wins(client, ru
             jsonschema.validate(json.loads(unconstrained.json()["choices"][0]["text"]), SMALL)
 
 
-@pytest.mark.parametrize("fmt, fragment", [
-    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {"a": {"type": "wat"}}}}}, "cannot be enforced"),
-    ({"type": "regex", "regex": "a+"}, "response_format"),
-    ({"type": "json_schema"}, "response_format"),
-    ({"type": "json_schema", "json_schema": {"name": "bad name!", "schema": {}}}, "response_format"),
-    ({"type": "json_object", "schema": {}}, "response_format"),
-])
+@pytest.mark.parametrize(
+    "fmt, fragment",
+    [
+        (
+            {
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": {"type": "object", "properties": {"a": {"type": "wat"}}}},
+            },
+            "cannot be enforced",
+        ),
+        ({"type": "regex", "regex": "a+"}, "response_format"),
+        ({"type": "json_schema"}, "response_format"),
+        ({"type": "json_schema", "json_schema": {"name": "bad name!", "schema": {}}}, "response_format"),
+        ({"type": "json_object", "schema": {}}, "response_format"),
+    ],
+)
 def test_what_cannot_be_enforced_is_a_400_naming_response_format(client, fmt, fragment):
     r = client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "response_format": fmt})
     assert r.status_code == 400, r.text
@@ -173,9 +229,14 @@ def test_grammar_metrics(client):
 def test_objects_that_list_properties_are_closed_unless_they_say_otherwise():
     from service.grammar import closed_objects
 
-    schema = {"type": "object", "properties": {"a": {"type": "object", "properties": {"b": {}}},
-                                               "c": {"type": "array", "items": {"properties": {}}}},
-              "$defs": {"D": {"properties": {"x": {}}, "additionalProperties": True}}}
+    schema = {
+        "type": "object",
+        "properties": {
+            "a": {"type": "object", "properties": {"b": {}}},
+            "c": {"type": "array", "items": {"properties": {}}},
+        },
+        "$defs": {"D": {"properties": {"x": {}}, "additionalProperties": True}},
+    }
     closed = closed_objects(schema)
     assert closed["additionalProperties"] is False
     assert closed["properties"]["a"]["additionalProperties"] is False

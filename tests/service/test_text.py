@@ -13,9 +13,7 @@ def tokenizer(tmp_path_factory):
     return make_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
-@pytest.mark.parametrize(
-    "text", ["émigré café naïve", "東京 😀 ✓ done", "plain ascii, numbers 0123", "😀😀😀"]
-)
+@pytest.mark.parametrize("text", ["émigré café naïve", "東京 😀 ✓ done", "plain ascii, numbers 0123", "😀😀😀"])
 def test_incremental_decoder_rebuilds_text_and_never_emits_partial_characters(tokenizer, text):
     ids = tokenizer(text).input_ids
     # Byte-level BPE splits multi-byte characters across tokens in this tiny vocabulary.

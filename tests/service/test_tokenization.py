@@ -43,14 +43,17 @@ def test_tokenizer_info_gives_special_tokens_and_the_chat_template(client, token
     assert eos["tokens"][0] == tokenizer.eos_token_id
 
 
-@pytest.mark.parametrize("path, payload, status, param", [
-    ("/tokenize", {"model": "nosuch", "prompt": "x"}, 404, "model"),
-    ("/tokenize", {"prompt": "x", "messages": [{"role": "user", "content": "y"}]}, 400, None),
-    ("/tokenize", {}, 400, None),
-    ("/detokenize", {"tokens": [1, 10**9]}, 400, "tokens.1"),
-    ("/detokenize", {"tokens": [-1]}, 400, "tokens.0"),
-    ("/detokenize", {"tokens": "abc"}, 400, "tokens"),
-])
+@pytest.mark.parametrize(
+    "path, payload, status, param",
+    [
+        ("/tokenize", {"model": "nosuch", "prompt": "x"}, 404, "model"),
+        ("/tokenize", {"prompt": "x", "messages": [{"role": "user", "content": "y"}]}, 400, None),
+        ("/tokenize", {}, 400, None),
+        ("/detokenize", {"tokens": [1, 10**9]}, 400, "tokens.1"),
+        ("/detokenize", {"tokens": [-1]}, 400, "tokens.0"),
+        ("/detokenize", {"tokens": "abc"}, 400, "tokens"),
+    ],
+)
 def test_bad_tokenizer_requests_are_openai_errors(client, path, payload, status, param):
     r = client.post(path, json=payload)
     assert r.status_code == status and r.json()["error"]["param"] == param, r.text

@@ -69,7 +69,9 @@ def test_unknown_preset_or_task_pairing():
 
 
 def test_help_is_fast_and_imports_nothing_heavy():
-    code = "import sys, training.cli as c; c.make_parser(); print('torch' in sys.modules, 'transformers' in sys.modules)"
+    code = (
+        "import sys, training.cli as c; c.make_parser(); print('torch' in sys.modules, 'transformers' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False False"
 
@@ -78,9 +80,20 @@ def test_cli_reports_data_errors_with_exit_code_2(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"product": "x", "description": "y", "output": {}}\n{oops\n')
     out = subprocess.run(
-        [sys.executable, "-m", "training", "schema", "--data", str(bad), "--output-dir", str(tmp_path / "s"),
-         "--base-model", "no-such-dir-or-hub-id"],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "training",
+            "schema",
+            "--data",
+            str(bad),
+            "--output-dir",
+            str(tmp_path / "s"),
+            "--base-model",
+            "no-such-dir-or-hub-id",
+        ],
+        capture_output=True,
+        text=True,
     )
     assert out.returncode == 2
     assert f"{bad}:2: malformed JSON" in out.stderr

@@ -5,9 +5,9 @@ import json
 import pytest
 
 from service.adapters.manifest import AdapterManifest
+from tests.factories import make_tokenizer
 from training.data import DataError, read_jsonl, split, tokenize_example
 from training.recipes import DOLLY, SCHEMA, TASKS
-from tests.factories import make_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -17,8 +17,11 @@ def tokenizer(tmp_path_factory):
 
 def manifest_for(task) -> AdapterManifest:
     return AdapterManifest(
-        name=task.name, base_model={"id": "b", "fingerprint": "hsfp1:0123456789"},
-        prompt_template=task.prompt_template, input_fields=task.input_fields, output=task.output,
+        name=task.name,
+        base_model={"id": "b", "fingerprint": "hsfp1:0123456789"},
+        prompt_template=task.prompt_template,
+        input_fields=task.input_fields,
+        output=task.output,
     )
 
 
@@ -78,8 +81,11 @@ def test_long_prompts_are_dropped_and_responses_truncated(tokenizer):
 
 
 def test_schema_target_is_the_json_object_in_key_order():
-    record = {"product": "Lamp", "description": "d",
-              "output": {"call_to_action": "Buy", "subject": "Lamp!", "body": "b"}}
+    record = {
+        "product": "Lamp",
+        "description": "d",
+        "output": {"call_to_action": "Buy", "subject": "Lamp!", "body": "b"},
+    }
     inputs, target = SCHEMA.to_example(record)
     assert inputs == {"product": "Lamp", "description": "d"}
     assert list(json.loads(target)) == ["subject", "body", "call_to_action"]

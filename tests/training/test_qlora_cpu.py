@@ -16,9 +16,15 @@ LORA = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_p
 
 
 def nf4_model(path):
-    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
-    return AutoModelForCausalLM.from_pretrained(path, quantization_config=config, dtype=torch.float32, device_map={"": "cpu"})
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    return AutoModelForCausalLM.from_pretrained(
+        path, quantization_config=config, dtype=torch.float32, device_map={"": "cpu"}
+    )
 
 
 def eval_forward(model):
@@ -31,7 +37,8 @@ def eval_forward(model):
 def packed_layers(model) -> int:
     return sum(
         bool(getattr(m.weight.quant_state, "packing_format_for_cpu", False))
-        for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)
+        for m in model.modules()
+        if isinstance(m, bnb.nn.Linear4bit)
     )
 
 
@@ -56,7 +63,8 @@ def lora_grads(base, lora_state=None):
     # A packed layer's matmul has no autograd: gradients upstream of it come back as None.
     grads = {
         n: p.grad.clone() if p.grad is not None else torch.zeros_like(p)
-        for n, p in model.named_parameters() if p.requires_grad
+        for n, p in model.named_parameters()
+        if p.requires_grad
     }
     state = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
     return grads, state

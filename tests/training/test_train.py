@@ -9,11 +9,11 @@ from safetensors.torch import load_file
 
 from service.adapters.manifest import AdapterManifest
 from service.adapters.registry import AdapterRegistry
+from tests.support import free_port
 from training.config import build_config
 from training.evaluation import marketmail_verdict
 from training.recipes import DOLLY_TEMPLATE, MARKETMAIL_SCHEMA
 from training.train import run
-from tests.support import free_port
 
 FACTS = [
     ("What is the capital of France?", "The capital of France is Paris."),
@@ -30,16 +30,32 @@ def trained(tiny, tmp_path_factory, cache_dir):
     with data.open("w") as fh:
         for i in range(48):
             instruction, response = FACTS[i % len(FACTS)]
-            fh.write(json.dumps({"instruction": instruction, "context": "", "response": response, "category": "qa"}) + "\n")
+            fh.write(
+                json.dumps({"instruction": instruction, "context": "", "response": response, "category": "qa"}) + "\n"
+            )
     out = root / "tiny-dolly"
     config = build_config(
-        "dolly", out,
+        "dolly",
+        out,
         overrides={
             "data": {"source": str(data), "eval_size": 8},
-            "model": {"base": str(tiny.base_dir), "quantization": "nf4", "compute_dtype": "fp32", "cache_dir": cache_dir},
+            "model": {
+                "base": str(tiny.base_dir),
+                "quantization": "nf4",
+                "compute_dtype": "fp32",
+                "cache_dir": cache_dir,
+            },
             "lora": {"r": 4, "alpha": 8, "targets": ["q_proj", "v_proj", "up_proj"]},
-            "train": {"max_steps": 12, "batch_size": 4, "learning_rate": 1e-2, "warmup_steps": 0,
-                      "save_steps": 6, "eval_steps": 4, "logging_steps": 2, "max_length": 128},
+            "train": {
+                "max_steps": 12,
+                "batch_size": 4,
+                "learning_rate": 1e-2,
+                "warmup_steps": 0,
+                "save_steps": 6,
+                "eval_steps": 4,
+                "logging_steps": 2,
+                "max_length": 128,
+            },
         },
     )
     metrics = run(config)
@@ -105,8 +121,15 @@ def test_adapter_trains_in_fp32_on_a_quantized_base(tiny, cache_dir, tmp_path):
         ModelConfig(base=str(tiny.base_dir), quantization="nf4", compute_dtype="bf16", cache_dir=cache_dir)
     )
     model = add_lora(base, LoraSettings(r=4, alpha=8, dropout=0.0, targets=["q_proj", "v_proj"]))
-    args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], max_steps=1, bf16=True,
-                     dataset_kwargs={"skip_prepare_dataset": True}, remove_unused_columns=False)
+    args = SFTConfig(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        report_to=[],
+        max_steps=1,
+        bf16=True,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        remove_unused_columns=False,
+    )
     data = Dataset.from_list([{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}])
     trainer = ResponseOnlyTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
     trainable = [p for p in trainer.model.parameters() if p.requires_grad]
@@ -140,7 +163,7 @@ def test_resume_and_eval_only(trained):
         ('{"subject": "Sale", "body": "b", "call_to_action": "Buy"}', False, "product not named"),
         ('{"subject": "Lamp", "body": "b"}', False, "schema"),
         ('{"subject": "Lamp", "body": "b", "call_to_action": "x", "extra": 1}', False, "schema"),
-        ('Subject: Lamp', False, "not JSON"),
+        ("Subject: Lamp", False, "not JSON"),
     ],
 )
 def test_marketmail_verdict(text, ok, why):
@@ -159,15 +182,43 @@ def test_two_process_data_parallel_run_on_cpu(tiny, tmp_path, cache_dir):
     import sys
 
     data = tmp_path / "d.jsonl"
-    data.write_text("".join(
-        json.dumps({"instruction": q, "context": "", "response": a * (1 + i % 3)}) + "\n"
-        for i, (q, a) in enumerate(FACTS * 8)
-    ))
+    data.write_text(
+        "".join(
+            json.dumps({"instruction": q, "context": "", "response": a * (1 + i % 3)}) + "\n"
+            for i, (q, a) in enumerate(FACTS * 8)
+        )
+    )
     args = [
-        "-m", "training", "dolly", "--data", str(data), "--eval-size", "4", "--base-model", str(tiny.base_dir),
-        "--quantization", "fp32", "--cache-dir", str(cache_dir), "--steps", "4", "--batch-size", "4",
-        "--lr", "1e-2", "--lora-r", "4", "--lora-targets", "q_proj", "v_proj", "--max-length", "96",
-        "--loss-weighting", "token", "--logging-steps", "1",
+        "-m",
+        "training",
+        "dolly",
+        "--data",
+        str(data),
+        "--eval-size",
+        "4",
+        "--base-model",
+        str(tiny.base_dir),
+        "--quantization",
+        "fp32",
+        "--cache-dir",
+        str(cache_dir),
+        "--steps",
+        "4",
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-2",
+        "--lora-r",
+        "4",
+        "--lora-targets",
+        "q_proj",
+        "v_proj",
+        "--max-length",
+        "96",
+        "--loss-weighting",
+        "token",
+        "--logging-steps",
+        "1",
     ]
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
     two, one = tmp_path / "two-dolly", tmp_path / "one-dolly"
@@ -217,8 +268,11 @@ def test_greedy_under_the_service_grammar_writes_what_the_schema_allows(tiny):
     from service.grammar import GrammarCompiler
     from training.evaluation import greedy
 
-    small = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 2, 3]}},
-             "required": ["ok", "n"]}
+    small = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 2, 3]}},
+        "required": ["ok", "n"],
+    }
     model = AutoModelForCausalLM.from_pretrained(tiny.base_dir)
     tokenizer = AutoTokenizer.from_pretrained(tiny.base_dir)
     grammar = GrammarCompiler(tokenizer).compile_now(small)

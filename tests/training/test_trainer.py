@@ -21,13 +21,26 @@ def _trainer(tiny, tmp_path, ratio=None, tokens_per_step=None):
     for name, p in model.named_parameters():  # B starts at zero: give the adapter something to say
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.05)
-    args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], max_steps=1, learning_rate=1e-3,
-                     dataset_kwargs={"skip_prepare_dataset": True}, remove_unused_columns=False)
+    args = SFTConfig(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        report_to=[],
+        max_steps=1,
+        learning_rate=1e-3,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        remove_unused_columns=False,
+    )
     data = Dataset.from_list([{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}])
     tokenizer = AutoTokenizer.from_pretrained(tiny.base_dir)
     optimizer = loraplus_optimizer(model, args, ratio) if ratio else None
-    return ResponseOnlyTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
-                               optimizers=(optimizer, None), tokens_per_step=tokens_per_step)
+    return ResponseOnlyTrainer(
+        model=model,
+        args=args,
+        train_dataset=data,
+        processing_class=tokenizer,
+        optimizers=(optimizer, None),
+        tokens_per_step=tokens_per_step,
+    )
 
 
 def _batch(vocab: int):
@@ -175,8 +188,13 @@ def test_trainer_draws_length_buckets_when_grouping_by_length(tiny, tmp_path):
 
     trainer = _trainer(tiny, tmp_path)
     data = Dataset.from_list([{"input_ids": [1] * n, "labels": [1] * n, "length": n} for n in range(2, 40)])
-    trainer.args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], per_device_train_batch_size=4,
-                             train_sampling_strategy="group_by_length")
+    trainer.args = SFTConfig(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        report_to=[],
+        per_device_train_batch_size=4,
+        train_sampling_strategy="group_by_length",
+    )
     assert isinstance(trainer._get_train_sampler(data), LengthBuckets)
     trainer.args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[])
     assert not isinstance(trainer._get_train_sampler(data), LengthBuckets)

@@ -31,7 +31,10 @@ CORPUS: list[tuple[str, list[tuple[str, str]]]] = [
     # ---- phone
     ("Call +1 (415) 555-2671 after 5pm.", [("PHONE", "+1 (415) 555-2671")]),
     ("Office: +44 20 7946 0958", [("PHONE", "+44 20 7946 0958")]),
-    ("Berlin 0049 30 12345678, Paris +33 1 42 68 53 00.", [("PHONE", "0049 30 12345678"), ("PHONE", "+33 1 42 68 53 00")]),
+    (
+        "Berlin 0049 30 12345678, Paris +33 1 42 68 53 00.",
+        [("PHONE", "0049 30 12345678"), ("PHONE", "+33 1 42 68 53 00")],
+    ),
     ("US style 415.555.2671 or (212) 555-0182", [("PHONE", "415.555.2671"), ("PHONE", "(212) 555-0182")]),
     ("Mobile +91 98765 43210 / Tokyo +81 3-1234-5678", [("PHONE", "+91 98765 43210"), ("PHONE", "+81 3-1234-5678")]),
     (f"full-width {fullwidth('+44 20 7946 0958')}", [("PHONE", fullwidth("+44 20 7946 0958"))]),
@@ -39,7 +42,10 @@ CORPUS: list[tuple[str, list[tuple[str, str]]]] = [
     # ---- payment cards (Luhn-valid test numbers)
     ("Visa 4111 1111 1111 1111 exp 12/27", [("CREDIT_CARD", "4111 1111 1111 1111")]),
     ("mc:5555-5555-5555-4444.", [("CREDIT_CARD", "5555-5555-5555-4444")]),
-    ("amex 3782 822463 10005 and 378282246310005", [("CREDIT_CARD", "3782 822463 10005"), ("CREDIT_CARD", "378282246310005")]),
+    (
+        "amex 3782 822463 10005 and 378282246310005",
+        [("CREDIT_CARD", "3782 822463 10005"), ("CREDIT_CARD", "378282246310005")],
+    ),
     ("discover 6011111111111117", [("CREDIT_CARD", "6011111111111117")]),
     (f"full-width {fullwidth('4111 1111 1111 1111')}", [("CREDIT_CARD", fullwidth("4111 1111 1111 1111"))]),
     (f"split 4111{ZWJ}1111{ZW}1111 1111 card", [("CREDIT_CARD", f"4111{ZWJ}1111{ZW}1111 1111")]),
@@ -57,22 +63,39 @@ CORPUS: list[tuple[str, list[tuple[str, str]]]] = [
     ("v6 2001:db8::8a2e:370:7334 and ::1", [("IP_ADDRESS", "2001:db8::8a2e:370:7334"), ("IP_ADDRESS", "::1")]),
     ("gateway 10.0.0.1:8080", [("IP_ADDRESS", "10.0.0.1")]),
     # ---- secrets
-    ("OPENAI_API_KEY=sk-proj-abcdefghijklmnopqrstuvwx0123456789", [("SECRET", "sk-proj-abcdefghijklmnopqrstuvwx0123456789")]),
+    (
+        "OPENAI_API_KEY=sk-proj-abcdefghijklmnopqrstuvwx0123456789",
+        [("SECRET", "sk-proj-abcdefghijklmnopqrstuvwx0123456789")],
+    ),
     ("aws AKIAIOSFODNN7EXAMPLE key", [("SECRET", "AKIAIOSFODNN7EXAMPLE")]),
     ("token ghp_0123456789abcdefghijklmnopqrstuvwxyzAB", [("SECRET", "ghp_0123456789abcdefghijklmnopqrstuvwxyzAB")]),
-    ("Authorization: Bearer eyJhbGciOi.J9eyJzdWIiOiIx.SflKxwRJSMeKKF2Q", [("SECRET", "eyJhbGciOi.J9eyJzdWIiOiIx.SflKxwRJSMeKKF2Q")]),
-    ("jwt eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0In0.dozjgNryP4J3jVmNHl0w5N", [("SECRET", "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0In0.dozjgNryP4J3jVmNHl0w5N")]),
+    (
+        "Authorization: Bearer eyJhbGciOi.J9eyJzdWIiOiIx.SflKxwRJSMeKKF2Q",
+        [("SECRET", "eyJhbGciOi.J9eyJzdWIiOiIx.SflKxwRJSMeKKF2Q")],
+    ),
+    (
+        "jwt eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0In0.dozjgNryP4J3jVmNHl0w5N",
+        [("SECRET", "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0In0.dozjgNryP4J3jVmNHl0w5N")],
+    ),
     ('config: password = "correct-horse-battery"', [("SECRET", "correct-horse-battery")]),
     ("slack xoxb-1234567890-abcdefghij", [("SECRET", "xoxb-1234567890-abcdefghij")]),
     (
         "key:\n-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEA7\nq8Zx1\n-----END RSA PRIVATE KEY-----\ndone",
         [("SECRET", "-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEA7\nq8Zx1\n-----END RSA PRIVATE KEY-----")],
     ),
-    ("-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC", [("SECRET", "-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC")]),
+    (
+        "-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC",
+        [("SECRET", "-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC")],
+    ),
     # ---- mixed
     (
         "Customer Ana (ana@example.com, +44 20 7946 0958) paid with 5555 5555 5555 4444 from 203.0.113.9.",
-        [("EMAIL", "ana@example.com"), ("PHONE", "+44 20 7946 0958"), ("CREDIT_CARD", "5555 5555 5555 4444"), ("IP_ADDRESS", "203.0.113.9")],
+        [
+            ("EMAIL", "ana@example.com"),
+            ("PHONE", "+44 20 7946 0958"),
+            ("CREDIT_CARD", "5555 5555 5555 4444"),
+            ("IP_ADDRESS", "203.0.113.9"),
+        ],
     ),
     # ---- known misses, kept so the figures stay honest (docs/guardrails.md "Limits")
     ("write to jane at example dot com", [("EMAIL", "jane at example dot com")]),

@@ -43,7 +43,9 @@ def test_kinds_can_be_limited_and_unknown_kinds_refused():
 
 def test_pre_hook_redacts_every_message_and_counts():
     request = GuardedRequest(
-        "chat", "base", None,
+        "chat",
+        "base",
+        None,
         messages=(Message("system", "ops: ops@example.com"), Message("user", "SSN 123-45-6789")),
     )
     verdict = REDACTOR.pre(request)
@@ -109,10 +111,16 @@ def test_streamed_redaction_equals_whole_text_redaction(text, cuts):
     assert joined == REDACTOR.redact(text)[0]
 
 
-@pytest.mark.parametrize("value", [
-    "4111 1111 1111 1111", "jane.doe@example.com", "+44 20 7946 0958",
-    "sk-proj-abcdefghijklmnopqrstuvwx0123456789", "DE89 3704 0044 0532 0130 00",
-])
+@pytest.mark.parametrize(
+    "value",
+    [
+        "4111 1111 1111 1111",
+        "jane.doe@example.com",
+        "+44 20 7946 0958",
+        "sk-proj-abcdefghijklmnopqrstuvwx0123456789",
+        "DE89 3704 0044 0532 0130 00",
+    ],
+)
 def test_no_part_of_a_value_split_across_chunks_is_released(value):
     text = f"before {value} after"
     for size in (1, 2, 3, 5):
