@@ -51,6 +51,16 @@ def adapter_dir(tmp_path_factory, cache_dir):
     return root
 
 
+def greedy_request(i: int, prompts: list[list[int]]) -> EngineRequest:
+    """Prompt i on its adapter: NEW_TOKENS greedy tokens, with their log-probabilities."""
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, logprobs=0)
+    return EngineRequest(f"r{i}", tuple(prompts[i]), ADAPTERS[i], params)
+
+
+async def outputs(engine, request: EngineRequest) -> list:
+    return [o async for o in engine.generate(request)]
+
+
 def batched_vs_single(adapter_dir, cache_dir, quantization, kv_cache="dynamic"):
     settings = Settings(quantization=quantization, device="cpu", adapter_dir=adapter_dir, cache_dir=cache_dir)
     runtime = preload_adapters(load_runtime(settings, Metrics()), ("a1", "a2"))
@@ -69,17 +79,7 @@ def batched_vs_single(adapter_dir, cache_dir, quantization, kv_cache="dynamic"):
     async def main():
         await engine.start()
         try:
-
-            async def one(i):
-                request = EngineRequest(
-                    f"r{i}",
-                    tuple(prompts[i]),
-                    ADAPTERS[i],
-                    SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, logprobs=0),
-                )
-                return [o async for o in engine.generate(request)]
-
-            return await asyncio.gather(*(one(i) for i in range(len(PROMPTS))))
+            return await asyncio.gather(*(outputs(engine, greedy_request(i, prompts)) for i in range(len(PROMPTS))))
         finally:
             await engine.stop()
 
@@ -164,17 +164,7 @@ def test_nf4_mixed_batch_matches_peft_on_the_same_kernel_path(adapter_dir, cache
         executor.submit(gate.wait)  # the engine's thread starts its loop once every job is queued
         await engine.start(executor)
         try:
-
-            async def one(i):
-                request = EngineRequest(
-                    f"r{i}",
-                    tuple(prompts[i]),
-                    ADAPTERS[i],
-                    SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, logprobs=0),
-                )
-                return [o async for o in engine.generate(request)]
-
-            tasks = [asyncio.create_task(one(i)) for i in range(len(PROMPTS))]
+            tasks = [asyncio.create_task(outputs(engine, greedy_request(i, prompts))) for i in range(len(PROMPTS))]
             while not queued.is_set():
                 await asyncio.sleep(0.01)
             gate.set()
