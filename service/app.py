@@ -173,9 +173,9 @@ def _install_error_handlers(app: FastAPI) -> None:
         # header: the id is set here again.
         request_id = request.state.request_id
         log.error("request %s: unhandled error on %s", request_id, request.url.path, exc_info=exc)
-        response = _error_response(HotswapError(f"{type(exc).__name__}: {exc}"))
-        response.headers[REQUEST_ID_HEADER] = request_id
-        return response
+        # Logged above with its traceback: the body is built directly, not logged a second time.
+        body = HotswapError(f"{type(exc).__name__}: {exc}").to_body(request_id)
+        return JSONResponse(body, status_code=500, headers={REQUEST_ID_HEADER: request_id})
 
 
 # ------------------------------------------------------------------------------------------------

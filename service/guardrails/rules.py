@@ -82,11 +82,6 @@ def _script_letter(char: str) -> bool:
     return not char.isascii() and unicodedata.category(char)[0] in "LM"
 
 
-def hidden_characters(text: str) -> int:
-    """Characters that hide text from a reader (bidi controls, tag characters)."""
-    return 0 if text.isascii() else len(_invisible(text)[0])
-
-
 def _strip(text: str, positions: list[int]) -> str:
     drop = set(positions)
     return "".join(c for i, c in enumerate(text) if i not in drop)

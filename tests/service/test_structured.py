@@ -17,6 +17,7 @@ from service.metrics import Metrics
 from service.runtime import load_runtime
 from service.settings import Settings
 from tests.factories import make_lora_adapter, preload_adapters
+from tests.service.test_app import events
 from tests.service.test_batched_engine import make, run
 
 # Finite: a random model cannot wander in it forever, so every row must end with "stop".
@@ -160,7 +161,7 @@ def test_response_format_json_schema_on_completions_and_chat(client):
             "stream": True,
         },
     )
-    frames = [json.loads(f[6:]) for f in chat.text.split("\n\n")[:-2]]
+    frames = events(chat)
     text = "".join(f["choices"][0]["delta"].get("content") or "" for f in frames if f["choices"])
     jsonschema.validate(json.loads(text), SMALL)
 

@@ -17,6 +17,7 @@ from service.settings import Settings
 from tests.factories import make_lora_adapter, make_tokenizer
 from tests.service.fakes import ScriptedEngine
 from tests.service.guardrails.test_rules import SCHEMA
+from tests.service.test_app import events
 
 
 @pytest.fixture(scope="module")
@@ -202,8 +203,7 @@ def test_json_that_stays_invalid_never_reaches_the_client_as_success(tiny, token
         )
         assert r.status_code == 200
         if stream:  # the text left as it came (no holding back), so it cannot be retried
-            assert r.text.endswith("data: [DONE]\n\n")
-            frames = [json.loads(f[6:]) for f in r.text.split("\n\n")[:-2]]
+            frames = events(r)
             finishes = [f["choices"][0]["finish_reason"] for f in frames if f["choices"]]
             actions = [a["action"] for f in frames for a in f.get("guardrails", [])]
             streamed = "".join(f["choices"][0]["text"] for f in frames if f["choices"])
@@ -233,7 +233,7 @@ def test_a_json_adapter_stream_is_incremental_and_checked_at_the_end(tiny, token
                 "stream": True,
             },
         )
-        frames = [json.loads(f[6:]) for f in r.text.split("\n\n")[:-2]]
+        frames = events(r)
         texts = [f["choices"][0]["text"] for f in frames if f["choices"] and f["choices"][0]["text"]]
         assert len(texts) > 5  # token by token, not one event at the end
         assert json.loads("".join(texts))["subject"].startswith("A new lamp")
