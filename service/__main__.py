@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import sys
 import time
 
@@ -76,8 +77,19 @@ def main(argv: list[str] | None = None) -> int:
         server.should_exit = True
 
     app.state.hotswap.on_fatal = on_fatal
-    server.run()
+    sockets = None
+    if settings.admin_local_port:  # one server, two sockets: the public one and the pod-local one
+        sockets = [server.config.bind_socket(), _loopback_socket(settings.admin_local_port)]
+    server.run(sockets=sockets)
     return 1 if failed else 0
+
+
+def _loopback_socket(port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    sock.set_inheritable(True)
+    return sock
 
 
 if __name__ == "__main__":

@@ -61,6 +61,7 @@ class ServiceState:
             metrics=self.metrics,
             guardrails=guardrails,
             default_max_tokens=self.settings.default_max_tokens,
+            residency=runtime.residency,
         )
 
 
@@ -246,7 +247,7 @@ class BodyLimitMiddleware:
 
 
 def build_app(settings: Settings | None = None, runtime: Runtime | None = None) -> FastAPI:
-    from service.routes import admin, api, ops, tokenizer
+    from service.routes import admin, api, lora, ops, tokenizer
 
     settings = settings or Settings()
     app = FastAPI(title="hotswap", version=__version__, lifespan=_lifespan(runtime))
@@ -255,6 +256,7 @@ def build_app(settings: Settings | None = None, runtime: Runtime | None = None) 
     app.include_router(api)
     app.include_router(ops)
     app.include_router(admin)
+    app.include_router(lora)
     app.include_router(tokenizer)
     _install_error_handlers(app)
     app.add_middleware(RequestMetricsMiddleware, metrics=app.state.hotswap.metrics, state=app.state.hotswap)

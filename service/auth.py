@@ -28,9 +28,17 @@ def _bearer(request: Request) -> str | None:
     return token.strip() if scheme.lower() == "bearer" else None
 
 
+def _local_trusted(request: Request) -> bool:
+    """A request that arrived on the loopback listener ADMIN_LOCAL_PORT (the socket it came in
+    on, from the ASGI scope, never a header): only processes in the same pod reach it."""
+    port = request.app.state.settings.admin_local_port
+    server = request.scope.get("server") or (None, None)
+    return bool(port) and server[1] == port and server[0] in ("127.0.0.1", "::1")
+
+
 async def require_api_key(request: Request) -> None:
     keys: list[str] = request.app.state.settings.api_keys
-    if not keys:
+    if not keys or _local_trusted(request):
         return
     token = _bearer(request)
     if token is None or not key_matches(token, keys):
@@ -39,6 +47,8 @@ async def require_api_key(request: Request) -> None:
 
 async def require_admin_key(request: Request) -> None:
     keys: list[str] = request.app.state.settings.admin_api_keys
+    if _local_trusted(request):
+        return
     if not keys:
         raise PermissionDeniedError(
             "the admin API is disabled; set HOTSWAP_ADMIN_API_KEYS to enable it", code="admin_disabled"

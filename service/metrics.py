@@ -69,18 +69,49 @@ class Metrics:
         self.generation_tokens = Counter("hotswap_generation_tokens", "Tokens generated.", ["adapter"], registry=r)
         self.queue_depth = Gauge("hotswap_queue_depth", "Requests waiting for the engine.", registry=r)
         self.adapter_loads = Counter(
-            "hotswap_adapter_loads", "Adapter loads by result.", ["adapter", "result"], registry=r
+            "hotswap_adapter_loads",
+            "Adapter reads from disk into host memory (off the engine thread), by result.",
+            ["adapter", "result"],
+            registry=r,
         )
         self.adapter_load_duration = Histogram(
             "hotswap_adapter_load_duration_seconds",
-            "Time to load an adapter onto the base.",
+            "Time to read an adapter package from disk and check its version hash.",
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        )
+        self.adapter_swaps = Counter(
+            "hotswap_adapter_swaps",
+            "Adapters swapped into a device slot, by where the weights came from (host, disk).",
+            ["adapter", "source"],
+            registry=r,
+        )
+        self.adapter_swap_duration = Histogram(
+            "hotswap_adapter_swap_seconds",
+            "Time to put an adapter's weights into a device slot (engine thread), by source.",
+            ["source"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
             registry=r,
         )
         self.adapter_evictions = Counter(
             "hotswap_adapter_evictions",
-            "Adapters unloaded to make room (least recently used).",
+            "Adapters evicted from their device slot to make room (least recently used).",
             ["adapter"],
+            registry=r,
+        )
+        self.adapter_bytes = Gauge(
+            "hotswap_adapter_bytes", "Bytes of adapter weights held, by tier (device, host).", ["tier"], registry=r
+        )
+        self.adapter_slot_waiting = Gauge(
+            "hotswap_adapter_slot_waiting_requests",
+            "Requests waiting for their adapter to reach a device slot (read or swapped in).",
+            ["adapter"],
+            registry=r,
+        )
+        self.adapter_slot_wait = Histogram(
+            "hotswap_adapter_slot_wait_seconds",
+            "How long a request waited for its adapter's device slot.",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
             registry=r,
         )
         self.resident_adapters = Gauge("hotswap_resident_adapters", "Adapters loaded on the base model.", registry=r)
@@ -150,6 +181,18 @@ class Metrics:
         self.adapter_loads.labels(adapter, result).inc()
         if result == "ok":
             self.adapter_load_duration.observe(seconds)
+
+    def observe_swap(self, adapter: str, source: str, seconds: float) -> None:
+        self.adapter_swaps.labels(adapter, source).inc()
+        self.adapter_swap_duration.labels(source).observe(seconds)
+
+    def observe_slot_wait(self, waiting: list[str], seconds: float | None) -> None:
+        """Who waits for a slot now (labels), and a finished wait's length."""
+        self.adapter_slot_waiting.clear()
+        for adapter in set(waiting):
+            self.adapter_slot_waiting.labels(adapter).set(waiting.count(adapter))
+        if seconds is not None:
+            self.adapter_slot_wait.observe(seconds)
 
     def observe_engine(self, running: list[str], waiting: list[str], capacity: int) -> None:
         """Engine state after each change: queue, running count, adapters in flight."""

@@ -365,11 +365,40 @@ class ModelCard(BaseModel):
     prompt_template: str | None = None
     input_fields: list[dict[str, Any]] | None = None
     output: dict[str, Any] | None = None
+    # Where the adapter came from (vLLM's `root`: the lora_path), its version (a hash of its
+    # files) and where that version is now: registered, loading, resident (device slot), cached
+    # (host memory), failed (with `error`).
+    root: str | None = None
+    version: str | None = None
+    state: Literal["registered", "loading", "resident", "cached", "failed"] | None = None
+    pinned: bool | None = None
+    error: str | None = None
 
 
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# ---------------------------------------------------------------------------------------------
+# vLLM's adapter endpoints (`/v1/load_lora_adapter`, `/v1/unload_lora_adapter`), in vLLM's
+# shapes, so its tooling (the Gateway API Inference Extension's lora-syncer, llm-d) drives
+# hotswap unchanged. Fields vLLM tools send and hotswap has no use for are ignored, as vLLM does.
+
+
+class LoadLoRAAdapterRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    lora_name: str = Field(min_length=1, max_length=64)
+    lora_path: str = Field(min_length=1, max_length=4096)
+    load_inplace: bool = False
+    base_model_name: str | None = None  # the lora-syncer sends it: checked against the base
+
+
+class UnloadLoRAAdapterRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    lora_name: str = Field(min_length=1, max_length=64)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,12 +21,15 @@ from service.protocol import (
     DetokenizeRequest,
     DetokenizeResponse,
     ErrorResponse,
+    LoadLoRAAdapterRequest,
     ModelCard,
     ModelList,
     ServiceStatus,
     TokenizeRequest,
     TokenizeResponse,
+    UnloadLoRAAdapterRequest,
 )
+from service.serving.adapters import AdapterServing
 from service.serving.chat import ChatServing
 from service.serving.completions import CompletionServing
 from service.serving.generation import ServingContext
@@ -67,6 +70,8 @@ ops = APIRouter()
 # vLLM serves these at the root, not under /v1; they need an API key like /v1 does.
 tokenizer = APIRouter(dependencies=[Depends(require_api_key)], responses=_ERRORS)
 admin = APIRouter(prefix="/admin", dependencies=[Depends(require_admin_key)], responses=_ERRORS)
+# vLLM's adapter endpoints live under /v1 but change the server: they need the admin key.
+lora = APIRouter(prefix="/v1", dependencies=[Depends(require_admin_key)], responses=_ERRORS)
 
 
 T = TypeVar("T")
@@ -140,34 +145,34 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     return _respond(await _unless_disconnected(request, serving.create(body, target)))
 
 
-def _model_cards(ctx: ServingContext) -> list[ModelCard]:
-    cards = [ModelCard(id=ctx.base_id)]
-    for record in ctx.registry.ready():
-        manifest = record.manifest
-        cards.append(
-            ModelCard(
-                id=record.name,
-                parent=ctx.base_id,
-                description=manifest.description,
-                prompt_template=manifest.prompt_template,
-                input_fields=[f.model_dump() for f in manifest.input_fields],
-                output=manifest.output.model_dump(),
-            )
-        )
-    return cards
-
-
 @api.get("/models")
 async def list_models(ctx: Context) -> ModelList:
-    return ModelList(data=_model_cards(ctx))
+    return ModelList(data=AdapterServing(ctx).cards())
 
 
 @api.get("/models/{model_id:path}")
 async def retrieve_model(model_id: str, ctx: Context) -> ModelCard:
-    for card in _model_cards(ctx):
+    for card in AdapterServing(ctx).cards():
         if card.id == model_id:
             return card
     raise NotFoundError(f"the model {model_id!r} does not exist", param="model")
+
+
+# vLLM answers a successful load or unload in plain text; errors are JSON as everywhere.
+_TEXT = {200: {"description": "Success", "content": {"text/plain": {"schema": {"type": "string"}}}}}
+
+
+@lora.post("/load_lora_adapter", response_model=None, responses=_TEXT)
+async def load_lora_adapter(body: LoadLoRAAdapterRequest, ctx: Context) -> Response:
+    """vLLM's: fetch, check and serve an adapter (`load_inplace`: a new version of a served
+    name; running requests finish on theirs)."""
+    return PlainTextResponse(await AdapterServing(ctx).load(body))
+
+
+@lora.post("/unload_lora_adapter", response_model=None, responses=_TEXT)
+async def unload_lora_adapter(body: UnloadLoRAAdapterRequest, ctx: Context) -> Response:
+    """vLLM's: stop serving an adapter; running requests on it finish."""
+    return PlainTextResponse(await AdapterServing(ctx).unload(body))
 
 
 @tokenizer.post("/tokenize")
@@ -206,26 +211,32 @@ async def ready(request: Request) -> JSONResponse:
 
 @admin.post("/adapters/rescan")
 async def rescan_adapters(ctx: Context) -> JSONResponse:
-    """Scan the adapter directory again: new packages are served, removed ones refused, and
-    changed ones reload at their next use with no request running on them."""
-    diff = ctx.registry.rescan()
-    residency = getattr(ctx.engine, "residency", None)
-    if residency is not None:
-        residency.mark_stale(diff["changed"])
+    """Scan the adapter directory again: new packages are served, removed ones refused, and a
+    changed one is a new version (new requests get it; running ones finish on theirs)."""
+    diff = await asyncio.to_thread(ctx.registry.rescan)
     return JSONResponse({**diff, "adapters": [r.as_dict() for r in ctx.registry.records()]})
 
 
 @admin.post("/adapters/{name}/reload")
 async def reload_adapter(name: str, ctx: Context) -> JSONResponse:
-    """Re-validate one package and reload it at its next idle use."""
-    diff = ctx.registry.rescan()
+    """Re-validate the adapter directory; this adapter's new version, if any, serves next."""
+    await asyncio.to_thread(ctx.registry.rescan)
     record = next((r for r in ctx.registry.records() if r.name == name), None)
     if record is None:
         raise NotFoundError(f"the adapter {name!r} does not exist", param="name")
-    residency = getattr(ctx.engine, "residency", None)
-    if residency is not None:
-        residency.mark_stale([name, *diff["changed"]])
     return JSONResponse(record.as_dict())
+
+
+@admin.post("/adapters/{name}/pin")
+async def pin_adapter(name: str, ctx: Context) -> ModelCard:
+    """Keep the adapter in a device slot: loaded now, never evicted."""
+    return AdapterServing(ctx).pin(name, True)
+
+
+@admin.post("/adapters/{name}/unpin")
+async def unpin_adapter(name: str, ctx: Context) -> ModelCard:
+    """Let the adapter be evicted again when its slot is wanted."""
+    return AdapterServing(ctx).pin(name, False)
 
 
 @ops.get(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,7 @@ class Runtime:
     registry: AdapterRegistry
     base_id: str
     max_context: int
+    residency: AdapterResidency | None = None
 
 
 def load_runtime(settings: Settings, metrics: Metrics) -> Runtime:
@@ -42,18 +44,28 @@ def load_runtime(settings: Settings, metrics: Metrics) -> Runtime:
         served_id=settings.served_model_name,
     )
     registry = AdapterRegistry(
-        settings.adapter_dir, base_id=base.source.served_id, base_fingerprint=base.source.fingerprint
+        settings.adapter_dir,
+        base_id=base.source.served_id,
+        base_fingerprint=base.source.fingerprint,
+        download_dir=settings.cache_dir / "adapters",
+        allowed_sources=settings.adapter_sources,
+        max_bytes=settings.max_adapter_bytes,
     )
     registry.scan()
     residency = AdapterResidency(
         registry,
         base.model,
         settings.max_resident_adapters,
+        max_host=settings.max_cpu_adapters,
+        loader=ThreadPoolExecutor(1, thread_name_prefix="hotswap-adapter-io"),
         on_load=metrics.observe_adapter_load,
         on_change=metrics.resident_adapters.set,
         on_evict=lambda name: metrics.adapter_evictions.labels(name).inc(),
+        on_swap=metrics.observe_swap,
+        on_bytes=lambda tier, nbytes: metrics.adapter_bytes.labels(tier).set(nbytes),
     )
     metrics.max_lora = settings.max_resident_adapters
+    preload(residency, settings.pinned_adapters, settings.preload_adapters)
     log.info(
         "serving %s (fingerprint %s); adapters, loaded on first use: %s",
         base.source.served_id,
@@ -70,7 +82,7 @@ def load_runtime(settings: Settings, metrics: Metrics) -> Runtime:
         on_grammar_step=metrics.grammar_mask.observe,
         residency=residency,
     )
-    runner = ModelRunner(base.model, base.device)
+    runner = ModelRunner(residency.model, base.device)
     if settings.engine == "batched":
         kv_cache = choose_kv_cache(settings, runner, max_context)
         engine: Engine = BatchedEngine(
@@ -81,11 +93,29 @@ def load_runtime(settings: Settings, metrics: Metrics) -> Runtime:
             cuda_graphs=settings.cuda_graphs,
             on_kv_cache=metrics.observe_kv_cache,
             on_capture=metrics.cuda_graph_capture.observe,
+            on_slot_wait=metrics.observe_slot_wait,
             **common,
         )
     else:
         engine = SimpleEngine(runner, **common)
-    return Runtime(engine, base.tokenizer, registry, base.source.served_id, max_context)
+    return Runtime(engine, base.tokenizer, registry, base.source.served_id, max_context, residency)
+
+
+def preload(residency: AdapterResidency, pinned: list[str], wanted: list[str]) -> None:
+    """Pin and load the adapters the settings name, now (on the thread that loads the model):
+    a name that is not served is a typo and fails the start."""
+    served = {r.name for r in residency.registry.ready()}
+    unknown = sorted(set(pinned + wanted) - served)
+    if unknown:
+        raise ValueError(f"PINNED_ADAPTERS / PRELOAD_ADAPTERS name adapters that are not served: {unknown}")
+    for name in pinned:
+        residency.pin(name)
+    for name in dict.fromkeys(pinned + wanted):
+        while not residency.ensure(name, busy=set()):  # the loader thread reads it
+            residency.ready.wait(0.05)
+            residency.ready.clear()
+    residency.preload_pending(set())  # the pins asked again; all resident now
+    log.info("adapters resident at start: %s (pinned: %s)", residency.resident, sorted(residency.pinned))
 
 
 def choose_kv_cache(settings: Settings, runner: ModelRunner, max_context: int) -> str:

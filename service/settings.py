@@ -94,6 +94,38 @@ class Settings(BaseSettings):
         le=1024,
         description="Adapters kept loaded on the base; the least recently used idle one is evicted.",
     )
+    max_cpu_adapters: int | None = Field(
+        None,
+        ge=0,
+        le=100_000,
+        description="Adapters whose weights stay in host memory after leaving a device slot, so "
+        "swapping one back in is a copy, not a disk read; unset: MAX_RESIDENT_ADAPTERS.",
+    )
+    preload_adapters: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated adapters loaded into device slots at start (evictable).",
+    )
+    pinned_adapters: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated adapters loaded at start and never evicted (at most "
+        "MAX_RESIDENT_ADAPTERS - 1); the admin API pins and unpins at run time.",
+    )
+    adapter_sources: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated prefixes the load API may fetch adapters from, besides "
+        "ADAPTER_DIR: local directories, hf://org/ (or hf://org/repo), s3://bucket/prefix/, "
+        "gs://bucket/prefix/.",
+    )
+    max_adapter_bytes: int = Field(
+        2 << 30, ge=1024, description="Largest adapter package (its three files) a load accepts."
+    )
+    admin_local_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="Also listen on 127.0.0.1:PORT, where requests need no key (admin included): "
+        "for a sidecar in the same pod, such as the lora-syncer, that sends none. 0: off.",
+    )
     max_queued_requests: int = Field(
         256, ge=1, le=100_000, description="Requests waiting for the engine before new ones get 429."
     )
@@ -123,7 +155,9 @@ class Settings(BaseSettings):
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
 
-    @field_validator("api_keys", "admin_api_keys", mode="before")
+    @field_validator(
+        "api_keys", "admin_api_keys", "preload_adapters", "pinned_adapters", "adapter_sources", mode="before"
+    )
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):
@@ -144,6 +178,13 @@ class Settings(BaseSettings):
             raise ValueError("metrics_require_key needs API_KEYS or ADMIN_API_KEYS")
         if set(self.api_keys) & set(self.admin_api_keys):
             raise ValueError("admin keys must differ from API keys")
+        if len(set(self.pinned_adapters)) > self.max_resident_adapters - 1:
+            raise ValueError(
+                f"pinned_adapters: at most MAX_RESIDENT_ADAPTERS - 1 ({self.max_resident_adapters - 1}) can be "
+                "pinned; one slot must stay free for the other adapters"
+            )
+        if self.admin_local_port and self.admin_local_port == self.port:
+            raise ValueError("admin_local_port must differ from port")
         return self
 
     @field_validator("cache_dir", "adapter_dir")

@@ -195,15 +195,30 @@ def make_lora_adapter(
 
 
 def preload_adapters(runtime, names=("alpha", "beta")):
-    """Load adapters now (the service loads them on first use), for reference comparisons."""
+    """Attach adapters to the base as PEFT adapters under their own names, and serve them so
+    (no residency: requests name PEFT adapters directly), for comparisons with PEFT's own
+    `generate`. The service's slots are tested through `serve_through_slots`."""
+    model = runtime.residency.model
     for name in names:
-        assert runtime.engine.residency.ensure(name, busy=set())
-    runtime.engine.runner.model = runtime.engine.residency.model
+        model = runtime.registry.load(model, name)
+    runtime.engine.runner.model = model
+    runtime.engine.residency = None
     return runtime
 
 
-def make_residency(tiny, cache_dir, tmp_path, max_resident: int, **callbacks):
-    """An AdapterResidency over the tiny fp32 base and a copy of its adapters (tests may edit it)."""
+def serve_through_slots(runtime, names=("alpha", "beta")):
+    """Load adapters into the runtime's device slots now (as PRELOAD_ADAPTERS does); returns
+    name -> the slot's PEFT adapter name, for references."""
+    from service.runtime import preload
+
+    preload(runtime.residency, [], list(names))
+    runtime.engine.runner.model = runtime.residency.model
+    return {name: runtime.residency.slot(name) for name in names}
+
+
+def make_residency(tiny, cache_dir, tmp_path, max_resident: int, **options):
+    """An AdapterResidency over the tiny fp32 base and a copy of its adapters (tests may edit
+    them); `options` go to AdapterResidency (max_host, loader, callbacks)."""
     import shutil
 
     from service.adapters.registry import AdapterRegistry
@@ -215,4 +230,4 @@ def make_residency(tiny, cache_dir, tmp_path, max_resident: int, **callbacks):
     base = load_base(str(tiny.base_dir), quantization="fp32", device="cpu", cache_dir=cache_dir)
     registry = AdapterRegistry(adapters, base_id="tiny", base_fingerprint=tiny.fingerprint)
     registry.scan()
-    return AdapterResidency(registry, base.model, max_resident, **callbacks)
+    return AdapterResidency(registry, base.model, max_resident, **options)

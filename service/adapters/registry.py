@@ -1,29 +1,42 @@
-"""The adapter registry: scans the adapter directory, validates packages, attaches them to the base.
+"""The adapter registry: which adapters exist, at which version, from which source.
 
-A package is refused, with a log line saying why, when its name, manifest, weights format or base
-fingerprint is wrong; the refusal never stops the other adapters from serving. Refused adapters
-stay listed (status "failed") so a request for one gets a clear 404 naming the reason.
+Adapters come from the adapter directory (scanned at start and on an admin rescan) and from the
+load API (`POST /v1/load_lora_adapter`: a local path, a hub repo or object storage, see
+`service.adapters.sources`). Every package goes through the same checks before anything reaches
+the engine: name, manifest, safetensors only, LoRA, base fingerprint, size.
+
+A package is refused, with a log line saying why, when any check fails; the refusal never stops
+the other adapters from serving. Refused adapters stay listed (status "failed") so a request for
+one gets a clear 404 naming the reason.
+
+Versions: each package's version is a hash of its files (`sources.content_version`). Loading a
+new version under a live name makes the new version current at once (new requests resolve to
+it), while the records of earlier versions stay known by their key, `name@version`, so requests
+that resolved to one finish on it. The engine's adapter tiers (`service.adapters.residency`) key
+everything by that key, so nothing computed with one version is ever used for another.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import ValidationError
 
+from service.adapters import sources
 from service.adapters.manifest import MANIFEST_FILE, AdapterManifest, parse_adapter_name
+from service.adapters.sources import CONFIG_FILE, WEIGHTS_FILE, Source, SourceError
 from service.errors import NotFoundError
 
 log = logging.getLogger(__name__)
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-WEIGHTS_FILE = "adapter_model.safetensors"
-CONFIG_FILE = "adapter_config.json"
 
 
 class AdapterRejected(Exception):
@@ -39,9 +52,27 @@ class AdapterRecord:
     error: str | None = None
     load_seconds: float | None = None
     signature: tuple = ()  # sizes and mtimes of the package's files: a changed package reloads
+    version: str | None = None  # hash of the package's files (None when it could not be read)
+    source: str = ""  # where it came from: a local path, hf://repo@revision, s3://...
+    origin: Literal["directory", "api"] = "directory"  # the directory scan, or the load API
+    registered: float = field(default_factory=time.time)
+
+    @property
+    def key(self) -> str:
+        """The engine's id of this version of the adapter."""
+        return version_key(self.name, self.version)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "status": self.status, "error": self.error}
+        return {"name": self.name, "status": self.status, "error": self.error, "version": self.version}
+
+
+def version_key(name: str, version: str | None) -> str:
+    return f"{name}@{version}"
+
+
+def key_name(key: str) -> str:
+    """The adapter name in an engine key (`name@version`, or a bare name)."""
+    return key.split("@", 1)[0]
 
 
 def package_signature(path: Path) -> tuple:
@@ -49,10 +80,13 @@ def package_signature(path: Path) -> tuple:
     return tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files)
 
 
-def validate_package(path: Path, *, base_fingerprint: str, base_id: str) -> AdapterManifest:
-    """Check one adapter directory against the package contract; raise AdapterRejected if not."""
+def validate_package(path: Path, *, base_fingerprint: str, base_id: str, name: str | None = None) -> AdapterManifest:
+    """Check one adapter directory against the package contract; raise AdapterRejected if not.
+    The adapter's name is the directory's unless given: a package loaded through the API may be
+    served under another name than its manifest's (vLLM's `lora_name` is the caller's choice)."""
+    named = name is not None
     try:
-        name = parse_adapter_name(path.name)
+        name = parse_adapter_name(name if named else path.name)
     except ValueError as exc:
         raise AdapterRejected(str(exc)) from None
     if name == base_id:
@@ -75,7 +109,7 @@ def validate_package(path: Path, *, base_fingerprint: str, base_id: str) -> Adap
         raise AdapterRejected(f"{MANIFEST_FILE} is not valid JSON: {exc}") from None
     except ValidationError as exc:
         raise AdapterRejected(f"{MANIFEST_FILE} is invalid: {_brief(exc)}") from None
-    if manifest.name != name:
+    if manifest.name != name and not named:
         raise AdapterRejected(f"manifest name {manifest.name!r} differs from the directory name")
     if manifest.base_model.fingerprint != base_fingerprint:
         raise AdapterRejected(
@@ -90,32 +124,70 @@ def _brief(exc: ValidationError) -> str:
     return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'manifest'}: {err['msg']}" for err in exc.errors())
 
 
+class AdapterExists(Exception):
+    """A load under a name that is served already, without `load_inplace`."""
+
+
 class AdapterRegistry:
-    def __init__(self, directory: Path, *, base_id: str, base_fingerprint: str):
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        base_id: str,
+        base_fingerprint: str,
+        download_dir: Path | None = None,
+        allowed_sources: list[str] | tuple[str, ...] = (),
+        max_bytes: int = 2 << 30,
+    ):
         self.directory = directory
         self.base_id = base_id
         self.base_fingerprint = base_fingerprint
-        self._records: dict[str, AdapterRecord] = {}
+        # Remote packages land here, one directory per version (`sources.install`).
+        self.download_dir = download_dir
+        self.allowed_sources = list(allowed_sources)
+        self.max_bytes = max_bytes
+        self._records: dict[str, AdapterRecord] = {}  # name -> its current version
+        self._versions: dict[str, AdapterRecord] = {}  # key -> every version requests may hold
+        self._loading: dict[str, str] = {}  # name -> source, while the load API fetches it
+        self._lock = threading.Lock()  # loads through the API run on threads of their own
 
     def scan(self) -> list[AdapterRecord]:
         """Validate every package in the directory (a missing directory holds no adapters)."""
-        self._records = self._read_all()
+        with self._lock:
+            self._records = {**self._read_all(), **self._api_records()}
+            self._remember(self._records.values())
         return list(self._records.values())
 
     def rescan(self) -> dict[str, list[str]]:
-        """Scan again (admin): which packages were added, removed, or changed on disk.
-
-        Changed packages must be reloaded by whoever holds them loaded (the residency).
-        """
-        fresh = self._read_all()
-        old = self._records
-        diff = {
-            "added": sorted(set(fresh) - set(old)),
-            "removed": sorted(set(old) - set(fresh)),
-            "changed": sorted(n for n in set(fresh) & set(old) if fresh[n].signature != old[n].signature),
-        }
-        self._records = fresh  # one assignment: readers see the old or the new set, never a mix
+        """Scan the directory again (admin): which packages were added, removed, or changed on
+        disk. A changed package is a new version; adapters loaded through the API are kept."""
+        with self._lock:
+            fresh = self._read_all()
+            old = {n: r for n, r in self._records.items() if r.origin == "directory"}
+            diff = {
+                "added": sorted(set(fresh) - set(old)),
+                "removed": sorted(set(old) - set(fresh)),
+                "changed": sorted(
+                    n
+                    for n in set(fresh) & set(old)
+                    if (fresh[n].version, fresh[n].signature) != (old[n].version, old[n].signature)
+                ),
+            }
+            for name in set(fresh) & set(old):  # unchanged packages keep their record
+                if name not in diff["changed"]:
+                    fresh[name] = old[name]
+            # API loads win over a directory package of the same name.
+            self._records = {**fresh, **self._api_records()}  # one assignment: never a mix
+            self._remember(fresh.values())
         return diff
+
+    def _api_records(self) -> dict[str, AdapterRecord]:
+        return {n: r for n, r in self._records.items() if r.origin == "api"}
+
+    def _remember(self, records: Any) -> None:
+        for record in records:
+            if record.status == "ready":
+                self._versions[record.key] = record
 
     def _read_all(self) -> dict[str, AdapterRecord]:
         records: dict[str, AdapterRecord] = {}
@@ -128,12 +200,138 @@ class AdapterRegistry:
             signature = package_signature(path)
             try:
                 manifest = validate_package(path, base_fingerprint=self.base_fingerprint, base_id=self.base_id)
-                record = AdapterRecord(path.name, path, "ready", manifest, signature=signature)
-            except AdapterRejected as exc:
+                sources.check_size(path, self.max_bytes, f"the package {path.name!r}")
+                version = sources.content_version(path)
+                record = AdapterRecord(
+                    path.name, path, "ready", manifest, signature=signature, version=version, source=str(path)
+                )
+            except (AdapterRejected, SourceError, OSError) as exc:
                 log.error("adapter %r refused: %s", path.name, exc)
                 record = AdapterRecord(path.name, path, "failed", error=str(exc), signature=signature)
             records[record.name] = record
         return records
+
+    # --- the load API -------------------------------------------------------------------------
+
+    def register(self, name: str, spec: str, *, replace: bool = False) -> AdapterRecord:
+        """Fetch, check and serve the package at `spec` under `name` (blocking: network and
+        disk; the service calls it on a thread). With `replace`, a served name gets the new
+        version; requests already running keep the version they started with.
+
+        Raises ValueError (a bad name), AdapterExists, SourceError or AdapterRejected; on any
+        of them nothing changes, and a served version keeps serving.
+        """
+        name = parse_adapter_name(name)
+        if name == self.base_id:
+            raise ValueError(f"adapter name {name!r} collides with the base model's id")
+        source = sources.parse_source(spec)
+        if not sources.allowed(source, self.allowed_sources, self.directory):
+            raise SourceError(
+                f"{source} is not an allowed adapter source; allowed: the adapter directory"
+                + (f" and {self.allowed_sources}" if self.allowed_sources else "")
+                + " (set ADAPTER_SOURCES)"
+            )
+        with self._lock:
+            if name in self._loading:
+                raise AdapterExists(f"the adapter {name!r} is being loaded already")
+            if name in self._records and self._records[name].status == "ready" and not replace:
+                raise AdapterExists(
+                    f"The lora adapter '{name}' has already been loaded. If you want to load the "
+                    "adapter in place, set 'load_inplace' to True."
+                )
+            self._loading[name] = str(source)
+        try:
+            record = self._fetch(name, source)
+        finally:
+            with self._lock:
+                del self._loading[name]
+        with self._lock:
+            self._records = {**self._records, name: record}
+            self._remember([record])
+        log.info("adapter %r version %s registered from %s", name, record.version, source)
+        return record
+
+    def _fetch(self, name: str, source: Source) -> AdapterRecord:
+        if not source.remote:
+            path = Path(source.location)
+            if not path.is_dir():
+                raise SourceError(f"{source} is not a directory")
+            manifest = validate_package(path, base_fingerprint=self.base_fingerprint, base_id=self.base_id, name=name)
+            sources.check_size(path, self.max_bytes, str(source))
+            version = sources.content_version(path)
+            return AdapterRecord(name, path, "ready", manifest, package_signature(path), version, str(source), "api")
+        if self.download_dir is None:
+            raise SourceError("remote adapter sources need a cache directory (CACHE_DIR)")
+        staging = sources.staging_dir(self.download_dir)
+        try:
+            sources.fetch(source, staging, max_bytes=self.max_bytes)
+            manifest = validate_package(
+                staging, base_fingerprint=self.base_fingerprint, base_id=self.base_id, name=name
+            )
+            version = sources.content_version(staging)
+            path = sources.install(staging, self.download_dir / name / version)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        self._prune(name, keep=version)
+        return AdapterRecord(name, path, "ready", manifest, package_signature(path), version, str(source), "api")
+
+    def _prune(self, name: str, keep: str) -> None:
+        """Delete downloaded versions of `name` but this one and the one it replaces (requests
+        that resolved to that one may still need to load it)."""
+        current = self._records.get(name)
+        kept = {keep, current.version if current else None}
+        folder = self.download_dir / name
+        for path in folder.iterdir() if folder.is_dir() else ():
+            if path.name not in kept:
+                shutil.rmtree(path, ignore_errors=True)
+                self._versions.pop(version_key(name, path.name), None)
+
+    def unregister(self, name: str) -> AdapterRecord:
+        """Stop serving `name` (vLLM's unload): new requests get 404; running ones finish."""
+        with self._lock:
+            record = self._records.get(name)
+            if record is None:
+                raise NotFoundError(f"The lora adapter '{name}' cannot be found.", param="lora_name")
+            self._records = {n: r for n, r in self._records.items() if n != name}
+        log.info("adapter %r unregistered", name)
+        return record
+
+    def loading(self) -> dict[str, str]:
+        """Names being fetched by the load API, and from where."""
+        return dict(self._loading)
+
+    def read_package(self, key: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(adapter_config.json, tensors) of one version, read from disk and checked against its
+        version hash: a package edited in place since it was registered is refused."""
+        from safetensors.torch import load as load_tensors
+
+        record = self.version(key)
+        blobs = {n: (record.path / n).read_bytes() for n in sources.PACKAGE_FILES}
+        if sources.version_of(blobs) != record.version:
+            raise AdapterRejected(
+                f"the files of {record.name!r} changed on disk since version {record.version} was "
+                "registered; rescan or load it again"
+            )
+        return json.loads(blobs[CONFIG_FILE]), load_tensors(blobs[WEIGHTS_FILE])
+
+    def mark_failed(self, key: str, reason: str) -> None:
+        """A version that cannot be loaded: refused from now on, with the reason (if current,
+        listed as failed until a rescan or a new load)."""
+        record = self._versions.pop(key, None)
+        if record is not None:
+            record.status, record.error = "failed", reason
+
+    def version(self, key: str) -> AdapterRecord:
+        """The record of one version by key (or of the current version by bare name)."""
+        record = self._versions.get(key) if "@" in key else self._records.get(key)
+        if record is None or record.status != "ready":
+            raise NotFoundError(f"the adapter {key!r} is not available", param="adapter")
+        return record
+
+    def current(self, key: str) -> bool:
+        """Whether this key is its adapter's current version (not replaced, not unloaded)."""
+        record = self._records.get(key_name(key))
+        return record is not None and (record.key == key or "@" not in key)
 
     def records(self) -> list[AdapterRecord]:
         return list(self._records.values())

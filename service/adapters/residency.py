@@ -1,21 +1,122 @@
-"""Adapter residency: adapters load on first use and stay, least recently used evicted first.
+"""Adapter residency: device slots, a host-memory tier, pins, and disk reads off the engine thread.
 
-Only the engine's worker thread calls `ensure`, between model steps, so a load or an eviction
-never runs beside a forward pass, and an adapter that a running sequence uses is never evicted.
+Three tiers, each keyed by an adapter version's key (`name@version`, see the registry), so two
+versions of one name are two adapters here and nothing of one is ever used for the other:
+
+- **device slots** (`MAX_RESIDENT_ADAPTERS`): PEFT adapters named `slot0`, `slot1`... on the base.
+  A slot is made once, PEFT-wrapping the model's layers for it (about 0.3 s on SmolLM2); after
+  that, swapping an adapter into it copies its A and B matrices into the slot's in place (zero
+  padded to the slot's rank; the adapter's own scaling set per layer), about 5 ms for rank 16 on
+  SmolLM2. Adapters PEFT must load itself (DoRA, a LoRA bias, embedding or conv layers,
+  `modules_to_save`) rebuild their slot for them. In-place copies keep every tensor's identity,
+  so CUDA graphs captured over the LoRA pool (service/engine/lora.py) stay valid across swaps.
+- **host memory** (`MAX_CPU_ADAPTERS`): the weights of recently used versions, parsed and (on
+  CUDA) pinned, least recently used dropped first; a swap-in from here reads no disk.
+- **disk**: the registered package, read on a loader thread (never the engine's) and checked
+  against its version hash. While it is read, requests for it wait; the rest of the batch runs.
+
+Only the engine's worker thread calls `ensure` and `slot`, between model steps, so a load or an
+eviction never runs beside a forward pass, and an adapter that a running sequence uses is never
+evicted. Pinned adapters (`PINNED_ADAPTERS`, the admin API) are never evicted; at least one slot
+always stays unpinned.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass, field
 from typing import Any
 
-from service.adapters.registry import AdapterRegistry
+import torch
+
+from service.adapters.registry import AdapterRegistry, key_name
+from service.errors import HotswapError, NotFoundError
 
 log = logging.getLogger(__name__)
+
+_PREFIX = "base_model.model."
+_FAST_CONFIG = {"use_dora": False, "lora_bias": False, "fan_in_fan_out": False}
+
+
+@dataclass
+class HostCopy:
+    """One adapter version's weights in host memory, ready to copy into a slot."""
+
+    key: str
+    config: dict[str, Any]  # adapter_config.json
+    tensors: dict[str, torch.Tensor]  # its state dict, as saved
+    # Per LoRA layer (its module path in the PeftModel, without "base_model.model."): A [r, in],
+    # B [out, r] and the scaling PEFT would give it. None when PEFT must load it itself.
+    layers: dict[str, tuple[torch.Tensor, torch.Tensor, float]] | None
+    rank: int
+    nbytes: int
+    fresh: bool = True  # just read from disk: its first swap-in counts as one from disk
+
+    @classmethod
+    def parse(cls, key: str, config: dict[str, Any], tensors: dict[str, torch.Tensor], pin: bool) -> HostCopy:
+        if pin:
+            tensors = {k: v.pin_memory() for k, v in tensors.items()}
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        layers = _linear_layers(config, tensors)
+        rank = max((a.shape[0] for a, _, _ in (layers or {}).values()), default=int(config.get("r", 8)))
+        return cls(key, config, tensors, layers, rank, nbytes)
+
+
+def _linear_layers(config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict | None:
+    """The adapter as plain (A, B, scaling) per layer, or None if it needs more than that."""
+    from peft.utils.other import get_pattern_key
+
+    if any(config.get(k, v) != v for k, v in _FAST_CONFIG.items()) or config.get("modules_to_save"):
+        return None
+    if config.get("alora_invocation_tokens") or config.get("peft_type", "LORA") != "LORA":
+        return None
+    names = {}
+    for key in tensors:
+        for suffix in (".lora_A.weight", ".lora_B.weight"):
+            if key.endswith(suffix) and key.startswith(_PREFIX):
+                names.setdefault(key[len(_PREFIX) : -len(suffix)], []).append(suffix)
+                break
+        else:
+            return None  # embeddings, biases, extra parameters: PEFT's own loading
+    layers = {}
+    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    for module, parts in names.items():
+        if len(parts) != 2:
+            return None
+        a, b = tensors[f"{_PREFIX}{module}.lora_A.weight"], tensors[f"{_PREFIX}{module}.lora_B.weight"]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+            return None
+        rank = rank_pattern.get(get_pattern_key(rank_pattern.keys(), module), config.get("r", 8))
+        alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), config.get("lora_alpha", 8))
+        scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+        layers[module] = (a, b, scaling)
+    return layers
+
+
+@dataclass
+class _Slot:
+    name: str  # the PEFT adapter name
+    key: str | None = None  # the adapter version it holds
+    exact: bool = False  # built by PEFT for one adapter that cannot be copied (DoRA...)
+    # Per LoRA layer: (rank, in, out) of the slot's matrices.
+    shape: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    used: float = 0.0
+
+    def fits(self, copy: HostCopy) -> bool:
+        if self.exact or copy.layers is None:
+            return False
+        return all(
+            module in self.shape
+            and self.shape[module][0] >= a.shape[0]
+            and self.shape[module][1:] == (a.shape[1], b.shape[0])
+            for module, (a, b, _) in copy.layers.items()
+        )
 
 
 class AdapterResidency:
@@ -25,74 +126,293 @@ class AdapterResidency:
         model: Any,
         max_resident: int,
         *,
+        max_host: int | None = None,
+        pinned: list[str] | tuple[str, ...] = (),
+        loader: Executor | None = None,
         on_load: Callable[[str, str, float], None] | None = None,
         on_change: Callable[[int], None] | None = None,
         on_evict: Callable[[str], None] | None = None,
+        on_swap: Callable[[str, str, float], None] | None = None,
+        on_bytes: Callable[[str, int], None] | None = None,
     ):
         if max_resident < 1:
             raise ValueError("max_resident must be at least 1")
         self.registry = registry
         self.model = model  # becomes a PeftModel at the first load
         self.max_resident = max_resident
-        self._on_load = on_load
+        self.max_host = max_resident if max_host is None else max_host
+        self._loader = loader  # None: disk reads on the calling thread (tests, tools)
+        self._on_load = on_load or (lambda name, result, seconds: None)  # a disk read
         self._on_change = on_change or (lambda count: None)
         self._on_evict = on_evict or (lambda name: None)
-        self._lru: OrderedDict[str, float] = OrderedDict()  # name -> last use
-        self._stale: set[str] = set()  # changed on disk: reload when next idle (admin rescan)
-        self._stale_lock = threading.Lock()
+        self._on_swap = on_swap or (lambda name, source, seconds: None)  # source: host or disk
+        self._on_bytes = on_bytes or (lambda tier, nbytes: None)
+        self._slots: list[_Slot] = []
+        self._where: dict[str, _Slot] = {}  # key -> its slot
+        self._host: OrderedDict[str, HostCopy] = OrderedDict()  # least recently used first
+        self._reading: dict[str, Future] = {}  # key -> its disk read on the loader thread
+        self._failed: dict[str, HotswapError] = {}  # key -> why its read failed (told once)
+        self._lock = threading.Lock()  # host tier and reads: the loader thread writes them
+        self._pinned: set[str] = set()
+        self._wanted: deque[str] = deque()  # names to make resident when a slot is free
+        self.ready = threading.Event()  # set when a disk read finishes (wakes an idle engine)
+        self._layers: dict[str, Any] = {}  # module path -> LoRA layer, once the model is a PeftModel
+        self._max_rank = 0
+        for name in pinned:
+            self.pin(name)
 
-    def mark_stale(self, names: list[str]) -> None:
-        """Reload these packages at their next use with no running sequence (any thread)."""
-        with self._stale_lock:
-            self._stale.update(n for n in names if n in self._lru)
+    # --- what the engine calls (its worker thread) -------------------------------------------
 
-    def _reload(self, name: str) -> None:
-        """Replace a resident adapter's weights with the package now on disk (it is idle)."""
-        with self._stale_lock:
-            self._stale.discard(name)
-        keeper = None
-        if len(self._lru) == 1:  # PEFT keeps one adapter on a PeftModel: hold a placeholder
-            keeper = f"{name}__reloading"  # "." is not allowed in module names
-            self.model.load_adapter(str(self.registry.get(name, param="adapter").path), adapter_name=keeper)
-        self.model.delete_adapter(name)
-        del self._lru[name]
-        try:
-            self.model = self.registry.load(self.model, name, self._on_load)
-            self._lru[name] = time.monotonic()
-        finally:
-            if keeper is not None:
-                self.model.delete_adapter(keeper)
-            self._on_change(len(self._lru))
-        log.info("adapter %r reloaded from disk", name)
+    def key(self, adapter: str) -> str:
+        """An engine key for a bare name (its current version) or a key as is."""
+        return adapter if "@" in adapter else self.registry.version(adapter).key
+
+    def slot(self, key: str) -> str:
+        """The PEFT adapter name that holds a resident key."""
+        return self._where[self.key(key)].name
 
     @property
     def resident(self) -> list[str]:
-        """Loaded adapters, least recently used first."""
-        return list(self._lru)
+        """Adapter names on the device, least recently used first."""
+        return [key_name(s.key) for s in sorted(self._where.values(), key=lambda s: s.used)]
 
-    def ensure(self, name: str, busy: set[str]) -> bool:
-        """Make `name` resident; False while every slot holds an adapter in use (try again later).
+    def ensure(self, adapter: str, busy: set[str]) -> bool:
+        """Make `adapter` (a key, or a name for its current version) resident on the device;
+        False while it must wait: its weights are being read from disk, or every slot holds an
+        adapter in use or pinned. `busy`: keys that running sequences use (a bare name: all of
+        its versions).
 
-        Raises NotFoundError when the package cannot be loaded (it is then marked failed).
-        """
-        if name in self._lru and name not in busy and name in self._stale:
-            self._reload(name)
-        if name in self._lru:
-            self._lru.move_to_end(name)
-            self._lru[name] = time.monotonic()
+        Raises NotFoundError when the package cannot be loaded (the error names why)."""
+        key = self.key(adapter)
+        slot = self._where.get(key)
+        if slot is not None:
+            slot.used = time.monotonic()
             return True
-        victim = None
-        if len(self._lru) >= self.max_resident:
-            victim = next((n for n in self._lru if n not in busy), None)
-            if victim is None:
-                return False
-        # Load first, evict after: PEFT keeps at least one adapter on a PeftModel.
-        self.model = self.registry.load(self.model, name, self._on_load)
-        self._lru[name] = time.monotonic()
-        if victim is not None:
-            self.model.delete_adapter(victim)
-            del self._lru[victim]
-            log.info("adapter %r evicted (least recently used) for %r", victim, name)
-            self._on_evict(victim)
-        self._on_change(len(self._lru))
+        copy = self._host_copy(key)
+        if copy is None:
+            return False
+        slot = self._free_slot(busy)
+        if slot is None and len(self._slots) >= self.max_resident:
+            return False
+        started = time.perf_counter()
+        self._install(copy, slot)
+        self._on_swap(key_name(key), "disk" if copy.fresh else "host", time.perf_counter() - started)
+        copy.fresh = False
         return True
+
+    def preload_pending(self, busy: set[str]) -> None:
+        """Swap in what pins and the preload list asked for, as slots allow (engine thread)."""
+        for _ in range(len(self._wanted)):
+            name = self._wanted.popleft()
+            try:
+                if name not in self.registry or not self.ensure(name, busy):
+                    self._wanted.append(name)
+                    return
+            except HotswapError as exc:
+                log.error("preloading adapter %r failed: %s", name, exc)
+
+    # --- tiers --------------------------------------------------------------------------------
+
+    def _host_copy(self, key: str) -> HostCopy | None:
+        """The key's host copy; None while it is read from disk (on the loader thread)."""
+        with self._lock:
+            copy = self._host.get(key)
+            if copy is not None:
+                self._host.move_to_end(key)
+                return copy
+            if key in self._failed:
+                raise self._failed.pop(key)
+            if key in self._reading:
+                return None
+            if self._loader is not None:
+                self._reading[key] = self._loader.submit(self._read, key)
+                return None
+        self._read(key)
+        with self._lock:
+            if key in self._failed:
+                raise self._failed.pop(key)
+            return self._host[key]
+
+    def _read(self, key: str) -> None:
+        started = time.perf_counter()
+        name = key_name(key)
+        try:
+            config, tensors = self.registry.read_package(key)
+            copy = HostCopy.parse(key, config, tensors, pin=self._pin_memory())
+        except Exception as exc:  # corrupt tensors, a changed file, I/O: refuse this version only
+            reason = str(exc) if isinstance(exc, HotswapError) else f"cannot be loaded: {exc}"
+            log.error("adapter %s refused: %s", key, reason)
+            self.registry.mark_failed(key, reason)
+            self._on_load(name, "error", time.perf_counter() - started)
+            with self._lock:
+                self._failed[key] = NotFoundError(f"the adapter {name!r} is not available: {reason}", param="adapter")
+                self._reading.pop(key, None)
+            self.ready.set()
+            return
+        self._on_load(name, "ok", time.perf_counter() - started)
+        with self._lock:
+            self._host[key] = copy
+            self._reading.pop(key, None)
+            self._trim_host()
+        self.ready.set()
+
+    def _trim_host(self) -> None:
+        """Drop least recently used host copies beyond MAX_CPU_ADAPTERS (lock held). The newest
+        stays even with MAX_CPU_ADAPTERS 0: it is on its way into a slot."""
+        while len(self._host) > max(self.max_host, 1):
+            self._host.popitem(last=False)
+        self._on_bytes("host", sum(c.nbytes for c in self._host.values()))
+
+    def _pin_memory(self) -> bool:
+        device = getattr(self.model, "device", torch.device("cpu"))
+        return torch.device(device).type == "cuda"
+
+    # --- slots --------------------------------------------------------------------------------
+
+    def _free_slot(self, busy: set[str]) -> _Slot | None:
+        """An empty slot, else the slot to evict: not in use and not pinned, an adapter that was
+        replaced or unloaded first, then the least recently used. None: make a new slot if the
+        limit allows, else wait."""
+        empty = next((s for s in self._slots if s.key is None), None)
+        if empty is not None:
+            return empty
+        if len(self._slots) < self.max_resident:
+            return None
+        idle = [
+            s for s in self._slots if s.key not in busy and key_name(s.key) not in busy and not self.is_pinned(s.key)
+        ]
+        if not idle:
+            return None
+        victim = min(idle, key=lambda s: (self.registry.current(s.key), s.used))
+        log.info("adapter %s evicted from its slot (least recently used)", victim.key)
+        self._on_evict(key_name(victim.key))
+        del self._where[victim.key]
+        victim.key = None
+        return victim
+
+    def is_pinned(self, key: str) -> bool:
+        """Pins hold a name's current version only: a replaced version leaves its slot."""
+        return key_name(key) in self._pinned and self.registry.current(key)
+
+    def _install(self, copy: HostCopy, slot: _Slot | None) -> None:
+        """Put `copy` in `slot` (None: a new slot): an in-place copy when it fits, else PEFT
+        (re)builds the slot for it."""
+        if slot is not None and slot.fits(copy):
+            self._copy_into(copy, slot)
+        else:
+            slot = self._build(copy, slot)
+        slot.key, slot.used = copy.key, time.monotonic()
+        self._where[copy.key] = slot
+        self._on_change(len(self._where))
+        self._on_bytes("device", sum(self._slot_bytes(s) for s in self._slots))
+
+    def _copy_into(self, copy: HostCopy, slot: _Slot) -> None:
+        with torch.no_grad():
+            for module, (rank, _, _) in slot.shape.items():
+                layer = self._layers[module]
+                a_slot, b_slot = layer.lora_A[slot.name].weight, layer.lora_B[slot.name].weight
+                held = copy.layers.get(module)
+                if held is None:  # the adapter leaves this layer alone
+                    a_slot.zero_()
+                    b_slot.zero_()
+                    continue
+                a, b, scaling = held
+                r = a.shape[0]
+                a_slot[:r].copy_(a, non_blocking=True)
+                b_slot[:, :r].copy_(b, non_blocking=True)
+                if r < rank:
+                    a_slot[r:].zero_()
+                    b_slot[:, r:].zero_()
+                layer.scaling[slot.name] = scaling
+
+    def _build(self, copy: HostCopy, slot: _Slot | None) -> _Slot:
+        """A slot made by PEFT for this adapter (slow: it wraps layers). A copyable adapter gets
+        a slot at the highest rank seen so far, so later adapters fit it."""
+        from peft import LoraConfig, PeftModel, set_peft_model_state_dict
+
+        index = self._slots.index(slot) if slot is not None else len(self._slots)
+        name = f"slot{index}" if slot is None else f"slot{index}_{time.monotonic_ns()}"
+        config = LoraConfig.from_peft_type(**copy.config)
+        config.inference_mode = True
+        exact = copy.layers is None
+        if not exact:
+            self._max_rank = max(self._max_rank, copy.rank)
+            config.r, config.rank_pattern, config.alpha_pattern = self._max_rank, {}, {}
+        if hasattr(self.model, "peft_config"):
+            self.model.add_adapter(name, config)
+        else:
+            self.model = PeftModel(self.model, config, adapter_name=name)
+        self.model.eval()
+        self.model.requires_grad_(False)
+        if slot is not None:  # a new one first, then the old: PEFT keeps one adapter at least
+            self.model.delete_adapter(slot.name)
+        self._layers = _lora_layers(self.model)
+        fresh = _Slot(name, exact=exact)
+        fresh.shape = {
+            module: (layer.lora_A[name].out_features, layer.lora_A[name].in_features, layer.lora_B[name].out_features)
+            for module, layer in self._layers.items()
+            if name in layer.lora_A
+        }
+        if exact:
+            set_peft_model_state_dict(self.model, copy.tensors, adapter_name=name)
+        else:
+            self._copy_into(copy, fresh)
+        if slot is None:
+            self._slots.append(fresh)
+        else:
+            self._slots[index] = fresh
+        rank = max((r for r, _, _ in fresh.shape.values()), default=0)
+        log.info("adapter slot %s built for %s (rank %d)", name, copy.key, rank)
+        return fresh
+
+    def _slot_bytes(self, slot: _Slot) -> int:
+        return sum(
+            layer.lora_A[slot.name].weight.nbytes + layer.lora_B[slot.name].weight.nbytes
+            for layer in self._layers.values()
+            if slot.name in layer.lora_A
+        )
+
+    # --- what the admin API calls (any thread) ------------------------------------------------
+
+    def pin(self, name: str) -> None:
+        """Never evict `name` (every version of it) and make it resident soon."""
+        if name not in self._pinned and len(self._pinned) >= self.max_resident - 1:
+            raise ValueError(
+                f"at most {self.max_resident - 1} adapters can be pinned with MAX_RESIDENT_ADAPTERS "
+                f"{self.max_resident} (one slot must stay free for the others)"
+            )
+        self._pinned.add(name)
+        self.want(name)
+
+    def unpin(self, name: str) -> None:
+        self._pinned.discard(name)
+
+    @property
+    def pinned(self) -> set[str]:
+        return set(self._pinned)
+
+    def want(self, name: str) -> None:
+        """Load `name` into a slot at the engine's next iteration (preload)."""
+        self._wanted.append(name)
+        self.ready.set()
+
+    def state(self, key: str) -> str:
+        """Where a version is: resident (device), cached (host), loading (disk), registered."""
+        if key in self._where:
+            return "resident"
+        with self._lock:
+            if key in self._host:
+                return "cached"
+            if key in self._reading:
+                return "loading"
+        return "registered"
+
+
+def _lora_layers(model: Any) -> dict[str, Any]:
+    from peft.tuners.lora import LoraLayer
+
+    return {
+        name[len(_PREFIX) :]: module
+        for name, module in model.named_modules()
+        if isinstance(module, LoraLayer) and name.startswith(_PREFIX)
+    }

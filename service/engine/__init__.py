@@ -60,6 +60,16 @@ class EngineRequest:
     # Part of an HTTP request the service already accepted (through `Engine.admit`): never
     # refused for the queue bound, so a started response is never cut short by overload.
     admitted: bool = False
+    # The adapter's version the request resolved to (None: its current one). The request runs
+    # on that version even if a new one is loaded meanwhile.
+    adapter_version: str | None = None
+
+    @property
+    def adapter_key(self) -> str | None:
+        """The engine's id of the adapter version: `name@version` (a bare name: current)."""
+        if self.adapter is None or self.adapter_version is None:
+            return self.adapter
+        return f"{self.adapter}@{self.adapter_version}"
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ neither padding nor slots change what a sequence computes.
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -45,7 +46,8 @@ class _Row:
 
     @property
     def adapter(self) -> str | None:
-        return self.job.request.adapter
+        """The PEFT adapter (slot) the row runs through; None for the base."""
+        return self.job.slot
 
 
 class BatchedEngine(WorkerEngine):
@@ -58,6 +60,7 @@ class BatchedEngine(WorkerEngine):
         cuda_graphs: bool = True,
         on_kv_cache: Callable[[str, bool], None] = lambda kv_cache, graphs: None,
         on_capture: Callable[[float], None] = lambda seconds: None,
+        on_slot_wait: Callable[[list[str], float | None], None] = lambda waiting, seconds: None,
         overlap_masks: bool | None = None,
         **kwargs,
     ):
@@ -68,6 +71,11 @@ class BatchedEngine(WorkerEngine):
         self.max_prefill_tokens = max_prefill_tokens
         self._pending: deque[Job] = deque()  # taken from the queue, not admitted yet (FIFO)
         self._rows: list[_Row] = []
+        # Fair admission (see _admissions): the adapter whose slot is being freed for a waiting
+        # one, and the hooks told who waits for a slot (labels) and how long a wait took.
+        self._draining: str | None = None
+        self._on_slot_wait = on_slot_wait
+        self._waiters: list[str] = []
         if kv_cache == "static":
             slots = self.residency.max_resident if self.residency is not None else 8
             self._kv = SlotKV(
@@ -99,6 +107,8 @@ class BatchedEngine(WorkerEngine):
             self._outbox.flush()
             if stop:
                 self._fail_running(ServiceUnavailableError("the engine stopped"))
+                while self._pending:
+                    self._outbox.post(self._pending.popleft(), ServiceUnavailableError("the engine stopped"))
                 self._outbox.flush()
                 return
             if self._rows:
@@ -113,38 +123,91 @@ class BatchedEngine(WorkerEngine):
                     self._outbox.flush()
 
     def _admissions(self) -> tuple[list[Job], bool]:
-        """Jobs to prefill now: FIFO, within capacity and the prefill token budget."""
+        """Jobs to prefill now: FIFO within capacity and the prefill token budget, where a job
+        whose adapter cannot run yet does not hold up the jobs behind it.
+
+        A job waits when its adapter's weights are still being read from disk (the batch runs
+        meanwhile), or when every adapter slot serves running rows. Then, so that it is never
+        starved, the engine drains one slot: no new rows join the adapter with the fewest running
+        rows (unless pinned) until the waiting one has its slot, so the wait is bounded by what
+        those rows have left to generate. Jobs for an adapter that waits stay behind the first
+        (FIFO per adapter), and jobs on resident adapters keep flowing.
+        """
         admitted: list[Job] = []
-        tokens = 0
-        while len(self._rows) + len(admitted) < self.capacity:
+        waiting: list[Job] = []  # passed over this time, in order
+        blocked: set[str | None] = set()  # adapters that wait; their later jobs stay behind
+        tokens, stop = 0, False
+        running = {r.job.key for r in self._rows} - {None}
+        if self.residency is not None:
+            self.residency.preload_pending(running)
+        lookahead = len(self._pending) + self.capacity * 4
+        while len(self._rows) + len(admitted) < self.capacity and lookahead > 0:
+            lookahead -= 1
             if self._pending:
                 job = self._pending.popleft()
+            elif len(waiting) >= self.capacity * 4:
+                break
             else:
-                job = self._take(block=not self._rows and not admitted)
+                idle = not self._rows and not admitted and not waiting
+                job = self._take(block=idle)
                 if job is None:
                     break
                 if job is STOP:
-                    return admitted, True
+                    stop = True
+                    break
             assert isinstance(job, Job)
             if job.cancelled.is_set():
                 self._change(waiting_remove=job.label)
                 continue
             size = len(job.request.prompt_ids)
             if admitted and tokens + size > self.max_prefill_tokens:
-                self._pending.appendleft(job)  # first in line for the next iteration
+                waiting.append(job)  # first in line for the next iteration
                 break
-            busy = {r.adapter for r in self._rows} | {j.request.adapter for j in admitted}
+            if job.key in blocked or (job.key is not None and job.key == self._draining):
+                waiting.append(job)
+                continue
+            busy = running | {j.key for j in admitted}
             ready = self._adapter_ready(job, busy - {None})
             if ready is None:
                 continue
             if not ready:
-                # Every adapter slot serves a running sequence: this job waits at the head of
-                # the line (strict FIFO, so no later job can keep those adapters busy forever).
-                self._pending.appendleft(job)
-                break
+                blocked.add(job.key)
+                waiting.append(job)
+                if job.waiting_since is None:
+                    job.waiting_since = time.monotonic()
+                if self._draining is None and self.residency.state(job.key) != "loading":
+                    self._draining = self._drain_choice(running)
+                continue
+            if job.waiting_since is not None:
+                self._on_slot_wait(self._slot_waiters(waiting), time.monotonic() - job.waiting_since)
+                if self._draining is not None and not any(j.waiting_since for j in waiting):
+                    self._draining = None
             admitted.append(job)
             tokens += size
-        return admitted, False
+        self._pending.extendleft(reversed(waiting))
+        if not any(j.waiting_since for j in self._pending):
+            self._draining = None
+        waiters = self._slot_waiters(self._pending)
+        if waiters != self._waiters:
+            self._waiters = waiters
+            self._on_slot_wait(waiters, None)
+        if not admitted and not self._rows and self._pending and not stop:
+            self._wait_for_adapters()  # every waiting job waits for a disk read
+        return admitted, stop
+
+    def _drain_choice(self, running: set[str]) -> str | None:
+        """The running adapter to stop admitting to, so its slot frees soonest: the fewest
+        running rows, never a pinned one."""
+        counts: dict[str, int] = {}
+        for row in self._rows:
+            key = row.job.key
+            if key is not None and key in running and not self.residency.is_pinned(key):
+                counts[key] = counts.get(key, 0) + 1
+        return min(counts, key=counts.get) if counts else None
+
+    @staticmethod
+    def _slot_waiters(jobs: Any) -> list[str]:
+        return [j.label for j in jobs if j.waiting_since is not None]
 
     def _admit_all(self, jobs: list[Job]) -> None:
         """Prefill the jobs admitted this iteration: together in one forward pass, except those
@@ -173,7 +236,7 @@ class BatchedEngine(WorkerEngine):
             self._change(waiting_remove=job.label, running_add=job.label)
         try:
             logits, cache, mask = self.runner.prefill_batch(
-                [list(j.request.prompt_ids) for j in jobs], [j.request.adapter for j in jobs]
+                [list(j.request.prompt_ids) for j in jobs], [j.slot for j in jobs]
             )
         except Exception as exc:
             self._step_failed("prefill", exc, len(jobs))
@@ -270,6 +333,9 @@ class BatchedEngine(WorkerEngine):
                 keep.append(i)
         if len(keep) < len(rows):
             self._retain(keep)
+
+    def _queued(self) -> int:
+        return super()._queued() + len(self._pending)
 
     async def stop(self) -> None:
         await super().stop()

@@ -128,9 +128,10 @@ class FusedMixedLoRA:
             mask.copy_(self._pool.row_mask(self.names))
 
     def signature(self) -> tuple:
-        """Changes whenever the loaded adapters or their weights do (a reload makes new ones)."""
+        """Changes whenever the loaded adapters or their weights do: a reload makes new tensors,
+        a swap into a slot rewrites them in place (which bumps their version counter)."""
         return self._installed_for, tuple(
-            (name, id(self._probes[name].lora_A[name].weight) if name in self._probes else None)
+            (name, _identity(self._probes[name].lora_A[name].weight) if name in self._probes else None)
             for name in self._loaded
         )
 
@@ -202,11 +203,12 @@ class FusedMixedLoRA:
 
     def _stack(self, layer: Any, adapters: tuple[str, ...]) -> tuple:
         key = (id(layer), adapters)
-        sources = tuple(layer.lora_A[n].weight for n in adapters) + tuple(layer.lora_B[n].weight for n in adapters)
+        weights = tuple(layer.lora_A[n].weight for n in adapters) + tuple(layer.lora_B[n].weight for n in adapters)
+        sources = tuple(_identity(w) for w in weights)
         cached = self._stacks.get(key)
-        # Holding the source parameters keeps their identity meaningful: a reloaded adapter has
-        # new ones, and its stack is rebuilt.
-        if cached is None or any(x is not y for x, y in zip(cached[3], sources, strict=True)):
+        # A reloaded adapter has new parameters, a swapped one rewritten ones (the same tensors
+        # at a new version): either way, its stack is rebuilt.
+        if cached is None or cached[3] != sources:
             a = [layer.lora_A[n].weight for n in adapters]
             b = [layer.lora_B[n].weight * layer.scaling[n] for n in adapters]
             blocks, start = [], 0
@@ -218,7 +220,7 @@ class FusedMixedLoRA:
             # (tests/test_batched_smollm2.py's bound is 0.25).
             a_t = torch.cat(a).detach().t()
             b_t = torch.cat(b, dim=1).detach().t()
-            cached = (a_t, b_t, tuple(blocks), sources)
+            cached = (a_t, b_t, tuple(blocks), sources, weights)  # holding them keeps ids unique
             self._stacks[key] = cached
         return cached[:3]
 
@@ -235,6 +237,12 @@ class FusedMixedLoRA:
                     mask[row, spans[name][0] : spans[name][1]] = 1
             mask = self._masks[key] = mask.to(device)
         return mask
+
+
+def _identity(weight: torch.Tensor) -> tuple[int, int]:
+    """A parameter's identity and its in-place version: equal only for the same values (a held
+    reference keeps the id from being reused; see the callers)."""
+    return id(weight), weight._version
 
 
 class _Pool:
@@ -273,13 +281,9 @@ class _Pool:
         for name in loaded:
             if name not in self.assigned:
                 self.assigned[name] = free.pop(0)
-            sources = tuple(layer.lora_A[name].weight for layer in self.layers if name in layer.lora_A)
-            copied = self._copied.get(name)
-            if (
-                copied is None
-                or len(copied) != len(sources)
-                or any(a is not b for a, b in zip(copied, sources, strict=True))
-            ):
+            weights = tuple(layer.lora_A[name].weight for layer in self.layers if name in layer.lora_A)
+            sources = (tuple(_identity(w) for w in weights), weights)  # held: ids stay unique
+            if self._copied.get(name, (None,))[0] != sources[0]:
                 self._write(self.assigned[name], name)
                 self._copied[name] = sources
 

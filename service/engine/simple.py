@@ -28,7 +28,13 @@ class SimpleEngine(WorkerEngine):
             if job.cancelled.is_set():
                 self._change(waiting_remove=job.label)
                 continue
-            if self._adapter_ready(job, busy=set()) is None:  # nothing runs: never has to wait
+            ready = self._adapter_ready(job, busy=set())  # nothing runs: no slot is busy
+            while ready is False and not job.cancelled.is_set():  # its weights are being read
+                self._wait_for_adapters()
+                ready = self._adapter_ready(job, busy=set())
+            if not ready:
+                if ready is False:
+                    self._change(waiting_remove=job.label)
                 continue
             self._change(waiting_remove=job.label, running_add=job.label)
             try:
@@ -66,4 +72,4 @@ class SimpleEngine(WorkerEngine):
             if finish is not None:
                 return
             self._on_step(1)
-            logits = self.runner.decode(token, cache, job.request.adapter)
+            logits = self.runner.decode(token, cache, job.slot)

@@ -35,10 +35,16 @@ class Job:
     loop: asyncio.AbstractEventLoop
     results: asyncio.Queue
     cancelled: threading.Event = field(default_factory=threading.Event)
+    slot: str | None = None  # the PEFT adapter that holds its adapter, once resident
+    waiting_since: float | None = None  # when it first waited for an adapter slot
 
     @property
     def label(self) -> str:
         return self.request.adapter or "base"
+
+    @property
+    def key(self) -> str | None:
+        return self.request.adapter_key
 
     def push(self, item: EngineOutput | BaseException) -> None:
         self.loop.call_soon_threadsafe(self.results.put_nowait, item)
@@ -147,11 +153,15 @@ class WorkerEngine:
     def admit(self, sequences: int) -> None:
         if not self.healthy:
             raise ServiceUnavailableError("the engine is not running")
-        if self._jobs.qsize() + sequences > self.max_queued:
+        if self._queued() + sequences > self.max_queued:
             raise OverloadedError(
                 f"the server is at its queue limit ({self.max_queued} waiting requests); retry later",
                 code="queue_full",
             )
+
+    def _queued(self) -> int:
+        """Requests waiting for the worker (its queue; subclasses add what they hold back)."""
+        return self._jobs.qsize()
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
         if not self.healthy:
@@ -188,19 +198,29 @@ class WorkerEngine:
         raise NotImplementedError
 
     def _adapter_ready(self, job: Job, busy: set[str]) -> bool | None:
-        """Make the job's adapter resident. True: go; False: every slot is busy, wait;
-        None: the adapter cannot be loaded (the job has its error)."""
-        adapter = job.request.adapter
-        if adapter is None or self.residency is None:
+        """Make the job's adapter version resident. True: go (`job.slot` names it for the
+        model); False: wait (its weights are being read, or every slot is busy); None: the
+        adapter cannot be loaded (the job has its error). `busy`: keys running rows use."""
+        key = job.key
+        if key is None or self.residency is None:
+            job.slot = job.request.adapter
             return True
         try:
-            ready = self.residency.ensure(adapter, busy)
+            ready = self.residency.ensure(key, busy)
         except HotswapError as exc:
             job.push(exc)
             self._change(waiting_remove=job.label)
             return None
         self.runner.model = self.residency.model  # a PeftModel from the first adapter on
+        if ready:
+            job.slot = self.residency.slot(key)
         return ready
+
+    def _wait_for_adapters(self) -> None:
+        """Nothing can run until an adapter's disk read ends: sleep until one does (briefly)."""
+        if self.residency is not None:
+            self.residency.ready.wait(0.05)
+            self.residency.ready.clear()
 
     def _choose(
         self, params: Any, logits: torch.Tensor, generator: torch.Generator, matcher: Any, greedy: int | None = None
@@ -244,7 +264,7 @@ class WorkerEngine:
         """
         request, params = job.request, job.request.params
         prompt = list(request.prompt_ids)
-        logits, cache = self.runner.prefill(prompt, request.adapter, all_logits=params.prompt_logprobs is not None)
+        logits, cache = self.runner.prefill(prompt, job.slot, all_logits=params.prompt_logprobs is not None)
         scored = None
         if params.prompt_logprobs is not None:
             scored = prompt_logprobs(logits, prompt, params.prompt_logprobs)

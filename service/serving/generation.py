@@ -37,6 +37,7 @@ class ServingContext:
     metrics: Metrics
     guardrails: Guardrails = field(default_factory=Guardrails)
     default_max_tokens: int = 0  # a chat request's budget when it sets none (0: the context)
+    residency: Any = None  # AdapterResidency: adapter tiers and pins (None: a fake engine's tests)
     grammars: GrammarCompiler | None = None  # structured outputs; made from the tokenizer if None
 
     def __post_init__(self) -> None:
@@ -61,6 +62,9 @@ class Target:
     model_name: str
     adapter: str | None = None
     manifest: AdapterManifest | None = None
+    # The adapter's version when the request resolved it: every choice and retry runs on it,
+    # even if a new version is loaded meanwhile.
+    version: str | None = None
 
     @property
     def label(self) -> str:
@@ -96,10 +100,10 @@ def resolve_target(model: str, adapter: str | None, ctx: ServingContext) -> Targ
         if adapter == "base":
             return Target(model_name=ctx.base_id)
         record = ctx.registry.get(adapter, param="adapter")
-        return Target(model_name=adapter, adapter=adapter, manifest=record.manifest)
+        return Target(model_name=adapter, adapter=adapter, manifest=record.manifest, version=record.version)
     if model in ctx.registry:
         record = ctx.registry.get(model, param="model")
-        return Target(model_name=model, adapter=model, manifest=record.manifest)
+        return Target(model_name=model, adapter=model, manifest=record.manifest, version=record.version)
     if model == ctx.base_id:
         return Target(model_name=ctx.base_id)
     served = [ctx.base_id, *(r.name for r in ctx.registry.ready())]
@@ -292,6 +296,7 @@ async def _generate(
         adapter=target.adapter,
         params=spec.params,
         admitted=True,  # run_choices admitted the whole HTTP request
+        adapter_version=target.version,
     )
     generated, finished, last = 0, False, started
     stream = ctx.engine.generate(request)

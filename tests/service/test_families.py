@@ -23,7 +23,7 @@ from service.fingerprint import fingerprint_files, weight_files
 from service.metrics import Metrics
 from service.runtime import choose_kv_cache, load_runtime, static_kv_unsupported
 from service.settings import Settings
-from tests.factories import FAMILIES, make_lora_adapter, make_tiny_family, preload_adapters
+from tests.factories import FAMILIES, make_lora_adapter, make_tiny_family, preload_adapters, serve_through_slots
 from tests.service.test_batched_engine import make, run
 
 PROMPTS = ["The capital of France is Paris.", "Write a short email", "Numbers 0123456789, prices $19.99"]
@@ -57,7 +57,7 @@ def worlds(tmp_path_factory):
     return world
 
 
-def runtime_for(worlds, family, cache_dir, quantization="fp32", device="cpu"):
+def runtime_for(worlds, family, cache_dir, quantization="fp32", device="cpu", slots=False):
     base, adapters = worlds(family)
     settings = Settings(
         model=str(base),
@@ -67,11 +67,14 @@ def runtime_for(worlds, family, cache_dir, quantization="fp32", device="cpu"):
         cache_dir=cache_dir,
         kv_cache="dynamic",
     )
-    return preload_adapters(load_runtime(settings, Metrics()), ("a1", "a2"))
+    runtime = load_runtime(settings, Metrics())
+    if slots:
+        return runtime, serve_through_slots(runtime, ("a1", "a2"))
+    return preload_adapters(runtime, ("a1", "a2"))
 
 
-def serve_mixed_batch(runner, tokenizer, kv) -> list[list[int]]:
-    engine = make(runner, kv=kv)
+def serve_mixed_batch(runner, tokenizer, kv, engine=None) -> list[list[int]]:
+    engine = engine or make(runner, kv=kv)
     prompts = [tokenizer(p).input_ids for p in PROMPTS]
 
     async def body(engine):
@@ -101,13 +104,23 @@ def test_mixed_batch_is_token_identical_to_peft_generate(worlds, cache_dir, fami
     assert_peft_tokens(runner, tokenizer, serve_mixed_batch(runner, tokenizer, kv), (family, kv))
 
 
-def assert_peft_tokens(runner, tokenizer, got: list[list[int]], label) -> None:
-    """Each row's tokens are those of PEFT's single-request greedy `generate`."""
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_adapters_swapped_into_device_slots_serve_every_family(worlds, cache_dir, family):
+    """The service's own path: both adapters copied into device slots, requests by name."""
+    runtime, slots = runtime_for(worlds, family, cache_dir, slots=True)
+    runner, tokenizer = runtime.engine.runner, runtime.tokenizer
+    got = serve_mixed_batch(runner, tokenizer, "dynamic", engine=runtime.engine)
+    assert_peft_tokens(runner, tokenizer, got, family, slots)
+
+
+def assert_peft_tokens(runner, tokenizer, got: list[list[int]], label, slots=None) -> None:
+    """Each row's tokens are those of PEFT's single-request greedy `generate` (`slots`: the PEFT
+    adapter that holds each named one)."""
     model = runner.model
     for prompt, adapter, tokens in zip(PROMPTS, ADAPTERS, got, strict=True):
         ids = tokenizer(prompt).input_ids
         if adapter:
-            model.set_adapter(adapter)
+            model.set_adapter(slots[adapter] if slots else adapter)
         with model.disable_adapter() if adapter is None else torch.no_grad(), torch.no_grad():
             out = model.generate(
                 torch.tensor([ids], device=runner.device),

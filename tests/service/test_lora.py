@@ -22,6 +22,11 @@ def residency(tiny, cache_dir, tmp_path):
     return residency
 
 
+def slots(residency, adapters):
+    """The rows' PEFT adapters: the slots that hold the named adapters."""
+    return [residency.slot(a) if a else None for a in adapters]
+
+
 def steps(runner: ModelRunner, adapters, n=4) -> list[torch.Tensor]:
     """Prefill the prompts together, then decode n greedy steps; every step's logits."""
     logits, cache, mask = runner.prefill_batch(PROMPTS, adapters)
@@ -38,6 +43,7 @@ def steps(runner: ModelRunner, adapters, n=4) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("adapters", [ADAPTERS, ["alpha"] * 5, [None] * 5, ["beta", None, None, None, "beta"]])
 def test_fused_lora_matches_peft_mixed_batches(residency, adapters):
+    adapters = slots(residency, adapters)
     fused = steps(ModelRunner(residency.model, "cpu"), adapters)
     peft = steps(ModelRunner(residency.model, "cpu", fused_lora=False), adapters)
     for a, b in zip(fused, peft, strict=True):
@@ -47,18 +53,23 @@ def test_fused_lora_matches_peft_mixed_batches(residency, adapters):
         assert torch.equal(fused[0][row], base[0][row]) == (adapter is None)
 
 
-def test_a_reloaded_adapter_is_not_served_from_stale_stacks(residency):
+def test_a_swapped_slot_is_not_served_from_stale_stacks(residency):
+    """Swapping another adapter into a slot rewrites its tensors in place (same objects): the
+    fused stacks built from the old values must not serve the new adapter."""
     runner = ModelRunner(residency.model, "cpu")
-    before = steps(runner, ADAPTERS, n=1)[0]
+    rows = slots(residency, ADAPTERS)
+    before = steps(runner, rows, n=1)[0]
     registry = residency.registry
     shutil.copy(
         registry.directory / "beta" / "adapter_model.safetensors",
         registry.directory / "alpha" / "adapter_model.safetensors",
     )
-    residency.mark_stale(registry.rescan()["changed"])
-    residency.ensure("alpha", busy=set())
-    runner.model = residency.model
-    after = steps(runner, ADAPTERS, n=1)[0]
-    reference = steps(ModelRunner(residency.model, "cpu", fused_lora=False), ADAPTERS, n=1)[0]
+    registry.rescan()  # alpha's new version: beta's weights
+    residency.max_resident = 2  # full: the new version replaces the old one in its slot
+    assert residency.ensure("alpha", busy={residency.key("beta")})
+    assert set(residency.model.peft_config) == {"slot0", "slot1"}
+    rows = slots(residency, ADAPTERS)
+    after = steps(runner, rows, n=1)[0]
+    reference = steps(ModelRunner(residency.model, "cpu", fused_lora=False), rows, n=1)[0]
     torch.testing.assert_close(after, reference, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(after[1], before[1], atol=1e-3)  # alpha's rows use its new weights

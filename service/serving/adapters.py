@@ -1,0 +1,101 @@
+"""The adapter fleet over HTTP: vLLM's load/unload endpoints, pins, and the model list.
+
+`POST /v1/load_lora_adapter` and `POST /v1/unload_lora_adapter` keep vLLM's request fields,
+status codes and plain-text success bodies, so vLLM's tooling drives hotswap unchanged. A load
+fetches and checks the package on a thread (network and disk never block the event loop); a load
+under a served name with `load_inplace` makes the new version current for new requests while
+running ones finish on theirs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from service.adapters.registry import AdapterExists, AdapterRecord, AdapterRejected
+from service.adapters.sources import SourceError
+from service.errors import InvalidRequestError, NotFoundError
+from service.protocol import LoadLoRAAdapterRequest, ModelCard, UnloadLoRAAdapterRequest
+from service.serving.generation import ServingContext
+
+
+class AdapterServing:
+    def __init__(self, ctx: ServingContext):
+        self.ctx = ctx
+
+    async def load(self, body: LoadLoRAAdapterRequest) -> str:
+        ctx = self.ctx
+        if body.base_model_name and body.base_model_name != ctx.base_id:
+            raise InvalidRequestError(
+                f"base_model_name {body.base_model_name!r} is not the served base {ctx.base_id!r}",
+                param="base_model_name",
+            )
+        was_resident = self._resident(body.lora_name)
+        try:
+            await asyncio.to_thread(ctx.registry.register, body.lora_name, body.lora_path, replace=body.load_inplace)
+        except (ValueError, AdapterExists) as exc:
+            raise InvalidRequestError(str(exc), param="lora_name") from exc
+        except (SourceError, AdapterRejected) as exc:
+            raise InvalidRequestError(f"cannot load {body.lora_path!r}: {exc}", param="lora_path") from exc
+        if ctx.residency is not None and was_resident:
+            ctx.residency.want(body.lora_name)  # the new version takes a slot before it is asked for
+        return f"Success: LoRA adapter '{body.lora_name}' added successfully."
+
+    async def unload(self, body: UnloadLoRAAdapterRequest) -> str:
+        self.ctx.registry.unregister(body.lora_name)
+        if self.ctx.residency is not None:
+            self.ctx.residency.unpin(body.lora_name)
+        return f"Success: LoRA adapter '{body.lora_name}' removed successfully."
+
+    def pin(self, name: str, pinned: bool) -> ModelCard:
+        record = self.ctx.registry.get(name, param="name")
+        residency = self.ctx.residency
+        if residency is None:
+            raise InvalidRequestError("this engine has no adapter slots to pin to", param="name")
+        if pinned:
+            try:
+                residency.pin(name)
+            except ValueError as exc:
+                raise InvalidRequestError(str(exc), param="name") from exc
+        else:
+            residency.unpin(name)
+        return self.card(record)
+
+    def _resident(self, name: str) -> bool:
+        residency = self.ctx.residency
+        if residency is None or name not in self.ctx.registry:
+            return False
+        try:
+            return residency.state(self.ctx.registry.version(name).key) == "resident"
+        except NotFoundError:
+            return False
+
+    # --- the model list -----------------------------------------------------------------------
+
+    def cards(self) -> list[ModelCard]:
+        ctx = self.ctx
+        cards = [ModelCard(id=ctx.base_id, root=ctx.base_id)]
+        records = ctx.registry.records()
+        cards += [self.card(record) for record in records]
+        served = {r.name for r in records}
+        for name, source in ctx.registry.loading().items():
+            if name not in served:
+                cards.append(ModelCard(id=name, parent=ctx.base_id, root=source, state="loading"))
+        return cards
+
+    def card(self, record: AdapterRecord) -> ModelCard:
+        ctx = self.ctx
+        common = dict(id=record.name, parent=ctx.base_id, root=record.source or str(record.path))
+        if record.status != "ready":
+            return ModelCard(**common, state="failed", error=record.error)
+        manifest = record.manifest
+        residency = ctx.residency
+        return ModelCard(
+            **common,
+            description=manifest.description,
+            prompt_template=manifest.prompt_template,
+            input_fields=[f.model_dump() for f in manifest.input_fields],
+            output=manifest.output.model_dump(),
+            version=record.version,
+            state=residency.state(record.key) if residency is not None else "registered",
+            pinned=record.name in residency.pinned if residency is not None else False,
+        )
