@@ -259,7 +259,7 @@ class AdapterRegistry:
             manifest = validate_package(path, base_fingerprint=self.base_fingerprint, base_id=self.base_id, name=name)
             sources.check_size(path, self.max_bytes, str(source))
             version = sources.content_version(path)
-            return AdapterRecord(name, path, "ready", manifest, package_signature(path), version, str(source), "api")
+            return self._api_record(name, path, manifest, version, source)
         if self.download_dir is None:
             raise SourceError("remote adapter sources need a cache directory (CACHE_DIR)")
         staging = sources.staging_dir(self.download_dir)
@@ -273,7 +273,20 @@ class AdapterRegistry:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         self._prune(name, keep=version)
-        return AdapterRecord(name, path, "ready", manifest, package_signature(path), version, str(source), "api")
+        return self._api_record(name, path, manifest, version, source)
+
+    @staticmethod
+    def _api_record(name: str, path: Path, manifest: AdapterManifest, version: str, source: Source) -> AdapterRecord:
+        return AdapterRecord(
+            name,
+            path,
+            "ready",
+            manifest,
+            signature=package_signature(path),
+            version=version,
+            source=str(source),
+            origin="api",
+        )
 
     def _prune(self, name: str, keep: str) -> None:
         """Delete downloaded versions of `name` but this one and the one it replaces (requests

@@ -156,6 +156,7 @@ class AdapterResidency:
         self._pinned: set[str] = set()
         self._wanted: deque[str] = deque()  # names to make resident when a slot is free
         self.ready = threading.Event()  # set when a disk read finishes (wakes an idle engine)
+        self.on_want = lambda: None  # the engine's: wake it when idle, to preload
         self._layers: dict[str, Any] = {}  # module path -> LoRA layer, once the model is a PeftModel
         self._max_rank = 0
         for name in pinned:
@@ -255,6 +256,8 @@ class AdapterResidency:
             self._reading.pop(key, None)
             self._trim_host()
         self.ready.set()
+        if self._wanted:  # a preload waited for this read: an idle engine must look again
+            self.on_want()
 
     def _trim_host(self) -> None:
         """Drop least recently used host copies beyond MAX_CPU_ADAPTERS (lock held). The newest
@@ -395,6 +398,7 @@ class AdapterResidency:
         """Load `name` into a slot at the engine's next iteration (preload)."""
         self._wanted.append(name)
         self.ready.set()
+        self.on_want()
 
     def state(self, key: str) -> str:
         """Where a version is: resident (device), cached (host), loading (disk), registered."""

@@ -24,6 +24,8 @@ class SimpleEngine(WorkerEngine):
             job = self._take(block=True)
             if job is STOP:
                 return
+            if job is None:  # woken: nothing to run
+                continue
             assert isinstance(job, Job)
             if job.cancelled.is_set():
                 self._change(waiting_remove=job.label)

@@ -27,6 +27,7 @@ from service.errors import HotswapError, OverloadedError, ServiceUnavailableErro
 log = logging.getLogger(__name__)
 
 STOP = object()  # queued by `stop` to wake the worker
+WAKE = object()  # queued to make an idle worker look again (an adapter to preload)
 
 
 @dataclass
@@ -113,6 +114,8 @@ class WorkerEngine:
         self._running: list[str] = []
         self._state_lock = threading.Lock()
         self._failures = 0  # failed steps in a row
+        if residency is not None:  # a pin or preload asks an idle engine to load it now
+            residency.on_want = lambda: self._jobs.put(WAKE)
 
     @property
     def healthy(self) -> bool:
@@ -275,11 +278,12 @@ class WorkerEngine:
         return logits, cache, scored, max(budget, 0)
 
     def _take(self, block: bool) -> Job | object | None:
-        """The next queued job (or STOP); None when not blocking and nothing waits."""
+        """The next queued job (or STOP); None when nothing waits (or a WAKE came)."""
         try:
-            return self._jobs.get(block=block)
+            job = self._jobs.get(block=block)
         except queue.Empty:
             return None
+        return None if job is WAKE else job
 
     def _change(
         self,

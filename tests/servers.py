@@ -1,0 +1,119 @@
+"""Real protocol servers on localhost for the adapter-source tests: an S3 endpoint (moto's
+server mode) and a Hugging Face hub endpoint serving repos from a local folder.
+
+The hub server answers the two calls `huggingface_hub` makes to fetch files at a revision:
+`GET /api/models/{repo}/revision/{revision}` (the commit and its file list, with sizes) and
+`GET|HEAD /{repo}/resolve/{revision}/{file}` (the bytes, with the commit and an ETag in headers).
+A repo is a folder `<root>/<org>/<name>/<revision>/`: each subfolder is one revision, and the
+commit id is a hash of its files, so a changed folder is a new commit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import uvicorn
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse, Response
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _commit(folder: Path) -> str:
+    digest = hashlib.sha1()
+    for path in sorted(folder.iterdir()):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+def hub_app(root: Path) -> FastAPI:
+    app = FastAPI()
+    commits: dict[str, Path] = {}  # commit id -> the revision folder it names
+
+    def revision_folder(org: str, name: str, revision: str) -> Path:
+        if revision in commits:
+            return commits[revision]
+        folder = root / org / name / revision
+        if not folder.is_dir():
+            raise HTTPException(404, headers={"X-Error-Code": "RevisionNotFound"})
+        commits[_commit(folder)] = folder
+        return folder
+
+    @app.get("/api/models/{org}/{name}")
+    @app.get("/api/models/{org}/{name}/revision/{revision}")
+    async def info(org: str, name: str, revision: str = "main") -> JSONResponse:
+        folder = revision_folder(org, name, revision)
+        siblings = [{"rfilename": p.name, "size": p.stat().st_size} for p in sorted(folder.iterdir())]
+        return JSONResponse({"id": f"{org}/{name}", "sha": _commit(folder), "siblings": siblings, "private": False})
+
+    @app.api_route("/{org}/{name}/resolve/{revision}/{filename}", methods=["GET", "HEAD"])
+    async def resolve(org: str, name: str, revision: str, filename: str, request: Request) -> Response:
+        folder = revision_folder(org, name, revision)
+        path = folder / filename
+        if not path.is_file():
+            raise HTTPException(404, headers={"X-Error-Code": "EntryNotFound"})
+        data = path.read_bytes()
+        headers = {
+            "X-Repo-Commit": _commit(folder),
+            "ETag": f'"{hashlib.sha256(data).hexdigest()}"',
+            "Content-Length": str(len(data)),
+        }
+        return Response(b"" if request.method == "HEAD" else data, headers=headers)
+
+    return app
+
+
+@contextlib.contextmanager
+def hub_server(root: Path) -> Iterator[str]:
+    """Serve `root` as a hub endpoint; yields its URL."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(hub_app(root), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@contextlib.contextmanager
+def s3_server() -> Iterator[str]:
+    """moto's S3 server on a free port, with test credentials in the environment."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    url = f"http://127.0.0.1:{port}"
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": url,
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield url
+    finally:
+        server.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
