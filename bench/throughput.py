@@ -224,8 +224,9 @@ async def service_clients(url, model_id, prompts, adapters, new_tokens, extra: d
 
 
 def start_service(
-    args, adapter_dir: Path, port: int, max_batch: int, guardrails: str | None = None
+    args, adapter_dir: Path, port: int, max_batch: int, guardrails: str | None = None, env: dict | None = None
 ) -> subprocess.Popen:
+    """`python -m service` on the bench's base and adapters, ready; `env`: more HOTSWAP_* settings."""
     import httpx
 
     env = {
@@ -234,6 +235,7 @@ def start_service(
         "HOTSWAP_CACHE_DIR": str(args.cache_dir),
         "HOTSWAP_MAX_BATCH_SIZE": str(max_batch),
         "HOTSWAP_LOG_LEVEL": os.environ.get("HOTSWAP_LOG_LEVEL", "warning"),
+        **(env or {}),
     }
     flags = ["--guardrails", guardrails] if guardrails else []
     proc = subprocess.Popen(

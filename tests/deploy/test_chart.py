@@ -36,6 +36,20 @@ VALUE_SETS = {
     "existing-secret": {"apiKeys": {"enabled": True, "existingSecret": "my-keys"}},
     "adapters-pvc": {"adapters": {"source": "pvc"}, "cache": {"persistence": {"enabled": False}}},
     "adapters-init": {"adapters": {"source": "initContainer"}},
+    "adapters-fleet": {
+        "adapters": {
+            "source": "initContainer",
+            "maxResident": 16,
+            "maxHost": 64,
+            "pinned": ["dolly"],
+            "sources": ["hf://my-org/", "s3://adapters/prod/"],
+            "syncer": {
+                "enabled": True,
+                "ensureExist": [{"id": "support-v2", "source": "hf://my-org/support@v2"}],
+                "ensureNotExist": [{"id": "support-v1", "source": "hf://my-org/support@v1"}],
+            },
+        }
+    },
     "inference-pool": {"inferencePool": {"enabled": True}},
 }
 
@@ -168,6 +182,25 @@ def test_adapter_sources_mount_where_the_service_reads():
         assert config["data"]["HOTSWAP_ADAPTER_DIR"] == "/data/adapters"
     deploy, _ = container(render(VALUE_SETS["adapters-init"]))
     assert deploy["spec"]["template"]["spec"]["initContainers"][0]["name"] == "fetch-adapters"
+
+
+def test_the_lora_syncer_reconciles_through_the_pod_local_admin_port():
+    docs = render(VALUE_SETS["adapters-fleet"])
+    deploy, main = container(docs)
+    spec = deploy["spec"]["template"]["spec"]
+    syncer = next(c for c in spec["initContainers"] if c["name"] == "lora-syncer")
+    assert syncer["restartPolicy"] == "Always"  # a native sidecar beside hotswap
+    assert [c["name"] for c in spec["initContainers"]] == ["lora-syncer", "fetch-adapters"]
+    configs = {d["metadata"]["name"]: d for d in by_kind(docs, "ConfigMap")}
+    settings = configs["demo-hotswap"]["data"]
+    assert settings["HOTSWAP_ADMIN_LOCAL_PORT"] == "8001" and settings["HOTSWAP_PINNED_ADAPTERS"] == "dolly"
+    assert settings["HOTSWAP_ADAPTER_SOURCES"] == "hf://my-org/,s3://adapters/prod/"
+    wanted = yaml.safe_load(configs["demo-hotswap-lora-syncer"]["data"]["configmap.yaml"])["vLLMLoRAConfig"]
+    assert (wanted["host"], wanted["port"]) == ("127.0.0.1", 8001)
+    assert wanted["ensureExist"]["models"] == [{"id": "support-v2", "source": "hf://my-org/support@v2"}]
+    mount = next(m for m in syncer["volumeMounts"] if m["mountPath"] == "/config")
+    assert "subPath" not in mount
+    assert "HOTSWAP_ADMIN_LOCAL_PORT" not in by_kind(render({}), "ConfigMap")[0]["data"]  # off by default
 
 
 def test_dashboard_configmap_carries_the_dashboard():
