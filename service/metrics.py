@@ -95,8 +95,8 @@ class Metrics:
         )
         self.adapter_evictions = Counter(
             "hotswap_adapter_evictions",
-            "Adapters evicted from their device slot to make room (least recently used).",
-            ["adapter"],
+            "Adapters evicted to make room (least recently used), from a device slot or host memory.",
+            ["adapter", "tier"],
             registry=r,
         )
         self.adapter_bytes = Gauge(

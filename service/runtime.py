@@ -60,7 +60,7 @@ def load_runtime(settings: Settings, metrics: Metrics) -> Runtime:
         loader=ThreadPoolExecutor(1, thread_name_prefix="hotswap-adapter-io"),
         on_load=metrics.observe_adapter_load,
         on_change=metrics.resident_adapters.set,
-        on_evict=lambda name: metrics.adapter_evictions.labels(name).inc(),
+        on_evict=lambda name, tier: metrics.adapter_evictions.labels(name, tier).inc(),
         on_swap=metrics.observe_swap,
         on_bytes=lambda tier, nbytes: metrics.adapter_bytes.labels(tier).set(nbytes),
     )

@@ -131,7 +131,7 @@ class AdapterResidency:
         loader: Executor | None = None,
         on_load: Callable[[str, str, float], None] | None = None,
         on_change: Callable[[int], None] | None = None,
-        on_evict: Callable[[str], None] | None = None,
+        on_evict: Callable[[str, str], None] | None = None,
         on_swap: Callable[[str, str, float], None] | None = None,
         on_bytes: Callable[[str, int], None] | None = None,
     ):
@@ -144,7 +144,7 @@ class AdapterResidency:
         self._loader = loader  # None: disk reads on the calling thread (tests, tools)
         self._on_load = on_load or (lambda name, result, seconds: None)  # a disk read
         self._on_change = on_change or (lambda count: None)
-        self._on_evict = on_evict or (lambda name: None)
+        self._on_evict = on_evict or (lambda name, tier: None)  # tier: device or host
         self._on_swap = on_swap or (lambda name, source, seconds: None)  # source: host or disk
         self._on_bytes = on_bytes or (lambda tier, nbytes: None)
         self._slots: list[_Slot] = []
@@ -263,7 +263,8 @@ class AdapterResidency:
         """Drop least recently used host copies beyond MAX_CPU_ADAPTERS (lock held). The newest
         stays even with MAX_CPU_ADAPTERS 0: it is on its way into a slot."""
         while len(self._host) > max(self.max_host, 1):
-            self._host.popitem(last=False)
+            key, _ = self._host.popitem(last=False)
+            self._on_evict(key_name(key), "host")
         self._on_bytes("host", sum(c.nbytes for c in self._host.values()))
 
     def _pin_memory(self) -> bool:
@@ -288,7 +289,7 @@ class AdapterResidency:
             return None
         victim = min(idle, key=lambda s: (self.registry.current(s.key), s.used))
         log.info("adapter %s evicted from its slot (least recently used)", victim.key)
-        self._on_evict(key_name(victim.key))
+        self._on_evict(key_name(victim.key), "device")
         del self._where[victim.key]
         victim.key = None
         return victim

@@ -89,4 +89,3 @@ def test_requests_that_can_run_are_not_held_behind_one_that_waits(tiny, cache_di
     gamma_first = times["gamma"][0]
     assert times["base"][1] < gamma_first and times["alpha2"][1] < gamma_first
     assert times["beta"][1] < gamma_first < times["alpha"][1]  # beta's slot was freed for it
-

@@ -334,6 +334,14 @@ def test_settings_from_env_and_flags_refuse_unsafe_values(monkeypatch):
         Settings(port=0)
     with pytest.raises(ValidationError):
         Settings(quantization="int4")
+    monkeypatch.setenv("HOTSWAP_PINNED_ADAPTERS", "dolly, schema")
+    monkeypatch.setenv("HOTSWAP_ADAPTER_SOURCES", "hf://my-org/,s3://bucket/prefix/")
+    s = Settings(max_resident_adapters=4)
+    assert s.pinned_adapters == ["dolly", "schema"] and s.adapter_sources == ["hf://my-org/", "s3://bucket/prefix/"]
+    with pytest.raises(ValidationError, match="one slot must stay free"):
+        Settings(max_resident_adapters=2)
+    with pytest.raises(ValidationError, match="admin_local_port must differ"):
+        Settings(port=8001, admin_local_port=8001)
 
 
 def test_requests_past_their_time_limit_are_stopped(tiny, tokenizer):

@@ -34,7 +34,7 @@ def setup(tiny, cache_dir, tmp_path):
         1,
         max_host=0,
         on_load=lambda n, r, s: events.append(("load", n, r)),
-        on_evict=lambda n: events.append(("evict", n)),
+        on_evict=lambda n, tier: events.append(("evict", n, tier)),
         on_swap=lambda n, source, s: events.append(("swap", n, source)),
     )
     return residency, events
@@ -72,7 +72,8 @@ def test_one_slot_lru_busy_kept_and_swaps_are_in_place(setup):
         ("load", "alpha", "ok"),
         ("swap", "alpha", "disk"),
         ("load", "beta", "ok"),
-        ("evict", "alpha"),
+        ("evict", "alpha", "host"),  # MAX_CPU_ADAPTERS 0: only the copy on its way in stays
+        ("evict", "alpha", "device"),
         ("swap", "beta", "disk"),
     ]
 
@@ -128,6 +129,7 @@ def test_the_host_tier_serves_swaps_without_reading_disk(tiny, cache_dir, tmp_pa
         max_host=2,
         on_load=lambda n, r, s: events.append(("load", n)),
         on_swap=lambda n, source, s: events.append(("swap", n, source)),
+        on_evict=lambda n, tier: events.append(("evict", n, tier)),
     )
     for name in ["alpha", "beta", "alpha", "beta"]:
         assert residency.ensure(name, busy=set())
@@ -135,12 +137,20 @@ def test_the_host_tier_serves_swaps_without_reading_disk(tiny, cache_dir, tmp_pa
         ("load", "alpha"),
         ("swap", "alpha", "disk"),
         ("load", "beta"),
+        ("evict", "alpha", "device"),
         ("swap", "beta", "disk"),
+        ("evict", "beta", "device"),
         ("swap", "alpha", "host"),
+        ("evict", "alpha", "device"),
         ("swap", "beta", "host"),
     ]
     assert residency.state(residency.key("alpha")) == "cached"
     assert residency.state(residency.key("beta")) == "resident"
+    residency.max_host = 1  # the host tier shrinks: the least recently used copies go
+    make_lora_adapter(tiny.base_dir, residency.registry.directory / "gamma", fingerprint=tiny.fingerprint, seed=8)
+    residency.registry.rescan()
+    assert residency.ensure("gamma", busy=set())
+    assert ("evict", "alpha", "host") in events and ("evict", "beta", "host") in events
 
 
 def test_disk_reads_run_on_the_loader_thread_and_requests_wait(tiny, cache_dir, tmp_path):
@@ -262,3 +272,13 @@ def test_engine_loads_on_first_use_without_disturbing_running_sequences(tiny, ca
         )
     assert base_tokens == ref[0, len(PROMPT) :].tolist()  # untouched by the loads beside it
     assert alpha_tokens != base_tokens and beta_tokens != base_tokens and len(beta_tokens) == 24
+
+
+def test_start_pins_and_preloads_and_refuses_unknown_names(tiny, cache_dir, tmp_path):
+    from service.runtime import preload
+
+    residency = make_residency(tiny, cache_dir, tmp_path, 2, loader=ThreadPoolExecutor(1))
+    with pytest.raises(ValueError, match=r"not served: \['nope'\]"):
+        preload(residency, ["nope"], [])
+    preload(residency, ["alpha"], ["beta"])
+    assert sorted(residency.resident) == ["alpha", "beta"] and residency.pinned == {"alpha"}
