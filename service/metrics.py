@@ -114,6 +114,16 @@ class Metrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
             registry=r,
         )
+        self.prefix_lookups = Counter(
+            "hotswap_prefix_cache_lookups",
+            "Prefills that looked for a stored prompt prefix, by result (hit, miss).",
+            ["result"],
+            registry=r,
+        )
+        self.prefix_tokens = Counter(
+            "hotswap_prefix_cache_reused_tokens", "Prompt tokens whose KV came from the prefix cache.", registry=r
+        )
+        self.prefix_bytes = Gauge("hotswap_prefix_cache_bytes", "Bytes of KV the prefix cache holds.", registry=r)
         self.resident_adapters = Gauge("hotswap_resident_adapters", "Adapters loaded on the base model.", registry=r)
         self.running = Gauge("hotswap_running_requests", "Requests the engine is generating for now.", registry=r)
         self.batch_utilization = Gauge(
@@ -181,6 +191,10 @@ class Metrics:
         self.adapter_loads.labels(adapter, result).inc()
         if result == "ok":
             self.adapter_load_duration.observe(seconds)
+
+    def observe_prefix(self, hit: bool, tokens: int) -> None:
+        self.prefix_lookups.labels("hit" if hit else "miss").inc()
+        self.prefix_tokens.inc(tokens)
 
     def observe_swap(self, adapter: str, source: str, seconds: float) -> None:
         self.adapter_swaps.labels(adapter, source).inc()

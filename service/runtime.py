@@ -15,6 +15,8 @@ from service.base_model import load_base
 from service.engine import Engine
 from service.engine.batched import BatchedEngine
 from service.engine.kvcache import graphs_unavailable, kv_shape
+from service.engine.prefix import PrefixCache
+from service.engine.prefix import unsupported as prefix_unsupported
 from service.engine.runner import ModelRunner, hidden_dtype
 from service.engine.simple import SimpleEngine
 from service.metrics import Metrics
@@ -85,6 +87,14 @@ def load_runtime(settings: Settings, metrics: Metrics) -> Runtime:
     runner = ModelRunner(residency.model, base.device)
     if settings.engine == "batched":
         kv_cache = choose_kv_cache(settings, runner, max_context)
+        prefixes = None
+        unsupported = prefix_unsupported(runner)
+        if settings.prefix_cache_mb and unsupported:
+            log.info("prefix reuse: off (%s)", unsupported)
+        elif settings.prefix_cache_mb:
+            prefixes = PrefixCache(
+                settings.prefix_cache_mb << 20, on_lookup=metrics.observe_prefix, on_bytes=metrics.prefix_bytes.set
+            )
         engine: Engine = BatchedEngine(
             runner,
             max_batch_size=settings.max_batch_size,
@@ -94,6 +104,7 @@ def load_runtime(settings: Settings, metrics: Metrics) -> Runtime:
             on_kv_cache=metrics.observe_kv_cache,
             on_capture=metrics.cuda_graph_capture.observe,
             on_slot_wait=metrics.observe_slot_wait,
+            prefix_cache=prefixes,
             **common,
         )
     else:

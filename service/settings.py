@@ -126,6 +126,13 @@ class Settings(BaseSettings):
         description="Also listen on 127.0.0.1:PORT, where requests need no key (admin included): "
         "for a sidecar in the same pod, such as the lora-syncer, that sends none. 0: off.",
     )
+    prefix_cache_mb: int = Field(
+        256,
+        ge=0,
+        le=1 << 20,
+        description="Memory for the keys and values of prompt prefixes, reused by later prompts on "
+        "the same adapter version that start with the same tokens (4-token blocks); 0: off.",
+    )
     max_queued_requests: int = Field(
         256, ge=1, le=100_000, description="Requests waiting for the engine before new ones get 429."
     )

@@ -22,9 +22,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers import DynamicCache
 
 from service.engine import EngineOutput
 from service.engine.kvcache import PaddedKV, SlotKV, kv_shape
+from service.engine.prefix import PrefixCache, cache_layers
 from service.engine.runner import hidden_dtype
 from service.engine.sampling import make_generator
 from service.engine.worker import STOP, Job, Outbox, WorkerEngine
@@ -61,6 +63,7 @@ class BatchedEngine(WorkerEngine):
         on_kv_cache: Callable[[str, bool], None] = lambda kv_cache, graphs: None,
         on_capture: Callable[[float], None] = lambda seconds: None,
         on_slot_wait: Callable[[list[str], float | None], None] = lambda waiting, seconds: None,
+        prefix_cache: PrefixCache | None = None,
         overlap_masks: bool | None = None,
         **kwargs,
     ):
@@ -74,6 +77,7 @@ class BatchedEngine(WorkerEngine):
         # Fair admission (see _admissions): the adapter whose slot is being freed for a waiting
         # one, and the hooks told who waits for a slot (labels) and how long a wait took.
         self._draining: str | None = None
+        self.prefix_cache = prefix_cache  # KV of prompt prefixes, per adapter version
         self._on_slot_wait = on_slot_wait
         self._waiters: list[str] = []
         if kv_cache == "static":
@@ -211,8 +215,11 @@ class BatchedEngine(WorkerEngine):
 
     def _admit_all(self, jobs: list[Job]) -> None:
         """Prefill the jobs admitted this iteration: together in one forward pass, except those
-        that want their prompt's log-probabilities (every position's logits), one by one."""
-        together = [j for j in jobs if j.request.params.prompt_logprobs is None]
+        that want their prompt's log-probabilities (every position's logits) and those whose
+        prompt starts with a stored prefix (only the rest runs), one by one."""
+        for job in jobs:
+            job.prefix = self._stored_prefix(job)
+        together = [j for j in jobs if j.request.params.prompt_logprobs is None and j.prefix is None]
         if len(together) < 2:
             together = []
         for job in jobs:
@@ -220,6 +227,15 @@ class BatchedEngine(WorkerEngine):
                 self._admit(job)
         if together:
             self._admit_together(together)
+
+    def _stored_prefix(self, job: Job) -> Any:
+        if self.prefix_cache is None or job.request.params.prompt_logprobs is not None:
+            return None
+        return self.prefix_cache.lookup(job.key or "base", job.request.prompt_ids, DynamicCache)
+
+    def _store_prefix(self, job: Job, layers: list) -> None:
+        if self.prefix_cache is not None:
+            self.prefix_cache.store(job.key or "base", job.request.prompt_ids, layers)
 
     def _admit(self, job: Job) -> None:
         self._change(waiting_remove=job.label, running_add=job.label)
@@ -244,6 +260,11 @@ class BatchedEngine(WorkerEngine):
                 job.push(EngineError(f"generation failed: {type(exc).__name__}: {exc}"))
                 self._change(running_remove=job.label)
             return
+        if self.prefix_cache is not None:  # each row's KV: its last columns (left padding)
+            width, layers = mask.shape[1], cache_layers(cache)
+            for i, job in enumerate(jobs):
+                start = width - len(job.request.prompt_ids)
+                self._store_prefix(job, [(k[i : i + 1, :, start:], v[i : i + 1, :, start:]) for k, v in layers])
         rows, keep = [], []
         for i, job in enumerate(jobs):
             budget = self._budget(job)
@@ -278,6 +299,7 @@ class BatchedEngine(WorkerEngine):
 
     def _start_row(self, job: Job) -> None:
         logits, cache, scored, budget = self._prefill(job)
+        self._store_prefix(job, cache_layers(cache))
         if budget == 0:
             self._change(running_remove=job.label)
             return

@@ -86,17 +86,27 @@ class ModelRunner:
 
     @torch.inference_mode()
     def prefill(
-        self, prompt_ids: list[int], adapter: str | None, *, all_logits: bool = False
+        self, prompt_ids: list[int], adapter: str | None, *, all_logits: bool = False, past: Any = None
     ) -> tuple[torch.Tensor, DynamicCache]:
-        """Run the prompt; return fp32 logits (last position, or every position) and the cache."""
-        cache = DynamicCache()
-        ids = torch.tensor([prompt_ids], device=self.device)
+        """Run the prompt; return fp32 logits (last position, or every position) and the cache.
+
+        `past` (a service.engine.prefix.Hit): the KV of the prompt's first `past.length` tokens,
+        computed before; only the rest runs, and the cache returned covers the whole prompt."""
+        extra: dict[str, Any] = {}
+        if past is None:
+            cache, start = DynamicCache(), 0
+        else:
+            cache, start = past.cache, past.length
+            extra["position_ids"] = torch.arange(start, len(prompt_ids), device=self.device)[None]
+            extra["attention_mask"] = torch.ones((1, len(prompt_ids)), dtype=torch.long, device=self.device)
+        ids = torch.tensor([prompt_ids[start:]], device=self.device)
         out = self._forward(
             [adapter],
             input_ids=ids,
             use_cache=True,
             **{self._cache_kwarg: cache},
             logits_to_keep=0 if all_logits else 1,
+            **extra,
         )
         logits = out.logits[0].float()
         return (logits if all_logits else logits[-1]), cache

@@ -38,6 +38,7 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     slot: str | None = None  # the PEFT adapter that holds its adapter, once resident
     waiting_since: float | None = None  # when it first waited for an adapter slot
+    prefix: Any = None  # a stored prefix of its prompt (service.engine.prefix.Hit), at admission
 
     @property
     def label(self) -> str:
@@ -267,7 +268,10 @@ class WorkerEngine:
         """
         request, params = job.request, job.request.params
         prompt = list(request.prompt_ids)
-        logits, cache = self.runner.prefill(prompt, job.slot, all_logits=params.prompt_logprobs is not None)
+        logits, cache = self.runner.prefill(
+            prompt, job.slot, all_logits=params.prompt_logprobs is not None, past=job.prefix
+        )
+        job.prefix = None  # its cache is the row's now
         scored = None
         if params.prompt_logprobs is not None:
             scored = prompt_logprobs(logits, prompt, params.prompt_logprobs)

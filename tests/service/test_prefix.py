@@ -1,0 +1,96 @@
+"""Prefix reuse: stored prompt prefixes serve later prompts on the same adapter version only,
+with the tokens a full prefill gives, within a memory bound (tiny real Llama, fp32)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from service.engine import EngineRequest, SamplingParams
+from service.engine.batched import BatchedEngine
+from service.engine.prefix import BLOCK, PrefixCache
+from service.engine.runner import ModelRunner
+from tests.factories import make_residency
+
+SHARED = tuple(range(40, 40 + 3 * BLOCK))  # three whole blocks, as a template or system prompt
+
+
+def layers(length: int, fill: float = 1.0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(torch.full((1, 2, length, 4), fill), torch.full((1, 2, length, 4), -fill)) for _ in range(2)]
+
+
+def test_whole_blocks_are_stored_and_the_last_token_is_always_computed():
+    events = []
+    cache = PrefixCache(1 << 20, on_lookup=lambda hit, tokens: events.append((hit, tokens)))
+    cache.store("alpha@1", SHARED + (7, 8), layers(len(SHARED) + 2))
+    hit = cache.lookup("alpha@1", SHARED + (9, 10, 11), DynamicCache)
+    assert hit.length == len(SHARED) and hit.cache.get_seq_length() == len(SHARED)
+    assert cache.lookup("alpha@1", SHARED, DynamicCache).length == 2 * BLOCK  # one token left to run
+    assert cache.lookup("alpha@1", SHARED[:BLOCK] + (0,) * BLOCK + (1,), DynamicCache).length == BLOCK
+    assert cache.lookup("alpha@1", (0,) + SHARED, DynamicCache) is None  # prefixes only
+    assert cache.lookup("alpha@2", SHARED + (9,), DynamicCache) is None  # another version
+    assert cache.lookup("beta@1", SHARED + (9,), DynamicCache) is None  # another adapter
+    assert events[-3:] == [(False, 0)] * 3 and events[0] == (True, len(SHARED))
+
+
+def test_memory_is_bounded_least_recently_used_first():
+    one = layers(BLOCK)
+    size = sum(k.nbytes + v.nbytes for k, v in one)
+    cache = PrefixCache(2 * size)
+    prompts = [tuple(range(i * 100, i * 100 + BLOCK + 1)) for i in range(3)]
+    cache.store("base", prompts[0], one)
+    cache.store("base", prompts[1], one)
+    assert cache.lookup("base", prompts[0], DynamicCache)  # prompts[0] is the most recent now
+    cache.store("base", prompts[2], one)
+    assert cache.nbytes <= 2 * size and len(cache) == 2
+    assert cache.lookup("base", prompts[1], DynamicCache) is None  # the least recently used went
+    assert cache.lookup("base", prompts[0], DynamicCache) and cache.lookup("base", prompts[2], DynamicCache)
+
+
+def serve(residency, jobs, prefix_cache, kv="dynamic"):
+    engine = BatchedEngine(
+        ModelRunner(residency.model, "cpu"),
+        eos_token_ids=frozenset(),
+        max_context=256,
+        residency=residency,
+        max_batch_size=4,
+        prefix_cache=prefix_cache,
+        kv_cache=kv,
+    )
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+    async def main():
+        await engine.start()
+        try:
+            out = []
+            for wave in jobs:  # one wave after another, so later waves find the earlier ones
+
+                async def one(adapter, prompt):
+                    request = EngineRequest("r", prompt, adapter, params)
+                    return [t async for o in engine.generate(request) for t in o.token_ids]
+
+                out += await asyncio.gather(*(one(a, p) for a, p in wave))
+            return out
+        finally:
+            await engine.stop()
+
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("kv", ["dynamic", "static"])
+def test_the_engine_reuses_prefixes_per_adapter_with_unchanged_tokens(tiny, cache_dir, tmp_path, kv):
+    residency = make_residency(tiny, cache_dir, tmp_path, 2)
+    waves = [
+        [("alpha", SHARED + (1, 2, 3)), (None, SHARED + (4, 5))],  # together: stored per row
+        [("alpha", SHARED + (9, 9, 9, 9)), ("beta", SHARED + (6,)), (None, SHARED + (7, 7))],
+        [("beta", SHARED + (6, 1))],
+    ]
+    looked = []
+    cache = PrefixCache(64 << 20, on_lookup=lambda hit, tokens: looked.append(tokens))
+    reused = serve(residency, waves, cache, kv)
+    plain = serve(residency, waves, None, kv)
+    assert reused == plain  # the stored KV gives the tokens a full prefill gives
+    assert looked == [0, 0, len(SHARED), 0, len(SHARED), len(SHARED)]  # beta never used alpha's
