@@ -62,7 +62,10 @@ class Settings(BaseSettings):
     )
     max_batch_size: int = Field(16, ge=1, le=1024, description="Sequences the batched engine generates at once.")
     max_prefill_tokens: int = Field(
-        4096, ge=1, description="Prompt tokens the batched engine prefills per iteration (>= 1 request)."
+        4096,
+        ge=1,
+        description="Prompt tokens the batched engine prefills per iteration: new prompts together "
+        "within it, and a longer prompt in chunks of it between decode steps (chunked prefill).",
     )
     kv_cache: Literal["auto", "static", "dynamic"] = Field(
         "auto",

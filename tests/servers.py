@@ -117,3 +117,28 @@ def s3_server() -> Iterator[str]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@contextlib.contextmanager
+def gcs_server(bucket: str) -> Iterator[str]:
+    """A Google Cloud Storage emulator (gcp-storage-emulator) with `bucket`, in memory; gcsfs
+    finds it through STORAGE_EMULATOR_HOST."""
+    from gcp_storage_emulator.server import create_server
+
+    port = free_port()
+    server = create_server("127.0.0.1", port, in_memory=True, default_bucket=bucket)
+    server.start()
+    url = f"http://127.0.0.1:{port}"
+    # NO_GCE_CHECK: google-auth does not probe for a metadata server (seconds offline).
+    env = {"STORAGE_EMULATOR_HOST": url, "NO_GCE_CHECK": "True"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield url
+    finally:
+        server.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -26,7 +26,8 @@ from transformers import DynamicCache
 
 from service.engine import EngineOutput
 from service.engine.kvcache import PaddedKV, SlotKV, kv_shape
-from service.engine.prefix import PrefixCache, cache_layers
+from service.engine.prefix import Hit, PrefixCache, cache_layers
+from service.engine.prefix import unsupported as prefix_unsupported
 from service.engine.runner import hidden_dtype
 from service.engine.sampling import make_generator
 from service.engine.worker import STOP, Job, Outbox, WorkerEngine
@@ -78,6 +79,10 @@ class BatchedEngine(WorkerEngine):
         # one, and the hooks told who waits for a slot (labels) and how long a wait took.
         self._draining: str | None = None
         self.prefix_cache = prefix_cache  # KV of prompt prefixes, per adapter version
+        # Chunked prefill: jobs whose prompt is longer than the step's budget, prefilled a chunk
+        # per iteration between decode steps (each holds the KV done so far as `job.prefix`).
+        self._chunking: list[Job] = []
+        self._can_chunk = prefix_unsupported(self.runner) is None
         self._on_slot_wait = on_slot_wait
         self._waiters: list[str] = []
         if kv_cache == "static":
@@ -108,6 +113,8 @@ class BatchedEngine(WorkerEngine):
         while True:
             admitted, stop = self._admissions()
             self._admit_all(admitted)
+            if not stop:
+                self._advance_chunks()
             self._outbox.flush()
             if stop:
                 self._fail_running(ServiceUnavailableError("the engine stopped"))
@@ -120,7 +127,7 @@ class BatchedEngine(WorkerEngine):
                     self._step()
                 except Exception as exc:  # a failed step fails its batch, never the engine
                     self._step_failed("decode step", exc, len(self._rows))
-                    self._fail_running(EngineError(f"generation failed: {type(exc).__name__}: {exc}"))
+                    self._fail_running(EngineError(f"generation failed: {type(exc).__name__}: {exc}"), chunking=False)
                 else:
                     self._step_succeeded()
                 finally:
@@ -140,19 +147,21 @@ class BatchedEngine(WorkerEngine):
         admitted: list[Job] = []
         waiting: list[Job] = []  # passed over this time, in order
         blocked: set[str | None] = set()  # adapters that wait; their later jobs stay behind
-        tokens, stop = 0, False
-        running = {r.job.key for r in self._rows} - {None}
+        stop = False
+        # The step's prefill budget goes to prompts being chunked first, then to new ones.
+        tokens = min(self.max_prefill_tokens, sum(self._left(j) for j in self._chunking))
+        running = {j.key for j in self._busy_jobs()} - {None}
         if self.residency is not None:
             self.residency.preload_pending(running)
         lookahead = len(self._pending) + self.capacity * 4
-        while len(self._rows) + len(admitted) < self.capacity and lookahead > 0:
+        while len(self._rows) + len(self._chunking) + len(admitted) < self.capacity and lookahead > 0:
             lookahead -= 1
             if self._pending:
                 job = self._pending.popleft()
             elif len(waiting) >= self.capacity * 4:
                 break
             else:
-                idle = not self._rows and not admitted and not waiting
+                idle = not self._rows and not self._chunking and not admitted and not waiting
                 job = self._take(block=idle)
                 if job is None:
                     break
@@ -164,7 +173,7 @@ class BatchedEngine(WorkerEngine):
                 self._change(waiting_remove=job.label)
                 continue
             size = len(job.request.prompt_ids)
-            if admitted and tokens + size > self.max_prefill_tokens:
+            if (admitted or tokens) and tokens + size > self.max_prefill_tokens:
                 waiting.append(job)  # first in line for the next iteration
                 break
             if job.key in blocked or (job.key is not None and job.key == self._draining):
@@ -195,9 +204,13 @@ class BatchedEngine(WorkerEngine):
         if waiters != self._waiters:
             self._waiters = waiters
             self._on_slot_wait(waiters, None)
-        if not admitted and not self._rows and self._pending and not stop:
+        if not admitted and not self._rows and not self._chunking and self._pending and not stop:
             self._wait_for_adapters()  # every waiting job waits for a disk read
         return admitted, stop
+
+    def _busy_jobs(self) -> list[Job]:
+        """Jobs that hold an adapter slot: running rows and prompts being chunked."""
+        return [r.job for r in self._rows] + self._chunking
 
     def _drain_choice(self, running: set[str]) -> str | None:
         """The running adapter to stop admitting to, so its slot frees soonest: the fewest
@@ -219,6 +232,10 @@ class BatchedEngine(WorkerEngine):
         prompt starts with a stored prefix (only the rest runs), one by one."""
         for job in jobs:
             job.prefix = self._stored_prefix(job)
+        for job in [j for j in jobs if self._chunked(j)]:  # prefilled a chunk per iteration
+            self._change(waiting_remove=job.label, running_add=job.label)
+            self._chunking.append(job)
+            jobs = [j for j in jobs if j is not job]
         together = [j for j in jobs if j.request.params.prompt_logprobs is None and j.prefix is None]
         if len(together) < 2:
             together = []
@@ -237,8 +254,48 @@ class BatchedEngine(WorkerEngine):
         if self.prefix_cache is not None:
             self.prefix_cache.store(job.key or "base", job.request.prompt_ids, layers)
 
-    def _admit(self, job: Job) -> None:
-        self._change(waiting_remove=job.label, running_add=job.label)
+    def _chunked(self, job: Job) -> bool:
+        """Whether the job's prompt (past a stored prefix) exceeds the step's prefill budget:
+        then it is prefilled in chunks between decode steps, so running streams keep going."""
+        params = job.request.params
+        return self._can_chunk and params.prompt_logprobs is None and self._left(job) > self.max_prefill_tokens
+
+    @staticmethod
+    def _left(job: Job) -> int:
+        """Prompt tokens of the job not prefilled yet."""
+        return len(job.request.prompt_ids) - (job.prefix.length if job.prefix is not None else 0)
+
+    def _advance_chunks(self) -> None:
+        """One chunk of each prompt being chunked, FIFO, within the step's prefill budget; a
+        prompt whose rest fits is prefilled to the end and starts generating."""
+        budget = self.max_prefill_tokens
+        for job in list(self._chunking):
+            if budget <= 0:
+                return
+            left = self._left(job)
+            if job.cancelled.is_set() or left <= budget:
+                self._chunking.remove(job)
+                if job.cancelled.is_set():
+                    self._change(running_remove=job.label)
+                else:
+                    budget -= left
+                    self._admit(job, started=True)
+                continue
+            done = len(job.request.prompt_ids) - left
+            end = done + budget
+            try:
+                _, cache = self.runner.prefill(list(job.request.prompt_ids[:end]), job.slot, past=job.prefix)
+            except Exception as exc:
+                self._step_failed("prefill", exc, 1)
+                self._chunking.remove(job)
+                job.push(EngineError(f"generation failed: {type(exc).__name__}: {exc}"))
+                self._change(running_remove=job.label)
+                continue
+            job.prefix, budget = Hit(end, cache), 0
+
+    def _admit(self, job: Job, started: bool = False) -> None:
+        if not started:
+            self._change(waiting_remove=job.label, running_add=job.label)
         try:
             self._start_row(job)
         except Exception as exc:
@@ -375,9 +432,14 @@ class BatchedEngine(WorkerEngine):
         order = self._kv.retain(keep)
         self._rows = [self._rows[i] for i in order]
 
-    def _fail_running(self, error: Exception) -> None:
-        for row in self._rows:
-            self._outbox.post(row.job, error)  # after the step's earlier outputs, in order
-            self._change(running_remove=row.job.label)
+    def _fail_running(self, error: Exception, chunking: bool = True) -> None:
+        """Fail the running rows (and the prompts being chunked, unless `chunking` is False: a
+        failed decode step did not touch them)."""
+        jobs = self._busy_jobs() if chunking else [r.job for r in self._rows]
+        for job in jobs:
+            self._outbox.post(job, error)  # after the step's earlier outputs, in order
+            self._change(running_remove=job.label)
         self._rows = []
+        if chunking:
+            self._chunking = []
         self._kv.clear()

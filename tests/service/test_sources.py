@@ -10,7 +10,7 @@ import pytest
 
 from service.adapters.registry import AdapterExists, AdapterRegistry, AdapterRejected
 from service.adapters.sources import PACKAGE_FILES, SourceError, allowed, parse_source
-from tests.servers import hub_server, s3_server
+from tests.servers import gcs_server, hub_server, s3_server
 
 BUCKET = "hotswap-adapters"
 
@@ -126,6 +126,18 @@ def test_s3_packages_load_and_the_limits_hold(tiny, tmp_path):
         with pytest.raises(SourceError, match="MAX_ADAPTER_BYTES"):
             small.register("beta", f"s3://{BUCKET}/team/beta")  # refused before the download
         assert not (tmp_path / "small" / "downloads").exists() or not any((tmp_path / "small" / "downloads").iterdir())
+
+
+def test_gcs_packages_load(tiny, tmp_path):
+    import fsspec
+
+    with gcs_server(BUCKET):
+        fs, root = fsspec.core.url_to_fs(f"gs://{BUCKET}/team/alpha")
+        for name in PACKAGE_FILES:
+            fs.put_file(str(tiny.adapter_dir / "alpha" / name), f"{root}/{name}")
+        reg = registry(tiny, tmp_path, allowed_sources=[f"gs://{BUCKET}/team"])
+        record = reg.register("alpha-gcs", f"gs://{BUCKET}/team/alpha")
+    assert files(record.path) == files(tiny.adapter_dir / "alpha") and record.source == f"gs://{BUCKET}/team/alpha"
 
 
 def test_local_paths_load_in_place_and_only_when_allowed(tiny, tmp_path):

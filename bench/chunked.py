@@ -1,0 +1,113 @@
+"""`python -m bench.chunked`: inter-token latency of running streams while long prompts join.
+
+--clients streaming clients generate --new-tokens each (64-token prompts, mixed adapters);
+once they run, --joiners requests with --long-tokens prompts arrive one after another (each
+generating 4 tokens). The same scenario runs against a service whose prefill budget per step
+(MAX_PREFILL_TOKENS) is larger than the long prompts (each joins in one prefill, which every
+running stream waits for) and against one with --budget (the long prompts are prefilled in
+chunks between decode steps), one service after the other. Prints the running streams' ITL p50
+and p99 and their ratio for each, and the joiners' TTFT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+
+from bench.throughput import (
+    add_model_args,
+    free_port,
+    load_with_adapters,
+    make_prompts,
+    pct,
+    start_service,
+)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.chunked", description=__doc__.split("\n")[0])
+    add_model_args(p)
+    p.add_argument("--clients", type=int, default=4)
+    p.add_argument("--new-tokens", type=int, default=160)
+    p.add_argument("--joiners", type=int, default=3)
+    p.add_argument("--long-tokens", type=int, default=1000)
+    p.add_argument("--budget", type=int, default=64, help="MAX_PREFILL_TOKENS of the chunked run")
+    return p
+
+
+async def scenario(url: str, short, long, adapters, args) -> dict:
+    import httpx
+
+    gaps, joiner_ttft = [], []
+    running = asyncio.Event()
+
+    async def stream(http, prompt, adapter, tokens, record: bool) -> float:
+        body = {"model": adapter, "prompt": prompt, "max_tokens": tokens, "temperature": 0}
+        body |= {"ignore_eos": True, "stream": True}
+        sent, last, first = time.perf_counter(), None, None
+        async with http.stream("POST", f"{url}/v1/completions", json=body) as response:
+            response.raise_for_status()
+            async for line in response.aiter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                now = time.perf_counter()
+                first = first or now
+                if record and last is not None:
+                    gaps.append(now - last)
+                last = now
+                running.set()
+        return first - sent
+
+    async def joiners(http):
+        await running.wait()
+        await asyncio.sleep(1.0)
+        for prompt in long:
+            joiner_ttft.append(await stream(http, prompt, adapters[0], 4, record=False))
+
+    async with httpx.AsyncClient(timeout=3600) as http:
+        streams = [
+            stream(http, p, adapters[i % len(adapters)], args.new_tokens, record=True) for i, p in enumerate(short)
+        ]
+        await asyncio.gather(*streams, joiners(http))
+    return {
+        "itl_p50_ms": 1000 * pct(gaps, 50),
+        "itl_p99_ms": 1000 * pct(gaps, 99),
+        "itl_max_ms": 1000 * max(gaps),
+        "p99_over_p50": pct(gaps, 99) / pct(gaps, 50),
+        "joiner_ttft_s": sum(joiner_ttft) / len(joiner_ttft),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    args.adapters = max(args.adapters, 2)
+    base, _, names, adapter_dir = load_with_adapters(args)
+    short = make_prompts(base.tokenizer, args.clients, 64)
+    long = [p[: args.long_tokens] for p in make_prompts(base.tokenizer, args.joiners, args.long_tokens + 8)]
+    del base
+    results = {}
+    for label, budget in (("whole", max(4096, args.long_tokens + 1)), ("chunked", args.budget)):
+        port = free_port()
+        env = {"HOTSWAP_MAX_PREFILL_TOKENS": str(budget), "HOTSWAP_PREFIX_CACHE_MB": "0"}
+        service = start_service(args, adapter_dir, port, args.clients + args.joiners, env=env)
+        try:
+            results[label] = asyncio.run(scenario(f"http://127.0.0.1:{port}", short, long, names, args))
+            results[label]["budget"] = budget
+        finally:
+            service.terminate()
+            service.wait(60)
+        r = results[label]
+        print(
+            f"{label:8s} MAX_PREFILL_TOKENS={budget}: running streams ITL p50 {r['itl_p50_ms']:.0f} ms, "
+            f"p99 {r['itl_p99_ms']:.0f} ms (x{r['p99_over_p50']:.2f}), max {r['itl_max_ms']:.0f} ms; "
+            f"{args.long_tokens}-token joiners' TTFT {r['joiner_ttft_s']:.2f} s",
+            flush=True,
+        )
+    print(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
