@@ -30,6 +30,7 @@ be pooled (`graph_ready` is False): their steps run eagerly.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from functools import partial
 from typing import Any
 
@@ -39,6 +40,10 @@ from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
 from service.engine import BASE_ADAPTER
 
 _MAX_MASKS = 256  # cached row masks (one per batch composition and layer layout)
+# Batch compositions (sets of adapters present) whose stacked A and B are kept. Each holds a
+# copy of its adapters' weights, and a fleet's batches pass through many compositions: without
+# a bound they grew without end (gigabytes over 100 adapters). Least recently used out.
+_MAX_STACK_SETS = 16
 
 
 class FusedMixedLoRA:
@@ -60,7 +65,8 @@ class FusedMixedLoRA:
         # `adapter_names` machinery (a walk over all modules and a hook per layer, each call).
         self.complete = False
         self._installed_for: tuple | None = None
-        self._stacks: dict[tuple[int, tuple[str, ...]], tuple] = {}
+        self._stacks: dict[tuple[int, tuple[str, ...]], tuple] = {}  # (layer, composition) -> stack
+        self._stack_sets: OrderedDict[tuple[str, ...], None] = OrderedDict()  # compositions, LRU
         self._masks: dict[tuple, torch.Tensor] = {}
         # Static routing (CUDA graphs): the adapter pool and its row masks, one per row count.
         self._static = False
@@ -82,6 +88,7 @@ class FusedMixedLoRA:
         from peft.tuners.lora import LoraLayer
 
         self._stacks.clear()
+        self._stack_sets.clear()
         self._masks.clear()
         self._loaded = tuple(sorted(model.peft_config))
         self._probes = {}
@@ -106,6 +113,18 @@ class FusedMixedLoRA:
         self.names = None if names is None else tuple(names)
         self._present = tuple(sorted(set(names or ()) - {BASE_ADAPTER}))
         self._static = False
+        if self._present:
+            self._remember(self._present)
+
+    def _remember(self, composition: tuple[str, ...]) -> None:
+        """Keep the stacks of the most recent compositions only."""
+        if composition in self._stack_sets:
+            self._stack_sets.move_to_end(composition)
+            return
+        self._stack_sets[composition] = None
+        while len(self._stack_sets) > _MAX_STACK_SETS:
+            old, _ = self._stack_sets.popitem(last=False)
+            self._stacks = {k: v for k, v in self._stacks.items() if k[1] != old}
 
     def route_static(self, names: list[str], *, fill: bool = True) -> None:
         """Route the next forward pass (captured or replayed) through the adapter pool, with the
@@ -190,7 +209,7 @@ class FusedMixedLoRA:
             result = layer.base_layer(x, *args, **kwargs)
             if not own:
                 return result
-            a_t, b_t, blocks = self._stack(layer, own)  # [in, ranks], [ranks, out]
+            a_t, b_t, blocks = self._stack(layer, own, self._present)  # [in, ranks], [ranks, out]
             mask = self._row_mask(names, blocks, a_t.shape[1], x.device, a_t.dtype)
         h = torch.matmul(x.to(a_t.dtype), a_t)  # [rows, (tokens,) ranks]
         if h.dim() == 3:
@@ -201,8 +220,9 @@ class FusedMixedLoRA:
             h.view(mask.shape[0], -1, h.shape[-1]).mul_(mask.unsqueeze(1))
         return result + torch.matmul(h, b_t).to(result.dtype)  # the base output is left untouched
 
-    def _stack(self, layer: Any, adapters: tuple[str, ...]) -> tuple:
-        key = (id(layer), adapters)
+    def _stack(self, layer: Any, adapters: tuple[str, ...], composition: tuple[str, ...]) -> tuple:
+        """The layer's A and B of `adapters` (those of the batch's `composition` it has), stacked."""
+        key = (id(layer), composition)
         weights = tuple(layer.lora_A[n].weight for n in adapters) + tuple(layer.lora_B[n].weight for n in adapters)
         sources = tuple(_identity(w) for w in weights)
         cached = self._stacks.get(key)

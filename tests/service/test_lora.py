@@ -73,3 +73,24 @@ def test_a_swapped_slot_is_not_served_from_stale_stacks(residency):
     reference = steps(ModelRunner(residency.model, "cpu", fused_lora=False), rows, n=1)[0]
     torch.testing.assert_close(after, reference, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(after[1], before[1], atol=1e-3)  # alpha's rows use its new weights
+
+
+def test_stacks_are_kept_for_a_bounded_number_of_compositions(residency, monkeypatch):
+    """A fleet's batches pass through many adapter compositions: only the most recent keep
+    their stacked weights, and an evicted composition is stacked again, correctly."""
+    from service.engine import lora
+
+    monkeypatch.setattr(lora, "_MAX_STACK_SETS", 2)
+    runner = ModelRunner(residency.model, "cpu")
+    alpha, beta = slots(residency, ["alpha", "beta"])
+    fused = lora.FusedMixedLoRA.for_model(residency.model)
+    mixed = [None, alpha, beta, alpha, beta]
+    for composition in ([alpha] * 5, [beta] * 5, mixed, [alpha] * 5):
+        steps(runner, composition, n=1)
+        assert len(fused._stack_sets) <= 2
+        assert {key[1] for key in fused._stacks} <= set(fused._stack_sets)
+    assert set(fused._stack_sets) == {(alpha, beta), (alpha,)}  # beta alone was the oldest
+    reference = steps(ModelRunner(residency.model, "cpu", fused_lora=False), [beta] * 5, n=1)
+    again = steps(runner, [beta] * 5, n=1)  # stacked anew after its eviction
+    for a, b in zip(again, reference, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
