@@ -17,6 +17,11 @@ layer), the runner passes `adapter_names` as before. A layer with a LoRA variant
 or a LoRA bias goes through PEFT's mixed-batch code. The result equals PEFT's up to floating-point summation order
 (tests/service/test_lora.py).
 
+Two layouts of the stacked weights. The pool (below) stacks every loaded adapter once, and is
+what the runner uses whenever every adapter fits it (no LoRA variant or bias): its memory is
+fixed and a swap rewrites one slot in place. Otherwise each batch's own composition is stacked,
+and the stacks of the 16 most recent compositions are kept.
+
 For CUDA graphs (service/engine/kvcache.py) the routing must not create tensors while a graph is
 captured, nor change them between replays by anything but an in-place copy. `route_static` runs
 every layer through an adapter pool (`_Pool`): per LoRA layer, one A and one B buffer with a
@@ -74,7 +79,9 @@ class FusedMixedLoRA:
         self._loaded: tuple[str, ...] = ()
         self._probes: dict[str, Any] = {}  # per adapter, one LoRA layer holding it
         self._lora_layers: list[Any] = []
-        self.pool_slots = 8  # adapters the pool holds before it must grow (resident adapters)
+        # Adapters the pool holds before it must grow: the loaded ones by default, and for CUDA
+        # graphs every adapter slot (SlotKV raises it), so that loads never change its shape.
+        self.pool_slots = 1
         self._pool: _Pool | None = None
         self._pool_synced: tuple | None = None
         self._graph_ready = False
@@ -142,7 +149,8 @@ class FusedMixedLoRA:
         mask = self._static_masks.get(len(names))
         if mask is None:
             # A buffer of its own: the pool's masks are a cache, and this one is rewritten.
-            mask = self._static_masks[len(names)] = self._pool.row_mask(self.names).clone()
+            with torch.inference_mode(False):  # rewritten in place later, in and out of it
+                mask = self._static_masks[len(names)] = self._pool.row_mask(self.names).clone()
         else:
             mask.copy_(self._pool.row_mask(self.names))
 
@@ -272,13 +280,16 @@ class _Pool:
     def __init__(self, layers: list[Any], slots: int, rank: int, dtype: torch.dtype, device: torch.device):
         self.layers, self.slots, self.rank, self.dtype = layers, slots, rank, dtype
         self.structure = tuple(id(layer) for layer in layers)
-        self.buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {
-            id(layer): (
-                torch.zeros((layer.in_features, slots * rank), dtype=dtype, device=device),
-                torch.zeros((slots * rank, layer.out_features), dtype=dtype, device=device),
-            )
-            for layer in layers
-        }
+        # Plain tensors even when made during an inference-mode forward pass (the runner's): the
+        # pool is rewritten in place later, also outside inference mode (CUDA graph capture).
+        with torch.inference_mode(False):
+            self.buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {
+                id(layer): (
+                    torch.zeros((layer.in_features, slots * rank), dtype=dtype, device=device),
+                    torch.zeros((slots * rank, layer.out_features), dtype=dtype, device=device),
+                )
+                for layer in layers
+            }
         self.assigned: dict[str, int] = {}  # adapter -> slot
         self._copied: dict[str, tuple] = {}  # adapter -> the parameters its slot holds
         self._masks: dict[tuple[str, ...], torch.Tensor] = {}

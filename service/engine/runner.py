@@ -78,7 +78,14 @@ class ModelRunner:
             raise ValueError(f"adapters not loaded: {sorted(unknown)}")
         if not fused.complete:
             return self.model(**kwargs, adapter_names=names)
-        fused.route(names)
+        if fused.sync_pool():
+            # Every loaded adapter fits the pool: one stack of all of them, rewritten in place
+            # when a slot's weights change, and a row mask per batch. Stacking each batch's own
+            # composition instead copied its adapters' weights whenever the composition changed,
+            # which in a fleet is nearly every step (bench.fleet: 45.5 against 52.5-55.2 tok/s).
+            fused.route_static(names)
+        else:
+            fused.route(names)
         try:
             return self.model(**kwargs)
         finally:

@@ -81,6 +81,7 @@ def test_stacks_are_kept_for_a_bounded_number_of_compositions(residency, monkeyp
     from service.engine import lora
 
     monkeypatch.setattr(lora, "_MAX_STACK_SETS", 2)
+    monkeypatch.setattr(lora.FusedMixedLoRA, "sync_pool", lambda self: False)  # the per-batch stacks
     runner = ModelRunner(residency.model, "cpu")
     alpha, beta = slots(residency, ["alpha", "beta"])
     fused = lora.FusedMixedLoRA.for_model(residency.model)
