@@ -11,6 +11,8 @@ from transformers import DynamicCache
 from service.engine import BASE_ADAPTER
 from service.engine.lora import FusedMixedLoRA
 
+POOL_MAX_ADAPTERS = 16  # loaded adapters up to which eager batches go through the LoRA pool
+
 
 class ModelRunner:
     """Runs prefill and decode steps; the model must not change while a step runs."""
@@ -78,11 +80,13 @@ class ModelRunner:
             raise ValueError(f"adapters not loaded: {sorted(unknown)}")
         if not fused.complete:
             return self.model(**kwargs, adapter_names=names)
-        if fused.sync_pool():
+        if len(self.model.peft_config) <= POOL_MAX_ADAPTERS and fused.sync_pool():
             # Every loaded adapter fits the pool: one stack of all of them, rewritten in place
             # when a slot's weights change, and a row mask per batch. Stacking each batch's own
             # composition instead copied its adapters' weights whenever the composition changed,
             # which in a fleet is nearly every step (bench.fleet: 45.5 against 52.5-55.2 tok/s).
+            # With many more adapters loaded than a batch holds, every row through every one of
+            # them costs more than restacking: then each batch's composition is stacked.
             fused.route_static(names)
         else:
             fused.route(names)
