@@ -106,17 +106,11 @@ def s3_server() -> Iterator[str]:
         "AWS_DEFAULT_REGION": "us-east-1",
         "AWS_ENDPOINT_URL": url,
     }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     try:
-        yield url
+        with environment(env):
+            yield url
     finally:
         server.stop()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 @contextlib.contextmanager
@@ -130,13 +124,21 @@ def gcs_server(bucket: str) -> Iterator[str]:
     server.start()
     url = f"http://127.0.0.1:{port}"
     # NO_GCE_CHECK: google-auth does not probe for a metadata server (seconds offline).
-    env = {"STORAGE_EMULATOR_HOST": url, "NO_GCE_CHECK": "True"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     try:
-        yield url
+        with environment({"STORAGE_EMULATOR_HOST": url, "NO_GCE_CHECK": "True"}):
+            yield url
     finally:
         server.stop()
+
+
+@contextlib.contextmanager
+def environment(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for the block, then restore what was there."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)

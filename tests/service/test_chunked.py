@@ -11,6 +11,7 @@ from service.engine import EngineRequest, SamplingParams
 from service.engine.batched import BatchedEngine
 from service.engine.runner import ModelRunner
 from tests.factories import make_residency
+from tests.service.test_batched_engine import run
 
 LONG = tuple((i * 7) % 300 + 3 for i in range(200))
 
@@ -29,17 +30,6 @@ def engine(residency, budget, kv="dynamic"):
 
 def greedy(tokens):
     return SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
-
-
-def run(engine, body):
-    async def main():
-        await engine.start()
-        try:
-            return await body(engine)
-        finally:
-            await engine.stop()
-
-    return asyncio.run(main())
 
 
 @pytest.mark.parametrize("kv", ["dynamic", "static"])
