@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.throughput import add_model_args, free_port, make_adapters, make_prompts, pct, start_service
+from bench.throughput import add_model_args, free_port, make_adapters, make_prompts, metric_sum, pct, start_service
 
 ADMIN = "bench-admin-key-0123456789"
 
@@ -169,16 +169,12 @@ def run_service(args, adapter_dir: Path, env: dict, work) -> dict:
         import httpx
 
         metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
-        result["swaps"] = _metric_sum(metrics, "hotswap_adapter_swaps_total")
-        result["evictions"] = _metric_sum(metrics, "hotswap_adapter_evictions_total")
+        result["swaps"] = metric_sum(metrics, "hotswap_adapter_swaps_total")
+        result["evictions"] = metric_sum(metrics, "hotswap_adapter_evictions_total")
         return result
     finally:
         service.terminate()
         service.wait(60)
-
-
-def _metric_sum(text: str, name: str) -> float:
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
 
 
 def zipf_runs(args, adapter_dir: Path, names: list[str], tokenizer) -> dict:

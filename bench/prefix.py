@@ -21,7 +21,7 @@ import statistics
 import time
 from pathlib import Path
 
-from bench.throughput import free_port, start_service
+from bench.throughput import free_port, metric_sum, start_service
 
 SYSTEM = (
     "You are the support assistant of Northwind Outdoor, a shop for hiking, camping and paddling "
@@ -124,11 +124,7 @@ def measure(args, prefix_mb: int, plan) -> dict:
                 "prompt_tokens_p50": statistics.median(n for _, n in times[1:]),
             }
         metrics = httpx.get(f"{url}/metrics", timeout=30).text
-        out["reused_tokens"] = sum(
-            float(line.rsplit(" ", 1)[1])
-            for line in metrics.splitlines()
-            if line.startswith("hotswap_prefix_cache_reused_tokens_total")
-        )
+        out["reused_tokens"] = metric_sum(metrics, "hotswap_prefix_cache_reused_tokens_total")
         return out
     finally:
         service.terminate()

@@ -386,6 +386,11 @@ def summarise(n, a, b, c) -> dict:
     return row
 
 
+def metric_sum(text: str, name: str) -> float:
+    """The sum of a Prometheus metric's samples (every label set) in /metrics text."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith((name + "{", name + " ")))
+
+
 def free_port() -> int:
     import socket
 

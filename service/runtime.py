@@ -123,8 +123,7 @@ def preload(residency: AdapterResidency, pinned: list[str], wanted: list[str]) -
         residency.pin(name)
     for name in dict.fromkeys(pinned + wanted):
         while not residency.ensure(name, busy=set()):  # the loader thread reads it
-            residency.ready.wait(0.05)
-            residency.ready.clear()
+            residency.wait_for_reads()
     residency.preload_pending(set())  # the pins asked again; all resident now
     log.info("adapters resident at start: %s (pinned: %s)", residency.resident, sorted(residency.pinned))
 

@@ -231,3 +231,15 @@ def make_residency(tiny, cache_dir, tmp_path, max_resident: int, **options):
     registry = AdapterRegistry(adapters, base_id="tiny", base_fingerprint=tiny.fingerprint)
     registry.scan()
     return AdapterResidency(registry, base.model, max_resident, **options)
+
+
+def batched_engine(residency, **options):
+    """A BatchedEngine over a residency's model (tiny tests: 4 rows, 256 positions, no EOS);
+    `options` go to BatchedEngine (kv_cache, max_prefill_tokens, prefix_cache, hooks)."""
+    from service.engine.batched import BatchedEngine
+    from service.engine.runner import ModelRunner
+
+    options = {"max_batch_size": 4, **options}
+    return BatchedEngine(
+        ModelRunner(residency.model, "cpu"), eos_token_ids=frozenset(), max_context=256, residency=residency, **options
+    )

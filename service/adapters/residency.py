@@ -395,6 +395,11 @@ class AdapterResidency:
     def pinned(self) -> set[str]:
         return set(self._pinned)
 
+    def wait_for_reads(self, timeout: float = 0.05) -> None:
+        """Sleep until a disk read ends (or `timeout`): for a caller with nothing else to do."""
+        self.ready.wait(timeout)
+        self.ready.clear()
+
     def want(self, name: str) -> None:
         """Load `name` into a slot at the engine's next iteration (preload)."""
         self._wanted.append(name)

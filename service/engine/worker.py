@@ -223,8 +223,7 @@ class WorkerEngine:
     def _wait_for_adapters(self) -> None:
         """Nothing can run until an adapter's disk read ends: sleep until one does (briefly)."""
         if self.residency is not None:
-            self.residency.ready.wait(0.05)
-            self.residency.ready.clear()
+            self.residency.wait_for_reads()
 
     def _choose(
         self, params: Any, logits: torch.Tensor, generator: torch.Generator, matcher: Any, greedy: int | None = None

@@ -7,20 +7,14 @@ import asyncio
 import time
 
 from service.engine import EngineRequest, SamplingParams
-from service.engine.batched import BatchedEngine
-from service.engine.runner import ModelRunner
-from tests.factories import make_lora_adapter, make_residency
+from tests.factories import batched_engine, make_lora_adapter, make_residency
 
 PROMPT = (5, 17, 42, 99, 7, 3)
 
 
 def engine_over(residency, waits=None):
-    return BatchedEngine(
-        ModelRunner(residency.model, "cpu"),
-        eos_token_ids=frozenset(),
-        max_context=256,
-        residency=residency,
-        max_batch_size=4,
+    return batched_engine(
+        residency,
         on_slot_wait=lambda waiting, seconds: waits.append(seconds) if waits is not None and seconds else None,
     )
 

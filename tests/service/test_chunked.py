@@ -8,24 +8,14 @@ import asyncio
 import pytest
 
 from service.engine import EngineRequest, SamplingParams
-from service.engine.batched import BatchedEngine
-from service.engine.runner import ModelRunner
-from tests.factories import make_residency
+from tests.factories import batched_engine, make_residency
 from tests.service.test_batched_engine import run
 
 LONG = tuple((i * 7) % 300 + 3 for i in range(200))
 
 
 def engine(residency, budget, kv="dynamic"):
-    return BatchedEngine(
-        ModelRunner(residency.model, "cpu"),
-        eos_token_ids=frozenset(),
-        max_context=256,
-        residency=residency,
-        max_batch_size=4,
-        max_prefill_tokens=budget,
-        kv_cache=kv,
-    )
+    return batched_engine(residency, max_prefill_tokens=budget, kv_cache=kv)
 
 
 def greedy(tokens):

@@ -10,10 +10,8 @@ import torch
 from transformers import DynamicCache
 
 from service.engine import EngineRequest, SamplingParams
-from service.engine.batched import BatchedEngine
 from service.engine.prefix import BLOCK, PrefixCache
-from service.engine.runner import ModelRunner
-from tests.factories import make_residency
+from tests.factories import batched_engine, make_residency
 
 SHARED = tuple(range(40, 40 + 3 * BLOCK))  # three whole blocks, as a template or system prompt
 
@@ -51,15 +49,7 @@ def test_memory_is_bounded_least_recently_used_first():
 
 
 def serve(residency, jobs, prefix_cache, kv="dynamic"):
-    engine = BatchedEngine(
-        ModelRunner(residency.model, "cpu"),
-        eos_token_ids=frozenset(),
-        max_context=256,
-        residency=residency,
-        max_batch_size=4,
-        prefix_cache=prefix_cache,
-        kv_cache=kv,
-    )
+    engine = batched_engine(residency, prefix_cache=prefix_cache, kv_cache=kv)
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
     async def main():
