@@ -48,6 +48,11 @@ def logits(residency, adapter, prompt=PROMPT):
     return out
 
 
+# The slots run the fused LoRA (all adapters stacked, zero-padded ranks), PEFT its own layers:
+# fp32 summation order differs by CPU kernel, so the bound is test_lora.py's, not exact.
+CLOSE = {"rtol": 1e-4, "atol": 1e-4}
+
+
 def peft_logits(tiny, cache_dir, package, prompt=PROMPT):
     """The same through PEFT's own loading of the package (the reference)."""
     base = load_base(str(tiny.base_dir), quantization="fp32", device="cpu", cache_dir=cache_dir)
@@ -100,7 +105,7 @@ def test_in_place_swaps_compute_what_peft_loading_computes(tiny, cache_dir, tmp_
     for name in ["wide", "narrow", "rs", "pattern", "wide"]:
         assert residency.ensure(name, busy=set())
         assert set(residency.model.peft_config) == {"slot0"}  # every one copied into slot0
-        torch.testing.assert_close(logits(residency, name), peft_logits(tiny, cache_dir, packages[name]))
+        torch.testing.assert_close(logits(residency, name), peft_logits(tiny, cache_dir, packages[name]), **CLOSE)
 
 
 def test_an_adapter_peft_must_load_gets_a_slot_built_for_it(tiny, cache_dir, tmp_path):
@@ -114,9 +119,9 @@ def test_an_adapter_peft_must_load_gets_a_slot_built_for_it(tiny, cache_dir, tmp
     residency = AdapterResidency(registry, base.model, 1, max_host=0)
     assert residency.ensure("alpha", busy=set())
     assert residency.ensure("dora", busy=set())  # rebuilt by PEFT (a magnitude vector per layer)
-    torch.testing.assert_close(logits(residency, "dora"), peft_logits(tiny, cache_dir, dora))
+    torch.testing.assert_close(logits(residency, "dora"), peft_logits(tiny, cache_dir, dora), **CLOSE)
     assert residency.ensure("alpha", busy=set())  # and back: the slot is rebuilt plain again
-    torch.testing.assert_close(logits(residency, "alpha"), peft_logits(tiny, cache_dir, adapters / "alpha"))
+    torch.testing.assert_close(logits(residency, "alpha"), peft_logits(tiny, cache_dir, adapters / "alpha"), **CLOSE)
 
 
 def test_the_host_tier_serves_swaps_without_reading_disk(tiny, cache_dir, tmp_path):
@@ -210,7 +215,7 @@ def test_two_versions_are_two_adapters_and_the_old_one_leaves_first(tiny, cache_
     assert residency.ensure(new, busy={old})  # the old version keeps serving its rows
     torch.testing.assert_close(logits(residency, old), before)
     beta = peft_logits(tiny, cache_dir, registry.directory / "beta")  # alpha's new weights are beta's
-    torch.testing.assert_close(logits(residency, new), beta)
+    torch.testing.assert_close(logits(residency, new), beta, **CLOSE)
     assert not torch.allclose(beta, before, atol=1e-3)
     assert residency.ensure("beta", busy=set())  # the replaced version is evicted first
     assert residency.state(old) == "registered" and residency.state(new) == "resident"
