@@ -59,8 +59,8 @@ def make_parser() -> argparse.ArgumentParser:
 def swap_latency(args, adapter_dir: Path, names: list[str]) -> dict:
     """p50/p90 of putting an adapter into a slot, from disk and from the host tier."""
     from service.adapters.registry import AdapterRegistry
-    from service.adapters.residency import AdapterResidency
     from service.base_model import load_base
+    from service.engine.residency import AdapterResidency
 
     base = load_base(args.model, quantization=args.quantization, device=args.device, cache_dir=args.cache_dir)
     registry = AdapterRegistry(adapter_dir, base_id=base.source.served_id, base_fingerprint=base.source.fingerprint)

@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import __version__
+from service.engine import BASE
 from service.errors import HotswapError, InvalidRequestError, NotFoundError, RequestTooLargeError
 from service.guardrails import GuardrailConfigError, Guardrails
 from service.guardrails import load as load_guardrails
@@ -30,6 +31,7 @@ from service.metrics import Metrics
 from service.request_id import HEADER as REQUEST_ID_HEADER
 from service.request_id import RequestIdMiddleware
 from service.runtime import Runtime, load_runtime
+from service.serving.errors import HTTPStatusError, error_code, http_error, to_body
 from service.serving.generation import ServingContext
 from service.serving.sse import error_body
 from service.settings import Settings
@@ -61,7 +63,6 @@ class ServiceState:
             metrics=self.metrics,
             guardrails=guardrails,
             default_max_tokens=self.settings.default_max_tokens,
-            residency=runtime.residency,
         )
 
 
@@ -88,7 +89,7 @@ async def _start(state: ServiceState, runtime: Runtime | None) -> None:
 
 def check_adapters_named(guardrails: Guardrails, runtime: Runtime) -> None:
     """A guardrail section for an adapter that is not served is a typo, not a no-op."""
-    served = {"base", *(record.name for record in runtime.registry.ready())}
+    served = {BASE, *(record.name for record in runtime.registry.ready())}
     unknown = sorted(set(guardrails.adapters) - served)
     if unknown:
         raise GuardrailConfigError(f"{guardrails.source}: adapters {unknown} are not served; served: {sorted(served)}")
@@ -119,14 +120,16 @@ RETRY_AFTER_SECONDS = "1"  # overload and drain are short-lived: come back soon 
 
 
 def _error_response(exc: HotswapError) -> JSONResponse:
-    headers = {"Retry-After": RETRY_AFTER_SECONDS} if exc.status_code in (429, 503) else None
-    return JSONResponse(error_body(exc), status_code=exc.status_code, headers=headers)
+    status = http_error(exc).status
+    headers = {"Retry-After": RETRY_AFTER_SECONDS} if status in (429, 503) else None
+    return JSONResponse(error_body(exc), status_code=status, headers=headers)
 
 
 def _rejection_reason(exc: HotswapError) -> str | None:
     """Refusals counted in hotswap_rejected_requests_total{reason}; None for ordinary errors."""
-    if exc.status_code in (413, 429, 503) or exc.code == "content_policy_violation":
-        return exc.code or exc.error_type
+    http, code = http_error(exc), error_code(exc)
+    if http.status in (413, 429, 503) or code == "content_policy_violation":
+        return code or http.type
     return None
 
 
@@ -164,9 +167,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 404:
             return _error_response(NotFoundError(f"no route {request.url.path}", code="not_found"))
-        error = HotswapError(str(exc.detail))
-        error.status_code, error.error_type = exc.status_code, "invalid_request_error"
-        return _error_response(error)
+        return _error_response(HTTPStatusError(str(exc.detail), exc.status_code))
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -175,7 +176,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         request_id = request.state.request_id
         log.error("request %s: unhandled error on %s", request_id, request.url.path, exc_info=exc)
         # Logged above with its traceback: the body is built directly, not logged a second time.
-        body = HotswapError(f"{type(exc).__name__}: {exc}").to_body(request_id)
+        body = to_body(HotswapError(f"{type(exc).__name__}: {exc}"), request_id)
         return JSONResponse(body, status_code=500, headers={REQUEST_ID_HEADER: request_id})
 
 
@@ -226,7 +227,7 @@ class BodyLimitMiddleware:
             await self.app(scope, receive, send)
             return
         declared = dict(scope.get("headers", ())).get(b"content-length")
-        too_large = RequestTooLargeError(f"the request body exceeds {self.max_bytes} bytes", code="request_too_large")
+        too_large = RequestTooLargeError(f"the request body exceeds {self.max_bytes} bytes")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             self.metrics.rejected.labels("request_too_large").inc()
             await _error_response(too_large)(scope, receive, send)

@@ -16,6 +16,8 @@ from prometheus_client import (
     generate_latest,
 )
 
+from service.engine import BASE
+
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20)
 
@@ -214,7 +216,7 @@ class Metrics:
         self.running.set(len(running))
         self.batch_utilization.set(len(running) / capacity if capacity else 0.0)
         # Only adapters count here: the protocol's lists name LoRA adapters, never the base.
-        adapters = lambda names: ",".join(sorted(set(names) - {"base"}))  # noqa: E731
+        adapters = lambda names: ",".join(sorted(set(names) - {BASE}))  # noqa: E731
         self.lora_requests_info.clear()
         self.lora_requests_info.labels(adapters(running), adapters(waiting), str(self.max_lora)).set_to_current_time()
 

@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from service.engine import Grammar, SamplingParams
+
 MAX_N = 16
 MAX_LOGPROBS = 5
 MAX_STOP = 4
@@ -161,6 +163,34 @@ class _SamplingFields(_TextRequest):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    def budget(self, server_default: int) -> int:
+        """Tokens each choice may generate (see `to_sampling_params`)."""
+        raise NotImplementedError
+
+    def to_sampling_params(self, index: int, max_tokens: int, grammar: Grammar | None) -> SamplingParams:
+        """The engine parameters of choice `index` (0-based across every prompt's choices).
+
+        One precedence rule for every value: the request's own, then the server's default (the
+        caller's `max_tokens`, from `budget`), then OpenAI's (the field defaults). Choice i of
+        a seeded request samples with seed + i, so `n` choices differ reproducibly.
+        """
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seed=None if self.seed is None else self.seed + index,
+            ignore_eos=self.ignore_eos,
+            logprobs=self._logprobs(),
+            prompt_logprobs=self._prompt_logprobs(),
+            grammar=grammar,
+        )
+
+    def _logprobs(self) -> int | None:
+        return None
+
+    def _prompt_logprobs(self) -> int | None:
+        return None
+
 
 PromptField = str | list[str] | list[int] | list[list[int]]
 
@@ -202,6 +232,15 @@ class CompletionRequest(_SamplingFields):
         if (self.prompt is None) == (self.input is None):
             raise ValueError("give exactly one of `prompt` or `input`")
         return self
+
+    def budget(self, server_default: int) -> int:
+        return self.max_tokens  # OpenAI's default (16) applies when the request sets none
+
+    def _logprobs(self) -> int | None:
+        return self.logprobs
+
+    def _prompt_logprobs(self) -> int | None:
+        return self.logprobs if self.echo else None  # `echo` scores the prompt too
 
 
 class TextContentPart(BaseModel):
@@ -246,10 +285,13 @@ class ChatCompletionRequest(_SamplingFields):
             raise ValueError("top_logprobs requires logprobs to be true")
         return self
 
-    @property
-    def max_new_tokens(self) -> int | None:
-        """`max_completion_tokens` supersedes the deprecated `max_tokens` (OpenAI's precedence)."""
-        return self.max_completion_tokens or self.max_tokens
+    def budget(self, server_default: int) -> int:
+        """`max_completion_tokens` supersedes the deprecated `max_tokens` (OpenAI's precedence);
+        with neither, the server's default."""
+        return self.max_completion_tokens or self.max_tokens or server_default
+
+    def _logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -32,7 +32,7 @@ from service.protocol import (
 from service.serving.adapters import AdapterServing
 from service.serving.chat import ChatServing
 from service.serving.completions import CompletionServing
-from service.serving.generation import ServingContext
+from service.serving.generation import ServingContext, Target
 from service.serving.sse import DONE, error_body, sse
 from service.serving.tokenization import TokenizerServing
 
@@ -129,20 +129,23 @@ def _respond(result: object) -> Response:
     return JSONResponse(result.model_dump(mode="json"))
 
 
+def _labelled(request: Request) -> Callable[[Target], None]:
+    """Told the resolved model: the request's metrics are labelled with it."""
+
+    def label(target: Target) -> None:
+        request.state.adapter = target.label
+
+    return label
+
+
 @api.post("/completions", response_model=CompletionResponse, responses=_STREAMS)
 async def create_completion(body: CompletionRequest, request: Request, ctx: Context) -> Response:
-    serving = CompletionServing(ctx)
-    target = serving.resolve(body)
-    request.state.adapter = target.label
-    return _respond(await _unless_disconnected(request, serving.create(body, target)))
+    return _respond(await _unless_disconnected(request, CompletionServing(ctx).create(body, _labelled(request))))
 
 
 @api.post("/chat/completions", response_model=ChatCompletionResponse, responses=_STREAMS)
 async def create_chat_completion(body: ChatCompletionRequest, request: Request, ctx: Context) -> Response:
-    serving = ChatServing(ctx)
-    target = serving.resolve(body)
-    request.state.adapter = target.label
-    return _respond(await _unless_disconnected(request, serving.create(body, target)))
+    return _respond(await _unless_disconnected(request, ChatServing(ctx).create(body, _labelled(request))))
 
 
 @api.get("/models")

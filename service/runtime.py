@@ -7,17 +7,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from service.adapters.registry import AdapterRegistry
-from service.adapters.residency import AdapterResidency
 from service.base_model import load_base
 from service.engine import Engine
 from service.engine.batched import BatchedEngine
-from service.engine.kvcache import graphs_unavailable, kv_shape
+from service.engine.kvcache import choose_kv_cache
+from service.engine.model import LoRAModel
 from service.engine.prefix import PrefixCache
 from service.engine.prefix import unsupported as prefix_unsupported
-from service.engine.runner import ModelRunner, hidden_dtype
+from service.engine.residency import AdapterResidency
+from service.engine.runner import ModelRunner
 from service.engine.simple import SimpleEngine
 from service.metrics import Metrics
 from service.settings import Settings
@@ -54,9 +53,10 @@ def load_runtime(settings: Settings, metrics: Metrics) -> Runtime:
         max_bytes=settings.max_adapter_bytes,
     )
     registry.scan()
+    lora = LoRAModel(base.model)  # the one owner of the served model (slots, runner, caches)
     residency = AdapterResidency(
         registry,
-        base.model,
+        lora,
         settings.max_resident_adapters,
         max_host=settings.max_cpu_adapters,
         loader=ThreadPoolExecutor(1, thread_name_prefix="hotswap-adapter-io"),
@@ -84,7 +84,7 @@ def load_runtime(settings: Settings, metrics: Metrics) -> Runtime:
         on_grammar_step=metrics.grammar_mask.observe,
         residency=residency,
     )
-    runner = ModelRunner(residency.model, base.device)
+    runner = ModelRunner(lora, base.device)
     if settings.engine == "batched":
         kv_cache = choose_kv_cache(settings, runner, max_context)
         prefixes = None
@@ -126,61 +126,3 @@ def preload(residency: AdapterResidency, pinned: list[str], wanted: list[str]) -
             residency.wait_for_reads()
     residency.preload_pending(set())  # the pins asked again; all resident now
     log.info("adapters resident at start: %s (pinned: %s)", residency.resident, sorted(residency.pinned))
-
-
-def choose_kv_cache(settings: Settings, runner: ModelRunner, max_context: int) -> str:
-    """'static' or 'dynamic' for the batched engine (see Settings.kv_cache)."""
-    model, device = runner.model, runner.device.type
-    if settings.kv_cache == "dynamic":
-        return "dynamic"
-    reason = static_kv_unsupported(model.config)
-    if reason:
-        if settings.kv_cache == "static":
-            raise ValueError(f"KV_CACHE=static: {reason}")
-        log.info("KV cache: dynamic (the static cache cannot serve this model: %s)", reason)
-        return "dynamic"
-    need = static_kv_bytes(model.config, settings.max_batch_size, max_context, hidden_dtype(model))
-    no_graphs = graphs_unavailable(runner, settings.cuda_graphs)
-    if settings.kv_cache == "auto":
-        if no_graphs:  # the static cache pays off through CUDA graphs (docs/benchmarks.md)
-            if device == "cuda":
-                log.info("KV cache: dynamic (no CUDA graphs: %s)", no_graphs)
-            return "dynamic"
-        free, _ = torch.cuda.mem_get_info()
-        if need > free // 2:
-            log.warning(
-                "KV cache: dynamic, since a static one (%d rows x %d positions) needs %.1f GiB and "
-                "%.1f GiB is free; set MAX_MODEL_LEN or MAX_BATCH_SIZE lower to get the static "
-                "cache and CUDA graphs",
-                settings.max_batch_size,
-                max_context,
-                need / 2**30,
-                free / 2**30,
-            )
-            return "dynamic"
-    log.info(
-        "KV cache: static, %d rows x %d positions (%.2f GiB), %s",
-        settings.max_batch_size,
-        max_context,
-        need / 2**30,
-        f"no CUDA graphs ({no_graphs})" if no_graphs else "CUDA graphs",
-    )
-    return "static"
-
-
-def static_kv_unsupported(config: Any) -> str | None:
-    """Why the static KV cache cannot serve this model (None: it can)."""
-    config = getattr(config, "get_text_config", lambda: config)()
-    if kv_shape(config) is None:
-        return "the config does not give the cache's shape (layers, KV heads, head size)"
-    kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
-    if kinds != {"full_attention"} or getattr(config, "sliding_window", None):
-        return f"the model has layers other than full attention ({sorted(kinds)}); use KV_CACHE=dynamic"
-    return None
-
-
-def static_kv_bytes(config: Any, rows: int, positions: int, dtype: Any) -> int:
-    """Bytes of the static KV cache for this many rows and positions."""
-    layers, heads, head_dim = kv_shape(config)
-    size = torch.empty((), dtype=dtype).element_size()
-    return layers * 2 * rows * positions * heads * head_dim * size

@@ -201,7 +201,7 @@ def preload_adapters(runtime, names=("alpha", "beta")):
     model = runtime.residency.model
     for name in names:
         model = runtime.registry.load(model, name)
-    runtime.engine.runner.model = model
+    runtime.engine.runner.lora.model = model
     runtime.engine.residency = None
     return runtime
 
@@ -212,7 +212,6 @@ def serve_through_slots(runtime, names=("alpha", "beta")):
     from service.runtime import preload
 
     preload(runtime.residency, [], list(names))
-    runtime.engine.runner.model = runtime.residency.model
     return {name: runtime.residency.slot(name) for name in names}
 
 
@@ -222,8 +221,8 @@ def make_residency(tiny, cache_dir, tmp_path, max_resident: int, **options):
     import shutil
 
     from service.adapters.registry import AdapterRegistry
-    from service.adapters.residency import AdapterResidency
     from service.base_model import load_base
+    from service.engine.residency import AdapterResidency
 
     adapters = tmp_path / "adapters"
     shutil.copytree(tiny.adapter_dir, adapters)
@@ -241,5 +240,5 @@ def batched_engine(residency, **options):
 
     options = {"max_batch_size": 4, **options}
     return BatchedEngine(
-        ModelRunner(residency.model, "cpu"), eos_token_ids=frozenset(), max_context=256, residency=residency, **options
+        ModelRunner(residency.lora, "cpu"), eos_token_ids=frozenset(), max_context=256, residency=residency, **options
     )

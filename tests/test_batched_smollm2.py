@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from service.engine import BASE_ADAPTER, EngineRequest, SamplingParams
+from service.engine import PEFT_BASE, EngineRequest, SamplingParams
 from service.engine.batched import BatchedEngine
 from service.engine.runner import ModelRunner
 from service.metrics import Metrics
@@ -186,7 +186,7 @@ def test_nf4_mixed_batch_matches_peft_on_the_same_kernel_path(adapter_dir, cache
             pad_token_id=tok.pad_token_id,
             output_scores=True,
             return_dict_in_generate=True,
-            adapter_names=[a or BASE_ADAPTER for a in ADAPTERS],
+            adapter_names=[a or PEFT_BASE for a in ADAPTERS],
         )
     for row, outs in enumerate(batched):
         tokens = [t for o in outs for t in o.token_ids]

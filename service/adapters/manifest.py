@@ -18,12 +18,13 @@ from jinja2 import meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from service.errors import InvalidRequestError
+from service.engine import BASE, PEFT_BASE
+from service.errors import InputFieldError
 
 MANIFEST_FILE = "hotswap.json"
 # Lower-case, starts alphanumeric, no path separators: safe as a directory name and a URL part.
 ADAPTER_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
-RESERVED_NAMES = frozenset({"base", "__base__"})
+RESERVED_NAMES = frozenset({BASE, PEFT_BASE})
 _FIELD_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
 
 
@@ -132,7 +133,8 @@ class AdapterManifest(BaseModel):
         (directory / MANIFEST_FILE).write_text(text + "\n", "utf-8")
 
     def render_prompt(self, inputs: dict[str, Any], *, param: str = "input") -> str:
-        """Render the prompt for `inputs`; a bad input raises InvalidRequestError naming it.
+        """Render the prompt for `inputs`; a bad input raises InputFieldError naming it
+        (`param`: where the inputs sit in the request, default `input`).
 
         Optional fields that are absent render as empty strings, so templates can test them
         with `{% if context %}`.
@@ -140,15 +142,15 @@ class AdapterManifest(BaseModel):
         declared = {f.name: f for f in self.input_fields}
         for key, value in inputs.items():
             if key not in declared:
-                raise InvalidRequestError(
+                raise InputFieldError(
                     f"adapter {self.name!r} has no input field {key!r}; its fields are {sorted(declared)}",
                     param=f"{param}.{key}",
                 )
             if not isinstance(value, str):
-                raise InvalidRequestError(f"input field {key!r} must be a string", param=f"{param}.{key}")
+                raise InputFieldError(f"input field {key!r} must be a string", param=f"{param}.{key}")
         for field in self.input_fields:
             if field.required and not inputs.get(field.name, "").strip():
-                raise InvalidRequestError(
+                raise InputFieldError(
                     f"adapter {self.name!r} needs the input field {field.name!r}",
                     param=f"{param}.{field.name}",
                 )

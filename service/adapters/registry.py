@@ -12,7 +12,7 @@ one gets a clear 404 naming the reason.
 Versions: each package's version is a hash of its files (`sources.content_version`). Loading a
 new version under a live name makes the new version current at once (new requests resolve to
 it), while the records of earlier versions stay known by their key, `name@version`, so requests
-that resolved to one finish on it. The engine's adapter tiers (`service.adapters.residency`) key
+that resolved to one finish on it. The engine's adapter tiers (`service.engine.residency`) key
 everything by that key, so nothing computed with one version is ever used for another.
 """
 
@@ -32,7 +32,7 @@ from pydantic import ValidationError
 from service.adapters import sources
 from service.adapters.manifest import MANIFEST_FILE, AdapterManifest, parse_adapter_name
 from service.adapters.sources import CONFIG_FILE, WEIGHTS_FILE, Source, SourceError
-from service.errors import NotFoundError
+from service.errors import AdapterUnavailable, NotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -304,7 +304,7 @@ class AdapterRegistry:
         with self._lock:
             record = self._records.get(name)
             if record is None:
-                raise NotFoundError(f"The lora adapter '{name}' cannot be found.", param="lora_name")
+                raise NotFoundError(f"The lora adapter '{name}' cannot be found.")
             self._records = {n: r for n, r in self._records.items() if n != name}
         log.info("adapter %r unregistered", name)
         return record
@@ -338,7 +338,7 @@ class AdapterRegistry:
         """The record of one version by key (or of the current version by bare name)."""
         record = self._versions.get(key) if "@" in key else self._records.get(key)
         if record is None or record.status != "ready":
-            raise NotFoundError(f"the adapter {key!r} is not available", param="adapter")
+            raise AdapterUnavailable(f"the adapter {key!r} is not available")
         return record
 
     def current(self, key: str) -> bool:
@@ -358,7 +358,7 @@ class AdapterRegistry:
         """
         from peft import PeftModel
 
-        record = self.get(name, param="adapter")
+        record = self.get(name)
         started = time.perf_counter()
         try:
             if isinstance(model, PeftModel):
@@ -372,7 +372,7 @@ class AdapterRegistry:
                 model.delete_adapter(name)
             if on_load:
                 on_load(name, "error", time.perf_counter() - started)
-            raise NotFoundError(f"the adapter {name!r} is not available: {record.error}", param="adapter") from exc
+            raise AdapterUnavailable(f"the adapter {name!r} is not available: {record.error}") from exc
         record.load_seconds = time.perf_counter() - started
         log.info("adapter %r loaded in %.2fs", name, record.load_seconds)
         if on_load:
@@ -394,12 +394,14 @@ class AdapterRegistry:
     def ready(self) -> list[AdapterRecord]:
         return [r for r in self._records.values() if r.status == "ready"]
 
-    def get(self, name: str, *, param: str) -> AdapterRecord:
+    def get(self, name: str) -> AdapterRecord:
+        """The ready record of `name`; NotFoundError if there is none, AdapterUnavailable if it
+        failed."""
         record = self._records.get(name)
         if record is None:
-            raise NotFoundError(f"the adapter {name!r} does not exist", param=param)
+            raise NotFoundError(f"the adapter {name!r} does not exist")
         if record.status != "ready":
-            raise NotFoundError(f"the adapter {name!r} is not available: {record.error}", param=param)
+            raise AdapterUnavailable(f"the adapter {name!r} is not available: {record.error}")
         return record
 
     def __contains__(self, name: str) -> bool:

@@ -11,7 +11,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in per-row `adapter_names`
+# "No adapter" is `None` in code (`EngineRequest.adapter`, `Target.adapter`), and `BASE` wherever
+# it must be a name: the API's `adapter: "base"`, metric labels, guardrails sections, prefix-cache
+# keys. `PEFT_BASE` is PEFT's own spelling in per-row `adapter_names`, and is only built where the
+# engine hands PEFT those names.
+BASE = "base"
+PEFT_BASE = "__base__"
 
 EngineFinish = Literal["stop", "length"]
 
@@ -102,7 +107,7 @@ class Engine(Protocol):
     async def stop(self) -> None: ...
 
     def admit(self, sequences: int) -> None:
-        """Raise OverloadedError (429) unless `sequences` more fit in the queue now.
+        """Raise QueueFull unless `sequences` more fit in the queue now.
 
         Serving admits a whole HTTP request (every choice, and any retry) before its response
         starts, then submits its sequences with `admitted=True`.
@@ -110,6 +115,27 @@ class Engine(Protocol):
         ...
 
     def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
-        """Stream the request's tokens; raise OverloadedError if the queue is full (unless the
+        """Stream the request's tokens; raise QueueFull if the queue is full (unless the
         request was admitted)."""
+        ...
+
+    # --- its adapters (any thread: the engine applies changes between steps) -------------------
+
+    def adapter_state(self, key: str) -> str:
+        """Where an adapter version (`name@version`) is: "resident" (a device slot), "cached"
+        (host memory), "loading" (read from disk) or "registered" (none of these)."""
+        ...
+
+    def pinned_adapters(self) -> set[str]:
+        """Names kept in a device slot whatever the traffic."""
+        ...
+
+    def pin_adapter(self, name: str, pinned: bool) -> None:
+        """Keep `name` in a device slot (loaded soon, never evicted), or let it be evicted
+        again. ValueError when it cannot be pinned (no slots, or every other slot pinned)."""
+        ...
+
+    def reload_adapters(self, names: list[str]) -> None:
+        """These adapters have a new current version: each one that is resident now takes a
+        slot for the new version before a request asks for it."""
         ...

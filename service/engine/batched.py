@@ -5,7 +5,7 @@ prefill token budget), then advances every running sequence by one token in a si
 pass in which each row runs through its own adapter (PEFT's per-row `adapter_names`). A sequence
 leaves the batch as soon as it finishes or its client goes away.
 
-The running batch's KV cache (service/engine/kvcache.py) is either a left-padded `DynamicCache`
+The running batch's KV cache (service/engine/kvcache/) is either a left-padded `DynamicCache`
 (`kv_cache="dynamic"`) or one preallocated slot per row, written in place, with each decode step
 replayed from a CUDA graph on CUDA (`kv_cache="static"`). Each row keeps its own positions, so
 neither padding nor slots change what a sequence computes.
@@ -24,14 +24,14 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from service.engine import EngineOutput
+from service.engine import BASE, EngineOutput
 from service.engine.kvcache import PaddedKV, SlotKV, kv_shape
 from service.engine.prefix import Hit, PrefixCache, cache_layers
 from service.engine.prefix import unsupported as prefix_unsupported
 from service.engine.runner import hidden_dtype
 from service.engine.sampling import make_generator
 from service.engine.worker import STOP, Job, Outbox, WorkerEngine
-from service.errors import EngineError, ServiceUnavailableError
+from service.errors import EngineStopped, StepFailed
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class BatchedEngine(WorkerEngine):
         self._on_slot_wait = on_slot_wait
         self._waiters: list[str] = []
         if kv_cache == "static":
-            slots = self.residency.max_resident if self.residency is not None else 8
+            slots = self.residency.max_resident if self.residency is not None else 1
             self._kv = SlotKV(
                 self.runner,
                 max_batch_size,
@@ -117,9 +117,9 @@ class BatchedEngine(WorkerEngine):
                 self._advance_chunks()
             self._outbox.flush()
             if stop:
-                self._fail_running(ServiceUnavailableError("the engine stopped"))
+                self._fail_running(EngineStopped("the engine stopped"))
                 while self._pending:
-                    self._outbox.post(self._pending.popleft(), ServiceUnavailableError("the engine stopped"))
+                    self._outbox.post(self._pending.popleft(), EngineStopped("the engine stopped"))
                 self._outbox.flush()
                 return
             if self._rows:
@@ -127,7 +127,7 @@ class BatchedEngine(WorkerEngine):
                     self._step()
                 except Exception as exc:  # a failed step fails its batch, never the engine
                     self._step_failed("decode step", exc, len(self._rows))
-                    self._fail_running(EngineError(f"generation failed: {type(exc).__name__}: {exc}"), chunking=False)
+                    self._fail_running(StepFailed(f"generation failed: {type(exc).__name__}: {exc}"), chunking=False)
                 else:
                     self._step_succeeded()
                 finally:
@@ -248,11 +248,11 @@ class BatchedEngine(WorkerEngine):
     def _stored_prefix(self, job: Job) -> Any:
         if self.prefix_cache is None or job.request.params.prompt_logprobs is not None:
             return None
-        return self.prefix_cache.lookup(job.key or "base", job.request.prompt_ids, DynamicCache)
+        return self.prefix_cache.lookup(job.key or BASE, job.request.prompt_ids, DynamicCache)
 
     def _store_prefix(self, job: Job, layers: list) -> None:
         if self.prefix_cache is not None:
-            self.prefix_cache.store(job.key or "base", job.request.prompt_ids, layers)
+            self.prefix_cache.store(job.key or BASE, job.request.prompt_ids, layers)
 
     def _chunked(self, job: Job) -> bool:
         """Whether the job's prompt (past a stored prefix) exceeds the step's prefill budget:
@@ -288,7 +288,7 @@ class BatchedEngine(WorkerEngine):
             except Exception as exc:
                 self._step_failed("prefill", exc, 1)
                 self._chunking.remove(job)
-                job.push(EngineError(f"generation failed: {type(exc).__name__}: {exc}"))
+                job.push(StepFailed(f"generation failed: {type(exc).__name__}: {exc}"))
                 self._change(running_remove=job.label)
                 continue
             job.prefix, budget = Hit(end, cache), 0
@@ -300,7 +300,7 @@ class BatchedEngine(WorkerEngine):
             self._start_row(job)
         except Exception as exc:
             self._step_failed("prefill", exc, 1)
-            job.push(EngineError(f"generation failed: {type(exc).__name__}: {exc}"))
+            job.push(StepFailed(f"generation failed: {type(exc).__name__}: {exc}"))
             if not any(r.job is job for r in self._rows):
                 self._change(running_remove=job.label)
 
@@ -314,7 +314,7 @@ class BatchedEngine(WorkerEngine):
         except Exception as exc:
             self._step_failed("prefill", exc, len(jobs))
             for job in jobs:
-                job.push(EngineError(f"generation failed: {type(exc).__name__}: {exc}"))
+                job.push(StepFailed(f"generation failed: {type(exc).__name__}: {exc}"))
                 self._change(running_remove=job.label)
             return
         if self.prefix_cache is not None:  # each row's KV: its last columns (left padding)

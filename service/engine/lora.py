@@ -22,7 +22,7 @@ what the runner uses whenever every adapter fits it (no LoRA variant or bias): i
 fixed and a swap rewrites one slot in place. Otherwise each batch's own composition is stacked,
 and the stacks of the 16 most recent compositions are kept.
 
-For CUDA graphs (service/engine/kvcache.py) the routing must not create tensors while a graph is
+For CUDA graphs (service/engine/kvcache/slots.py) the routing must not create tensors while a graph is
 captured, nor change them between replays by anything but an in-place copy. `route_static` runs
 every layer through an adapter pool (`_Pool`): per LoRA layer, one A and one B buffer with a
 fixed slot (of the pool's rank, zero-padded) for each resident adapter, and one row mask per row
@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
 
-from service.engine import BASE_ADAPTER
+from service.engine import PEFT_BASE
 
 _MAX_MASKS = 256  # cached row masks (one per batch composition and layer layout)
 # Batch compositions (sets of adapters present) whose stacked A and B are kept. Each holds a
@@ -52,14 +52,8 @@ _MAX_STACK_SETS = 16
 
 
 class FusedMixedLoRA:
-    """One per model (`for_model`): the patched layers consult this object's `names`."""
-
-    @classmethod
-    def for_model(cls, model: Any) -> FusedMixedLoRA:
-        fused = model.__dict__.get("_hotswap_fused_lora")
-        if fused is None:
-            fused = model.__dict__["_hotswap_fused_lora"] = cls()
-        return fused
+    """One per model, owned by its `LoRAModel` (service/engine/model.py): the patched layers
+    consult this object's `names`."""
 
     def __init__(self) -> None:
         # The rows' adapters during a forward pass of the runner; None outside one. Set through
@@ -118,7 +112,7 @@ class FusedMixedLoRA:
     def route(self, names: list[str] | None) -> None:
         """Set the rows' adapters for the next forward pass (None after it)."""
         self.names = None if names is None else tuple(names)
-        self._present = tuple(sorted(set(names or ()) - {BASE_ADAPTER}))
+        self._present = tuple(sorted(set(names or ()) - {PEFT_BASE}))
         self._static = False
         if self._present:
             self._remember(self._present)
@@ -137,7 +131,7 @@ class FusedMixedLoRA:
         """Route the next forward pass (captured or replayed) through the adapter pool, with the
         rows' slots in the row mask, rewritten in place here. With `fill=False` (while a graph
         is captured, after warm-up passes with the same rows) nothing is copied or made."""
-        unknown = set(names) - {BASE_ADAPTER} - set(self._loaded)
+        unknown = set(names) - {PEFT_BASE} - set(self._loaded)
         if unknown:
             raise ValueError(f"adapters not loaded: {sorted(unknown)}")
         self.names = tuple(names)

@@ -3,22 +3,35 @@
 from __future__ import annotations
 
 import inspect
+from enum import Enum
 from typing import Any
 
 import torch
 from transformers import DynamicCache
 
-from service.engine import BASE_ADAPTER
+from service.engine import PEFT_BASE
 from service.engine.lora import FusedMixedLoRA
+from service.engine.model import LoRAModel
 
 POOL_MAX_ADAPTERS = 16  # loaded adapters up to which eager batches go through the LoRA pool
+
+
+class Routing(Enum):
+    """How a slot step's rows reach their adapters (`ModelRunner.forward_slots`)."""
+
+    EAGER = "eager"  # as any forward pass: PEFT's per-row names, or the fused LoRA's stacks
+    STATIC = "static"  # through fixed buffers, refilled for these rows (a CUDA graph's inputs)
+    CAPTURE = "capture"  # through fixed buffers, left as they are (while a graph is captured)
 
 
 class ModelRunner:
     """Runs prefill and decode steps; the model must not change while a step runs."""
 
-    def __init__(self, model: Any, device: str, *, fused_lora: bool = True):
-        self.model = model
+    def __init__(self, model: LoRAModel | Any, device: str, *, fused_lora: bool = True):
+        # The model is reached through its owner, which the adapter slots share (a torch model
+        # given here gets its owner, or the one it already has).
+        self.lora = model if isinstance(model, LoRAModel) else LoRAModel.of(model)
+        model = self.lora.model
         self.device = torch.device(device)
         self._cache_kwarg = _cache_kwarg(model)
         # Mixed-adapter batches through service.engine.lora (False: PEFT's own loop).
@@ -33,6 +46,14 @@ class ModelRunner:
         self.mask_2d = config.model_type in ("bloom", "mpt") or bool(getattr(config, "alibi", False))
 
     @property
+    def model(self) -> Any:
+        return self.lora.model
+
+    @property
+    def fused(self) -> FusedMixedLoRA:
+        return self.lora.fused
+
+    @property
     def cache_kwarg(self) -> str:
         """The forward argument that takes the KV cache (its name depends on the version)."""
         return self._cache_kwarg
@@ -41,10 +62,10 @@ class ModelRunner:
         """Route the next forward pass (or graph replay) for CUDA graphs (None: back to normal;
         `fill=False` while a graph is captured: see FusedMixedLoRA.route_static)."""
         if not hasattr(self.model, "peft_config"):
-            if names is not None and any(n != BASE_ADAPTER for n in names):
+            if names is not None and any(n != PEFT_BASE for n in names):
                 raise ValueError("no adapters are loaded on this model")
             return
-        fused = FusedMixedLoRA.for_model(self.model)
+        fused = self.fused
         if names is None:
             fused.route(None)
             return
@@ -53,12 +74,11 @@ class ModelRunner:
             raise RuntimeError("CUDA graphs need every LoRA layer fused (linear layers only)")
         fused.route_static(names, fill=fill)
 
-    def forward_static(self, names: list[str], *, static: bool | str, **kwargs: Any) -> Any:
-        """A forward pass with the rows' adapters (BASE_ADAPTER for the base). `static` routes
-        LoRA through fixed buffers, as CUDA graphs need ("capture": without rewriting them)."""
-        if not static:
-            return self._forward([None if n == BASE_ADAPTER else n for n in names], **kwargs)
-        self.route_static(names, fill=static != "capture")
+    def forward_slots(self, names: list[str], *, routing: Routing, **kwargs: Any) -> Any:
+        """A forward pass with the rows' adapters (PEFT_BASE for the base), routed as said."""
+        if routing is Routing.EAGER:
+            return self._forward([None if n == PEFT_BASE else n for n in names], **kwargs)
+        self.route_static(names, fill=routing is Routing.STATIC)
         try:
             return self.model(**kwargs)
         finally:
@@ -70,12 +90,12 @@ class ModelRunner:
             if any(a is not None for a in adapters):
                 raise ValueError("no adapters are loaded on this model")
             return self.model(**kwargs)
-        names = [a or BASE_ADAPTER for a in adapters]
+        names = [a or PEFT_BASE for a in adapters]
         if not self.fused_lora:
             return self.model(**kwargs, adapter_names=names)  # PEFT's mixed batch
-        fused = FusedMixedLoRA.for_model(self.model)
+        fused = self.fused
         fused.install(self.model)
-        unknown = set(names) - {BASE_ADAPTER} - set(self.model.peft_config)
+        unknown = set(names) - {PEFT_BASE} - set(self.model.peft_config)
         if unknown:  # PEFT would check this; the fused path must too
             raise ValueError(f"adapters not loaded: {sorted(unknown)}")
         if not fused.complete:

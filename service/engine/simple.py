@@ -11,7 +11,7 @@ import logging
 from service.engine import EngineOutput
 from service.engine.sampling import make_generator
 from service.engine.worker import STOP, Job, WorkerEngine
-from service.errors import EngineError
+from service.errors import StepFailed
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class SimpleEngine(WorkerEngine):
                 self._run(job)
             except Exception as exc:  # a failed step fails its request, never the engine
                 self._step_failed("generation", exc, 1)
-                job.push(EngineError(f"generation failed: {type(exc).__name__}: {exc}"))
+                job.push(StepFailed(f"generation failed: {type(exc).__name__}: {exc}"))
             else:
                 self._step_succeeded()
             finally:

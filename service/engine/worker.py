@@ -19,10 +19,10 @@ from typing import Any
 
 import torch
 
-from service.engine import EngineOutput, EngineRequest, TokenLogprob
+from service.engine import BASE, EngineOutput, EngineRequest, TokenLogprob
 from service.engine.runner import ModelRunner
 from service.engine.sampling import sample, token_logprob
-from service.errors import HotswapError, OverloadedError, ServiceUnavailableError
+from service.errors import EngineStopped, HotswapError, QueueFull
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class Job:
 
     @property
     def label(self) -> str:
-        return self.request.adapter or "base"
+        return self.request.adapter or BASE
 
     @property
     def key(self) -> str | None:
@@ -102,7 +102,7 @@ class WorkerEngine:
         self.eos_token_ids = eos_token_ids
         self.max_context = max_context
         self.max_queued = max_queued
-        # Told (running adapters, waiting adapters, capacity) at every change; "base" for none.
+        # Told (running adapters, waiting adapters, capacity) at every change; BASE for none.
         self._on_state = on_state or (lambda running, waiting, capacity: None)
         self._on_step = on_step or (lambda batch_size: None)  # told each decode step's size
         # Told the seconds a grammar row's mask and accept took (hotswap_grammar_mask_seconds).
@@ -156,12 +156,9 @@ class WorkerEngine:
 
     def admit(self, sequences: int) -> None:
         if not self.healthy:
-            raise ServiceUnavailableError("the engine is not running")
+            raise EngineStopped("the engine is not running")
         if self._queued() + sequences > self.max_queued:
-            raise OverloadedError(
-                f"the server is at its queue limit ({self.max_queued} waiting requests); retry later",
-                code="queue_full",
-            )
+            raise QueueFull(f"the server is at its queue limit ({self.max_queued} waiting requests); retry later")
 
     def _queued(self) -> int:
         """Requests waiting for the worker (its queue; subclasses add what they hold back)."""
@@ -169,7 +166,7 @@ class WorkerEngine:
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
         if not self.healthy:
-            raise ServiceUnavailableError("the engine is not running")
+            raise EngineStopped("the engine is not running")
         if not request.admitted:
             self.admit(1)
         job = Job(request, asyncio.get_running_loop(), asyncio.Queue())
@@ -186,6 +183,28 @@ class WorkerEngine:
         finally:
             job.cancelled.set()
 
+    # --- adapters (the Engine protocol's; AdapterResidency does the work) ---------------------
+
+    def adapter_state(self, key: str) -> str:
+        return self.residency.state(key) if self.residency is not None else "registered"
+
+    def pinned_adapters(self) -> set[str]:
+        return self.residency.pinned if self.residency is not None else set()
+
+    def pin_adapter(self, name: str, pinned: bool) -> None:
+        if self.residency is None:
+            if pinned:
+                raise ValueError("this engine has no adapter slots to pin to")
+            return
+        if pinned:
+            self.residency.pin(name)
+        else:
+            self.residency.unpin(name)
+
+    def reload_adapters(self, names: list[str]) -> None:
+        for name in names if self.residency is not None else ():
+            self.residency.want(name)
+
     # --- worker thread ------------------------------------------------------------------------
 
     def _work(self) -> None:
@@ -196,7 +215,7 @@ class WorkerEngine:
             while not self._jobs.empty():
                 job = self._jobs.get_nowait()
                 if isinstance(job, Job):
-                    job.push(ServiceUnavailableError("the engine stopped"))
+                    job.push(EngineStopped("the engine stopped"))
 
     def _loop(self) -> None:
         raise NotImplementedError
@@ -215,7 +234,6 @@ class WorkerEngine:
             job.push(exc)
             self._change(waiting_remove=job.label)
             return None
-        self.runner.model = self.residency.model  # a PeftModel from the first adapter on
         if ready:
             job.slot = self.residency.slot(key)
         return ready

@@ -20,7 +20,10 @@ from typing import Any, ClassVar, Literal
 
 from service.adapters.manifest import AdapterManifest
 
-ActionKind = Literal["allow", "modify", "block", "retry", "flag"]
+# What a hook did, as responses and metrics name it. "modify", "redact" and "sanitize" change
+# the text (the verdict carries the new text or request); the others leave it as it is.
+Action = Literal["allow", "modify", "redact", "sanitize", "block", "retry", "flag"]
+MODIFYING: frozenset[str] = frozenset({"modify", "redact", "sanitize"})
 
 
 @dataclass(frozen=True)
@@ -66,16 +69,15 @@ class GuardedOutput:
 
 @dataclass(frozen=True)
 class Verdict:
-    action: ActionKind = "allow"
+    action: Action = "allow"
     reason: str = ""
     text: str | None = None  # post hooks: the modified output
     request: GuardedRequest | None = None  # pre hooks: the modified request
     details: dict[str, int] = field(default_factory=dict)  # e.g. {"EMAIL": 2}
-    label: str = ""  # what the action is called in responses and metrics ("redact"); default: action
 
     @property
-    def kind(self) -> str:
-        return self.label or self.action
+    def modifies(self) -> bool:
+        return self.action in MODIFYING
 
     @classmethod
     def allow(cls) -> Verdict:
@@ -191,7 +193,7 @@ def apply_post(hook: Hook, output: GuardedOutput, actions: list[Verdict]) -> str
         raise RetryRequested(hook.name, verdict.reason)
     if verdict.action != "allow":
         actions.append(verdict)
-    return verdict.text if verdict.action == "modify" and verdict.text is not None else output.text
+    return verdict.text if verdict.modifies and verdict.text is not None else output.text
 
 
 class Hook:

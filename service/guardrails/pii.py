@@ -316,7 +316,7 @@ class PIIRedactor(Hook):
         kinds = ", ".join(sorted(counts))
         if self.action == "block":
             return Verdict("block", f"the text contains {kinds}", details=counts)
-        return Verdict("modify", f"redacted {kinds}", details=counts, label="redact", **changed)
+        return Verdict("redact", f"redacted {kinds}", details=counts, **changed)
 
     def pre(self, request: GuardedRequest) -> Verdict:
         texts, total = [], {}

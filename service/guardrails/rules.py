@@ -131,13 +131,7 @@ class InjectionDetector(Hook):
             reason = "possible prompt injection: " + ", ".join(threats)
             return Verdict("flag" if self.action == "flag" else "block", reason, details=found)
         texts = [_strip(t, d) for t, d in zip(request.texts(), drops, strict=True)]
-        return Verdict(
-            "modify",
-            "removed invisible characters",
-            request=request.with_texts(texts),
-            details=found,
-            label="sanitize",
-        )
+        return Verdict("sanitize", "removed invisible characters", request=request.with_texts(texts), details=found)
 
 
 class BannedTerms(Hook):
@@ -188,7 +182,7 @@ class BannedTerms(Hook):
             return Verdict.allow()
         if self.action == "block":
             return Verdict("block", "banned term", details={"terms": count})
-        return Verdict("modify", "redacted banned terms", details={"terms": count}, label="redact", **changed)
+        return Verdict("redact", "redacted banned terms", details={"terms": count}, **changed)
 
     def pre(self, request: GuardedRequest) -> Verdict:
         results = [self.apply(t) for t in request.texts()]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from service.errors import HotswapError, InvalidRequestError
+from service.errors import ContentPolicyError, GuardrailError
 from service.guardrails.base import (
     ActionRecord,
     Blocked,
@@ -28,19 +28,9 @@ from service.metrics import Metrics
 log = logging.getLogger(__name__)
 
 
-class ContentPolicyError(InvalidRequestError):
-    default_code = "content_policy_violation"
-
-
-class GuardrailError(HotswapError):
-    """A hook failed at run time: the request fails rather than pass unchecked text."""
-
-    default_code = "guardrail_error"
-
-
 def _record(metrics: Metrics, stage: str, hook: str, verdict: Verdict, index: int | None = None) -> ActionRecord:
-    metrics.guardrail_actions.labels(stage, hook, verdict.kind).inc()
-    return ActionRecord(stage, hook, verdict.kind, verdict.reason, dict(verdict.details), index)
+    metrics.guardrail_actions.labels(stage, hook, verdict.action).inc()
+    return ActionRecord(stage, hook, verdict.action, verdict.reason, dict(verdict.details), index)
 
 
 def run_pre(
@@ -60,7 +50,7 @@ def run_pre(
         actions.append(_record(metrics, "pre", hook.name, verdict))
         if verdict.action == "block":
             raise ContentPolicyError(f"blocked by guardrail {hook.name!r}: {verdict.reason}", param=param)
-        if verdict.action == "modify" and verdict.request is not None:
+        if verdict.modifies and verdict.request is not None:
             request = verdict.request
     return request, actions
 

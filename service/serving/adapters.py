@@ -36,36 +36,34 @@ class AdapterServing:
             raise InvalidRequestError(str(exc), param="lora_name") from exc
         except (SourceError, AdapterRejected) as exc:
             raise InvalidRequestError(f"cannot load {body.lora_path!r}: {exc}", param="lora_path") from exc
-        if ctx.residency is not None and was_resident:
-            ctx.residency.want(body.lora_name)  # the new version takes a slot before it is asked for
+        if was_resident:  # the new version takes a slot before it is asked for
+            ctx.engine.reload_adapters([body.lora_name])
         return f"Success: LoRA adapter '{body.lora_name}' added successfully."
 
     async def unload(self, body: UnloadLoRAAdapterRequest) -> str:
-        self.ctx.registry.unregister(body.lora_name)
-        if self.ctx.residency is not None:
-            self.ctx.residency.unpin(body.lora_name)
+        try:
+            self.ctx.registry.unregister(body.lora_name)
+        except NotFoundError as exc:
+            raise exc.about("lora_name") from None
+        self.ctx.engine.pin_adapter(body.lora_name, False)
         return f"Success: LoRA adapter '{body.lora_name}' removed successfully."
 
     def pin(self, name: str, pinned: bool) -> ModelCard:
-        record = self.ctx.registry.get(name, param="name")
-        residency = self.ctx.residency
-        if residency is None:
-            raise InvalidRequestError("this engine has no adapter slots to pin to", param="name")
-        if pinned:
-            try:
-                residency.pin(name)
-            except ValueError as exc:
-                raise InvalidRequestError(str(exc), param="name") from exc
-        else:
-            residency.unpin(name)
+        try:
+            record = self.ctx.registry.get(name)
+        except NotFoundError as exc:
+            raise exc.about("name") from None
+        try:
+            self.ctx.engine.pin_adapter(name, pinned)
+        except ValueError as exc:
+            raise InvalidRequestError(str(exc), param="name") from exc
         return self.card(record)
 
     def _resident(self, name: str) -> bool:
-        residency = self.ctx.residency
-        if residency is None or name not in self.ctx.registry:
+        if name not in self.ctx.registry:
             return False
         try:
-            return residency.state(self.ctx.registry.version(name).key) == "resident"
+            return self.ctx.engine.adapter_state(self.ctx.registry.version(name).key) == "resident"
         except NotFoundError:
             return False
 
@@ -88,7 +86,6 @@ class AdapterServing:
         if record.status != "ready":
             return ModelCard(**common, state="failed", error=record.error)
         manifest = record.manifest
-        residency = ctx.residency
         return ModelCard(
             **common,
             description=manifest.description,
@@ -96,6 +93,6 @@ class AdapterServing:
             input_fields=[f.model_dump() for f in manifest.input_fields],
             output=manifest.output.model_dump(),
             version=record.version,
-            state=residency.state(record.key) if residency is not None else "registered",
-            pinned=record.name in residency.pinned if residency is not None else False,
+            state=ctx.engine.adapter_state(record.key),
+            pinned=record.name in ctx.engine.pinned_adapters(),
         )

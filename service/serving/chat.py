@@ -13,11 +13,9 @@ How messages become a prompt:
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 
-from service.engine import SamplingParams, TokenLogprob
+from service.engine import TokenLogprob
 from service.errors import InvalidRequestError
-from service.guardrails import ActionRecord
 from service.protocol import (
     ChatChoice,
     ChatCompletionChunk,
@@ -29,40 +27,65 @@ from service.protocol import (
     ChatStreamChoice,
     ChatTokenLogprob,
     ChatTopLogprob,
-    UsageInfo,
 )
-from service.serving.generation import (
-    ChoiceEvent,
-    ChoiceSpec,
-    ServingContext,
-    Target,
-    check_prompt,
-    choice_seed,
-    first_and_rest,
-    guard_request,
-    new_id,
-    output_grammar,
-    resolve_target,
-    run_choices,
-)
-from service.serving.sse import framed
+from service.serving.generation import ChoiceEvent, Target, guard_request
+from service.serving.response import EndpointServing, Prompts, ResponseRun
 
 
-class ChatServing:
-    def __init__(self, ctx: ServingContext):
-        self.ctx = ctx
+class _ChatRun(ResponseRun):
+    id_prefix = "chatcmpl"
+    response_type = ChatCompletionResponse
+    chunk_type = ChatCompletionChunk
 
-    def resolve(self, request: ChatCompletionRequest) -> Target:
-        return resolve_target(request.model, request.adapter, self.ctx)
+    def _logprobs(self, entries: list[TokenLogprob]) -> ChatLogprobs | None:
+        if not self.request.logprobs:
+            return None
+        decode = self.ctx.tokenizer.decode
 
-    def render(self, request: ChatCompletionRequest, target: Target) -> tuple[list[int], list[ActionRecord]]:
+        def top(token_id: int, logprob: float) -> ChatTopLogprob:
+            text = decode([token_id])
+            return ChatTopLogprob(token=text, logprob=logprob, bytes=list(text.encode()))
+
+        content = []
+        for entry in entries:
+            head = top(entry.token_id, entry.logprob)
+            alternatives = [top(i, lp) for i, lp in entry.top]
+            content.append(ChatTokenLogprob(**head.model_dump(), top_logprobs=alternatives))
+        return ChatLogprobs(content=content)
+
+    def choice(self, index: int, events: list[ChoiceEvent]) -> ChatChoice:
+        return ChatChoice(
+            index=index,
+            message=ChatResponseMessage(content="".join(e.text for e in events)),
+            logprobs=self._logprobs([entry for e in events for entry in e.logprobs]),
+            finish_reason=events[-1].finish_reason if events else None,
+        )
+
+    def openings(self) -> list[ChatStreamChoice]:
+        # OpenAI opens each choice with the assistant role.
+        return [ChatStreamChoice(index=s.index, delta=ChatDelta(role="assistant", content="")) for s in self.specs]
+
+    def delta(self, event: ChoiceEvent) -> tuple[ChatStreamChoice, bool]:
+        choice = ChatStreamChoice(
+            index=event.index,
+            delta=ChatDelta(content=event.text or None),
+            logprobs=self._logprobs(event.logprobs),
+            finish_reason=event.finish_reason,
+        )
+        return choice, bool(event.text or event.finish_reason or event.logprobs)
+
+
+class ChatServing(EndpointServing):
+    run_type = _ChatRun
+
+    def prompts(self, request: ChatCompletionRequest, target: Target) -> Prompts:
         """The prompt's token ids, after the pre hooks, and what the hooks did."""
         tokenizer = self.ctx.tokenizer
         params = request.model_dump(exclude={"messages"}, exclude_none=True)
         if target.manifest is not None:
             text = target.manifest.render_prompt(_adapter_inputs(request, target), param="messages")
             guarded, actions = guard_request(self.ctx, target, "chat", prompts=[text], params=params, param="messages")
-            return tokenizer(guarded.prompts[0]).input_ids, actions
+            return Prompts([tokenizer(guarded.prompts[0]).input_ids], actions, "messages")
         if not tokenizer.chat_template:
             raise InvalidRequestError("the base model has no chat template; use /v1/completions", param="messages")
         guarded, actions = guard_request(
@@ -74,40 +97,8 @@ class ChatServing:
             param="messages",
         )
         messages = [{"role": m.role, "content": m.content} for m in guarded.messages]
-        return tokenizer(chat_prompt(tokenizer, messages), add_special_tokens=False).input_ids, actions
-
-    async def create(
-        self, request: ChatCompletionRequest, target: Target
-    ) -> ChatCompletionResponse | AsyncIterator[str]:
-        ids, actions = self.render(request, target)
-        max_tokens = request.max_new_tokens or self.ctx.default_budget(len(ids))
-        check_prompt(ids, max_tokens, self.ctx, param="messages")
-        top = request.top_logprobs or 0
-        grammar = await output_grammar(request.response_format, target, self.ctx)
-        specs = [
-            ChoiceSpec(
-                index=i,
-                prompt_ids=ids,
-                params=SamplingParams(
-                    max_tokens=max_tokens,
-                    temperature=request.temperature,
-                    top_p=request.top_p,
-                    seed=choice_seed(request.seed, i),
-                    ignore_eos=request.ignore_eos,
-                    logprobs=top if request.logprobs else None,
-                    grammar=grammar,
-                ),
-                stops=(request.stop or []) + (target.manifest.output.stop if target.manifest else []),
-                stream=request.stream,
-            )
-            for i in range(request.n)
-        ]
-        self.ctx.metrics.prompt_tokens.labels(target.label).inc(len(ids))
-        usage = UsageInfo(prompt_tokens=len(ids), total_tokens=len(ids))
-        run = _ChatRun(request, target, specs, self.ctx, usage, actions)
-        if request.stream:
-            return framed(await run.stream())
-        return await run.collect()
+        ids = tokenizer(chat_prompt(tokenizer, messages), add_special_tokens=False).input_ids
+        return Prompts([ids], actions, "messages")
 
 
 def chat_prompt(tokenizer, messages: list[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
@@ -147,91 +138,3 @@ def _embedded_inputs(text: str, target: Target) -> dict[str, object] | None:
             return value
         start = text.find("{", start + 1)
     return None
-
-
-class _ChatRun:
-    def __init__(self, request, target, specs, ctx, usage, actions: list[ActionRecord]):
-        self.request, self.target, self.specs, self.ctx, self.usage = request, target, specs, ctx, usage
-        self.id = new_id("chatcmpl")
-        self.actions = [a.as_dict() for a in actions]  # the pre hooks' actions, then the post hooks'
-
-    def _logprobs(self, entries: list[TokenLogprob]) -> ChatLogprobs | None:
-        if not self.request.logprobs:
-            return None
-        decode = self.ctx.tokenizer.decode
-
-        def top(token_id: int, logprob: float) -> ChatTopLogprob:
-            text = decode([token_id])
-            return ChatTopLogprob(token=text, logprob=logprob, bytes=list(text.encode()))
-
-        content = []
-        for entry in entries:
-            head = top(entry.token_id, entry.logprob)
-            alternatives = [top(i, lp) for i, lp in entry.top]
-            content.append(ChatTokenLogprob(**head.model_dump(), top_logprobs=alternatives))
-        return ChatLogprobs(content=content)
-
-    def _count(self, event: ChoiceEvent) -> None:
-        if event.finish_reason is not None:
-            self.usage.completion_tokens += event.completion_tokens
-            self.usage.total_tokens += event.completion_tokens
-
-    async def collect(self) -> ChatCompletionResponse:
-        texts = {s.index: [] for s in self.specs}
-        entries: dict[int, list[TokenLogprob]] = {s.index: [] for s in self.specs}
-        finish: dict[int, str | None] = {}
-        async for event in run_choices(self.specs, self.target, self.ctx):
-            texts[event.index].append(event.text)
-            entries[event.index] += event.logprobs
-            finish[event.index] = event.finish_reason
-            self.actions += [a.as_dict() for a in event.guardrails]
-            self._count(event)
-        choices = [
-            ChatChoice(
-                index=i,
-                message=ChatResponseMessage(content="".join(texts[i])),
-                logprobs=self._logprobs(entries[i]),
-                finish_reason=finish.get(i),
-            )
-            for i in sorted(texts)
-        ]
-        return ChatCompletionResponse(
-            id=self.id,
-            model=self.target.model_name,
-            choices=choices,
-            usage=self.usage,
-            guardrails=self.actions,
-        )
-
-    def _chunk(self, choices: list[ChatStreamChoice], usage: UsageInfo | None = None, guardrails=None):
-        return ChatCompletionChunk(
-            id=self.id,
-            model=self.target.model_name,
-            choices=choices,
-            usage=usage,
-            guardrails=guardrails,
-        )
-
-    async def stream(self) -> AsyncIterator[ChatCompletionChunk]:
-        events = await first_and_rest(run_choices(self.specs, self.target, self.ctx))
-
-        async def chunks() -> AsyncIterator[ChatCompletionChunk]:
-            for n, spec in enumerate(self.specs):  # OpenAI opens each choice with the assistant role
-                opening = ChatStreamChoice(index=spec.index, delta=ChatDelta(role="assistant", content=""))
-                yield self._chunk([opening], guardrails=self.actions if n == 0 else None)
-            async for event in events:
-                self._count(event)
-                actions = [a.as_dict() for a in event.guardrails]
-                if not (event.text or event.finish_reason or event.logprobs or actions):
-                    continue
-                choice = ChatStreamChoice(
-                    index=event.index,
-                    delta=ChatDelta(content=event.text or None),
-                    logprobs=self._logprobs(event.logprobs),
-                    finish_reason=event.finish_reason,
-                )
-                yield self._chunk([choice], guardrails=actions)
-            if self.request.include_usage:
-                yield self._chunk([], self.usage)
-
-        return chunks()

@@ -2,35 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
-from service.engine import SamplingParams, TokenLogprob
+from service.engine import TokenLogprob
 from service.errors import InvalidRequestError
-from service.guardrails import ActionRecord
-from service.protocol import (
-    CompletionChoice,
-    CompletionLogprobs,
-    CompletionRequest,
-    CompletionResponse,
-    UsageInfo,
-)
-from service.serving.generation import (
-    ChoiceEvent,
-    ChoiceSpec,
-    ServingContext,
-    Target,
-    check_prompt,
-    check_token_ids,
-    choice_seed,
-    first_and_rest,
-    guard_request,
-    new_id,
-    output_grammar,
-    resolve_target,
-    run_choices,
-)
-from service.serving.sse import framed
+from service.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
+from service.serving.generation import ChoiceEvent, Target, check_token_ids, guard_request
+from service.serving.response import EndpointServing, Prompts, ResponseRun
 
 
 class LogprobsBuilder:
@@ -60,14 +38,47 @@ class LogprobsBuilder:
         return value
 
 
-class CompletionServing:
-    def __init__(self, ctx: ServingContext):
-        self.ctx = ctx
+class _CompletionRun(ResponseRun):
+    id_prefix = "cmpl"
+    response_type = CompletionResponse
+    chunk_type = CompletionResponse
 
-    def resolve(self, request: CompletionRequest) -> Target:
-        return resolve_target(request.model, request.adapter, self.ctx)
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.builders = {s.index: LogprobsBuilder(self.ctx.tokenizer) for s in self.specs}
+        self.by_index = {s.index: s for s in self.specs}
+        self.started: set[int] = set()
 
-    def _prompts(self, request: CompletionRequest, target: Target) -> tuple[list[list[int]], list[ActionRecord]]:
+    def _apply(self, event: ChoiceEvent) -> CompletionChoice:
+        """Turn one event into a choice (delta), echoing the prompt on the choice's first event."""
+        spec = self.by_index[event.index]
+        text = event.text
+        builder = self.builders[event.index]
+        if event.index not in self.started:
+            self.started.add(event.index)
+            if self.request.echo:
+                text = self.ctx.tokenizer.decode(spec.prompt_ids, skip_special_tokens=True) + text
+                if self.request.logprobs is not None:
+                    prompt_lps = event.prompt_logprobs or (None,) * len(spec.prompt_ids)
+                    for token_id, entry in zip(spec.prompt_ids, prompt_lps, strict=True):
+                        builder.add(token_id, entry)
+        for entry in event.logprobs:
+            builder.add(entry.token_id, entry)
+        logprobs = builder.take() if self.request.logprobs is not None else None
+        return CompletionChoice(index=event.index, text=text, logprobs=logprobs, finish_reason=event.finish_reason)
+
+    def choice(self, index: int, events: list[ChoiceEvent]) -> CompletionChoice:
+        return _join([self._apply(event) for event in events])
+
+    def delta(self, event: ChoiceEvent) -> tuple[CompletionChoice, bool]:
+        choice = self._apply(event)
+        return choice, bool(choice.text or choice.finish_reason or (choice.logprobs and choice.logprobs.tokens))
+
+
+class CompletionServing(EndpointServing):
+    run_type = _CompletionRun
+
+    def prompts(self, request: CompletionRequest, target: Target) -> Prompts:
         """Token ids of each prompt, after the pre hooks, and what the hooks did."""
         tokenizer = self.ctx.tokenizer
         ids: list[list[int]] | None = None
@@ -91,120 +102,8 @@ class CompletionServing:
         params = request.model_dump(exclude={"prompt", "input"}, exclude_none=True)
         guarded, actions = guard_request(self.ctx, target, "completions", prompts=texts, params=params, param=param)
         if ids is not None and guarded.prompts == tuple(texts):
-            return ids, actions  # token ids the hooks left alone go to the model as they came
-        return [tokenizer(text).input_ids for text in guarded.prompts], actions
-
-    async def create(self, request: CompletionRequest, target: Target) -> CompletionResponse | AsyncIterator[str]:
-        prompts, actions = self._prompts(request, target)
-        param = "input" if request.input is not None else "prompt"
-        for ids in prompts:
-            check_prompt(ids, request.max_tokens, self.ctx, param=param)
-        stops = (request.stop or []) + (target.manifest.output.stop if target.manifest else [])
-        want_prompt_logprobs = request.echo and request.logprobs is not None
-        grammar = await output_grammar(request.response_format, target, self.ctx)
-        specs = [
-            ChoiceSpec(
-                index=p * request.n + c,
-                prompt_ids=ids,
-                params=SamplingParams(
-                    max_tokens=request.max_tokens,
-                    temperature=request.temperature,
-                    top_p=request.top_p,
-                    seed=choice_seed(request.seed, p * request.n + c),
-                    ignore_eos=request.ignore_eos,
-                    logprobs=request.logprobs,
-                    prompt_logprobs=request.logprobs if want_prompt_logprobs else None,
-                    grammar=grammar,
-                ),
-                stops=stops,
-                stream=request.stream,
-            )
-            for p, ids in enumerate(prompts)
-            for c in range(request.n)
-        ]
-        for ids in prompts:
-            self.ctx.metrics.prompt_tokens.labels(target.label).inc(len(ids))
-        run = _CompletionRun(request, target, specs, self.ctx, new_id("cmpl"), actions)
-        if request.stream:
-            return framed(await run.stream())
-        return await run.collect()
-
-
-class _CompletionRun:
-    def __init__(
-        self,
-        request: CompletionRequest,
-        target: Target,
-        specs: list[ChoiceSpec],
-        ctx: ServingContext,
-        request_id: str,
-        actions: list[ActionRecord],
-    ):
-        self.request, self.target, self.specs, self.ctx, self.id = request, target, specs, ctx, request_id
-        self.actions = [a.as_dict() for a in actions]  # the pre hooks' actions, then the post hooks'
-        self.by_index = {s.index: s for s in specs}
-        self.builders = {s.index: LogprobsBuilder(ctx.tokenizer) for s in specs}
-        self.started: set[int] = set()
-        # Each prompt is counted once, however many choices sample from it (OpenAI's usage).
-        prompt_tokens = sum(len(s.prompt_ids) for s in specs[:: request.n])
-        self.usage = UsageInfo(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens)
-
-    def _echo_text(self, spec: ChoiceSpec) -> str:
-        return self.ctx.tokenizer.decode(spec.prompt_ids, skip_special_tokens=True)
-
-    def _apply(self, event: ChoiceEvent) -> CompletionChoice:
-        """Turn one event into a choice (delta), echoing the prompt on the choice's first event."""
-        spec = self.by_index[event.index]
-        text = event.text
-        builder = self.builders[event.index]
-        if event.index not in self.started:
-            self.started.add(event.index)
-            if self.request.echo:
-                text = self._echo_text(spec) + text
-                if self.request.logprobs is not None:
-                    prompt_lps = event.prompt_logprobs or (None,) * len(spec.prompt_ids)
-                    for token_id, entry in zip(spec.prompt_ids, prompt_lps, strict=True):
-                        builder.add(token_id, entry)
-        for entry in event.logprobs:
-            builder.add(entry.token_id, entry)
-        if event.finish_reason is not None:
-            self.usage.completion_tokens += event.completion_tokens
-            self.usage.total_tokens += event.completion_tokens
-        logprobs = builder.take() if self.request.logprobs is not None else None
-        return CompletionChoice(index=event.index, text=text, logprobs=logprobs, finish_reason=event.finish_reason)
-
-    def _chunk(self, choices: list[CompletionChoice], usage: UsageInfo | None = None, guardrails=None):
-        return CompletionResponse(
-            id=self.id,
-            model=self.target.model_name,
-            choices=choices,
-            usage=usage,
-            guardrails=guardrails,
-        )
-
-    async def collect(self) -> CompletionResponse:
-        parts: dict[int, list[CompletionChoice]] = {s.index: [] for s in self.specs}
-        async for event in run_choices(self.specs, self.target, self.ctx):
-            parts[event.index].append(self._apply(event))
-            self.actions += [a.as_dict() for a in event.guardrails]
-        choices = [_join(parts[i]) for i in sorted(parts)]
-        return self._chunk(choices, self.usage, self.actions)
-
-    async def stream(self) -> AsyncIterator[CompletionResponse]:
-        events = await first_and_rest(run_choices(self.specs, self.target, self.ctx))
-
-        async def chunks() -> AsyncIterator[CompletionResponse]:
-            pending = self.actions  # the pre hooks' actions ride on the first chunk
-            async for event in events:
-                choice = self._apply(event)
-                pending = pending + [a.as_dict() for a in event.guardrails]
-                if choice.text or choice.finish_reason or pending or (choice.logprobs and choice.logprobs.tokens):
-                    yield self._chunk([choice], guardrails=pending)
-                    pending = []
-            if self.request.include_usage:
-                yield self._chunk([], self.usage)
-
-        return chunks()
+            return Prompts(ids, actions, param)  # token ids the hooks left alone go to the model as they came
+        return Prompts([tokenizer(text).input_ids for text in guarded.prompts], actions, param)
 
 
 def _join(parts: list[CompletionChoice]) -> CompletionChoice:

@@ -1,4 +1,5 @@
-"""What completions and chat share: adapter resolution, prompt checks, and running the choices.
+"""What completions and chat share below their pipeline (service.serving.response): adapter
+resolution, prompt checks, and running the choices.
 
 `run_choices` turns one engine request per choice into a single stream of `ChoiceEvent`s (text
 deltas that respect stop strings and UTF-8), records token metrics, and cancels every engine
@@ -17,8 +18,8 @@ from typing import Any
 
 from service.adapters.manifest import AdapterManifest
 from service.adapters.registry import AdapterRegistry
-from service.engine import Engine, EngineRequest, SamplingParams, TokenLogprob
-from service.errors import InvalidRequestError, NotFoundError
+from service.engine import BASE, Engine, EngineRequest, SamplingParams, TokenLogprob
+from service.errors import AdapterUnavailable, InvalidRequestError, NotFoundError
 from service.grammar import JSON_OBJECT, Grammar, GrammarCompiler, GrammarError
 from service.guardrails import ActionRecord, GuardedOutput, GuardedRequest, Guardrails, Message
 from service.guardrails.base import Blocked, RetryRequested
@@ -37,7 +38,6 @@ class ServingContext:
     metrics: Metrics
     guardrails: Guardrails = field(default_factory=Guardrails)
     default_max_tokens: int = 0  # a chat request's budget when it sets none (0: the context)
-    residency: Any = None  # AdapterResidency: adapter tiers and pins (None: a fake engine's tests)
     grammars: GrammarCompiler | None = None  # structured outputs; made from the tokenizer if None
 
     def __post_init__(self) -> None:
@@ -68,7 +68,7 @@ class Target:
 
     @property
     def label(self) -> str:
-        return self.adapter or "base"
+        return self.adapter or BASE
 
 
 async def output_grammar(response_format: Any, target: Target, ctx: ServingContext) -> Grammar | None:
@@ -97,17 +97,23 @@ def resolve_target(model: str, adapter: str | None, ctx: ServingContext) -> Targ
     There is never a silent fallback to the base.
     """
     if adapter is not None:
-        if adapter == "base":
+        if adapter == BASE:
             return Target(model_name=ctx.base_id)
-        record = ctx.registry.get(adapter, param="adapter")
-        return Target(model_name=adapter, adapter=adapter, manifest=record.manifest, version=record.version)
+        return _adapter_target(adapter, ctx, param="adapter")
     if model in ctx.registry:
-        record = ctx.registry.get(model, param="model")
-        return Target(model_name=model, adapter=model, manifest=record.manifest, version=record.version)
+        return _adapter_target(model, ctx, param="model")
     if model == ctx.base_id:
         return Target(model_name=ctx.base_id)
     served = [ctx.base_id, *(r.name for r in ctx.registry.ready())]
     raise NotFoundError(f"the model {model!r} does not exist; served models are {served}", param="model")
+
+
+def _adapter_target(name: str, ctx: ServingContext, *, param: str) -> Target:
+    try:
+        record = ctx.registry.get(name)
+    except NotFoundError as exc:
+        raise exc.about(param) from None
+    return Target(model_name=name, adapter=name, manifest=record.manifest, version=record.version)
 
 
 def check_token_ids(ids: Sequence[int], ctx: ServingContext, *, param: str) -> None:
@@ -132,11 +138,6 @@ def check_prompt(ids: Sequence[int], max_tokens: int, ctx: ServingContext, *, pa
             f"context of {ctx.max_context} tokens",
             param="max_tokens",
         )
-
-
-def choice_seed(seed: int | None, index: int) -> int | None:
-    """Choice i of a seeded request samples with seed + i, so `n` choices differ reproducibly."""
-    return None if seed is None else seed + index
 
 
 @dataclass
@@ -170,7 +171,7 @@ def guard_request(
     params: dict[str, Any],
     param: str,
 ) -> tuple[GuardedRequest, list[ActionRecord]]:
-    """Run the target's pre hooks; raises ContentPolicyError (400) when one blocks."""
+    """Run the target's pre hooks; raises ContentPolicyError when one blocks."""
     request = GuardedRequest(
         endpoint=endpoint,
         adapter=target.label,
@@ -329,6 +330,9 @@ async def _generate(
                     yield event
                     return  # closing `stream` cancels the engine request on a stop string
                 yield event
+    except AdapterUnavailable as exc:  # the engine could not make the adapter resident
+        exc.about("adapter")
+        raise
     finally:
         if finished:
             pass

@@ -8,8 +8,9 @@ from collections.abc import AsyncIterator
 
 from pydantic import BaseModel
 
-from service.errors import EngineError, HotswapError
+from service.errors import HotswapError, StepFailed
 from service.request_id import current_request_id
+from service.serving.errors import http_error, to_body
 
 log = logging.getLogger(__name__)
 
@@ -19,9 +20,9 @@ DONE = "data: [DONE]\n\n"
 def error_body(exc: HotswapError) -> dict:
     """The OpenAI error body of `exc`; a 500's cause goes to the log under the request id."""
     request_id = current_request_id()
-    if exc.internal:
+    if http_error(exc).internal:
         log.error("request %s failed: %s", request_id, exc.message)
-    return exc.to_body(request_id)
+    return to_body(exc, request_id)
 
 
 def sse(payload: BaseModel | dict) -> str:
@@ -38,5 +39,5 @@ async def framed(chunks: AsyncIterator[BaseModel]) -> AsyncIterator[str]:
         yield sse(error_body(exc))
     except Exception as exc:  # the response has started: the status can no longer change
         log.exception("request %s: stream failed", current_request_id())
-        yield sse(EngineError(f"stream failed: {type(exc).__name__}").to_body(current_request_id()))
+        yield sse(to_body(StepFailed(f"stream failed: {type(exc).__name__}"), current_request_id()))
     yield DONE

@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from service.engine import EngineOutput, EngineRequest, TokenLogprob
-from service.errors import OverloadedError
+from service.errors import QueueFull
 
 
 class ScriptedEngine:
@@ -36,7 +36,20 @@ class ScriptedEngine:
 
     def admit(self, sequences: int) -> None:
         if self.overloaded:
-            raise OverloadedError("queue full", code="queue_full")
+            raise QueueFull("queue full")
+
+    def adapter_state(self, key: str) -> str:
+        return "registered"  # no slots: adapters are what the script says they are
+
+    def pinned_adapters(self) -> set[str]:
+        return set()
+
+    def pin_adapter(self, name: str, pinned: bool) -> None:
+        if pinned:
+            raise ValueError("this engine has no adapter slots to pin to")
+
+    def reload_adapters(self, names: list[str]) -> None:
+        pass
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
         if not request.admitted:

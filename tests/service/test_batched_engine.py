@@ -166,10 +166,10 @@ def test_prompt_logprobs_and_zero_max_tokens(runner, kv):
 
 
 def test_a_failing_step_fails_its_batch_and_the_engine_serves_on(runner, monkeypatch, kv):
-    from service.errors import EngineError
+    from service.errors import StepFailed
 
     engine = make(runner, kv=kv)
-    step = "decode_batch" if kv == "dynamic" else "forward_static"
+    step = "decode_batch" if kv == "dynamic" else "forward_slots"
     real = getattr(runner, step)
     failures = {"left": 1}
 
@@ -187,30 +187,30 @@ def test_a_failing_step_fails_its_batch_and_the_engine_serves_on(runner, monkeyp
             return [o async for o in engine.generate(request)]
 
         first = await asyncio.gather(*(one(p) for p in PROMPTS[:3]), return_exceptions=True)
-        assert all(isinstance(r, EngineError) for r in first)  # the whole batch failed, cleanly
+        assert all(isinstance(r, StepFailed) for r in first)  # the whole batch failed, cleanly
         assert engine.healthy
         after = await one(PROMPTS[0])  # and the next request is served
         assert after[-1].finish_reason == "length" and sum(len(o.token_ids) for o in after) == 4
         failures["left"] = 10**6  # now it never recovers
         for _ in range(engine.max_consecutive_failures):
-            with pytest.raises(EngineError):
+            with pytest.raises(StepFailed):
                 await one(PROMPTS[1])
         assert not engine.healthy  # /health and /ready turn 503; new requests are refused
-        from service.errors import ServiceUnavailableError
+        from service.errors import EngineStopped
 
-        with pytest.raises(ServiceUnavailableError):
+        with pytest.raises(EngineStopped):
             await one(PROMPTS[2])
 
     run(engine, body)
 
 
 def test_admission_is_per_http_request_and_admitted_sequences_are_never_refused(runner):
-    from service.errors import OverloadedError
+    from service.errors import QueueFull
 
     engine = make(runner, max_queued=1)
 
     async def body(engine):
-        with pytest.raises(OverloadedError):
+        with pytest.raises(QueueFull):
             engine.admit(2)  # two choices do not fit a queue of one: 429 before anything starts
         engine.admit(1)
         requests = [

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from service.engine import EngineRequest, SamplingParams
-from service.errors import OverloadedError
+from service.errors import QueueFull
 from service.metrics import Metrics
 from service.runtime import load_runtime
+from service.serving.errors import http_error
 from service.settings import Settings
 from tests.factories import preload_adapters
 
@@ -134,7 +135,7 @@ def test_full_queue_is_refused_with_429(runtime):
         streams = [engine.generate(EngineRequest(f"r{i}", PROMPT, None, params)) for i in range(4)]
         started = [asyncio.ensure_future(anext(s)) for s in streams[:3]]
         await asyncio.sleep(0)
-        with pytest.raises(OverloadedError) as info:
+        with pytest.raises(QueueFull) as info:
             await anext(streams[3])
         for task in started:
             task.cancel()
@@ -144,7 +145,7 @@ def test_full_queue_is_refused_with_429(runtime):
         return info.value
 
     err = run(body, runtime)
-    assert err.status_code == 429
+    assert http_error(err).status == 429
 
 
 def test_context_limit_ends_generation_with_length(runtime):

@@ -9,7 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.engine import EngineOutput
-from service.errors import EngineError
+from service.errors import StepFailed
 from tests.service.fakes import ScriptedEngine
 from tests.service.test_app import events, make_client, tokenizer  # noqa: F401  (fixture)
 
@@ -27,7 +27,7 @@ class FailingEngine(ScriptedEngine):
         self.requests.append(request)
         for token in self.script_ids[: self.tokens]:
             yield EngineOutput((token,))
-        raise EngineError(f"generation failed: RuntimeError: {SECRET}")
+        raise StepFailed(f"generation failed: RuntimeError: {SECRET}")
 
 
 @pytest.mark.parametrize(
@@ -102,10 +102,10 @@ def test_a_stream_that_fails_midway_ends_with_a_generic_error_event(tiny, tokeni
 def test_an_unexpected_exception_is_a_generic_500_with_the_id(tiny, tokenizer, monkeypatch):  # noqa: F811
     from service.serving.completions import CompletionServing
 
-    def broken(self, request):
+    def broken(self, request, target):
         raise TypeError(SECRET)
 
-    monkeypatch.setattr(CompletionServing, "resolve", broken)
+    monkeypatch.setattr(CompletionServing, "prompts", broken)
     c, _ = make_client(tiny, tokenizer)
     with TestClient(c.app, raise_server_exceptions=False) as c:
         r = c.post("/v1/completions", json={"model": "tiny", "prompt": "x"})

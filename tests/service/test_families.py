@@ -19,9 +19,10 @@ import pytest
 import torch
 
 from service.engine import EngineRequest, SamplingParams
+from service.engine.kvcache import choose_kv_cache, static_kv_unsupported
 from service.fingerprint import fingerprint_files, weight_files
 from service.metrics import Metrics
-from service.runtime import choose_kv_cache, load_runtime, static_kv_unsupported
+from service.runtime import load_runtime
 from service.settings import Settings
 from tests.factories import FAMILIES, make_lora_adapter, make_tiny_family, preload_adapters, serve_through_slots
 from tests.service.test_batched_engine import make, run
@@ -154,6 +155,6 @@ def test_families_the_static_cache_cannot_serve_are_refused_or_fall_back(worlds,
     model = runtime_for(worlds, family, cache_dir).engine.runner.model
     assert static_kv_unsupported(model.config)
     gpu = SimpleNamespace(model=model, device=torch.device("cuda"))
-    with caplog.at_level(logging.INFO, logger="service.runtime"):
+    with caplog.at_level(logging.INFO, logger="service.engine.kvcache"):
         assert choose_kv_cache(settings.model_copy(update={"kv_cache": "auto"}), gpu, 256) == "dynamic"
     assert any("KV cache: dynamic" in r.getMessage() and "full attention" in r.getMessage() for r in caplog.records)

@@ -10,9 +10,10 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from service.engine.kvcache import SlotKV, _buckets, _widths
+from service.engine.kvcache import SlotKV, static_kv_bytes, static_kv_unsupported
+from service.engine.kvcache.slots import _buckets, _widths
 from service.metrics import Metrics
-from service.runtime import load_runtime, static_kv_bytes, static_kv_unsupported
+from service.runtime import load_runtime
 from service.settings import Settings
 from tests.factories import make_lora_adapter, preload_adapters
 
@@ -249,20 +250,19 @@ def test_max_model_len_bounds_what_the_api_accepts(tiny, cache_dir):
 
 
 def test_static_row_masks_follow_the_rows_every_pass(runner):
-    from service.engine import BASE_ADAPTER
-    from service.engine.lora import FusedMixedLoRA
+    from service.engine import PEFT_BASE
 
-    fused = FusedMixedLoRA.for_model(runner.model)
+    fused = runner.fused
     fused.install(runner.model)
     masks = {}
-    for names in (("alpha", BASE_ADAPTER), (BASE_ADAPTER, "beta"), ("alpha", BASE_ADAPTER)):
+    for names in (("alpha", PEFT_BASE), (PEFT_BASE, "beta"), ("alpha", PEFT_BASE)):
         fused.route_static(list(names))
         masks.setdefault(names, []).append(fused._static_masks[2].clone())
     fused.route(None)
-    first, again = masks[("alpha", BASE_ADAPTER)]
+    first, again = masks[("alpha", PEFT_BASE)]
     assert torch.equal(first, again)  # the buffer rewritten in place never corrupts a composition
     assert first[1].sum() == 0 and first[0].sum() > 0  # the base row: no adapter
-    assert not torch.equal(first, masks[(BASE_ADAPTER, "beta")][0])
+    assert not torch.equal(first, masks[(PEFT_BASE, "beta")][0])
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])

@@ -84,7 +84,7 @@ def test_stacks_are_kept_for_a_bounded_number_of_compositions(residency, monkeyp
     monkeypatch.setattr(lora.FusedMixedLoRA, "sync_pool", lambda self: False)  # the per-batch stacks
     runner = ModelRunner(residency.model, "cpu")
     alpha, beta = slots(residency, ["alpha", "beta"])
-    fused = lora.FusedMixedLoRA.for_model(residency.model)
+    fused = residency.lora.fused
     mixed = [None, alpha, beta, alpha, beta]
     for composition in ([alpha] * 5, [beta] * 5, mixed, [alpha] * 5):
         steps(runner, composition, n=1)

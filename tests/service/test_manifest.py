@@ -4,7 +4,7 @@ import pytest
 from pydantic import ValidationError
 
 from service.adapters.manifest import AdapterManifest, parse_adapter_name
-from service.errors import InvalidRequestError
+from service.errors import InputFieldError
 
 DOC = {
     "name": "dolly",
@@ -45,7 +45,7 @@ def test_render_with_and_without_optional_field():
     ],
 )
 def test_bad_inputs_name_the_field(inputs, param):
-    with pytest.raises(InvalidRequestError) as info:
+    with pytest.raises(InputFieldError) as info:
         manifest().render_prompt(inputs)
     assert info.value.param == param
 

@@ -73,7 +73,21 @@ def test_chat_max_completion_tokens_wins_over_max_tokens():
     req = ChatCompletionRequest.model_validate(
         {"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 5, "max_completion_tokens": 9}
     )
-    assert req.max_new_tokens == 9
+    assert req.budget(100) == 9
+
+
+def test_sampling_params_follow_one_precedence_rule():
+    chat = ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": [{"role": "user", "content": "x"}], "seed": 7, "logprobs": True}
+    )
+    assert chat.budget(100) == 100  # neither field: the server's default
+    params = chat.to_sampling_params(2, chat.budget(100), None)
+    assert (params.max_tokens, params.seed, params.logprobs, params.prompt_logprobs) == (100, 9, 0, None)
+    assert params.temperature == 1.0 and params.top_p == 1.0  # OpenAI's defaults
+    completion = CompletionRequest.model_validate({"model": "m", "prompt": "x", "echo": True, "logprobs": 2})
+    assert completion.budget(100) == 16  # OpenAI's default for completions, not the server's
+    params = completion.to_sampling_params(0, completion.budget(100), None)
+    assert (params.seed, params.logprobs, params.prompt_logprobs) == (None, 2, 2)
 
 
 def test_chat_content_parts_and_top_logprobs_rule():

@@ -11,7 +11,7 @@ import torch
 
 from service.adapters.registry import AdapterRegistry
 from service.base_model import load_base
-from service.errors import NotFoundError
+from service.errors import AdapterUnavailable, NotFoundError
 from tests.factories import make_lora_adapter
 
 
@@ -114,8 +114,7 @@ def test_unloadable_weights_fail_one_adapter_only(tiny, adapter_dir, tmp_path, c
 def test_get_explains_unavailable_adapters(tiny, adapter_dir):
     (adapter_dir / "alpha" / "hotswap.json").unlink()
     reg = registry(tiny, adapter_dir)
-    with pytest.raises(NotFoundError, match="not available: missing hotswap.json") as info:
-        reg.get("alpha", param="adapter")
-    assert info.value.param == "adapter"
+    with pytest.raises(AdapterUnavailable, match="not available: missing hotswap.json"):
+        reg.get("alpha")
     with pytest.raises(NotFoundError, match="does not exist"):
-        reg.get("zeta", param="model")
+        reg.get("zeta")

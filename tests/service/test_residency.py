@@ -13,10 +13,10 @@ import torch
 from peft import PeftModel
 
 from service.adapters.registry import AdapterRegistry
-from service.adapters.residency import AdapterResidency
 from service.base_model import load_base
 from service.engine import EngineRequest, SamplingParams
 from service.engine.batched import BatchedEngine
+from service.engine.residency import AdapterResidency
 from service.engine.runner import ModelRunner
 from service.errors import NotFoundError
 from tests.factories import make_lora_adapter, make_residency
@@ -183,9 +183,9 @@ def test_an_unloadable_version_fails_its_requests_and_is_listed_failed(setup):
     registry.rescan()  # a new version, whose weights cannot be parsed
     with pytest.raises(NotFoundError, match="cannot be loaded"):
         residency.ensure("alpha", busy=set())
-    assert registry.get("beta", param="adapter").status == "ready"
+    assert registry.get("beta").status == "ready"
     with pytest.raises(NotFoundError, match="cannot be loaded"):  # refused up front from now on
-        registry.get("alpha", param="adapter")
+        registry.get("alpha")
 
 
 def test_a_package_edited_after_registration_is_refused_not_served(setup):
@@ -202,7 +202,7 @@ def test_a_package_edited_after_registration_is_refused_not_served(setup):
 def test_two_versions_are_two_adapters_and_the_old_one_leaves_first(tiny, cache_dir, tmp_path):
     residency = make_residency(tiny, cache_dir, tmp_path, 2, max_host=0)
     registry = residency.registry
-    old = registry.get("alpha", param="adapter").key
+    old = registry.get("alpha").key
     assert residency.ensure(old, busy=set())
     before = logits(residency, old)
     shutil.copy(
@@ -210,7 +210,7 @@ def test_two_versions_are_two_adapters_and_the_old_one_leaves_first(tiny, cache_
         registry.directory / "alpha" / "adapter_model.safetensors",
     )
     assert registry.rescan()["changed"] == ["alpha"]
-    new = registry.get("alpha", param="adapter").key
+    new = registry.get("alpha").key
     assert new != old and not registry.current(old) and registry.current(new)
     assert residency.ensure(new, busy={old})  # the old version keeps serving its rows
     torch.testing.assert_close(logits(residency, old), before)

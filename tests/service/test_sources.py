@@ -80,7 +80,7 @@ def test_hub_repos_load_at_a_revision_into_the_cache_atomically(tiny, tmp_path, 
         with pytest.raises(AdapterExists, match="load_inplace"):
             reg.register("alpha", "hf://org/alpha@v2")
         second = reg.register("alpha", "org/alpha@v2", replace=True)
-    assert first.version != second.version and reg.get("alpha", param="adapter") is second
+    assert first.version != second.version and reg.get("alpha") is second
     assert files(second.path) == files(hub / "org/alpha/v2")
     assert sorted(p.name for p in second.path.iterdir()) == sorted(PACKAGE_FILES)
     assert second.path.parent == tmp_path / "downloads" / "alpha"
@@ -117,7 +117,7 @@ def test_s3_packages_load_and_the_limits_hold(tiny, tmp_path):
         reg = registry(tiny, tmp_path, allowed_sources=[f"s3://{BUCKET}/team/"])
         record = reg.register("beta", f"s3://{BUCKET}/team/beta")
         assert files(record.path) == files(tiny.adapter_dir / "beta")
-        assert record.version == reg.get("beta", param="adapter").version
+        assert record.version == reg.get("beta").version
         with pytest.raises(SourceError, match="has no adapter_model.safetensors"):
             reg.register("broken", f"s3://{BUCKET}/team/broken")
         with pytest.raises(SourceError, match="not an allowed adapter source"):
@@ -145,7 +145,7 @@ def test_local_paths_load_in_place_and_only_when_allowed(tiny, tmp_path):
     shutil.copytree(tiny.adapter_dir / "alpha", tmp_path / "shelf" / "a1")
     shutil.copytree(tiny.adapter_dir / "alpha", tmp_path / "elsewhere" / "a1")
     record = reg.register("renamed", str(tmp_path / "shelf" / "a1"))  # another name than the manifest's
-    assert record.path == tmp_path / "shelf" / "a1" and reg.get("renamed", param="adapter") is record
+    assert record.path == tmp_path / "shelf" / "a1" and reg.get("renamed") is record
     with pytest.raises(SourceError, match="not an allowed"):
         reg.register("other", str(tmp_path / "elsewhere" / "a1"))
     with pytest.raises(ValueError, match="invalid adapter name"):

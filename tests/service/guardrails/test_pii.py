@@ -49,7 +49,7 @@ def test_pre_hook_redacts_every_message_and_counts():
         messages=(Message("system", "ops: ops@example.com"), Message("user", "SSN 123-45-6789")),
     )
     verdict = REDACTOR.pre(request)
-    assert verdict.action == "modify" and verdict.kind == "redact"
+    assert verdict.action == "redact"
     assert [m.content for m in verdict.request.messages] == ["ops: <EMAIL>", "SSN <US_SSN>"]
     assert verdict.details == {"EMAIL": 1, "US_SSN": 1}
 

@@ -1,24 +1,14 @@
-"""The running batch's KV cache, two ways: padded (DynamicCache) and slotted (static, CUDA graphs).
+"""`SlotKV`: one preallocated slot per batch row, written in place; CUDA-graph decode steps.
 
-Both keep the rows in the order of the engine's running list and offer the same four operations:
-`join` (add freshly prefilled rows), `decode` (one token for every row, each through its own
-adapter), `retain` (drop the rows that finished) and `clear`.
-
-- `PaddedKV` keeps a transformers `DynamicCache` whose rows are left-padded to a common length: a
-  joining request's cache is padded (or the batch's is) when it joins, rows are dropped with
-  `batch_select_indices` when they leave, and columns that became padding in every row are cut
-  off. Every step grows every layer's tensors by one column (a copy of the whole cache).
-- `SlotKV` preallocates one buffer [layers, 2, slots, max_len, kv_heads, head_dim] and writes in
-  place: row i of the batch lives in slot i, its token at position p in column p (no padding:
-  each row writes at its own position), and attention reads the first `width` columns of the
-  first rows, with a mask that hides the columns past each row's position. A row that leaves is
-  replaced by the last row (one copy), so the rows always fill the first slots. Nothing changes
-  shape from one step to the next within a (rows, width) bucket, so on CUDA each bucket's decode
-  step is captured once in a CUDA graph and replayed: one launch instead of the thousands of
-  kernel launches (and the Python between them) of a quantized 7B model's forward pass, which
-  were most of a decode step's time (docs/benchmarks.md).
-
-Each row keeps its own positions in both, so neither padding nor slots change what it computes.
+One buffer [layers, 2, slots, max_len, kv_heads, head_dim]: row i of the batch lives in slot i,
+its token at position p in column p (no padding: each row writes at its own position), and
+attention reads the first `width` columns of the first rows, with a mask that hides the columns
+past each row's position. A row that leaves is replaced by the last row (one copy), so the rows
+always fill the first slots. Nothing changes shape from one step to the next within a (rows,
+width) bucket, so on CUDA each bucket's decode step is captured once in a CUDA graph and
+replayed: one launch instead of the thousands of kernel launches (and the Python between them)
+of a quantized 7B model's forward pass, which were most of a decode step's time
+(docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -31,65 +21,13 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from service.engine import BASE_ADAPTER
+from service.engine import PEFT_BASE
 from service.engine.lora import FusedMixedLoRA
-from service.engine.runner import ModelRunner
+from service.engine.runner import ModelRunner, Routing
 
 log = logging.getLogger(__name__)
 
 _MIN_WIDTH = 64  # smallest width bucket of a captured step
-
-
-class PaddedKV:
-    """Left-padded rows in a DynamicCache that grows by one column a step."""
-
-    def __init__(self, runner: ModelRunner):
-        self.runner = runner
-        self._cache: DynamicCache | None = None
-        self._mask: torch.Tensor | None = None  # [rows, cache length], 0 on left padding
-
-    def join(self, cache: DynamicCache, new_mask: torch.Tensor) -> None:
-        """Add freshly prefilled rows (their cache and mask, left-padded) after the running ones."""
-        lead = int(new_mask.argmax(dim=1).min())  # columns that are padding in every new row
-        if lead:
-            new_mask = new_mask[:, lead:]
-            for layer in cache.layers:
-                layer.keys = layer.keys[..., lead:, :]
-                layer.values = layer.values[..., lead:, :]
-        if self._cache is None:
-            self._cache, self._mask = cache, new_mask
-            return
-        width = max(self._mask.shape[1], new_mask.shape[1])
-        self._mask = torch.cat([_pad_left(self._mask, width), _pad_left(new_mask, width)], dim=0)
-        for running, joining in zip(self._cache.layers, cache.layers, strict=True):
-            running.keys = torch.cat([_pad_left(running.keys, width), _pad_left(joining.keys, width)])
-            running.values = torch.cat([_pad_left(running.values, width), _pad_left(joining.values, width)])
-
-    def decode(self, tokens: list[int], positions: list[int], adapters: list[str | None]) -> torch.Tensor:
-        mask = torch.cat([self._mask, self._mask.new_ones((len(tokens), 1))], dim=1)
-        logits = self.runner.decode_batch(tokens, self._cache, mask, positions, adapters)
-        self._mask = mask
-        return logits
-
-    def retain(self, keep: list[int]) -> list[int]:
-        """Drop the other rows, then the columns that are padding in every remaining row; return
-        the kept rows' old indices in their new order (unchanged here)."""
-        if not keep:
-            self.clear()
-            return keep
-        index = torch.tensor(keep, device=self.runner.device)
-        self._cache.batch_select_indices(index)
-        self._mask = self._mask[index]
-        lead = int(self._mask.argmax(dim=1).min())  # first valid column of the earliest row
-        if lead:
-            self._mask = self._mask[:, lead:]
-            for layer in self._cache.layers:
-                layer.keys = layer.keys[..., lead:, :]
-                layer.values = layer.values[..., lead:, :]
-        return keep
-
-    def clear(self) -> None:
-        self._cache = self._mask = None
 
 
 class SlotKV:
@@ -107,12 +45,14 @@ class SlotKV:
         max_len: int,
         *,
         cuda_graphs: bool = True,
-        lora_slots: int = 8,
+        lora_slots: int = 1,
         on_capture: Callable[[float], None] = lambda seconds: None,
         on_graphs_off: Callable[[], None] = lambda: None,
     ):
         self.runner = runner
-        self.lora_slots = lora_slots  # adapters the LoRA pool holds before it must grow
+        # Adapters the LoRA pool holds before it must grow (and every graph be captured again):
+        # the engine gives its device slots (MAX_RESIDENT_ADAPTERS); 1 grows it as they load.
+        self.lora_slots = lora_slots
         self._on_capture, self._on_graphs_off = on_capture, on_graphs_off
         self.capacity = capacity
         self.max_len = max_len
@@ -199,7 +139,7 @@ class SlotKV:
         need = max(positions) + 1
         if need > self.max_len:
             raise RuntimeError(f"position {need - 1} is past the KV cache length {self.max_len}")
-        names = [a or BASE_ADAPTER for a in adapters]
+        names = [a or PEFT_BASE for a in adapters]
         if self.graphs:
             logits = self._decode_graph(tokens, positions, names, need)
         else:
@@ -211,7 +151,7 @@ class SlotKV:
         step = _Step(self, len(tokens), width)
         step.load(tokens, positions)
         with torch.inference_mode():
-            return step.forward(names, static=False)[: len(tokens)]
+            return step.forward(names, routing=Routing.EAGER)[: len(tokens)]
 
     def _decode_graph(self, tokens, positions, names, need) -> torch.Tensor:
         rows = len(tokens)
@@ -227,7 +167,7 @@ class SlotKV:
             self._steps.clear()
             self._graph_key = key
         step = self._steps.get((bucket, width))
-        padded = names + [BASE_ADAPTER] * (bucket - rows)
+        padded = names + [PEFT_BASE] * (bucket - rows)
         inputs = (tokens + [0] * (bucket - rows), positions + [0] * (bucket - rows))
         if step is None:
             step = _Step(self, bucket, width)
@@ -280,11 +220,10 @@ class SlotKV:
         self.reserve(len(cache.layers), first.shape[1], first.shape[3], first.dtype)
 
     def _fused(self) -> FusedMixedLoRA | None:
-        model = self.runner.model
-        if not hasattr(model, "peft_config"):
+        if not self.runner.lora.peft:
             return None
-        fused = FusedMixedLoRA.for_model(model)
-        fused.install(model)
+        fused = self.runner.fused
+        fused.install(self.runner.model)
         fused.pool_slots = self.lora_slots
         return fused
 
@@ -383,7 +322,7 @@ class _Step:
     def load(self, tokens: list[int], positions: list[int]) -> None:
         self.inputs.copy_(torch.tensor([tokens, positions]), non_blocking=False)
 
-    def forward(self, names: list[str], *, static: bool | str) -> torch.Tensor:
+    def forward(self, names: list[str], *, routing: Routing) -> torch.Tensor:
         runner = self.kv.runner
         tokens, positions = self.inputs[0].unsqueeze(1), self.inputs[1].unsqueeze(1)
         mask = (self.columns.unsqueeze(0) <= positions)[:, None, None, :]  # [rows, 1, 1, width]
@@ -394,9 +333,9 @@ class _Step:
                 ~mask, torch.finfo(runner.additive_mask).min
             )
         view = _SlotView(self.kv, self.rows, self.width, self.slots + self.inputs[1])
-        out = runner.forward_static(
+        out = runner.forward_slots(
             names,
-            static=static,
+            routing=routing,
             input_ids=tokens,
             attention_mask=mask,
             position_ids=positions,
@@ -410,25 +349,25 @@ class _Step:
         """Warm up, then capture the step in a CUDA graph. Off CUDA (tests), only the warm-up:
         `replay` then runs the same statically routed forward pass eagerly."""
         if self.kv.runner.device.type != "cuda":
-            self.forward(names, static=True)
+            self.forward(names, routing=Routing.STATIC)
             return
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):  # warm-up: kernels chosen, the adapter pool and row masks made
-                self.forward(names, static=True)
+                self.forward(names, routing=Routing.STATIC)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(self.graph, pool=pool):
-                self.logits = self.forward(names, static="capture")
+                self.logits = self.forward(names, routing=Routing.CAPTURE)
         except Exception as exc:  # the warm-up ran: the step itself works, its capture does not
             self.graph = None
             raise GraphCaptureError(f"{type(exc).__name__}: {exc}") from exc
 
     def replay(self, names: list[str]) -> torch.Tensor:
         if self.graph is None:
-            return self.forward(names, static=True)
+            return self.forward(names, routing=Routing.STATIC)
         runner = self.kv.runner
         runner.route_static(names)  # the rows' adapters, into the mask buffers
         try:
@@ -454,14 +393,3 @@ def _widths(max_len: int) -> list[int]:
         widths.append(w)
         w *= 2
     return [*widths, max_len]
-
-
-def _pad_left(tensor: torch.Tensor, width: int) -> torch.Tensor:
-    """Left-pad the sequence dimension (-1 for masks, -2 for keys/values) with zeros to `width`."""
-    dim = -1 if tensor.dim() == 2 else -2
-    missing = width - tensor.shape[dim]
-    if missing == 0:
-        return tensor
-    shape = list(tensor.shape)
-    shape[dim] = missing
-    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)

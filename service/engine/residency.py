@@ -36,7 +36,8 @@ from typing import Any
 import torch
 
 from service.adapters.registry import AdapterRegistry, key_name
-from service.errors import HotswapError, NotFoundError
+from service.engine.model import LoRAModel
+from service.errors import AdapterUnavailable, HotswapError
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +139,8 @@ class AdapterResidency:
         if max_resident < 1:
             raise ValueError("max_resident must be at least 1")
         self.registry = registry
-        self.model = model  # becomes a PeftModel at the first load
+        # The served model's owner, shared with the runner: the slots are its PEFT adapters.
+        self.lora = model if isinstance(model, LoRAModel) else LoRAModel.of(model)
         self.max_resident = max_resident
         self.max_host = max_resident if max_host is None else max_host
         self._loader = loader  # None: disk reads on the calling thread (tests, tools)
@@ -162,6 +164,11 @@ class AdapterResidency:
         for name in pinned:
             self.pin(name)
 
+    @property
+    def model(self) -> Any:
+        """The model the slots live on (a PeftModel from the first load on)."""
+        return self.lora.model
+
     # --- what the engine calls (its worker thread) -------------------------------------------
 
     def key(self, adapter: str) -> str:
@@ -183,7 +190,7 @@ class AdapterResidency:
         adapter in use or pinned. `busy`: keys that running sequences use (a bare name: all of
         its versions).
 
-        Raises NotFoundError when the package cannot be loaded (the error names why)."""
+        Raises AdapterUnavailable when the package cannot be loaded (the error names why)."""
         key = self.key(adapter)
         slot = self._where.get(key)
         if slot is not None:
@@ -246,7 +253,7 @@ class AdapterResidency:
             self.registry.mark_failed(key, reason)
             self._on_load(name, "error", time.perf_counter() - started)
             with self._lock:
-                self._failed[key] = NotFoundError(f"the adapter {name!r} is not available: {reason}", param="adapter")
+                self._failed[key] = AdapterUnavailable(f"the adapter {name!r} is not available: {reason}")
                 self._reading.pop(key, None)
             self.ready.set()
             return
@@ -345,7 +352,7 @@ class AdapterResidency:
         if hasattr(self.model, "peft_config"):
             self.model.add_adapter(name, config)
         else:
-            self.model = PeftModel(self.model, config, adapter_name=name)
+            self.lora.model = PeftModel(self.model, config, adapter_name=name)
         self.model.eval()
         self.model.requires_grad_(False)
         if slot is not None:  # a new one first, then the old: PEFT keeps one adapter at least

@@ -1,0 +1,99 @@
+"""The running batch's KV cache: the two caches, and which one a model and its settings get.
+
+Both caches keep the rows in the order of the engine's running list and offer the same four
+operations: `join` (add freshly prefilled rows), `decode` (one token for every row, each through
+its own adapter), `retain` (drop the rows that finished) and `clear`.
+
+- `PaddedKV` (padded.py): left-padded rows in a `DynamicCache`; any model, any device.
+- `SlotKV` (slots.py): one preallocated slot per row, written in place, with each decode step
+  replayed from a CUDA graph on CUDA.
+
+Each row keeps its own positions in both, so neither padding nor slots change what it computes.
+The policy (`choose_kv_cache`) is here: the static cache where it pays off (CUDA graphs) and
+fits, the padded one otherwise, and a clear refusal when the static one is asked for a model
+it cannot serve (sliding-window or mixed attention layers).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from service.engine.kvcache.padded import PaddedKV
+from service.engine.kvcache.slots import GraphCaptureError, SlotKV, capture_unsupported, graphs_unavailable, kv_shape
+from service.engine.runner import ModelRunner, hidden_dtype
+
+__all__ = [
+    "GraphCaptureError",
+    "PaddedKV",
+    "SlotKV",
+    "capture_unsupported",
+    "choose_kv_cache",
+    "graphs_unavailable",
+    "kv_shape",
+    "static_kv_bytes",
+    "static_kv_unsupported",
+]
+
+log = logging.getLogger(__name__)
+
+
+def choose_kv_cache(settings: Any, runner: ModelRunner, max_context: int) -> str:
+    """'static' or 'dynamic' for the batched engine, from `settings.kv_cache` (auto, static or
+    dynamic; see Settings.kv_cache), `max_batch_size` and `cuda_graphs`."""
+    model, device = runner.model, runner.device.type
+    if settings.kv_cache == "dynamic":
+        return "dynamic"
+    reason = static_kv_unsupported(model.config)
+    if reason:
+        if settings.kv_cache == "static":
+            raise ValueError(f"KV_CACHE=static: {reason}")
+        log.info("KV cache: dynamic (the static cache cannot serve this model: %s)", reason)
+        return "dynamic"
+    need = static_kv_bytes(model.config, settings.max_batch_size, max_context, hidden_dtype(model))
+    no_graphs = graphs_unavailable(runner, settings.cuda_graphs)
+    if settings.kv_cache == "auto":
+        if no_graphs:  # the static cache pays off through CUDA graphs (docs/benchmarks.md)
+            if device == "cuda":
+                log.info("KV cache: dynamic (no CUDA graphs: %s)", no_graphs)
+            return "dynamic"
+        free, _ = torch.cuda.mem_get_info()
+        if need > free // 2:
+            log.warning(
+                "KV cache: dynamic, since a static one (%d rows x %d positions) needs %.1f GiB and "
+                "%.1f GiB is free; set MAX_MODEL_LEN or MAX_BATCH_SIZE lower to get the static "
+                "cache and CUDA graphs",
+                settings.max_batch_size,
+                max_context,
+                need / 2**30,
+                free / 2**30,
+            )
+            return "dynamic"
+    log.info(
+        "KV cache: static, %d rows x %d positions (%.2f GiB), %s",
+        settings.max_batch_size,
+        max_context,
+        need / 2**30,
+        f"no CUDA graphs ({no_graphs})" if no_graphs else "CUDA graphs",
+    )
+    return "static"
+
+
+def static_kv_unsupported(config: Any) -> str | None:
+    """Why the static KV cache cannot serve this model (None: it can)."""
+    config = getattr(config, "get_text_config", lambda: config)()
+    if kv_shape(config) is None:
+        return "the config does not give the cache's shape (layers, KV heads, head size)"
+    kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
+    if kinds != {"full_attention"} or getattr(config, "sliding_window", None):
+        return f"the model has layers other than full attention ({sorted(kinds)}); use KV_CACHE=dynamic"
+    return None
+
+
+def static_kv_bytes(config: Any, rows: int, positions: int, dtype: Any) -> int:
+    """Bytes of the static KV cache for this many rows and positions."""
+    layers, heads, head_dim = kv_shape(config)
+    size = torch.empty((), dtype=dtype).element_size()
+    return layers * 2 * rows * positions * heads * head_dim * size

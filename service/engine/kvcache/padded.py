@@ -1,0 +1,76 @@
+"""`PaddedKV`: the running batch's rows, left-padded in a transformers `DynamicCache`.
+
+A joining request's cache is padded (or the batch's is) when it joins, rows are dropped with
+`batch_select_indices` when they leave, and columns that became padding in every row are cut
+off. Every step grows every layer's tensors by one column (a copy of the whole cache).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+from service.engine.runner import ModelRunner
+
+
+class PaddedKV:
+    """Left-padded rows in a DynamicCache that grows by one column a step."""
+
+    def __init__(self, runner: ModelRunner):
+        self.runner = runner
+        self._cache: DynamicCache | None = None
+        self._mask: torch.Tensor | None = None  # [rows, cache length], 0 on left padding
+
+    def join(self, cache: DynamicCache, new_mask: torch.Tensor) -> None:
+        """Add freshly prefilled rows (their cache and mask, left-padded) after the running ones."""
+        lead = int(new_mask.argmax(dim=1).min())  # columns that are padding in every new row
+        if lead:
+            new_mask = new_mask[:, lead:]
+            for layer in cache.layers:
+                layer.keys = layer.keys[..., lead:, :]
+                layer.values = layer.values[..., lead:, :]
+        if self._cache is None:
+            self._cache, self._mask = cache, new_mask
+            return
+        width = max(self._mask.shape[1], new_mask.shape[1])
+        self._mask = torch.cat([_pad_left(self._mask, width), _pad_left(new_mask, width)], dim=0)
+        for running, joining in zip(self._cache.layers, cache.layers, strict=True):
+            running.keys = torch.cat([_pad_left(running.keys, width), _pad_left(joining.keys, width)])
+            running.values = torch.cat([_pad_left(running.values, width), _pad_left(joining.values, width)])
+
+    def decode(self, tokens: list[int], positions: list[int], adapters: list[str | None]) -> torch.Tensor:
+        mask = torch.cat([self._mask, self._mask.new_ones((len(tokens), 1))], dim=1)
+        logits = self.runner.decode_batch(tokens, self._cache, mask, positions, adapters)
+        self._mask = mask
+        return logits
+
+    def retain(self, keep: list[int]) -> list[int]:
+        """Drop the other rows, then the columns that are padding in every remaining row; return
+        the kept rows' old indices in their new order (unchanged here)."""
+        if not keep:
+            self.clear()
+            return keep
+        index = torch.tensor(keep, device=self.runner.device)
+        self._cache.batch_select_indices(index)
+        self._mask = self._mask[index]
+        lead = int(self._mask.argmax(dim=1).min())  # first valid column of the earliest row
+        if lead:
+            self._mask = self._mask[:, lead:]
+            for layer in self._cache.layers:
+                layer.keys = layer.keys[..., lead:, :]
+                layer.values = layer.values[..., lead:, :]
+        return keep
+
+    def clear(self) -> None:
+        self._cache = self._mask = None
+
+
+def _pad_left(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    """Left-pad the sequence dimension (-1 for masks, -2 for keys/values) with zeros to `width`."""
+    dim = -1 if tensor.dim() == 2 else -2
+    missing = width - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
