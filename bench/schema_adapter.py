@@ -5,7 +5,8 @@
 Runs the shipped `adapters/schema` on the embedded SmolLM2 through the batched engine, as the
 service does, over the 20 held-out MarketMail products (the recipe's seeded split) and the 20
 unseen ones in data/schema/unseen.jsonl, at each temperature (seeded), with the manifest's
-grammar enforced (the service default) and without it. Prints rates and one JSON line.
+grammar enforced (the service default) and without it. Prints rates, the outputs that are
+invalid or do not name the product, and one JSON line.
 """
 
 from __future__ import annotations
@@ -82,15 +83,23 @@ def main() -> None:
                         outs = await generate(records, temperature, constrained)
                         verdicts = [verdict(o, r["product"], schema) for o, r in zip(outs, records, strict=True)]
                         key = f"t{temperature:g}_{'grammar' if constrained else 'free'}_{label}"
+                        missed = [
+                            f"{r['product']}: {o.strip()[:160]}"
+                            for o, r, (_, named) in zip(outs, records, verdicts, strict=True)
+                            if not named
+                        ]
                         report[key] = {
                             "valid": sum(v for v, _ in verdicts) / len(records),
                             "named": sum(n for _, n in verdicts) / len(records),
                             "n": len(records),
+                            "missed": missed,
                         }
                         print(
                             f"{key:<32} valid {report[key]['valid']:.0%}  product named {report[key]['named']:.0%}",
                             flush=True,
                         )
+                        for line in missed:
+                            print(f"    missed {line}", flush=True)
             return report
         finally:
             await engine.stop()
