@@ -242,3 +242,48 @@ def batched_engine(residency, **options):
     return BatchedEngine(
         ModelRunner(residency.lora, "cpu"), eos_token_ids=frozenset(), max_context=256, residency=residency, **options
     )
+
+
+def make_engine(runner, cls=None, kv=None, **options):
+    """An engine over `runner` (tiny tests: 256 positions, no EOS); `kv`: "dynamic", "static",
+    or "graphs" (the static cache with the CUDA-graph path's buckets, replayed eagerly on CPU)."""
+    from service.engine.batched import BatchedEngine
+
+    if kv is not None:
+        options["kv_cache"] = "static" if kv == "graphs" else kv
+    engine = (cls or BatchedEngine)(runner, eos_token_ids=frozenset(), max_context=256, **options)
+    if kv == "graphs":
+        engine.kv_cache.graphs = True
+    return engine
+
+
+def run_engine(engine, body):
+    """Start `engine`, await `body(engine)`, stop it; returns what `body` returned."""
+    import asyncio
+
+    async def main():
+        await engine.start()
+        try:
+            return await body(engine)
+        finally:
+            await engine.stop()
+
+    return asyncio.run(main())
+
+
+def make_client(tiny, tokenizer, *, engine=None, **settings):
+    """A TestClient over the app with the tiny world's adapters and `engine` (a ScriptedEngine
+    by default); returns (client, engine)."""
+    from fastapi.testclient import TestClient
+
+    from service.adapters.registry import AdapterRegistry
+    from service.app import build_app
+    from service.runtime import Runtime
+    from service.settings import Settings
+    from tests.service.fakes import ScriptedEngine
+
+    registry = AdapterRegistry(tiny.adapter_dir, base_id="tiny", base_fingerprint=tiny.fingerprint)
+    registry.scan()
+    engine = engine or ScriptedEngine(tokenizer)
+    runtime = Runtime(engine, tokenizer, registry, "tiny", max_context=64)
+    return TestClient(build_app(Settings(**settings), runtime=runtime)), engine

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -49,3 +50,12 @@ def running_service(
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def events(response) -> list:
+    """The JSON chunks of an SSE response (checked to end with [DONE])."""
+    body = response.text
+    assert body.endswith("data: [DONE]\n\n")
+    frames = body.split("\n\n")[:-1]
+    assert all(f.startswith("data: ") for f in frames)
+    return [json.loads(f[6:]) for f in frames[:-1]]

@@ -73,7 +73,7 @@ def batched_vs_single(adapter_dir, cache_dir, quantization, kv_cache="dynamic"):
         kv_cache="static" if kv_cache == "graphs" else kv_cache,
     )
     if kv_cache == "graphs":  # the CUDA-graph path's buckets and static routing, replayed eagerly
-        engine._kv.graphs = True
+        engine.kv_cache.graphs = True
     prompts = [tok(p).input_ids for p in PROMPTS]
 
     async def main():

@@ -18,7 +18,7 @@ from service.metrics import Metrics
 from service.runtime import load_runtime
 from service.settings import Settings
 from tests.factories import FAMILIES, preload_adapters
-from tests.service.test_families import (  # noqa: F401  (worlds: a fixture)
+from tests.service.engine.test_families import (  # noqa: F401  (worlds: a fixture)
     STATIC_UNSUPPORTED,
     assert_peft_tokens,
     runtime_for,
@@ -170,7 +170,7 @@ def test_static_kv_with_cuda_graphs_is_token_identical_on_cuda_fp32(tiny, cache_
             await engine.stop()
 
     results = asyncio.run(main())
-    assert engine._kv.graphs and engine._kv.captures > 0  # captured, never fell back to eager
+    assert engine.kv_cache.graphs and engine.kv_cache.captures > 0  # captured, never fell back to eager
     model = runner.model
     for got, (prompt, adapter, n) in zip(results, MIXED, strict=True):
         if adapter:
@@ -215,7 +215,7 @@ def test_captured_decode_step_matches_eager_on_cuda(tiny, cache_dir, quantizatio
 
 
 def test_adapter_churn_keeps_the_captured_graphs_on_cuda(tiny, cache_dir, tmp_path):
-    from tests.service.test_kvcache import check_adapter_churn
+    from tests.service.engine.test_kvcache import check_adapter_churn
 
     runner = preload_adapters(load_runtime(settings(tiny, cache_dir, "fp32"), Metrics())).engine.runner
     check_adapter_churn(runner, tiny, tmp_path, emulate=False, atol=1e-4)

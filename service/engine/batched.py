@@ -107,6 +107,16 @@ class BatchedEngine(WorkerEngine):
         self._outbox = Outbox()
         self._masker: ThreadPoolExecutor | None = None  # computes grammar masks during forward passes
 
+    @property
+    def kv_cache(self) -> PaddedKV | SlotKV:
+        """The running batch's KV cache."""
+        return self._kv
+
+    @property
+    def running(self) -> int:
+        """Sequences in the running batch now."""
+        return len(self._rows)
+
     # --- scheduling ---------------------------------------------------------------------------
 
     def _loop(self) -> None:

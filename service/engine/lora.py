@@ -148,6 +148,20 @@ class FusedMixedLoRA:
         else:
             mask.copy_(self._pool.row_mask(self.names))
 
+    @property
+    def compositions(self) -> tuple[tuple[str, ...], ...]:
+        """The adapter compositions whose stacks are kept, least recently used first."""
+        return tuple(self._stack_sets)
+
+    @property
+    def stacked(self) -> set[tuple[str, ...]]:
+        """The compositions that have a stacked layer now (never more than `compositions`)."""
+        return {composition for _, composition in self._stacks}
+
+    def static_mask(self, rows: int) -> torch.Tensor:
+        """The row mask the statically routed pass of `rows` rows reads (a fixed buffer)."""
+        return self._static_masks[rows]
+
     def signature(self) -> tuple:
         """Changes whenever the loaded adapters or their weights do: a reload makes new tensors,
         a swap into a slot rewrites them in place (which bumps their version counter)."""

@@ -10,28 +10,13 @@ import pytest
 from fastapi.testclient import TestClient
 
 import service.app as app_module
-from service.adapters.registry import AdapterRegistry
 from service.app import build_app
-from service.runtime import Runtime
 from service.settings import Settings
-from tests.factories import make_tokenizer
+from tests.factories import make_client
 from tests.service.fakes import ScriptedEngine
+from tests.support import events
 
 KEY = "k" * 24
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return make_tokenizer(tmp_path_factory.mktemp("tok"))
-
-
-def make_client(tiny, tokenizer, *, engine=None, **settings):
-    registry = AdapterRegistry(tiny.adapter_dir, base_id="tiny", base_fingerprint=tiny.fingerprint)
-    registry.scan()
-    engine = engine or ScriptedEngine(tokenizer)
-    runtime = Runtime(engine, tokenizer, registry, "tiny", max_context=64)
-    app = build_app(Settings(**settings), runtime=runtime)
-    return TestClient(app), engine
 
 
 @pytest.fixture
@@ -40,14 +25,6 @@ def client(tiny, tokenizer):
     with c:
         c.engine = engine
         yield c
-
-
-def events(response) -> list:
-    body = response.text
-    assert body.endswith("data: [DONE]\n\n")
-    frames = body.split("\n\n")[:-1]
-    assert all(f.startswith("data: ") for f in frames)
-    return [json.loads(f[6:]) for f in frames[:-1]]
 
 
 def test_completion_shape_and_usage(client):

@@ -9,7 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.settings import Settings
-from tests.service.test_app import make_client, tokenizer  # noqa: F401  (module fixture)
+from tests.factories import make_client
 
 KEY = "k" * 24
 ADMIN = "a" * 24
@@ -22,7 +22,7 @@ def adapters(tiny, tmp_path):
     return root
 
 
-def client(tiny, tokenizer, adapters=None, **settings):  # noqa: F811
+def client(tiny, tokenizer, adapters=None, **settings):
     world = tiny if adapters is None else type(tiny)(tiny.base_dir, tiny.fingerprint, adapters)
     c, _ = make_client(world, tokenizer, **settings)
     return c
@@ -45,7 +45,7 @@ def client(tiny, tokenizer, adapters=None, **settings):  # noqa: F811
         "/health/../v1/models",
     ],
 )
-def test_no_path_trick_reaches_v1_without_a_key(tiny, tokenizer, path):  # noqa: F811
+def test_no_path_trick_reaches_v1_without_a_key(tiny, tokenizer, path):
     with client(tiny, tokenizer, api_keys=[KEY]) as c:
         r = c.get(path, follow_redirects=False)
         assert r.status_code in (307, 401, 404), (path, r.status_code)
@@ -68,12 +68,12 @@ def test_no_path_trick_reaches_v1_without_a_key(tiny, tokenizer, path):  # noqa:
         {"Authorization": "Bearer"},
     ],
 )
-def test_headers_do_not_bypass_the_key(tiny, tokenizer, headers):  # noqa: F811
+def test_headers_do_not_bypass_the_key(tiny, tokenizer, headers):
     with client(tiny, tokenizer, api_keys=[KEY]) as c:
         assert c.get("/v1/models", headers=headers).status_code == 401
 
 
-def test_root_path_prefix_still_needs_the_key(tiny, tokenizer):  # noqa: F811
+def test_root_path_prefix_still_needs_the_key(tiny, tokenizer):
     c = client(tiny, tokenizer, api_keys=[KEY])
     with TestClient(c.app, root_path="/api") as prefixed:
         assert prefixed.get("/api/v1/models").status_code == 401
@@ -81,7 +81,7 @@ def test_root_path_prefix_still_needs_the_key(tiny, tokenizer):  # noqa: F811
         assert ok.status_code == 200
 
 
-def test_metrics_open_by_default_keyed_when_asked(tiny, tokenizer):  # noqa: F811
+def test_metrics_open_by_default_keyed_when_asked(tiny, tokenizer):
     with client(tiny, tokenizer, api_keys=[KEY]) as c:
         assert c.get("/metrics").status_code == 200
     with client(tiny, tokenizer, api_keys=[KEY], metrics_require_key=True) as c:
@@ -94,7 +94,7 @@ def test_metrics_open_by_default_keyed_when_asked(tiny, tokenizer):  # noqa: F81
         Settings(api_keys=[KEY], admin_api_keys=[KEY])
 
 
-def test_admin_routes_need_the_admin_key_and_rescan_serves_new_packages(tiny, tokenizer, adapters):  # noqa: F811
+def test_admin_routes_need_the_admin_key_and_rescan_serves_new_packages(tiny, tokenizer, adapters):
     with client(tiny, tokenizer, adapters) as c:
         r = c.post("/admin/adapters/rescan")
         assert r.status_code == 403 and r.json()["error"]["code"] == "admin_disabled"

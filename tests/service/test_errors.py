@@ -10,8 +10,9 @@ from fastapi.testclient import TestClient
 
 from service.engine import EngineOutput
 from service.errors import StepFailed
+from tests.factories import make_client
 from tests.service.fakes import ScriptedEngine
-from tests.service.test_app import events, make_client, tokenizer  # noqa: F401  (fixture)
+from tests.support import events
 
 SECRET = "The size of tensor a (168) must match the size of tensor b (12)"
 
@@ -40,7 +41,7 @@ class FailingEngine(ScriptedEngine):
         ({"model": "tiny", "prompt": "ok", "user": "\udc00"}, "user"),
     ],
 )
-def test_lone_surrogates_are_a_400_naming_the_field(tiny, tokenizer, payload, param):  # noqa: F811
+def test_lone_surrogates_are_a_400_naming_the_field(tiny, tokenizer, payload, param):
     c, engine = make_client(tiny, tokenizer)
     with c:
         # json.dumps keeps the surrogate as the escape "\ud800", as a client would send it
@@ -53,7 +54,7 @@ def test_lone_surrogates_are_a_400_naming_the_field(tiny, tokenizer, payload, pa
     assert engine.requests == []
 
 
-def test_every_response_carries_a_request_id_and_a_client_id_is_kept(tiny, tokenizer):  # noqa: F811
+def test_every_response_carries_a_request_id_and_a_client_id_is_kept(tiny, tokenizer):
     c, _ = make_client(tiny, tokenizer, max_request_bytes=2048)
     with c:
         responses = [
@@ -73,7 +74,7 @@ def test_every_response_carries_a_request_id_and_a_client_id_is_kept(tiny, token
         assert replaced.headers["x-request-id"] != "no spaces\tor tabs"
 
 
-def test_a_failed_generation_is_a_500_with_the_id_and_never_the_exception(tiny, tokenizer, caplog):  # noqa: F811
+def test_a_failed_generation_is_a_500_with_the_id_and_never_the_exception(tiny, tokenizer, caplog):
     c, _ = make_client(tiny, tokenizer, engine=FailingEngine(tokenizer))
     with c, caplog.at_level(logging.ERROR):
         r = c.post("/v1/completions", json={"model": "tiny", "prompt": "x"})
@@ -86,7 +87,7 @@ def test_a_failed_generation_is_a_500_with_the_id_and_never_the_exception(tiny, 
         assert any(request_id in rec.getMessage() and SECRET in rec.getMessage() for rec in caplog.records)
 
 
-def test_a_stream_that_fails_midway_ends_with_a_generic_error_event(tiny, tokenizer):  # noqa: F811
+def test_a_stream_that_fails_midway_ends_with_a_generic_error_event(tiny, tokenizer):
     c, _ = make_client(tiny, tokenizer, engine=FailingEngine(tokenizer, tokens=2))
     with c:
         r = c.post(
@@ -99,7 +100,7 @@ def test_a_stream_that_fails_midway_ends_with_a_generic_error_event(tiny, tokeni
         assert r.headers["x-request-id"] in last["error"]["message"] and "tensor" not in r.text
 
 
-def test_an_unexpected_exception_is_a_generic_500_with_the_id(tiny, tokenizer, monkeypatch):  # noqa: F811
+def test_an_unexpected_exception_is_a_generic_500_with_the_id(tiny, tokenizer, monkeypatch):
     from service.serving.completions import CompletionServing
 
     def broken(self, request, target):
@@ -113,7 +114,7 @@ def test_an_unexpected_exception_is_a_generic_500_with_the_id(tiny, tokenizer, m
         assert r.headers["x-request-id"] in r.json()["error"]["message"]
 
 
-def test_chat_without_a_budget_gets_default_max_tokens(tiny, tokenizer):  # noqa: F811
+def test_chat_without_a_budget_gets_default_max_tokens(tiny, tokenizer):
     c, engine = make_client(tiny, tokenizer, default_max_tokens=7)
     with c:
         chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}

@@ -16,9 +16,10 @@ from service.grammar import JSON_OBJECT, GrammarCompiler
 from service.metrics import Metrics
 from service.runtime import load_runtime
 from service.settings import Settings
+from tests.factories import make_engine as make
 from tests.factories import make_lora_adapter, preload_adapters
-from tests.service.test_app import events
-from tests.service.test_batched_engine import make, run
+from tests.factories import run_engine as run
+from tests.support import events
 
 # Finite: a random model cannot wander in it forever, so every row must end with "stop".
 SMALL = {

@@ -199,6 +199,11 @@ class SlotKV:
 
     # --- internals ----------------------------------------------------------------------------
 
+    @property
+    def buffer(self) -> torch.Tensor | None:
+        """The slots: [layers, 2 (keys, values), slots, max_len, kv_heads, head_dim]."""
+        return self._buffer
+
     def reserve(self, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
         """Allocate the buffer now (at start: a reservation that does not fit fails the start,
         not the first request); otherwise the first join allocates it from its cache's shape."""

@@ -17,7 +17,7 @@ from service.settings import Settings
 from tests.factories import make_lora_adapter, make_tokenizer
 from tests.service.fakes import ScriptedEngine
 from tests.service.guardrails.test_rules import SCHEMA
-from tests.service.test_app import events
+from tests.support import events
 
 
 @pytest.fixture(scope="module")

@@ -36,7 +36,7 @@ def padded_cache(lengths: list[int], first_id: int = 0):
 
 
 def slot(kv: SlotKV, row: int, length: int) -> torch.Tensor:
-    return kv._buffer[1, 0, row, :length, 0, 0]  # layer 1, keys, first head and channel
+    return kv.buffer[1, 0, row, :length, 0, 0]  # layer 1, keys, first head and channel
 
 
 def test_join_puts_each_row_from_column_zero_and_retain_fills_the_holes_from_the_end():
@@ -47,7 +47,7 @@ def test_join_puts_each_row_from_column_zero_and_retain_fills_the_holes_from_the
     lengths += [4, 1]
     for r, length in enumerate(lengths):
         assert slot(kv, r, length).tolist() == [100 * r + p for p in range(length)]
-        assert kv._buffer[1, 1, r, :length, 0, 0].tolist() == [-(100 * r + p) for p in range(length)]
+        assert kv.buffer[1, 1, r, :length, 0, 0].tolist() == [-(100 * r + p) for p in range(length)]
     assert kv.rows == 5
 
     order = kv.retain([0, 2, 4])  # rows 1 and 3 leave: row 4 moves into slot 1
@@ -68,7 +68,7 @@ def test_join_refuses_rows_beyond_capacity_or_length_or_of_another_shape():
         kv.join(*padded_cache([5]))
     kv.reserve(LAYERS, HEADS + 1, DIM, torch.bfloat16)  # a wrong guess at start ...
     kv.join(*padded_cache([2]))  # ... costs a reallocation while no row runs
-    assert kv._buffer.shape[-2] == HEADS and kv._buffer.dtype == torch.float32
+    assert kv.buffer.shape[-2] == HEADS and kv.buffer.dtype == torch.float32
     assert slot(kv, 0, 2).tolist() == [0, 1]
     kv._buffer = kv._buffer.to(torch.bfloat16)
     with pytest.raises(RuntimeError, match="does not match"):  # never under running rows
@@ -257,7 +257,7 @@ def test_static_row_masks_follow_the_rows_every_pass(runner):
     masks = {}
     for names in (("alpha", PEFT_BASE), (PEFT_BASE, "beta"), ("alpha", PEFT_BASE)):
         fused.route_static(list(names))
-        masks.setdefault(names, []).append(fused._static_masks[2].clone())
+        masks.setdefault(names, []).append(fused.static_mask(2).clone())
     fused.route(None)
     first, again = masks[("alpha", PEFT_BASE)]
     assert torch.equal(first, again)  # the buffer rewritten in place never corrupts a composition

@@ -88,9 +88,9 @@ def test_stacks_are_kept_for_a_bounded_number_of_compositions(residency, monkeyp
     mixed = [None, alpha, beta, alpha, beta]
     for composition in ([alpha] * 5, [beta] * 5, mixed, [alpha] * 5):
         steps(runner, composition, n=1)
-        assert len(fused._stack_sets) <= 2
-        assert {key[1] for key in fused._stacks} <= set(fused._stack_sets)
-    assert set(fused._stack_sets) == {(alpha, beta), (alpha,)}  # beta alone was the oldest
+        assert len(fused.compositions) <= 2
+        assert fused.stacked <= set(fused.compositions)
+    assert set(fused.compositions) == {(alpha, beta), (alpha,)}  # beta alone was the oldest
     reference = steps(ModelRunner(residency.model, "cpu", fused_lora=False), [beta] * 5, n=1)
     again = steps(runner, [beta] * 5, n=1)  # stacked anew after its eviction
     for a, b in zip(again, reference, strict=True):

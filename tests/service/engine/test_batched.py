@@ -8,12 +8,13 @@ import pytest
 import torch
 
 from service.engine import EngineRequest, SamplingParams
-from service.engine.batched import BatchedEngine
 from service.engine.simple import SimpleEngine
 from service.metrics import Metrics
 from service.runtime import load_runtime
 from service.settings import Settings
+from tests.factories import make_engine as make
 from tests.factories import preload_adapters
+from tests.factories import run_engine as run
 
 PROMPTS = [
     (5, 17, 42, 99, 7, 3),
@@ -39,26 +40,6 @@ def kv(request):
     """The batched engine's KV caches: dynamic; static (slots, eager); and static with the CUDA
     graph path's bucketing, padding rows and static LoRA routing, replayed eagerly on CPU."""
     return request.param
-
-
-def make(runner, cls=BatchedEngine, kv=None, **kw):
-    if kv is not None:
-        kw["kv_cache"] = "static" if kv == "graphs" else kv
-    engine = cls(runner, eos_token_ids=frozenset(), max_context=256, **kw)
-    if kv == "graphs":
-        engine._kv.graphs = True
-    return engine
-
-
-def run(engine, body):
-    async def main():
-        await engine.start()
-        try:
-            return await body(engine)
-        finally:
-            await engine.stop()
-
-    return asyncio.run(main())
 
 
 async def collect(engine, prompt, adapter, params, rid="r"):
@@ -127,16 +108,16 @@ def test_cancelled_request_leaves_the_batch_and_others_continue(runner, kv):
         )
         await anext(long)
         other = asyncio.create_task(collect(engine, PROMPTS[1], "beta", SamplingParams(max_tokens=30, temperature=0.0)))
-        while len(engine._rows) < 2:  # both in one batch
+        while engine.running < 2:  # both in one batch
             await asyncio.sleep(0.001)
         await long.aclose()
         tokens, _ = await other
         await asyncio.sleep(0.05)
-        return tokens, engine._rows
+        return tokens, engine.running
 
     tokens, rows_left = run(make(runner, kv=kv), body)
     assert tokens == reference(runner, list(PROMPTS[1]), "beta", 30)
-    assert rows_left == []  # the cancelled row left at the next step, long before its 200 tokens
+    assert rows_left == 0  # the cancelled row left at the next step, long before its 200 tokens
 
 
 def test_queue_admission_is_fifo_beyond_capacity(runner, kv):

@@ -5,17 +5,18 @@ from __future__ import annotations
 
 import pytest
 
-from tests.service.test_app import KEY, make_client, tokenizer  # noqa: F401  (fixture)
+from tests.factories import make_client
+from tests.service.test_app import KEY
 
 
 @pytest.fixture
-def client(tiny, tokenizer):  # noqa: F811
+def client(tiny, tokenizer):
     c, _ = make_client(tiny, tokenizer)
     with c:
         yield c
 
 
-def test_tokenize_and_detokenize_round_trip_as_the_remote_tokenizer_asks(client, tokenizer):  # noqa: F811
+def test_tokenize_and_detokenize_round_trip_as_the_remote_tokenizer_asks(client, tokenizer):
     text = "The capital of France is Paris. 東京 😀"
     r = client.post("/tokenize", json={"prompt": text, "add_special_tokens": False})
     body = r.json()
@@ -26,7 +27,7 @@ def test_tokenize_and_detokenize_round_trip_as_the_remote_tokenizer_asks(client,
     assert strs["token_strs"] == tokenizer.convert_ids_to_tokens(strs["tokens"])
 
 
-def test_tokenize_messages_uses_the_chat_template(client, tokenizer):  # noqa: F811
+def test_tokenize_messages_uses_the_chat_template(client, tokenizer):
     messages = [{"role": "user", "content": "Hi!"}]
     body = client.post("/tokenize", json={"messages": messages}).json()
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -34,7 +35,7 @@ def test_tokenize_messages_uses_the_chat_template(client, tokenizer):  # noqa: F
     assert tokenizer.decode(body["tokens"]).endswith("<|im_start|>assistant\n")
 
 
-def test_tokenizer_info_gives_special_tokens_and_the_chat_template(client, tokenizer):  # noqa: F811
+def test_tokenizer_info_gives_special_tokens_and_the_chat_template(client, tokenizer):
     info = client.get("/tokenizer_info").json()
     assert info["eos_token"] == "<|im_end|>" and info["bos_token"] == "<|im_start|>"
     assert info["chat_template"] == tokenizer.chat_template and info["model_max_length"] == 64
@@ -59,7 +60,7 @@ def test_bad_tokenizer_requests_are_openai_errors(client, path, payload, status,
     assert r.status_code == status and r.json()["error"]["param"] == param, r.text
 
 
-def test_tokenizer_routes_need_the_api_key_when_keys_are_set(tiny, tokenizer):  # noqa: F811
+def test_tokenizer_routes_need_the_api_key_when_keys_are_set(tiny, tokenizer):
     c, _ = make_client(tiny, tokenizer, api_keys=[KEY])
     with c:
         assert c.post("/tokenize", json={"prompt": "x"}).status_code == 401

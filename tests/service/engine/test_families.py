@@ -25,7 +25,8 @@ from service.metrics import Metrics
 from service.runtime import load_runtime
 from service.settings import Settings
 from tests.factories import FAMILIES, make_lora_adapter, make_tiny_family, preload_adapters, serve_through_slots
-from tests.service.test_batched_engine import make, run
+from tests.factories import make_engine as make
+from tests.factories import run_engine as run
 
 PROMPTS = ["The capital of France is Paris.", "Write a short email", "Numbers 0123456789, prices $19.99"]
 ADAPTERS = [None, "a1", "a2"]

@@ -9,7 +9,7 @@ import pytest
 
 from service.engine import EngineRequest, SamplingParams
 from tests.factories import batched_engine, make_residency
-from tests.service.test_batched_engine import run
+from tests.factories import run_engine as run
 
 LONG = tuple((i * 7) % 300 + 3 for i in range(200))
 
