@@ -64,6 +64,7 @@ class BatchedEngine(WorkerEngine):
         on_kv_cache: Callable[[str, bool], None] = lambda kv_cache, graphs: None,
         on_capture: Callable[[float], None] = lambda seconds: None,
         on_slot_wait: Callable[[list[str], float | None], None] = lambda waiting, seconds: None,
+        on_phase: Callable[[str, float], None] = lambda phase, seconds: None,
         prefix_cache: PrefixCache | None = None,
         overlap_masks: bool | None = None,
         **kwargs,
@@ -84,6 +85,9 @@ class BatchedEngine(WorkerEngine):
         self._chunking: list[Job] = []
         self._can_chunk = prefix_unsupported(self.runner) is None
         self._on_slot_wait = on_slot_wait
+        # Told the seconds of each iteration's prefill work (admissions and chunks) and of each
+        # decode step: where the engine thread's time goes (hotswap_engine_step_seconds).
+        self._on_phase = on_phase
         self._waiters: list[str] = []
         if kv_cache == "static":
             slots = self.residency.max_resident if self.residency is not None else 1
@@ -122,9 +126,12 @@ class BatchedEngine(WorkerEngine):
     def _loop(self) -> None:
         while True:
             admitted, stop = self._admissions()
+            prefilling, started = bool(admitted or self._chunking), time.perf_counter()
             self._admit_all(admitted)
             if not stop:
                 self._advance_chunks()
+            if prefilling:
+                self._on_phase("prefill", time.perf_counter() - started)
             self._outbox.flush()
             if stop:
                 self._fail_running(EngineStopped("the engine stopped"))
@@ -133,6 +140,7 @@ class BatchedEngine(WorkerEngine):
                 self._outbox.flush()
                 return
             if self._rows:
+                started = time.perf_counter()
                 try:
                     self._step()
                 except Exception as exc:  # a failed step fails its batch, never the engine
@@ -140,6 +148,7 @@ class BatchedEngine(WorkerEngine):
                     self._fail_running(StepFailed(f"generation failed: {type(exc).__name__}: {exc}"), chunking=False)
                 else:
                     self._step_succeeded()
+                    self._on_phase("decode", time.perf_counter() - started)
                 finally:
                     self._outbox.flush()
 
@@ -237,16 +246,20 @@ class BatchedEngine(WorkerEngine):
         return [j.label for j in jobs if j.waiting_since is not None]
 
     def _admit_all(self, jobs: list[Job]) -> None:
-        """Prefill the jobs admitted this iteration: together in one forward pass, except those
-        that want their prompt's log-probabilities (every position's logits) and those whose
-        prompt starts with a stored prefix (only the rest runs), one by one."""
+        """Prefill the jobs admitted this iteration: together in one forward pass (a job whose
+        prompt starts with a stored prefix runs only the rest of it, in the same pass), except
+        those that want their prompt's log-probabilities (every position's logits), one by one.
+
+        Prefilling prefix hits one by one cost a forward pass each: with a shared system prompt
+        every request hits, and 16 joining clients took 16 passes (bench.gap, docs/benchmarks.md).
+        """
         for job in jobs:
             job.prefix = self._stored_prefix(job)
         for job in [j for j in jobs if self._chunked(j)]:  # prefilled a chunk per iteration
             self._change(waiting_remove=job.label, running_add=job.label)
             self._chunking.append(job)
             jobs = [j for j in jobs if j is not job]
-        together = [j for j in jobs if j.request.params.prompt_logprobs is None and j.prefix is None]
+        together = [j for j in jobs if j.request.params.prompt_logprobs is None]
         if len(together) < 2:
             together = []
         for job in jobs:
@@ -319,8 +332,10 @@ class BatchedEngine(WorkerEngine):
             self._change(waiting_remove=job.label, running_add=job.label)
         try:
             logits, cache, mask = self.runner.prefill_batch(
-                [list(j.request.prompt_ids) for j in jobs], [j.slot for j in jobs]
+                [list(j.request.prompt_ids) for j in jobs], [j.slot for j in jobs], [j.prefix for j in jobs]
             )
+            for job in jobs:
+                job.prefix = None  # its cache is the batch's now
         except Exception as exc:
             self._step_failed("prefill", exc, len(jobs))
             for job in jobs:

@@ -144,14 +144,20 @@ class ModelRunner:
 
     @torch.inference_mode()
     def prefill_batch(
-        self, prompts: list[list[int]], adapters: list[str | None]
+        self, prompts: list[list[int]], adapters: list[str | None], pasts: list[Any] | None = None
     ) -> tuple[torch.Tensor, DynamicCache, torch.Tensor]:
         """Run several prompts in one left-padded forward pass, each row through its own adapter.
 
         Returns the fp32 logits of each prompt's last position [rows, vocab], the batch's cache
         and its attention mask [rows, longest prompt] (0 on the left padding). Positions count
         from each row's first real token, so padding changes nothing a row computes.
+
+        `pasts` (service.engine.prefix.Hit or None per row): the KV of a row's first tokens,
+        computed before; only the rest of each prompt runs, and the cache returned covers every
+        whole prompt, left-padded like the others.
         """
+        if pasts is not None and any(p is not None for p in pasts):
+            return self._prefill_after(prompts, adapters, pasts)
         width = max(len(p) for p in prompts)
         ids = torch.zeros((len(prompts), width), dtype=torch.long)
         mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -171,6 +177,53 @@ class ModelRunner:
             logits_to_keep=1,
         )
         return out.logits[:, -1].float(), cache, mask
+
+    def _prefill_after(
+        self, prompts: list[list[int]], adapters: list[str | None], pasts: list[Any]
+    ) -> tuple[torch.Tensor, DynamicCache, torch.Tensor]:
+        """`prefill_batch` where some rows start with stored KV (prefix reuse): one forward pass
+        instead of one per row. Row r runs as [padding | its past | padding | the rest of its
+        prompt]: the pasts left-padded to the longest in a fresh cache, the rest left-padded to
+        the longest, each token at its own position, padding masked. The hole between a past
+        and its rest is then closed (each row's columns gathered to the right), so the cache
+        comes out left-padded as `prefill_batch`'s does."""
+        lengths = [p.length if p is not None else 0 for p in pasts]
+        rests = [prompt[n:] for prompt, n in zip(prompts, lengths, strict=True)]
+        past_width, rest_width, rows = max(lengths), max(len(r) for r in rests), len(prompts)
+        ids = torch.zeros((rows, rest_width), dtype=torch.long)
+        positions = torch.zeros((rows, rest_width), dtype=torch.long)
+        mask = torch.zeros((rows, past_width + rest_width), dtype=torch.long)
+        for row, (rest, n) in enumerate(zip(rests, lengths, strict=True)):
+            ids[row, rest_width - len(rest) :] = torch.tensor(rest)
+            positions[row, rest_width - len(rest) :] = torch.arange(n, n + len(rest))
+            mask[row, past_width - n : past_width] = 1
+            mask[row, past_width + rest_width - len(rest) :] = 1
+        stored = [[(layer.keys, layer.values) for layer in p.cache.layers] if p is not None else None for p in pasts]
+        sample = next(layers for layers in stored if layers is not None)
+        cache = DynamicCache()
+        for index, (keys, _) in enumerate(sample):
+            shape = (1, keys.shape[1], past_width, keys.shape[3])
+            blank = keys.new_zeros(shape)
+            padded = [
+                [blank if layers is None else _pad_columns(layers[index][kind], past_width) for layers in stored]
+                for kind in (0, 1)
+            ]
+            cache.update(torch.cat(padded[0]), torch.cat(padded[1]), index)
+        ids, positions, mask = ids.to(self.device), positions.to(self.device), mask.to(self.device)
+        out = self._forward(
+            adapters,
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            **{self._cache_kwarg: cache},
+            logits_to_keep=1,
+        )
+        order = torch.argsort(mask, dim=1, stable=True)  # padding first, then the row's tokens in order
+        for layer in cache.layers:
+            index = order[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
+            layer.keys, layer.values = layer.keys.gather(2, index), layer.values.gather(2, index)
+        return out.logits[:, -1].float(), cache, mask.gather(1, order)
 
     @torch.inference_mode()
     def decode_batch(
@@ -218,3 +271,11 @@ def _cache_kwarg(model: Any) -> str:
 def hidden_dtype(model: Any) -> torch.dtype:
     """The dtype of the hidden states, and so of the keys and values: the input embeddings'."""
     return model.get_input_embeddings().weight.dtype
+
+
+def _pad_columns(states: torch.Tensor, width: int) -> torch.Tensor:
+    """Left-pad [1, heads, columns, dim] keys or values with zeros to `width` columns."""
+    missing = width - states.shape[2]
+    if not missing:
+        return states
+    return torch.cat([states.new_zeros((*states.shape[:2], missing, states.shape[3])), states], dim=2)

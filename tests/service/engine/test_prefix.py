@@ -11,6 +11,7 @@ from transformers import DynamicCache
 
 from service.engine import EngineRequest, SamplingParams
 from service.engine.prefix import BLOCK, PrefixCache
+from service.engine.runner import ModelRunner
 from tests.factories import batched_engine, make_residency
 
 SHARED = tuple(range(40, 40 + 3 * BLOCK))  # three whole blocks, as a template or system prompt
@@ -48,8 +49,8 @@ def test_memory_is_bounded_least_recently_used_first():
     assert cache.lookup("base", prompts[0], DynamicCache) and cache.lookup("base", prompts[2], DynamicCache)
 
 
-def serve(residency, jobs, prefix_cache, kv="dynamic"):
-    engine = batched_engine(residency, prefix_cache=prefix_cache, kv_cache=kv)
+def serve(residency, jobs, prefix_cache, kv="dynamic", **options):
+    engine = batched_engine(residency, prefix_cache=prefix_cache, kv_cache=kv, **options)
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
     async def main():
@@ -84,3 +85,31 @@ def test_the_engine_reuses_prefixes_per_adapter_with_unchanged_tokens(tiny, cach
     plain = serve(residency, waves, None, kv)
     assert reused == plain  # the stored KV gives the tokens a full prefill gives
     assert looked == [0, 0, len(SHARED), 0, len(SHARED), len(SHARED)]  # beta never used alpha's
+
+
+@pytest.mark.parametrize("kv", ["dynamic", "static"])
+def test_prompts_with_stored_prefixes_of_any_length_prefill_together(tiny, cache_dir, tmp_path, kv, monkeypatch):
+    residency = make_residency(tiny, cache_dir, tmp_path, 2)
+    other = tuple(range(90, 90 + BLOCK))
+    waves = [
+        [("alpha", SHARED + (1, 2)), (None, other + (3,)), ("beta", SHARED[:BLOCK] + (8, 8, 8, 8, 8))],
+        # one pass: three hits of 12, 4 and 4 stored tokens, and a miss, rests of 1 to 6 tokens
+        [
+            ("alpha", SHARED + (5,)),
+            (None, other + (6, 6, 6, 6, 6, 6)),
+            ("beta", SHARED[:BLOCK] + (8, 8, 8, 8, 1)),
+            ("alpha", (7,) * 9),
+        ],
+    ]
+    plain = serve(residency, waves, None, kv)
+    looked, passes = [], []
+    for name in ("prefill", "prefill_batch"):  # count the prefill forward passes
+        method = getattr(ModelRunner, name)
+        monkeypatch.setattr(ModelRunner, name, lambda *a, _m=method, **k: passes.append(1) or _m(*a, **k))
+    cache = PrefixCache(64 << 20, on_lookup=lambda hit, tokens: looked.append(tokens))
+    reused = serve(residency, waves, cache, kv)
+    assert reused == plain  # token for token what full prefills give
+    assert sorted(looked[3:]) == [0, BLOCK, 2 * BLOCK, len(SHARED)]
+    # Each wave is one forward pass, hits included (2); a wave whose requests reach the engine
+    # thread across two iterations makes it 3. One pass per hit, as before, made it 5.
+    assert len(passes) <= 3
