@@ -149,6 +149,14 @@ class Metrics:
             registry=r,
         )
 
+        self.engine_step = Histogram(
+            "hotswap_engine_step_seconds",
+            "Engine thread time per iteration phase: prefill (admitted prompts and chunks) or one "
+            "decode step of the running batch. Its sums against wall time say where the time goes.",
+            ["phase"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        )
         self.cuda_graph_capture = Histogram(
             "hotswap_cuda_graph_capture_seconds",
             "Time to capture a decode step in a CUDA graph (the running sequences wait meanwhile).",

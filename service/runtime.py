@@ -104,6 +104,7 @@ def load_runtime(settings: Settings, metrics: Metrics) -> Runtime:
             on_kv_cache=metrics.observe_kv_cache,
             on_capture=metrics.cuda_graph_capture.observe,
             on_slot_wait=metrics.observe_slot_wait,
+            on_phase=lambda phase, seconds: metrics.engine_step.labels(phase).observe(seconds),
             prefix_cache=prefixes,
             **common,
         )

@@ -206,3 +206,20 @@ def test_admission_is_per_http_request_and_admitted_sequences_are_never_refused(
         assert all(out[-1].finish_reason == "length" for out in outs)
 
     run(engine, body)
+
+
+def test_the_engine_reports_its_prefill_and_decode_time(runner):
+    phases = []
+    engine = make(runner, on_phase=lambda phase, seconds: phases.append((phase, seconds)))
+    params = SamplingParams(max_tokens=5, temperature=0.0)
+
+    async def body(engine):
+        jobs = [collect(engine, PROMPTS[i], ADAPTERS[i], params, f"r{i}") for i in range(3)]
+        return await asyncio.gather(*jobs)
+
+    run(engine, body)
+    decode = [s for p, s in phases if p == "decode"]
+    prefill = [s for p, s in phases if p == "prefill"]
+    # every token after each prompt's first comes from a decode step; each prompt was prefilled
+    assert 4 <= len(decode) <= 3 * 4 and 1 <= len(prefill) <= 3
+    assert all(s > 0 for s in decode + prefill) and {p for p, _ in phases} == {"prefill", "decode"}

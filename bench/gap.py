@@ -1,0 +1,219 @@
+"""`python -m bench.gap`: the service against its own decode step, and what a bigger pool costs.
+
+Issue #22 item 4. For each client count n, on the same n requests (prompt of --prompt-tokens,
+exactly --new-tokens generated, round-robin over the base and --adapters random adapters):
+
+- **step alone**: in this process, the n prompts prefilled together, then --new-tokens decode
+  steps of all n rows through the engine's own runner and KV cache (no HTTP, no scheduling,
+  nobody joining or leaving): n x new tokens / the decode steps' total time. The engine's limit.
+- **service**: `python -m service` over HTTP, n streaming clients at once:
+  generated tokens / wall time, from the first request sent to the last token received. The
+  prompts are unique from their first token, so no stored prefix serves them; then the same
+  prompts are sent again ("repeated"), which prefix reuse serves from the stored KV.
+
+Where the service's time goes, from the engine's own `hotswap_engine_step_seconds` read before
+and after each run: prefill (the prompts, which the step alone leaves out), decode steps (their
+mean against the step alone's: the cost of sharing the cores with the HTTP side and the
+clients), and the rest of the wall time (the engine waiting for requests to arrive, scheduling
+between steps, the last tokens' delivery).
+
+Then **the adapter pool**: the service at --clients again, with only the workload's adapters
+resident, and with --pool adapters resident (PRELOAD_ADAPTERS; the others get no request): two
+services, used in turn. A batch's rows go through every adapter of the pool (masked per row), so
+this is what holding 8 adapters costs against 2. Every figure is the median of --repeat runs. Prints a table and one
+JSON line; run it alone on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import time
+from typing import Any
+
+
+def make_parser() -> argparse.ArgumentParser:
+    from bench.throughput import add_model_args
+
+    p = argparse.ArgumentParser(prog="python -m bench.gap", description=__doc__.split("\n")[0])
+    add_model_args(p)
+    p.add_argument("--sweep", default="1,4,16,64", help="comma-separated client counts")
+    p.add_argument("--clients", type=int, default=16, help="client count of the pool comparison")
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--pool", type=int, default=8, help="adapters resident in the pool run (0: skip it)")
+    p.add_argument("--repeat", type=int, default=3, help="runs of each measurement; the medians are reported")
+    return p
+
+
+def step_alone(runner, prompts, adapters, new_tokens: int) -> tuple[float, float]:
+    """(tok/s, mean step seconds) of `new_tokens` decode steps of every row at once (prefill not
+    counted)."""
+    from service.engine.kvcache import PaddedKV
+
+    kv = PaddedKV(runner)
+    logits, cache, mask = runner.prefill_batch(prompts, adapters)
+    kv.join(cache, mask)
+    tokens = logits.argmax(dim=-1).tolist()
+    positions = [len(p) for p in prompts]
+    spent = 0.0
+    for step in range(new_tokens):
+        started = time.perf_counter()
+        out = kv.decode(tokens, [p + step for p in positions], adapters)
+        tokens = out.argmax(dim=-1).tolist()  # the engine's one host sync a step
+        spent += time.perf_counter() - started
+    return len(prompts) * new_tokens / spent, spent / new_tokens
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    import tempfile
+    from pathlib import Path
+
+    from bench.throughput import free_port, make_adapters, make_prompts, service_clients, start_service
+    from service.adapters.registry import AdapterRegistry
+    from service.base_model import load_base
+    from service.engine.runner import ModelRunner
+
+    base = load_base(args.model, quantization=args.quantization, device=args.device, cache_dir=args.cache_dir)
+    adapter_dir = Path(tempfile.mkdtemp(prefix="hotswap-gap-"))
+    names = make_adapters(base.source, adapter_dir, max(args.adapters, args.pool))
+    active = names[: args.adapters]
+    registry = AdapterRegistry(adapter_dir, base_id=base.source.served_id, base_fingerprint=base.source.fingerprint)
+    registry.scan()
+    model = base.model
+    for name in active:
+        model = registry.load(model, name)
+    runner = ModelRunner(model, base.device)
+    cycle = [None, *active]
+    counts = [int(c) for c in args.sweep.split(",") if c]
+    served = base.source.served_id
+
+    def workload(n: int, salt: str = "") -> tuple[list[list[int]], list[str | None]]:
+        """n prompts, unique to `salt` from their first token (so no stored prefix serves them),
+        round-robin over the base and the workload's adapters."""
+        prompts = make_prompts(base.tokenizer, n, args.prompt_tokens)
+        if salt:
+            heads = [base.tokenizer(f"Request {salt}-{i}:").input_ids for i in range(n)]
+            prompts = [(head + prompt)[: args.prompt_tokens] for head, prompt in zip(heads, prompts, strict=True)]
+        return prompts, [cycle[i % len(cycle)] for i in range(n)]
+
+    def wave(url: str, prompts, adapters) -> dict:
+        before = phases(url)
+        c = asyncio.run(service_clients(url, served, prompts, adapters, args.new_tokens))
+        after = phases(url)
+        spent = {k: after[k] - before[k] for k in after}
+        return {
+            "tok_s": c["tokens"] / c["seconds"],
+            "wall_s": c["seconds"],
+            "prefill_s": spent["prefill_sum"],
+            "decode_s": spent["decode_sum"],
+            "decode_steps": spent["decode_count"],
+            "ttft_p50_s": c["ttft_p50"],
+            "ttft_p99_s": c["ttft_p99"],
+        }
+
+    def start(resident: list[str]) -> tuple[Any, str]:
+        port = free_port()
+        env = {"HOTSWAP_PRELOAD_ADAPTERS": ",".join(resident), "HOTSWAP_MAX_RESIDENT_ADAPTERS": str(len(resident))}
+        service = start_service(args, adapter_dir, port, max(counts + [args.clients]), env=env)
+        url = f"http://127.0.0.1:{port}"
+        asyncio.run(service_clients(url, served, *workload(len(cycle), "warm"), 2))  # warm-up
+        return service, url
+
+    step_alone(runner, *workload(2), 2)  # warm-up
+    rows = []
+    service, url = start(active)
+    try:
+        # The step alone right before the service on the same requests (the service idles
+        # meanwhile), --repeat times, each figure the median: this machine's speed drifts.
+        for n in counts:
+            runs = []
+            for rep in range(args.repeat):
+                prompts, adapters = workload(n, f"n{n}r{rep}")
+                rate, step = step_alone(runner, prompts, adapters, args.new_tokens)
+                run = {"step_tok_s": rate, "step_ms": step * 1e3, **wave(url, prompts, adapters)}
+                run["service_tok_s"] = run.pop("tok_s")
+                run["service_over_step"] = run["service_tok_s"] / rate
+                run["service_step_ms"] = run["decode_s"] / max(run["decode_steps"], 1) * 1e3
+                run["other_s"] = run["wall_s"] - run["prefill_s"] - run["decode_s"]
+                again = wave(url, prompts, adapters)  # the same prompts again: their prefixes are stored
+                run["repeat_tok_s"], run["repeat_prefill_s"] = again["tok_s"], again["prefill_s"]
+                run["repeat_over_step"] = again["tok_s"] / rate
+                runs.append(run)
+            rows.append({"clients": n, **{k: statistics.median(r[k] for r in runs) for k in runs[0]}})
+    finally:
+        service.terminate()
+        service.wait(timeout=60)
+    pool = {}
+    if args.pool:
+        started = [start(active), start(names[: args.pool])]  # both up, used in turn
+        try:
+            ratios, rates = [], ([], [])
+            for rep in range(args.repeat):
+                for which, (_, url) in enumerate(started):
+                    rates[which].append(wave(url, *workload(args.clients, f"pool{which}r{rep}"))["tok_s"])
+                ratios.append(rates[1][-1] / rates[0][-1])
+        finally:
+            for service, _ in started:
+                service.terminate()
+                service.wait(timeout=60)
+        pool = {
+            "clients": args.clients,
+            "resident": [len(active), args.pool],
+            "tok_s": [statistics.median(r) for r in rates],
+            "ratio": statistics.median(ratios),
+        }
+    report(args, base, rows, pool)
+    print(json.dumps({"bench": "gap", "rows": rows, "pool": pool}))
+    return 0
+
+
+def phases(url: str) -> dict[str, float]:
+    """The engine's prefill and decode seconds (and decode steps) so far, from /metrics."""
+    import httpx
+
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    out = {f"{p}_{k}": 0.0 for p in ("prefill", "decode") for k in ("sum", "count")}
+    for line in text.splitlines():
+        for phase in ("prefill", "decode"):
+            for kind in ("sum", "count"):
+                if line.startswith(f'hotswap_engine_step_seconds_{kind}{{phase="{phase}"}}'):
+                    out[f"{phase}_{kind}"] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def report(args, base, rows, pool) -> None:
+    import os
+
+    import torch
+
+    device = torch.cuda.get_device_name() if base.device == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    print(
+        f"\n{args.model} {args.quantization} on {device}; {args.prompt_tokens} prompt + {args.new_tokens} new "
+        f"tokens per request; base + {args.adapters} adapters round-robin"
+    )
+    print(
+        f"{'clients':>7} {'step alone':>11} {'service':>9} {'svc/step':>9} | {'wall s':>7} {'prefill':>8} "
+        f"{'decode':>8} {'other':>7} | {'step ms alone':>13} {'in service':>10} | {'TTFT p50':>8} "
+        f"| {'repeated':>8} {'/step':>6} {'prefill':>8}"
+    )
+    for r in rows:
+        print(
+            f"{r['clients']:>7} {r['step_tok_s']:>11.1f} {r['service_tok_s']:>9.1f} {r['service_over_step']:>9.1%} | "
+            f"{r['wall_s']:>7.2f} {r['prefill_s']:>8.2f} {r['decode_s']:>8.2f} {r['other_s']:>7.2f} | "
+            f"{r['step_ms']:>13.1f} {r['service_step_ms']:>10.1f} | {r['ttft_p50_s']:>8.2f} "
+            f"| {r['repeat_tok_s']:>8.1f} {r['repeat_over_step']:>6.1%} {r['repeat_prefill_s']:>8.2f}"
+        )
+    if pool:
+        small, big = pool["tok_s"]
+        print(
+            f"pool at {pool['clients']} clients: {pool['resident'][0]} adapters resident {small:.1f} tok/s, "
+            f"{pool['resident'][1]} resident {big:.1f} tok/s ({pool['ratio']:.1%})"
+        )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
