@@ -164,19 +164,23 @@ class ModelRunner:
         for row, prompt in enumerate(prompts):
             ids[row, width - len(prompt) :] = torch.tensor(prompt)
             mask[row, width - len(prompt) :] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
+        mask = mask.to(self.device)
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
         cache = DynamicCache()
+        return self._last_logits(adapters, ids, mask, positions, cache), cache, mask
+
+    def _last_logits(self, adapters, ids, mask, positions, cache) -> torch.Tensor:
+        """A batch's forward pass into `cache`; the fp32 logits of each row's last position."""
         out = self._forward(
             adapters,
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
+            input_ids=ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            position_ids=positions.to(self.device),
             use_cache=True,
             **{self._cache_kwarg: cache},
             logits_to_keep=1,
         )
-        return out.logits[:, -1].float(), cache, mask
+        return out.logits[:, -1].float()
 
     def _prefill_after(
         self, prompts: list[list[int]], adapters: list[str | None], pasts: list[Any]
@@ -209,21 +213,13 @@ class ModelRunner:
                 for kind in (0, 1)
             ]
             cache.update(torch.cat(padded[0]), torch.cat(padded[1]), index)
-        ids, positions, mask = ids.to(self.device), positions.to(self.device), mask.to(self.device)
-        out = self._forward(
-            adapters,
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
-            use_cache=True,
-            **{self._cache_kwarg: cache},
-            logits_to_keep=1,
-        )
+        mask = mask.to(self.device)
+        logits = self._last_logits(adapters, ids, mask, positions, cache)
         order = torch.argsort(mask, dim=1, stable=True)  # padding first, then the row's tokens in order
         for layer in cache.layers:
             index = order[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
             layer.keys, layer.values = layer.keys.gather(2, index), layer.values.gather(2, index)
-        return out.logits[:, -1].float(), cache, mask.gather(1, order)
+        return logits, cache, mask.gather(1, order)
 
     @torch.inference_mode()
     def decode_batch(
