@@ -287,3 +287,17 @@ def make_client(tiny, tokenizer, *, engine=None, **settings):
     engine = engine or ScriptedEngine(tokenizer)
     runtime = Runtime(engine, tokenizer, registry, "tiny", max_context=64)
     return TestClient(build_app(Settings(**settings), runtime=runtime)), engine
+
+
+def tiny_settings(tiny, cache_dir, **overrides):
+    """Settings that serve the tiny fp32 Llama and its adapters on the CPU; `overrides` win."""
+    from service.settings import Settings
+
+    fields = {
+        "model": str(tiny.base_dir),
+        "quantization": "fp32",
+        "device": "cpu",
+        "adapter_dir": tiny.adapter_dir,
+        "cache_dir": cache_dir,
+    }
+    return Settings(**{**fields, **overrides})

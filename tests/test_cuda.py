@@ -16,8 +16,7 @@ from service.base_model import load_base
 from service.engine import EngineRequest, SamplingParams
 from service.metrics import Metrics
 from service.runtime import load_runtime
-from service.settings import Settings
-from tests.factories import FAMILIES, preload_adapters
+from tests.factories import FAMILIES, preload_adapters, tiny_settings
 from tests.service.engine.test_families import (  # noqa: F401  (worlds: a fixture)
     STATIC_UNSUPPORTED,
     assert_peft_tokens,
@@ -36,13 +35,7 @@ PROMPT = (5, 17, 42, 99, 7, 3)
 
 
 def settings(tiny, cache_dir, quantization):
-    return Settings(
-        model=str(tiny.base_dir),
-        quantization=quantization,
-        device="cuda",
-        adapter_dir=tiny.adapter_dir,
-        cache_dir=cache_dir,
-    )
+    return tiny_settings(tiny, cache_dir, quantization=quantization, device="cuda")
 
 
 async def _generate(engine, adapter, max_tokens=10):

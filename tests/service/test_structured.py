@@ -15,9 +15,8 @@ from service.engine import EngineRequest, SamplingParams
 from service.grammar import JSON_OBJECT, GrammarCompiler
 from service.metrics import Metrics
 from service.runtime import load_runtime
-from service.settings import Settings
 from tests.factories import make_engine as make
-from tests.factories import make_lora_adapter, preload_adapters
+from tests.factories import make_lora_adapter, preload_adapters, tiny_settings
 from tests.factories import run_engine as run
 from tests.support import events
 
@@ -36,9 +35,7 @@ SMALL = {
 
 @pytest.fixture(scope="module")
 def runtime(tiny, cache_dir):
-    settings = Settings(
-        model=str(tiny.base_dir), quantization="fp32", device="cpu", adapter_dir=tiny.adapter_dir, cache_dir=cache_dir
-    )
+    settings = tiny_settings(tiny, cache_dir)
     return preload_adapters(load_runtime(settings, Metrics()))
 
 
@@ -120,14 +117,7 @@ def client(tiny, cache_dir, tmp_path_factory):
                 "output": {"format": "json", "json_schema": SMALL, "enforce": enforce},
             },
         )
-    settings = Settings(
-        model=str(tiny.base_dir),
-        quantization="fp32",
-        device="cpu",
-        adapter_dir=adapters,
-        cache_dir=cache_dir,
-        guardrails="default",
-    )
+    settings = tiny_settings(tiny, cache_dir, adapter_dir=adapters, guardrails="default")
     app = build_app(settings, runtime=load_runtime(settings, Metrics()))
     with TestClient(app) as c:
         yield c

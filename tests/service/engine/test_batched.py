@@ -11,9 +11,8 @@ from service.engine import EngineRequest, SamplingParams
 from service.engine.simple import SimpleEngine
 from service.metrics import Metrics
 from service.runtime import load_runtime
-from service.settings import Settings
 from tests.factories import make_engine as make
-from tests.factories import preload_adapters
+from tests.factories import preload_adapters, tiny_settings
 from tests.factories import run_engine as run
 
 PROMPTS = [
@@ -29,9 +28,7 @@ ADAPTERS = [None, "alpha", "beta", "alpha", None, "beta"]
 
 @pytest.fixture(scope="module")
 def runner(tiny, cache_dir):
-    settings = Settings(
-        model=str(tiny.base_dir), quantization="fp32", device="cpu", adapter_dir=tiny.adapter_dir, cache_dir=cache_dir
-    )
+    settings = tiny_settings(tiny, cache_dir)
     return preload_adapters(load_runtime(settings, Metrics())).engine.runner
 
 

@@ -14,8 +14,7 @@ from service.engine.kvcache import SlotKV, static_kv_bytes, static_kv_unsupporte
 from service.engine.kvcache.slots import _buckets, _widths
 from service.metrics import Metrics
 from service.runtime import load_runtime
-from service.settings import Settings
-from tests.factories import make_lora_adapter, preload_adapters
+from tests.factories import make_lora_adapter, preload_adapters, tiny_settings
 
 LAYERS, HEADS, DIM = 2, 3, 4
 
@@ -83,9 +82,7 @@ def test_buckets_cover_every_row_count_and_width():
 
 @pytest.fixture()
 def runner(tiny, cache_dir):
-    settings = Settings(
-        model=str(tiny.base_dir), quantization="fp32", device="cpu", adapter_dir=tiny.adapter_dir, cache_dir=cache_dir
-    )
+    settings = tiny_settings(tiny, cache_dir)
     return preload_adapters(load_runtime(settings, Metrics())).engine.runner
 
 
@@ -187,14 +184,7 @@ def test_settings_choose_the_kv_cache(tiny, cache_dir):
     metrics = Metrics()
 
     def engine(**kw):
-        settings = Settings(
-            model=str(tiny.base_dir),
-            quantization="fp32",
-            device="cpu",
-            adapter_dir=tiny.adapter_dir,
-            cache_dir=cache_dir,
-            **kw,
-        )
+        settings = tiny_settings(tiny, cache_dir, **kw)
         return load_runtime(settings, metrics).engine
 
     assert type(engine()._kv).__name__ == "PaddedKV"  # auto on CPU: dynamic
@@ -225,15 +215,7 @@ def test_max_model_len_bounds_what_the_api_accepts(tiny, cache_dir):
 
     from service.app import build_app
 
-    settings = Settings(
-        model=str(tiny.base_dir),
-        quantization="fp32",
-        device="cpu",
-        adapter_dir=tiny.adapter_dir,
-        cache_dir=cache_dir,
-        kv_cache="static",
-        max_model_len=12,
-    )
+    settings = tiny_settings(tiny, cache_dir, kv_cache="static", max_model_len=12)
     with TestClient(build_app(settings)) as client:
         for _ in range(600):
             if client.get("/ready").status_code == 200:

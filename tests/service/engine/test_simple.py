@@ -12,22 +12,14 @@ from service.errors import QueueFull
 from service.metrics import Metrics
 from service.runtime import load_runtime
 from service.serving.errors import http_error
-from service.settings import Settings
-from tests.factories import preload_adapters
+from tests.factories import preload_adapters, tiny_settings
 
 PROMPT = (5, 17, 42, 99, 7, 3)
 
 
 @pytest.fixture(scope="module")
 def runtime(tiny, cache_dir):
-    settings = Settings(
-        model=str(tiny.base_dir),
-        quantization="fp32",
-        device="cpu",
-        adapter_dir=tiny.adapter_dir,
-        cache_dir=cache_dir,
-        max_queued_requests=2,
-    )
+    settings = tiny_settings(tiny, cache_dir, max_queued_requests=2)
     return preload_adapters(load_runtime(settings, Metrics()))
 
 
