@@ -13,7 +13,7 @@ from service.engine import PEFT_BASE
 from service.engine.lora import FusedMixedLoRA
 from service.engine.model import LoRAModel
 
-POOL_MAX_ADAPTERS = 16  # loaded adapters up to which eager batches go through the LoRA pool
+POOL_MAX_ADAPTERS = 16  # loaded adapters up to which eager batches may go through the LoRA pool
 
 
 class Routing(Enum):
@@ -100,13 +100,18 @@ class ModelRunner:
             raise ValueError(f"adapters not loaded: {sorted(unknown)}")
         if not fused.complete:
             return self.model(**kwargs, adapter_names=names)
-        if len(self.model.peft_config) <= POOL_MAX_ADAPTERS and fused.sync_pool():
-            # Every loaded adapter fits the pool: one stack of all of them, rewritten in place
-            # when a slot's weights change, and a row mask per batch. Stacking each batch's own
-            # composition instead copied its adapters' weights whenever the composition changed,
-            # which in a fleet is nearly every step (bench.fleet: 45.5 against 52.5-55.2 tok/s).
-            # With many more adapters loaded than a batch holds, every row through every one of
-            # them costs more than restacking: then each batch's composition is stacked.
+        loaded = len(self.model.peft_config)
+        present = len(set(names) - {PEFT_BASE})
+        if loaded <= POOL_MAX_ADAPTERS and 2 * present >= loaded and fused.sync_pool():
+            # The batch uses at least half of the loaded adapters: one stack of all of them,
+            # rewritten in place when a slot's weights change, and a row mask per batch.
+            # Stacking each batch's own composition instead copied its adapters' weights
+            # whenever the composition changed, which in a fleet is nearly every step
+            # (bench.fleet: 45.5 against 52.5-55.2 tok/s). When the batch uses fewer, every row
+            # through every loaded adapter reads more than restacking copies (8 resident, 2 in
+            # use: the pool is 156 MB of fp32 a step on SmolLM2, more than its nf4 base), and
+            # with many more adapters loaded than a batch holds, the pool would be larger still:
+            # then each batch's composition is stacked (and kept while it repeats).
             fused.route_static(names)
         else:
             fused.route(names)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from service.engine.runner import ModelRunner
-from tests.factories import make_residency
+from tests.factories import make_lora_adapter, make_residency
 
 PROMPTS = [[5, 17, 42, 99, 7, 3], [8, 9], [100, 101, 102, 103], [33, 34, 35], [60, 61, 62, 63, 64]]
 ADAPTERS = [None, "alpha", "beta", "alpha", "beta"]
@@ -95,3 +95,24 @@ def test_stacks_are_kept_for_a_bounded_number_of_compositions(residency, monkeyp
     again = steps(runner, [beta] * 5, n=1)  # stacked anew after its eviction
     for a, b in zip(again, reference, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_the_pool_serves_batches_that_use_half_of_the_loaded_adapters_or_more(tiny, residency):
+    """Every row of a pooled batch goes through every loaded adapter, so a batch that uses few
+    of many loaded adapters is stacked on its own (fewer weights read); either way the logits
+    are PEFT's."""
+    for seed, name in enumerate(("gamma", "delta"), start=3):  # four loaded: two idle in a pool
+        make_lora_adapter(tiny.base_dir, residency.registry.directory / name, fingerprint=tiny.fingerprint, seed=seed)
+    residency.registry.rescan()
+    for name in ("gamma", "delta"):
+        residency.ensure(name, busy=set())
+    runner = ModelRunner(residency.model, "cpu")
+    fused = residency.lora.fused
+    alpha, beta = slots(residency, ["alpha", "beta"])
+    reference = ModelRunner(residency.model, "cpu", fused_lora=False)
+    for rows, pooled in (([alpha] * 5, False), ([alpha, beta, None, alpha, beta], True)):
+        stacked = set(fused.compositions)
+        got = steps(runner, rows, n=1)
+        assert (set(fused.compositions) == stacked) == pooled  # one adapter of four: stacked
+        for a, b in zip(got, steps(reference, rows, n=1), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
