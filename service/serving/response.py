@@ -49,10 +49,18 @@ class ResponseRun(ABC):
     response_type: ClassVar[type[BaseModel]]
     chunk_type: ClassVar[type[BaseModel]]
 
-    def __init__(self, request: Any, target: Target, specs: list[ChoiceSpec], ctx: ServingContext, usage: UsageInfo):
+    def __init__(
+        self,
+        request: Any,
+        target: Target,
+        specs: list[ChoiceSpec],
+        ctx: ServingContext,
+        usage: UsageInfo,
+        actions: list[ActionRecord],
+    ):
         self.request, self.target, self.specs, self.ctx, self.usage = request, target, specs, ctx, usage
         self.id = new_id(self.id_prefix)
-        self.actions: list[dict] = []  # the pre hooks' actions, then the post hooks'
+        self.actions = [a.as_dict() for a in actions]  # the pre hooks' actions, then the post hooks'
 
     @abstractmethod
     def choice(self, index: int, events: list[ChoiceEvent]) -> BaseModel:
@@ -149,10 +157,8 @@ class EndpointServing(ABC):
             ctx.metrics.prompt_tokens.labels(target.label).inc(len(ids))
         # Each prompt is counted once, however many choices sample from it (OpenAI's usage).
         prompt_tokens = sum(len(ids) for ids in prompts.ids)
-        run = self.run_type(
-            request, target, specs, ctx, UsageInfo(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens)
-        )
-        run.actions = [a.as_dict() for a in prompts.actions]
+        usage = UsageInfo(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens)
+        run = self.run_type(request, target, specs, ctx, usage, prompts.actions)
         if request.stream:
             return framed(await run.stream())
         return await run.collect()
