@@ -257,14 +257,15 @@ def make_engine(runner, cls=None, kv=None, **options):
     return engine
 
 
-def run_engine(engine, body):
-    """Start `engine`, await `body(engine)`, stop it; returns what `body` returned."""
+def run_engine(engine, body, timeout: float = 300):
+    """Start `engine`, await `body(engine)`, stop it; returns what `body` returned. A body still
+    waiting after `timeout` seconds fails (an engine that lost a request would hang it)."""
     import asyncio
 
     async def main():
         await engine.start()
         try:
-            return await body(engine)
+            return await asyncio.wait_for(body(engine), timeout)
         finally:
             await engine.stop()
 

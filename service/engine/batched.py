@@ -365,7 +365,14 @@ class BatchedEngine(WorkerEngine):
         if len(keep) < len(jobs):
             cache.batch_select_indices(torch.tensor(keep, device=self.runner.device))
             mask = mask[keep]
-        self._kv.join(cache, mask)
+        try:
+            self._kv.join(cache, mask)
+        except Exception as exc:  # these rows fail (after their first token), never the engine
+            self._step_failed("prefill", exc, len(rows))
+            for row in rows:
+                self._outbox.post(row.job, StepFailed(f"generation failed: {type(exc).__name__}: {exc}"))
+                self._change(running_remove=row.job.label)
+            return
         self._rows += rows
 
     def _new_row(self, job: Job, budget: int) -> _Row:

@@ -220,11 +220,15 @@ class ModelRunner:
             cache.update(torch.cat(padded[0]), torch.cat(padded[1]), index)
         mask = mask.to(self.device)
         logits = self._last_logits(adapters, ids, mask, positions, cache)
-        order = torch.argsort(mask, dim=1, stable=True)  # padding first, then the row's tokens in order
+        # Padding first, then each row's tokens in order; then the columns that are padding in
+        # every row go, so the cache is as wide as the longest prompt (a static cache's bound).
+        order = torch.argsort(mask, dim=1, stable=True)
+        mask = mask.gather(1, order)
+        order = order[:, int(mask.argmax(dim=1).min()) :]
         for layer in cache.layers:
             index = order[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
             layer.keys, layer.values = layer.keys.gather(2, index), layer.values.gather(2, index)
-        return logits, cache, mask.gather(1, order)
+        return logits, cache, mask[:, -order.shape[1] :]
 
     @torch.inference_mode()
     def decode_batch(

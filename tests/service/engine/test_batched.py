@@ -220,3 +220,32 @@ def test_the_engine_reports_its_prefill_and_decode_time(runner):
     # every token after each prompt's first comes from a decode step; each prompt was prefilled
     assert 4 <= len(decode) <= 3 * 4 and 1 <= len(prefill) <= 3
     assert all(s > 0 for s in decode + prefill) and {p for p, _ in phases} == {"prefill", "decode"}
+
+
+def test_a_prefilled_batch_that_cannot_join_the_cache_fails_its_requests_not_the_engine(runner, kv):
+    from service.errors import StepFailed
+
+    engine = make(runner, kv=kv)
+    real = engine.kv_cache.join
+    failures = {"left": 1}
+
+    def flaky(*args, **kwargs):
+        if failures["left"]:
+            failures["left"] -= 1
+            raise RuntimeError("simulated: the rows do not fit the cache")
+        return real(*args, **kwargs)
+
+    engine.kv_cache.join = flaky
+
+    async def body(engine):
+        async def one(prompt):
+            request = EngineRequest("r", prompt, None, SamplingParams(max_tokens=4, temperature=0.0))
+            return [o async for o in engine.generate(request)]
+
+        first = await asyncio.gather(*(one(p) for p in PROMPTS[:3]), return_exceptions=True)
+        assert any(isinstance(r, StepFailed) for r in first)  # the rows that were joining
+        assert engine.healthy
+        after = await one(PROMPTS[0])  # the engine serves on
+        assert after[-1].finish_reason == "length" and sum(len(o.token_ids) for o in after) == 4
+
+    run(engine, body)

@@ -113,3 +113,14 @@ def test_prompts_with_stored_prefixes_of_any_length_prefill_together(tiny, cache
     # Each wave is one forward pass, hits included (2); a wave whose requests reach the engine
     # thread across two iterations makes it 3. One pass per hit, as before, made it 5.
     assert len(passes) <= 3
+
+
+def test_a_batch_of_long_hits_and_misses_fits_the_static_cache(tiny, cache_dir, tmp_path):
+    """Stored prefixes and the rests of other prompts are laid side by side for the pass (past
+    columns, then rest columns): wider than any prompt. The cache the rows join is cut back to
+    the longest prompt, so prompts that fit the context still fit the static cache."""
+    residency = make_residency(tiny, cache_dir, tmp_path, 2)
+    long = tuple(range(10, 10 + 37 * BLOCK))  # 148 tokens; the tiny engines' context is 256
+    waves = [[("alpha", long + (1,))], [("alpha", long + (2,)), (None, tuple(range(200, 350)))]]
+    cache = PrefixCache(64 << 20)
+    assert serve(residency, waves, cache, "static") == serve(residency, waves, None, "static")
