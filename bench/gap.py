@@ -175,14 +175,14 @@ def phases(url: str) -> dict[str, float]:
     """The engine's prefill and decode seconds (and decode steps) so far, from /metrics."""
     import httpx
 
+    from bench.throughput import metric_sum
+
     text = httpx.get(f"{url}/metrics", timeout=30).text
-    out = {f"{p}_{k}": 0.0 for p in ("prefill", "decode") for k in ("sum", "count")}
-    for line in text.splitlines():
-        for phase in ("prefill", "decode"):
-            for kind in ("sum", "count"):
-                if line.startswith(f'hotswap_engine_step_seconds_{kind}{{phase="{phase}"}}'):
-                    out[f"{phase}_{kind}"] = float(line.rsplit(" ", 1)[1])
-    return out
+    return {
+        f"{phase}_{kind}": metric_sum(text, f"hotswap_engine_step_seconds_{kind}", phase=phase)
+        for phase in ("prefill", "decode")
+        for kind in ("sum", "count")
+    }
 
 
 def report(args, base, rows, pool) -> None:

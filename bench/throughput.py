@@ -386,9 +386,15 @@ def summarise(n, a, b, c) -> dict:
     return row
 
 
-def metric_sum(text: str, name: str) -> float:
-    """The sum of a Prometheus metric's samples (every label set) in /metrics text."""
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith((name + "{", name + " ")))
+def metric_sum(text: str, name: str, **labels: str) -> float:
+    """The sum of a Prometheus metric's samples in /metrics text: every label set, or those that
+    carry all of `labels`."""
+    wanted = [f'{key}="{value}"' for key, value in labels.items()]
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith((name + "{", name + " ")) and all(w in line.rsplit(" ", 1)[0] for w in wanted)
+    )
 
 
 def free_port() -> int:

@@ -143,21 +143,25 @@ def test_prompt_logprobs_and_zero_max_tokens(runner, kv):
     assert outs[0].prompt_logprobs[0] is None and len(outs[0].prompt_logprobs) == len(PROMPTS[2])
 
 
+def failing(real, failures: dict, message: str):
+    """`real`, except that its next `failures["left"]` calls raise RuntimeError(message)."""
+
+    def call(*args, **kwargs):
+        if failures["left"]:
+            failures["left"] -= 1
+            raise RuntimeError(message)
+        return real(*args, **kwargs)
+
+    return call
+
+
 def test_a_failing_step_fails_its_batch_and_the_engine_serves_on(runner, monkeypatch, kv):
     from service.errors import StepFailed
 
     engine = make(runner, kv=kv)
     step = "decode_batch" if kv == "dynamic" else "forward_slots"
-    real = getattr(runner, step)
     failures = {"left": 1}
-
-    def flaky(*args, **kwargs):
-        if failures["left"]:
-            failures["left"] -= 1
-            raise RuntimeError("simulated device fault")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(runner, step, flaky)
+    monkeypatch.setattr(runner, step, failing(getattr(runner, step), failures, "simulated device fault"))
 
     async def body(engine):
         async def one(prompt):
@@ -226,16 +230,7 @@ def test_a_prefilled_batch_that_cannot_join_the_cache_fails_its_requests_not_the
     from service.errors import StepFailed
 
     engine = make(runner, kv=kv)
-    real = engine.kv_cache.join
-    failures = {"left": 1}
-
-    def flaky(*args, **kwargs):
-        if failures["left"]:
-            failures["left"] -= 1
-            raise RuntimeError("simulated: the rows do not fit the cache")
-        return real(*args, **kwargs)
-
-    engine.kv_cache.join = flaky
+    engine.kv_cache.join = failing(engine.kv_cache.join, {"left": 1}, "simulated: the rows do not fit the cache")
 
     async def body(engine):
         async def one(prompt):
