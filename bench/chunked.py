@@ -2,11 +2,16 @@
 
 --clients streaming clients generate --new-tokens each (64-token prompts, mixed adapters);
 once they run, --joiners requests with --long-tokens prompts arrive one after another (each
-generating 4 tokens). The same scenario runs against a service whose prefill budget per step
-(MAX_PREFILL_TOKENS) is larger than the long prompts (each joins in one prefill, which every
-running stream waits for) and against one with --budget (the long prompts are prefilled in
-chunks between decode steps), one service after the other. Prints the running streams' ITL p50
-and p99 and their ratio for each, and the joiners' TTFT.
+generating 4 tokens). The same scenario runs against three services, one after the other:
+- whole: the prefill budget per step (MAX_PREFILL_TOKENS) is larger than the long prompts, so
+  each joins in one prefill, which every running stream waits for;
+- separate: --budget, the long prompts prefilled in chunks, each in a forward pass of its own
+  between decode steps (PACKED_STEPS=false);
+- packed: --budget, each chunk inside the decode step's forward pass (PACKED_STEPS=true, the
+  default; service/engine/packed.py).
+Prints the running streams' ITL p50 and p99 and their ratio for each, and the joiners' TTFT;
+then each run's p99 over the whole run's p50 (a decode step with no join in it): with small
+chunks most steps carry one, and the p50 itself rises.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=160)
     p.add_argument("--joiners", type=int, default=3)
     p.add_argument("--long-tokens", type=int, default=1000)
-    p.add_argument("--budget", type=int, default=64, help="MAX_PREFILL_TOKENS of the chunked run")
+    p.add_argument("--budget", type=int, default=32, help="MAX_PREFILL_TOKENS of the chunked run")
     return p
 
 
@@ -88,9 +93,18 @@ def main(argv: list[str] | None = None) -> int:
     long = [p[: args.long_tokens] for p in make_prompts(base.tokenizer, args.joiners, args.long_tokens + 8)]
     del base
     results = {}
-    for label, budget in (("whole", max(4096, args.long_tokens + 1)), ("chunked", args.budget)):
+    runs = (
+        ("whole", max(4096, args.long_tokens + 1), "true"),
+        ("separate", args.budget, "false"),
+        ("packed", args.budget, "true"),
+    )
+    for label, budget, packed in runs:
         port = free_port()
-        env = {"HOTSWAP_MAX_PREFILL_TOKENS": str(budget), "HOTSWAP_PREFIX_CACHE_MB": "0"}
+        env = {
+            "HOTSWAP_MAX_PREFILL_TOKENS": str(budget),
+            "HOTSWAP_PREFIX_CACHE_MB": "0",
+            "HOTSWAP_PACKED_STEPS": packed,
+        }
         service = start_service(args, adapter_dir, port, args.clients + args.joiners, env=env)
         try:
             results[label] = asyncio.run(scenario(f"http://127.0.0.1:{port}", short, long, names, args))
@@ -100,11 +114,17 @@ def main(argv: list[str] | None = None) -> int:
             service.wait(60)
         r = results[label]
         print(
-            f"{label:8s} MAX_PREFILL_TOKENS={budget}: running streams ITL p50 {r['itl_p50_ms']:.0f} ms, "
+            f"{label:8s} MAX_PREFILL_TOKENS={budget} PACKED_STEPS={packed}: "
+            f"running streams ITL p50 {r['itl_p50_ms']:.0f} ms, "
             f"p99 {r['itl_p99_ms']:.0f} ms (x{r['p99_over_p50']:.2f}), max {r['itl_max_ms']:.0f} ms; "
             f"{args.long_tokens}-token joiners' TTFT {r['joiner_ttft_s']:.2f} s",
             flush=True,
         )
+    calm = results["whole"]["itl_p50_ms"]  # the streams' pace between joins: a decode step alone
+    for label, r in results.items():
+        r["p99_over_calm_p50"] = r["itl_p99_ms"] / calm
+        ratio = r["p99_over_calm_p50"]
+        print(f"{label:8s} ITL p99 / the whole run's p50 ({calm:.0f} ms, a step with no join): x{ratio:.2f}")
     print(json.dumps(results))
     return 0
 

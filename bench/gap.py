@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             "prefill_s": spent["prefill_sum"],
             "decode_s": spent["decode_sum"],
             "decode_steps": spent["decode_count"],
+            "packed_s": spent["packed_sum"],  # decode steps that carried prompt chunks
             "ttft_p50_s": c["ttft_p50"],
             "ttft_p99_s": c["ttft_p99"],
         }
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                 run["service_tok_s"] = run.pop("tok_s")
                 run["service_over_step"] = run["service_tok_s"] / rate
                 run["service_step_ms"] = run["decode_s"] / max(run["decode_steps"], 1) * 1e3
-                run["other_s"] = run["wall_s"] - run["prefill_s"] - run["decode_s"]
+                run["other_s"] = run["wall_s"] - run["prefill_s"] - run["decode_s"] - run["packed_s"]
                 again = wave(url, prompts, adapters)  # the same prompts again: their prefixes are stored
                 run["repeat_tok_s"], run["repeat_prefill_s"] = again["tok_s"], again["prefill_s"]
                 run["repeat_over_step"] = again["tok_s"] / rate
@@ -180,7 +181,7 @@ def phases(url: str) -> dict[str, float]:
     text = httpx.get(f"{url}/metrics", timeout=30).text
     return {
         f"{phase}_{kind}": metric_sum(text, f"hotswap_engine_step_seconds_{kind}", phase=phase)
-        for phase in ("prefill", "decode")
+        for phase in ("prefill", "decode", "packed")
         for kind in ("sum", "count")
     }
 

@@ -151,8 +151,10 @@ class Metrics:
 
         self.engine_step = Histogram(
             "hotswap_engine_step_seconds",
-            "Engine thread time per iteration phase: prefill (admitted prompts and chunks) or one "
-            "decode step of the running batch. Its sums against wall time say where the time goes.",
+            "Engine thread time per iteration phase: prefill (admitted prompts, and chunks of long "
+            "prompts in passes of their own), decode (one step of the running batch) or packed (a "
+            "decode step that also carries chunks of long prompts). Its sums against wall time say "
+            "where the time goes.",
             ["phase"],
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=r,

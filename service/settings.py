@@ -67,6 +67,14 @@ class Settings(BaseSettings):
         description="Prompt tokens the batched engine prefills per iteration: new prompts together "
         "within it, and a longer prompt in chunks of it between decode steps (chunked prefill).",
     )
+    packed_steps: bool = Field(
+        True,
+        description="Chunks of long prompts (chunked prefill) in the decode step's own forward "
+        "pass, each token through its own adapter and attending to its own keys only, instead "
+        "of a pass of their own that the running streams wait for. Where the model and KV cache "
+        "allow: the dynamic cache, attention through transformers' interface, full attention "
+        "without ALiBi, every adapter through the fused LoRA; elsewhere chunks run separately.",
+    )
     kv_cache: Literal["auto", "static", "dynamic"] = Field(
         "auto",
         description="The batched engine's KV cache. static: one preallocated slot of "

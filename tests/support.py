@@ -59,3 +59,15 @@ def events(response) -> list:
     frames = body.split("\n\n")[:-1]
     assert all(f.startswith("data: ") for f in frames)
     return [json.loads(f[6:]) for f in frames[:-1]]
+
+
+def failing(real, failures: dict, message: str):
+    """`real`, except that its next `failures["left"]` calls raise RuntimeError(message)."""
+
+    def call(*args, **kwargs):
+        if failures["left"]:
+            failures["left"] -= 1
+            raise RuntimeError(message)
+        return real(*args, **kwargs)
+
+    return call

@@ -26,6 +26,7 @@ from transformers import DynamicCache
 
 from service.engine import BASE, EngineOutput
 from service.engine.kvcache import PaddedKV, SlotKV, kv_shape
+from service.engine.packed import Piece, to_cache
 from service.engine.prefix import Hit, PrefixCache, cache_layers
 from service.engine.prefix import unsupported as prefix_unsupported
 from service.engine.runner import hidden_dtype
@@ -66,6 +67,7 @@ class BatchedEngine(WorkerEngine):
         on_slot_wait: Callable[[list[str], float | None], None] = lambda waiting, seconds: None,
         on_phase: Callable[[str, float], None] = lambda phase, seconds: None,
         prefix_cache: PrefixCache | None = None,
+        packed_steps: bool = True,
         overlap_masks: bool | None = None,
         **kwargs,
     ):
@@ -84,6 +86,7 @@ class BatchedEngine(WorkerEngine):
         # per iteration between decode steps (each holds the KV done so far as `job.prefix`).
         self._chunking: list[Job] = []
         self._can_chunk = prefix_unsupported(self.runner) is None
+        self.packed_steps = packed_steps  # chunks in the decode step's pass (see _packs)
         self._on_slot_wait = on_slot_wait
         # Told the seconds of each iteration's prefill work (admissions and chunks) and of each
         # decode step: where the engine thread's time goes (hotswap_engine_step_seconds).
@@ -126,11 +129,14 @@ class BatchedEngine(WorkerEngine):
     def _loop(self) -> None:
         while True:
             admitted, stop = self._admissions()
-            prefilling, started = bool(admitted or self._chunking), time.perf_counter()
+            started = time.perf_counter()
             self._admit_all(admitted)
-            if not stop:
-                self._advance_chunks()
-            if prefilling:
+            pieces = [] if stop else self._chunk_plan()
+            separate = bool(pieces) and not self._packs()
+            if separate:
+                self._advance_chunks(pieces)  # each chunk in a forward pass of its own
+                pieces = []
+            if admitted or separate:
                 self._on_phase("prefill", time.perf_counter() - started)
             self._outbox.flush()
             if stop:
@@ -139,16 +145,18 @@ class BatchedEngine(WorkerEngine):
                     self._outbox.post(self._pending.popleft(), EngineStopped("the engine stopped"))
                 self._outbox.flush()
                 return
-            if self._rows:
+            if self._rows or pieces:
                 started = time.perf_counter()
                 try:
-                    self._step()
+                    self._step(pieces)
                 except Exception as exc:  # a failed step fails its batch, never the engine
-                    self._step_failed("decode step", exc, len(self._rows))
-                    self._fail_running(StepFailed(f"generation failed: {type(exc).__name__}: {exc}"), chunking=False)
+                    self._step_failed("decode step", exc, len(self._rows) + len(pieces))
+                    error = StepFailed(f"generation failed: {type(exc).__name__}: {exc}")
+                    self._fail_pieces(pieces, error)
+                    self._fail_running(error, chunking=False)
                 else:
                     self._step_succeeded()
-                    self._on_phase("decode", time.perf_counter() - started)
+                    self._on_phase("packed" if pieces else "decode", time.perf_counter() - started)
                 finally:
                     self._outbox.flush()
 
@@ -288,33 +296,82 @@ class BatchedEngine(WorkerEngine):
         """Prompt tokens of the job not prefilled yet."""
         return len(job.request.prompt_ids) - (job.prefix.length if job.prefix is not None else 0)
 
-    def _advance_chunks(self) -> None:
-        """One chunk of each prompt being chunked, FIFO, within the step's prefill budget; a
-        prompt whose rest fits is prefilled to the end and starts generating."""
-        budget = self.max_prefill_tokens
+    def _chunk_plan(self) -> list[tuple[Job, Piece]]:
+        """This iteration's chunk of each prompt being chunked, FIFO within the step's prefill
+        budget (a prompt whose rest fits gets all of it, and starts generating after it)."""
+        budget, plan = self.max_prefill_tokens, []
         for job in list(self._chunking):
-            if budget <= 0:
-                return
-            left = self._left(job)
-            if job.cancelled.is_set() or left <= budget:
+            if job.cancelled.is_set():
                 self._chunking.remove(job)
-                if job.cancelled.is_set():
-                    self._change(running_remove=job.label)
-                else:
-                    budget -= left
-                    self._admit(job, started=True)
+                self._change(running_remove=job.label)
                 continue
-            done = len(job.request.prompt_ids) - left
-            end = done + budget
+            if budget <= 0:
+                continue
+            prompt = job.request.prompt_ids
+            done = len(prompt) - self._left(job)
+            end = min(len(prompt), done + budget)
+            past = cache_layers(job.prefix.cache) if job.prefix is not None else None
+            plan.append((job, Piece(list(prompt[done:end]), done, job.slot, past)))
+            budget -= end - done
+        return plan
+
+    def _packs(self) -> bool:
+        """Whether this iteration's chunks join the decode step's forward pass (packed.py)
+        rather than each running in a pass of its own, which the running streams wait for."""
+        return self.packed_steps and isinstance(self._kv, PaddedKV) and self.runner.packable()
+
+    def _advance_chunks(self, plan: list[tuple[Job, Piece]]) -> None:
+        """Prefill each planned chunk in a forward pass of its own; a prompt's last one starts
+        it generating."""
+        for job, piece in plan:
+            end = piece.start + len(piece.ids)
+            if end == len(job.request.prompt_ids):
+                self._chunking.remove(job)
+                self._admit(job, started=True)
+                continue
             try:
                 _, cache = self.runner.prefill(list(job.request.prompt_ids[:end]), job.slot, past=job.prefix)
             except Exception as exc:
                 self._step_failed("prefill", exc, 1)
-                self._chunking.remove(job)
-                job.push(StepFailed(f"generation failed: {type(exc).__name__}: {exc}"))
+                self._fail_pieces([(job, piece)], StepFailed(f"generation failed: {type(exc).__name__}: {exc}"))
+                continue
+            job.prefix = Hit(end, cache)
+
+    def _finish_pieces(self, plan: list[tuple[Job, Piece]], logits: torch.Tensor, done: list) -> None:
+        """After a packed step: each chunked prompt keeps its KV so far, and one whose last
+        chunk ran starts generating (its first token from the chunk's last logits)."""
+        for (job, piece), last, layers in zip(plan, logits, done, strict=True):
+            end = piece.start + len(piece.ids)
+            if end < len(job.request.prompt_ids):
+                job.prefix = Hit(end, to_cache(layers))
+                continue
+            self._chunking.remove(job)
+            job.prefix = None
+            self._store_prefix(job, layers)
+            budget = self._budget(job)
+            if budget <= 0:  # max_tokens 0, or a prompt that fills the context
+                self._outbox.post(job, EngineOutput((), finish_reason="length"))
                 self._change(running_remove=job.label)
                 continue
-            job.prefix, budget = Hit(end, cache), 0
+            row = self._new_row(job, budget)
+            if self._emit(row, last):
+                self._change(running_remove=job.label)
+                continue
+            try:
+                self._kv.join(to_cache(layers), torch.ones((1, row.length), dtype=torch.long, device=last.device))
+            except Exception as exc:  # this row fails (after its first token), never the engine
+                self._step_failed("prefill", exc, 1)
+                self._outbox.post(job, StepFailed(f"generation failed: {type(exc).__name__}: {exc}"))
+                self._change(running_remove=job.label)
+                continue
+            self._rows.append(row)
+
+    def _fail_pieces(self, plan: list[tuple[Job, Piece]], error: Exception) -> None:
+        for job, _ in plan:
+            if job in self._chunking:
+                self._chunking.remove(job)
+            self._outbox.post(job, error)
+            self._change(running_remove=job.label)
 
     def _admit(self, job: Job, started: bool = False) -> None:
         if not started:
@@ -415,9 +472,12 @@ class BatchedEngine(WorkerEngine):
         row.last_token = token
         return finish is not None
 
-    def _step(self) -> None:
+    def _step(self, plan: list[tuple[Job, Piece]] = ()) -> None:
+        """One token for every running row; with `plan`, the chunks of prompts being chunked
+        in the same forward pass (a packed step)."""
         rows = self._rows
-        self._on_step(len(rows))
+        if rows:
+            self._on_step(len(rows))
         # On a GPU the grammar rows' next masks are computed on another thread while the forward
         # pass runs (llguidance drops the GIL), off the step's critical path. Not on a CPU: there
         # the forward pass already keeps every core busy, and the extra thread slowed 16
@@ -425,11 +485,17 @@ class BatchedEngine(WorkerEngine):
         constrained = [r.matcher for r in rows if r.matcher is not None]
         overlap = constrained and self.overlap_masks
         masks = self._mask_thread().submit(lambda: [m.prefetch() for m in constrained]) if overlap else None
+        tokens, positions, adapters = [r.last_token for r in rows], [r.length for r in rows], [r.adapter for r in rows]
         try:
-            logits = self._kv.decode([r.last_token for r in rows], [r.length for r in rows], [r.adapter for r in rows])
+            if plan:
+                logits, done = self._kv.step_packed(tokens, positions, adapters, [piece for _, piece in plan])
+            else:
+                logits = self._kv.decode(tokens, positions, adapters)
         finally:
             if masks is not None:
                 masks.result()
+        if plan:
+            logits, chunked = logits[: len(rows)], logits[len(rows) :]
         # One argmax and one device-to-host copy for every greedy row, not one per row.
         greedy = None
         if any(r.job.request.params.temperature == 0.0 for r in rows):
@@ -444,6 +510,8 @@ class BatchedEngine(WorkerEngine):
                 keep.append(i)
         if len(keep) < len(rows):
             self._retain(keep)
+        if plan:
+            self._finish_pieces(plan, chunked, done)
 
     def _queued(self) -> int:
         return super()._queued() + len(self._pending)

@@ -60,6 +60,9 @@ class FusedMixedLoRA:
         # `route`, which also works out once per pass what every layer needs of them.
         self.names: tuple[str, ...] | None = None
         self._present: tuple[str, ...] = ()
+        # `names` has one entry per token of a one-row batch, not one per row (a packed step,
+        # service/engine/packed.py): set by the runner around that pass.
+        self.packed = False
         # Every LoRA layer of the model is fused: the runner may then skip PEFT's per-call
         # `adapter_names` machinery (a walk over all modules and a hook per layer, each call).
         self.complete = False
@@ -80,6 +83,8 @@ class FusedMixedLoRA:
         self._pool_synced: tuple | None = None
         self._graph_ready = False
         self.pool_version = 0
+        self._plain_for: tuple | None = None
+        self._plain_now = False
 
     def install(self, model: Any) -> None:
         """Patch the model's LoRA layers, once per set of loaded adapters."""
@@ -177,11 +182,7 @@ class FusedMixedLoRA:
         signature = self.signature()
         if signature == self._pool_synced:
             return self._graph_ready
-        self._graph_ready = self.complete and not any(
-            name in layer.lora_variant or layer.lora_bias.get(name, False)
-            for layer in self._lora_layers
-            for name in layer.lora_A
-        )
+        self._graph_ready = self._plain()
         if not self._graph_ready:
             self._pool_synced = signature
             return False
@@ -204,6 +205,21 @@ class FusedMixedLoRA:
         pool.update(self._loaded)
         self._pool_synced = signature
         return True
+
+    def plain(self) -> bool:
+        """Whether every loaded adapter runs through the fused layers alone (no layer left to
+        PEFT, no LoRA variant or bias): what static routing and packed steps need."""
+        signature = self.signature()
+        if signature != self._plain_for:
+            self._plain_for, self._plain_now = signature, self._plain()
+        return self._plain_now
+
+    def _plain(self) -> bool:
+        return self.complete and not any(
+            name in layer.lora_variant or layer.lora_bias.get(name, False)
+            for layer in self._lora_layers
+            for name in layer.lora_A
+        )
 
     def _layer_forward(self, layer: Any, x: torch.Tensor, *args: Any, **kwargs: Any):
         """A LoRA layer's forward: the fused mixed batch while the runner has set `names`."""
@@ -228,7 +244,9 @@ class FusedMixedLoRA:
             a_t, b_t, blocks = self._stack(layer, own, self._present)  # [in, ranks], [ranks, out]
             mask = self._row_mask(names, blocks, a_t.shape[1], x.device, a_t.dtype)
         h = torch.matmul(x.to(a_t.dtype), a_t)  # [rows, (tokens,) ranks]
-        if h.dim() == 3:
+        if self.packed:  # one row, a mask row per token: [1, tokens, ranks] or [tokens, ranks]
+            h.mul_(mask)
+        elif h.dim() == 3:
             h.mul_(mask.unsqueeze(1))
         elif h.shape[0] == mask.shape[0]:
             h.mul_(mask)

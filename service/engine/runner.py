@@ -12,6 +12,10 @@ from transformers import DynamicCache
 from service.engine import PEFT_BASE
 from service.engine.lora import FusedMixedLoRA
 from service.engine.model import LoRAModel
+from service.engine.packed import Layers, PackedCache, Piece, packed_pass
+from service.engine.packed import inputs as packed_inputs
+from service.engine.packed import supported as packed_supported
+from service.engine.prefix import unsupported as prefix_unsupported
 
 POOL_MAX_ADAPTERS = 16  # loaded adapters up to which eager batches may go through the LoRA pool
 
@@ -84,8 +88,50 @@ class ModelRunner:
         finally:
             self.route_static(None)
 
-    def _forward(self, adapters: list[str | None], **kwargs: Any) -> Any:
-        """The model's forward pass, each row through its own adapter (None: the base)."""
+    def packable(self) -> bool:
+        """Whether packed steps (service/engine/packed.py) can serve this model and its adapters:
+        attention through transformers' interface, full attention without ALiBi, and every
+        adapter through the fused LoRA's per-token routing."""
+        if self.mask_2d or prefix_unsupported(self) is not None or not packed_supported(self.model):
+            return False
+        if not hasattr(self.model, "peft_config"):
+            return True
+        if not self.fused_lora:
+            return False
+        self.fused.install(self.model)
+        return self.fused.plain()
+
+    @torch.inference_mode()
+    def step_packed(
+        self,
+        running: Layers | None,
+        running_mask: torch.Tensor | None,
+        tokens: list[int],
+        positions: list[int],
+        adapters: list[str | None],
+        pieces: list[Piece],
+    ) -> tuple[torch.Tensor, Layers | None, list[Layers]]:
+        """One forward pass for the running rows' next tokens and the pieces (packed.py): the
+        fp32 logits of each row's token and each piece's last one [rows + pieces, vocab], the
+        rows' caches a column longer, and each piece's KV (its past, then its tokens)."""
+        ids, position_ids, names, keep = packed_inputs(tokens, positions, adapters, pieces, self.device)
+        cache = PackedCache(running, running_mask, pieces)
+        with packed_pass(self.model, cache):
+            out = self._forward(
+                names,
+                packed=True,
+                input_ids=ids,
+                position_ids=position_ids,
+                use_cache=True,
+                **{self._cache_kwarg: cache},
+                logits_to_keep=keep,
+            )
+        grown, done = cache.results()
+        return out.logits[0].float(), grown, done
+
+    def _forward(self, adapters: list[str | None], *, packed: bool = False, **kwargs: Any) -> Any:
+        """The model's forward pass, each row through its own adapter (None: the base); with
+        `packed`, one row whose tokens each have their own adapter (`adapters` per token)."""
         if not hasattr(self.model, "peft_config"):
             if any(a is not None for a in adapters):
                 raise ValueError("no adapters are loaded on this model")
@@ -98,6 +144,8 @@ class ModelRunner:
         unknown = set(names) - {PEFT_BASE} - set(self.model.peft_config)
         if unknown:  # PEFT would check this; the fused path must too
             raise ValueError(f"adapters not loaded: {sorted(unknown)}")
+        if packed and not fused.plain():
+            raise RuntimeError("a packed step needs every adapter through the fused LoRA")
         if not fused.complete:
             return self.model(**kwargs, adapter_names=names)
         loaded = len(self.model.peft_config)
@@ -115,10 +163,12 @@ class ModelRunner:
             fused.route_static(names)
         else:
             fused.route(names)
+        fused.packed = packed
         try:
             return self.model(**kwargs)
         finally:
             fused.route(None)
+            fused.packed = False
 
     @torch.inference_mode()
     def prefill(

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
+from service.engine.packed import Piece
+from service.engine.prefix import cache_layers
 from service.engine.runner import ModelRunner
 
 
@@ -43,6 +45,26 @@ class PaddedKV:
         logits = self.runner.decode_batch(tokens, self._cache, mask, positions, adapters)
         self._mask = mask
         return logits
+
+    @property
+    def width(self) -> int:
+        """Columns of the running rows' cache (padding included)."""
+        return 0 if self._mask is None else self._mask.shape[1]
+
+    def step_packed(
+        self, tokens: list[int], positions: list[int], adapters: list[str | None], pieces: list[Piece]
+    ) -> tuple[torch.Tensor, list]:
+        """`decode` with `pieces` of joining prompts in the same forward pass (packed.py): the
+        logits of each row's token, then of each piece's last [rows + pieces, vocab], and each
+        piece's KV."""
+        running = cache_layers(self._cache) if tokens else None
+        mask = self._mask if tokens else None
+        logits, grown, done = self.runner.step_packed(running, mask, tokens, positions, adapters, pieces)
+        if grown is not None:
+            for layer, (keys, values) in zip(self._cache.layers, grown, strict=True):
+                layer.keys, layer.values = keys, values
+            self._mask = torch.cat([self._mask, self._mask.new_ones((len(tokens), 1))], dim=1)
+        return logits, done
 
     def retain(self, keep: list[int]) -> list[int]:
         """Drop the other rows, then the columns that are padding in every remaining row; return

@@ -14,6 +14,7 @@ from service.runtime import load_runtime
 from tests.factories import make_engine as make
 from tests.factories import preload_adapters, tiny_settings
 from tests.factories import run_engine as run
+from tests.support import failing
 
 PROMPTS = [
     (5, 17, 42, 99, 7, 3),
@@ -141,18 +142,6 @@ def test_prompt_logprobs_and_zero_max_tokens(runner, kv):
     tokens, outs = run(make(runner, kv=kv), body)
     assert tokens == [] and outs[0].finish_reason == "length"
     assert outs[0].prompt_logprobs[0] is None and len(outs[0].prompt_logprobs) == len(PROMPTS[2])
-
-
-def failing(real, failures: dict, message: str):
-    """`real`, except that its next `failures["left"]` calls raise RuntimeError(message)."""
-
-    def call(*args, **kwargs):
-        if failures["left"]:
-            failures["left"] -= 1
-            raise RuntimeError(message)
-        return real(*args, **kwargs)
-
-    return call
 
 
 def test_a_failing_step_fails_its_batch_and_the_engine_serves_on(runner, monkeypatch, kv):

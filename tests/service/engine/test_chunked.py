@@ -10,22 +10,28 @@ import pytest
 from service.engine import EngineRequest, SamplingParams
 from tests.factories import batched_engine, make_residency
 from tests.factories import run_engine as run
+from tests.support import failing
 
 LONG = tuple((i * 7) % 300 + 3 for i in range(200))
 
 
-def engine(residency, budget, kv="dynamic"):
-    return batched_engine(residency, max_prefill_tokens=budget, kv_cache=kv)
+def engine(residency, budget, kv="dynamic", packed=True, phases=None):
+    """`phases` (a list) records the engine's iteration phases (prefill, decode, packed)."""
+    hook = (lambda phase, seconds: phases.append(phase)) if phases is not None else (lambda phase, seconds: None)
+    return batched_engine(residency, max_prefill_tokens=budget, kv_cache=kv, packed_steps=packed, on_phase=hook)
 
 
 def greedy(tokens):
     return SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
 
 
-@pytest.mark.parametrize("kv", ["dynamic", "static"])
-def test_chunks_give_the_tokens_of_a_whole_prefill(tiny, cache_dir, tmp_path, kv):
+@pytest.mark.parametrize(("kv", "packed"), [("dynamic", False), ("dynamic", True), ("static", True)])
+def test_chunks_give_the_tokens_of_a_whole_prefill(tiny, cache_dir, tmp_path, kv, packed):
+    """Three prompts chunked at once, on three adapters (base included): in passes of their
+    own, or packed into the decode steps of the rows that already run (packed.py)."""
     residency = make_residency(tiny, cache_dir, tmp_path, 2)
-    requests = [("alpha", LONG), (None, LONG[:37]), ("beta", LONG[5:150])]
+    requests = [("alpha", LONG), (None, LONG[:37]), ("beta", LONG[5:150]), ("alpha", LONG[100:104])]
+    phases = []
 
     async def body(engine):
         async def one(adapter, prompt):
@@ -34,10 +40,12 @@ def test_chunks_give_the_tokens_of_a_whole_prefill(tiny, cache_dir, tmp_path, kv
 
         return await asyncio.gather(*(one(a, p) for a, p in requests))
 
-    assert run(engine(residency, 8, kv), body) == run(engine(residency, 4096, kv), body)
+    assert run(engine(residency, 8, kv, packed, phases), body) == run(engine(residency, 4096, kv), body)
+    assert ("packed" in phases) == (packed and kv == "dynamic")
 
 
-def test_running_streams_advance_while_a_long_prompt_is_chunked(tiny, cache_dir, tmp_path):
+@pytest.mark.parametrize("packed", [False, True])
+def test_running_streams_advance_while_a_long_prompt_is_chunked(tiny, cache_dir, tmp_path, packed):
     residency = make_residency(tiny, cache_dir, tmp_path, 2)
 
     def interleaved(budget) -> int:
@@ -65,7 +73,60 @@ def test_running_streams_advance_while_a_long_prompt_is_chunked(tiny, cache_dir,
             await asyncio.gather(running(), joining())
             return arrivals[arrivals.index("join") : arrivals.index("first")].count("run")
 
-        return run(engine(residency, budget), body)
+        return run(engine(residency, budget, packed=packed), body)
 
     assert interleaved(8) >= 15  # 200 tokens in chunks of 8: a decode step after each chunk
     assert interleaved(4096) <= 3  # the whole prompt at once: the stream waits for it
+
+
+def test_a_failed_packed_step_fails_its_rows_and_chunked_prompt_and_serves_on(tiny, cache_dir, tmp_path):
+    from service.errors import StepFailed
+
+    residency = make_residency(tiny, cache_dir, tmp_path, 2)
+    eng = engine(residency, 8, packed=True)
+    failures = {"left": 0}
+    eng.runner.step_packed = failing(eng.runner.step_packed, failures, "simulated device fault")
+
+    async def body(engine):
+        started = asyncio.Event()
+
+        async def running():
+            request = EngineRequest("run", LONG[:10], "alpha", greedy(200))
+            async for _ in engine.generate(request):
+                started.set()
+
+        async def joining():
+            await started.wait()
+            failures["left"] = 1  # the next packed step: the one with the long prompt's chunk
+            request = EngineRequest("join", LONG, "beta", greedy(2))
+            return [o async for o in engine.generate(request)]
+
+        outcome = await asyncio.gather(running(), joining(), return_exceptions=True)
+        assert all(isinstance(r, StepFailed) for r in outcome), outcome
+        again = [o async for o in engine.generate(EngineRequest("again", LONG, "beta", greedy(3)))]
+        return sum(len(o.token_ids) for o in again), engine.healthy
+
+    assert run(eng, body) == (3, True)
+
+
+def test_a_chunked_prompt_starts_after_a_stored_prefix_and_stores_its_own(tiny, cache_dir, tmp_path):
+    """Packed chunks after a stored prefix: the tokens of a whole prefill, and the KV the last
+    chunk leaves is stored for the next prompt."""
+    from service.engine.prefix import PrefixCache
+
+    residency = make_residency(tiny, cache_dir, tmp_path, 2)
+    prompts = [LONG[:20], LONG, LONG]
+
+    async def body(engine):
+        out = []
+        for prompt in prompts:  # one after another: each finds what the one before stored
+            request = EngineRequest("r", prompt, "alpha", greedy(6))
+            out.append([t async for o in engine.generate(request) for t in o.token_ids])
+        return out
+
+    looked, phases = [], []
+    cache = PrefixCache(64 << 20, on_lookup=lambda hit, tokens: looked.append(tokens))
+    eng = batched_engine(residency, max_prefill_tokens=8, prefix_cache=cache, on_phase=lambda p, s: phases.append(p))
+    assert run(eng, body) == run(engine(residency, 4096), body)
+    assert looked == [0, 20, len(LONG) - 4]  # whole 4-token blocks, the last token computed
+    assert "packed" in phases

@@ -32,6 +32,9 @@ PROMPTS = ["The capital of France is Paris.", "Write a short email", "Numbers 01
 ADAPTERS = [None, "a1", "a2"]
 NEW_TOKENS = 8
 STATIC_UNSUPPORTED = {"gemma2"}  # sliding-window layers: the slot cache is full attention only
+# Families whose prompt chunks run in passes of their own, never packed into a decode step:
+# sliding windows, ALiBi, attention outside transformers' interface, GPT-2's Conv1D LoRA layers
+NOT_PACKED = {"gemma2", "bloom", "falcon_alibi", "falcon", "gpt2"}
 
 
 @pytest.fixture(scope="module")
@@ -159,3 +162,45 @@ def test_families_the_static_cache_cannot_serve_are_refused_or_fall_back(worlds,
     with caplog.at_level(logging.INFO, logger="service.engine.kvcache"):
         assert choose_kv_cache(settings.model_copy(update={"kv_cache": "auto"}), gpu, 256) == "dynamic"
     assert any("KV cache: dynamic" in r.getMessage() and "full attention" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_a_packed_step_computes_what_separate_passes_do(worlds, cache_dir, family):
+    """Running rows' decode tokens and pieces of joining prompts (one after stored KV, one
+    from the start) in one packed pass (service/engine/packed.py): each row's logits and each
+    piece's last logits and KV are those of the separate passes, on every family it serves."""
+    from service.engine import PEFT_BASE
+    from service.engine.packed import Piece
+    from service.engine.prefix import cache_layers
+
+    runner = runtime_for(worlds, family, cache_dir).engine.runner
+    assert runner.packable() == (family not in NOT_PACKED), family
+    if family in NOT_PACKED:
+        return
+    prompts = [[5, 9, 13, 2, 7, 7, 30], [40, 41, 3], list(range(20, 38))]
+    adapters = ["a1", None, "a2"]
+    logits, cache, mask = runner.prefill_batch(prompts[:2], adapters[:2])
+    tokens = logits.argmax(dim=-1).tolist()
+    positions = [len(p) for p in prompts[:2]]
+    running = cache_layers(cache)
+    # References: the decode step alone, and each piece's prompt prefilled whole
+    reference = runner.decode_batch(
+        tokens, cache, torch.cat([mask, mask.new_ones((2, 1))], dim=1), positions, adapters[:2]
+    )
+    _, head = runner.prefill(prompts[2][:6], "a2")
+    pieces = [Piece(prompts[2][6:], 6, "a2", cache_layers(head)), Piece(prompts[0][:5], 0, None)]
+    whole = [runner.prefill(prompts[2], "a2"), runner.prefill(prompts[0][:5], None)]
+
+    got, grown, done = runner.step_packed(running, mask, tokens, positions, adapters[:2], pieces)
+    assert got.shape[0] == 4
+    torch.testing.assert_close(got[:2], reference, atol=2e-4, rtol=1e-4)
+    for index, (last, piece_cache) in enumerate(whole):
+        torch.testing.assert_close(got[2 + index], last, atol=2e-4, rtol=1e-4)
+        for (k, v), (k2, v2) in zip(done[index], cache_layers(piece_cache), strict=True):
+            torch.testing.assert_close(k, k2, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(v, v2, atol=1e-5, rtol=1e-4)
+    for (k, v), (k2, v2) in zip(grown, cache_layers(cache), strict=True):  # the decode step's cache
+        torch.testing.assert_close(k, k2, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(v, v2, atol=1e-5, rtol=1e-4)
+    assert PEFT_BASE not in (runner.fused.names or ())  # routing reset after the pass
+    assert not runner.fused.packed

@@ -1,0 +1,187 @@
+"""Packed steps: the running rows' decode tokens and pieces of joining prompts in one forward pass.
+
+A chunk of a long prompt prefilled in a forward pass of its own costs the pass's fixed part on
+top of the decode step it is interleaved with: on a CPU with a 4-bit base that part is most of a
+small pass (bitsandbytes dequantizes every weight, about 65 ms on SmolLM2), and the running
+streams waited for it at every chunk (bench.chunked). Here the tokens of every row and piece go
+through the model as one sequence of a one-row batch, so the linear layers run once, on real
+tokens only, each token through its own adapter (FusedMixedLoRA's packed routing).
+
+Attention is the one place where the tokens must stay apart. The pass's cache (`PackedCache`)
+appends each token's new keys and values to its owner's own KV (a running row's cache column,
+or the piece's KV after its past), and the attention (`packed_attention`, registered with
+transformers as "hotswap_packed" and selected for the pass) runs per owner on that KV: one
+batched call for the running rows, as a decode step does, and one causal call per piece. No
+query scores another owner's keys and nothing is copied into a shared layout. Positions are
+each token's own, so nothing a row computes changes.
+
+Models whose attention goes through transformers' attention interface
+(`_supports_attention_backend`) with full attention and no ALiBi can be packed; the engine
+prefills the others' chunks in passes of their own.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, DynamicCache
+
+Layers = list[tuple[torch.Tensor, torch.Tensor]]  # per layer, keys and values [rows, heads, columns, dim]
+ATTENTION = "hotswap_packed"
+_active = threading.local()  # the PackedCache of the pass running on this thread
+
+
+@dataclass
+class Piece:
+    """Prompt tokens joining a packed step: `ids` at positions `start`, `start + 1`, ...; `past`
+    holds the KV of the prompt's first `start` tokens (None when `start` is 0)."""
+
+    ids: list[int]
+    start: int
+    adapter: str | None
+    past: Layers | None = None
+
+
+class PackedCache(DynamicCache):
+    """A packed pass's cache: `update` appends each owner's new keys and values to the owner's
+    own KV and hands the pass's new ones back (packed_attention reads the owners' KV)."""
+
+    def __init__(self, running: Layers | None, running_mask: torch.Tensor | None, pieces: list[Piece]):
+        super().__init__()
+        self.rows = 0 if running is None else running[0][0].shape[0]
+        self.running = list(running) if running is not None else None
+        self.pieces = [dict(enumerate(p.past or ())) for p in pieces]  # per piece: layer -> its KV
+        self.sizes = [len(p.ids) for p in pieces]
+        self.starts = [p.start for p in pieces]
+        if self.rows:  # [rows, 1, 1, columns + 1]: each row's valid columns and its new token
+            mask = torch.cat([running_mask, running_mask.new_ones((self.rows, 1))], dim=1).bool()
+            self.row_mask = mask[:, None, None, :]
+        device = running_mask.device if running_mask is not None else None
+        self.piece_masks = [
+            # query i of a piece (position start + i) sees its past and its own tokens up to i
+            torch.arange(start + size, device=device)[None] <= torch.arange(start, start + size, device=device)[:, None]
+            for start, size in zip(self.starts, self.sizes, strict=True)
+        ]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        rows = self.rows
+        if rows:
+            keys, values = self.running[layer_idx]
+            new = [
+                s[0, :, :rows].transpose(0, 1).unsqueeze(2) for s in (key_states, value_states)
+            ]  # [rows, heads, 1, dim]
+            self.running[layer_idx] = (torch.cat([keys, new[0]], dim=2), torch.cat([values, new[1]], dim=2))
+        start = rows
+        for own, size in zip(self.pieces, self.sizes, strict=True):
+            new = [s[:, :, start : start + size] for s in (key_states, value_states)]
+            past = own.get(layer_idx)
+            if past is not None:
+                own[layer_idx] = (torch.cat([past[0], new[0]], dim=2), torch.cat([past[1], new[1]], dim=2))
+            else:
+                own[layer_idx] = (new[0].contiguous(), new[1].contiguous())
+            start += size
+        return key_states, value_states
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0  # every token's position is given: the model needs no offset from the cache
+
+    def results(self) -> tuple[Layers | None, list[Layers]]:
+        """The running rows' caches a column longer, and each piece's KV (past, then tokens)."""
+        return self.running, [[own[i] for i in range(len(own))] for own in self.pieces]
+
+
+def packed_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Attention of a packed pass, per owner on its own KV (query [1, heads, tokens, dim]);
+    returns [1, tokens, heads, dim] as transformers' attention functions do."""
+    cache: PackedCache = _active.cache
+    layer = module.layer_idx
+    gqa = query.shape[1] != key.shape[1]
+    out = query.new_empty((1, query.shape[2], query.shape[1], query.shape[3]))
+    rows = cache.rows
+    if rows:
+        keys, values = cache.running[layer]
+        q = query[0, :, :rows].transpose(0, 1).unsqueeze(2)  # [rows, heads, 1, dim]
+        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=cache.row_mask, scale=scaling, enable_gqa=gqa)
+        out[0, :rows] = o[:, :, 0]
+    start = rows
+    for index, size in enumerate(cache.sizes):
+        keys, values = cache.pieces[index][layer]
+        q = query[:, :, start : start + size]
+        mask = cache.piece_masks[index]
+        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scaling, enable_gqa=gqa)
+        out[:, start : start + size] = o.transpose(1, 2)
+        start += size
+    return out, None
+
+
+AttentionInterface.register(ATTENTION, packed_attention)
+
+
+class packed_pass:
+    """Context manager: the model's attention is `packed_attention` over `cache` meanwhile."""
+
+    def __init__(self, model: Any, cache: PackedCache):
+        self.configs = {id(c): c for c in (model.config, getattr(model.config, "get_text_config", lambda: None)())}
+        self.configs = [c for c in self.configs.values() if c is not None]
+        self.cache = cache
+
+    def __enter__(self) -> PackedCache:
+        self.saved = [c._attn_implementation for c in self.configs]
+        for config in self.configs:
+            config._attn_implementation = ATTENTION
+        _active.cache = self.cache
+        return self.cache
+
+    def __exit__(self, *exc: Any) -> None:
+        for config, saved in zip(self.configs, self.saved, strict=True):
+            config._attn_implementation = saved
+        _active.cache = None
+
+
+def inputs(
+    tokens: list[int], positions: list[int], adapters: list[str | None], pieces: list[Piece], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, list[str | None], torch.Tensor]:
+    """A packed pass's input ids and positions [1, tokens], the adapter of each token, and the
+    tokens whose logits are wanted (each row's, then each piece's last)."""
+    rows = len(tokens)
+    ids = list(tokens) + [t for p in pieces for t in p.ids]
+    position = list(positions) + [p.start + k for p in pieces for k in range(len(p.ids))]
+    keep = list(range(rows))
+    end = rows
+    for piece in pieces:
+        end += len(piece.ids)
+        keep.append(end - 1)
+    return (
+        torch.tensor([ids], device=device),
+        torch.tensor([position], device=device),
+        list(adapters) + [p.adapter for p in pieces for _ in p.ids],
+        torch.tensor(keep, device=device),
+    )
+
+
+def supported(model: Any) -> bool:
+    """Whether the model's attention goes through transformers' attention interface, which a
+    packed pass replaces (Falcon and BLOOM have their own)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return bool(getattr(base, "_supports_attention_backend", False))
+
+
+def to_cache(layers: Layers) -> DynamicCache:
+    """A DynamicCache holding these keys and values."""
+    cache = DynamicCache()
+    for index, (keys, values) in enumerate(layers):
+        cache.update(keys, values, index)
+    return cache
