@@ -159,9 +159,16 @@ class Metrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=r,
         )
+        self.cuda_graph_startup = Gauge(
+            "hotswap_cuda_graph_startup_seconds",
+            "Time the start took to capture every decode step bucket in a CUDA graph (0: none).",
+            registry=r,
+        )
         self.cuda_graph_capture = Histogram(
             "hotswap_cuda_graph_capture_seconds",
-            "Time to capture a decode step in a CUDA graph (the running sequences wait meanwhile).",
+            "Time to capture a decode step in a CUDA graph under traffic (the running sequences "
+            "wait meanwhile); the start captures every bucket, so this stays empty unless the "
+            "model's structure changes later (see MAX_LORA_RANK).",
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=r,
         )

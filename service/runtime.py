@@ -65,6 +65,7 @@ def load_runtime(settings: Settings, metrics: Metrics) -> Runtime:
         on_evict=lambda name, tier: metrics.adapter_evictions.labels(name, tier).inc(),
         on_swap=metrics.observe_swap,
         on_bytes=lambda tier, nbytes: metrics.adapter_bytes.labels(tier).set(nbytes),
+        min_rank=settings.max_lora_rank,
     )
     metrics.max_lora = settings.max_resident_adapters
     preload(residency, settings.pinned_adapters, settings.preload_adapters)
@@ -109,9 +110,28 @@ def load_runtime(settings: Settings, metrics: Metrics) -> Runtime:
             prefix_cache=prefixes,
             **common,
         )
+        capture_at_start(engine, residency, metrics)
     else:
         engine = SimpleEngine(runner, **common)
     return Runtime(engine, base.tokenizer, registry, base.source.served_id, max_context, residency)
+
+
+def capture_at_start(engine: BatchedEngine, residency: AdapterResidency, metrics: Metrics) -> None:
+    """With CUDA graphs, capture every decode step bucket now, so that no capture pauses the
+    running streams later. The graphs belong to the model as it is: a model with no adapter
+    yet becomes a PEFT model at its first one (and every graph would be captured again), so
+    with none preloaded the first served adapter is loaded now (an evictable slot)."""
+    kv = engine.kv_cache
+    if not getattr(kv, "graphs", False):
+        return
+    if not residency.resident:
+        first = next((r.name for r in residency.registry.ready()), None)
+        if first is not None:
+            log.info("CUDA graphs: loading %s now, so that the graphs are captured for the adapters' model", first)
+            preload(residency, [], [first])
+    count, seconds = kv.capture_all()
+    metrics.cuda_graph_startup.set(seconds)
+    log.info("CUDA graphs: captured %d decode step buckets at start in %.1f s", count, seconds)
 
 
 def preload(residency: AdapterResidency, pinned: list[str], wanted: list[str]) -> None:

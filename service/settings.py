@@ -105,6 +105,15 @@ class Settings(BaseSettings):
         le=1024,
         description="Adapters kept loaded on the base; the least recently used idle one is evicted.",
     )
+    max_lora_rank: int = Field(
+        0,
+        ge=0,
+        le=1024,
+        description="Rank the adapter slots are built at, at least (an adapter of a lower rank is "
+        "zero-padded); 0: the highest rank loaded so far. With CUDA graphs, set the highest rank "
+        "you will serve: a later adapter of a higher rank rebuilds the slots, and every decode "
+        "step graph is captured again under traffic.",
+    )
     max_cpu_adapters: int | None = Field(
         None,
         ge=0,

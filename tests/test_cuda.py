@@ -94,6 +94,27 @@ def test_http_completion_on_cuda(tiny, cache_dir):
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] > 0
 
 
+def test_every_graph_is_captured_at_start_and_none_under_traffic_on_cuda(tiny, cache_dir):
+    """Issue #22, item 3: the start captures every (rows, width) bucket, so requests on both
+    adapters and the base never wait for a capture."""
+    from service.engine.kvcache.slots import _buckets, _widths
+
+    app = build_app(settings(tiny, cache_dir, "nf4").model_copy(update={"kv_cache": "static", "max_batch_size": 4}))
+    with TestClient(app) as client:
+        for _ in range(600):
+            if client.get("/ready").status_code == 200:
+                break
+            time.sleep(0.1)
+        for model in ("alpha", "beta", "tiny", "alpha"):
+            r = client.post("/v1/completions", json={"model": model, "prompt": "The capital", "max_tokens": 70})
+            assert r.status_code == 200, r.text
+        registry = app.state.hotswap.metrics.registry
+        kv = app.state.hotswap.context.engine.kv_cache
+    assert registry.get_sample_value("hotswap_cuda_graph_startup_seconds") > 0
+    assert registry.get_sample_value("hotswap_cuda_graph_capture_seconds_count") == 0
+    assert kv.graphs and kv.captures == len(_buckets(4)) * len(_widths(kv.max_len))
+
+
 def test_qlora_training_steps_on_cuda(tiny, tmp_path, cache_dir):
     data = tmp_path / "d.jsonl"
     data.write_text(

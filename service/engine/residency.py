@@ -135,6 +135,7 @@ class AdapterResidency:
         on_evict: Callable[[str, str], None] | None = None,
         on_swap: Callable[[str, str, float], None] | None = None,
         on_bytes: Callable[[str, int], None] | None = None,
+        min_rank: int = 0,
     ):
         if max_resident < 1:
             raise ValueError("max_resident must be at least 1")
@@ -160,7 +161,7 @@ class AdapterResidency:
         self.ready = threading.Event()  # set when a disk read finishes (wakes an idle engine)
         self.on_want = lambda: None  # the engine's: wake it when idle, to preload
         self._layers: dict[str, Any] = {}  # module path -> LoRA layer, once the model is a PeftModel
-        self._max_rank = 0
+        self._max_rank = min_rank  # slots are built at the highest rank seen, and at least this
         for name in pinned:
             self.pin(name)
 

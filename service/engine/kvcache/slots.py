@@ -160,6 +160,39 @@ class SlotKV:
         fused = self._fused()
         if fused is not None and not fused.sync_pool():  # a LoRA variant or bias: eager steps
             return self._decode_eager(tokens, positions, names, need)
+        padded = names + [PEFT_BASE] * (bucket - rows)
+        inputs = (tokens + [0] * (bucket - rows), positions + [0] * (bucket - rows))
+        step = self._captured(bucket, width, padded, inputs, fused)
+        if step is None:  # its capture failed: no graphs from now on
+            return self._decode_eager(tokens, positions, names, need)
+        step.load(*inputs)
+        with torch.inference_mode():
+            return step.replay(padded)[:rows].clone()
+
+    def capture_all(self) -> tuple[int, float]:
+        """Capture the decode step of every (rows, width) bucket now, before any request runs,
+        so that none is captured (a pause for every running stream) under traffic. Returns the
+        graphs captured and the seconds it took. A later change of the model's structure (the
+        first adapter of a model that had none, a new pool: a layer no adapter had, a higher
+        rank, more adapters than slots) still captures again, bucket by bucket, as they run."""
+        if not self.graphs or self._buffer is None or self.rows:
+            return 0, 0.0
+        fused = self._fused()
+        if fused is not None and not fused.sync_pool():  # a LoRA variant or bias: eager steps
+            return 0, 0.0
+        started, before = time.perf_counter(), self.captures
+        for bucket in _buckets(self.capacity):
+            for width in _widths(self.max_len):
+                # Padding rows at position 0: what the warm-up passes write into the slots is
+                # overwritten by the first rows that join.
+                zeros = [0] * bucket
+                if self._captured(bucket, width, [PEFT_BASE] * bucket, (zeros, zeros), fused, live=False) is None:
+                    return self.captures - before, time.perf_counter() - started
+        return self.captures - before, time.perf_counter() - started
+
+    def _captured(self, bucket, width, names, inputs, fused, *, live: bool = True) -> _Step | None:
+        """The (bucket, width) step's graph, captured now if it has none (`live`: under traffic,
+        told to on_capture); None when its capture failed (graphs are then off)."""
         # Loads, evictions and reloads copy into the adapter pool in place; only a new pool (a
         # new layer, a higher rank, more adapters than slots) or the first adapter recaptures.
         key = (id(self.runner.model), fused.pool_version if fused else None)
@@ -167,35 +200,33 @@ class SlotKV:
             self._steps.clear()
             self._graph_key = key
         step = self._steps.get((bucket, width))
-        padded = names + [PEFT_BASE] * (bucket - rows)
-        inputs = (tokens + [0] * (bucket - rows), positions + [0] * (bucket - rows))
-        if step is None:
-            step = _Step(self, bucket, width)
-            # The warm-up passes write this step's keys and values into the cache: with this
-            # step's own inputs, what they write is what the replay writes again.
-            step.load(*inputs)
-            started = time.perf_counter()
-            try:
-                with torch.inference_mode():
-                    step.capture(padded, self._graph_pool())
-            except GraphCaptureError:
-                log.exception(
-                    "CUDA graph capture failed for %d rows x %d columns: decoding without graphs from now on",
-                    bucket,
-                    width,
-                )
-                self.graphs = False
-                self._steps.clear()
-                self._on_graphs_off()
-                return self._decode_eager(tokens, positions, names, need)
-            self._steps[(bucket, width)] = step
-            self.captures += 1
-            seconds = time.perf_counter() - started
+        if step is not None:
+            return step
+        step = _Step(self, bucket, width)
+        # The warm-up passes write this step's keys and values into the cache: with this
+        # step's own inputs, what they write is what the replay writes again.
+        step.load(*inputs)
+        started = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                step.capture(names, self._graph_pool())
+        except GraphCaptureError:
+            log.exception(
+                "CUDA graph capture failed for %d rows x %d columns: decoding without graphs from now on",
+                bucket,
+                width,
+            )
+            self.graphs = False
+            self._steps.clear()
+            self._on_graphs_off()
+            return None
+        self._steps[(bucket, width)] = step
+        self.captures += 1
+        seconds = time.perf_counter() - started
+        if live:
             self._on_capture(seconds)
             log.info("captured the decode step for %d rows x %d columns in %.2f s", bucket, width, seconds)
-        step.load(*inputs)
-        with torch.inference_mode():
-            return step.replay(padded)[:rows].clone()
+        return step
 
     # --- internals ----------------------------------------------------------------------------
 

@@ -4,17 +4,26 @@ engine (test_batched_engine.py, test_batched_smollm2.py); CUDA capture itself in
 
 from __future__ import annotations
 
+import asyncio
 from types import SimpleNamespace
 
 import pytest
 import torch
 from transformers import DynamicCache
 
+from service.engine import EngineRequest, SamplingParams
 from service.engine.kvcache import SlotKV, static_kv_bytes, static_kv_unsupported
 from service.engine.kvcache.slots import _buckets, _widths
 from service.metrics import Metrics
 from service.runtime import load_runtime
-from tests.factories import make_lora_adapter, preload_adapters, tiny_settings
+from tests.factories import (
+    batched_engine,
+    make_lora_adapter,
+    make_residency,
+    preload_adapters,
+    run_engine,
+    tiny_settings,
+)
 
 LAYERS, HEADS, DIM = 2, 3, 4
 
@@ -150,6 +159,37 @@ def check_adapter_churn(runner, tiny, tmp_path, *, emulate: bool, atol: float = 
     model.load_adapter(str(tmp_path / "mlp"), adapter_name="mlp")
     step(9, ["alpha", "mlp"])
     assert kv.captures == 3
+
+
+def test_every_bucket_is_captured_at_start_and_none_under_traffic(tiny, cache_dir, tmp_path):
+    """With CUDA graphs (replayed eagerly off CUDA), the start loads the first adapter, so the
+    model is the PEFT model the graphs belong to, and captures every (rows, width) bucket; mixed
+    traffic on both adapters and the base (the second swapped into a slot of the same shape)
+    then captures nothing, and gives the dynamic cache's tokens (issue #22, item 3)."""
+    from service.runtime import capture_at_start
+
+    residency = make_residency(tiny, cache_dir, tmp_path, 2)
+    captured = []
+    engine = batched_engine(residency, kv_cache="static", on_capture=captured.append)
+    engine.kv_cache.graphs = True
+    metrics = Metrics()
+    capture_at_start(engine, residency, metrics)
+    buckets = len(_buckets(4)) * len(_widths(256))  # the tiny engine: 4 rows, 256 positions
+    assert residency.resident == ["alpha"] and engine.kv_cache.captures == buckets == 9
+    assert metrics.registry.get_sample_value("hotswap_cuda_graph_startup_seconds") > 0
+
+    async def body(engine):
+        async def one(i, adapter):
+            prompt = tuple(range(3 + i, 9 + 5 * i))
+            params = SamplingParams(max_tokens=70 - 20 * i, temperature=0.0, ignore_eos=True)
+            outputs = [o async for o in engine.generate(EngineRequest(f"r{i}", prompt, adapter, params))]
+            return [t for o in outputs for t in o.token_ids]
+
+        return await asyncio.gather(*(one(i, a) for i, a in enumerate(["alpha", "beta", None])))
+
+    got = run_engine(engine, body)  # 3 rows, then 2 and 1; widths 64 and 128
+    assert captured == [] and engine.kv_cache.captures == buckets
+    assert got == run_engine(batched_engine(residency, kv_cache="dynamic"), body)
 
 
 def test_adapters_the_pool_cannot_hold_run_eagerly(runner, tiny, tmp_path):
