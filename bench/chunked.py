@@ -4,11 +4,14 @@
 once they run, --joiners requests with --long-tokens prompts arrive one after another (each
 generating 4 tokens). The same scenario runs against three services, one after the other:
 - whole: the prefill budget per step (MAX_PREFILL_TOKENS) is larger than the long prompts, so
-  each joins in one prefill, which every running stream waits for;
-- separate: --budget, the long prompts prefilled in chunks, each in a forward pass of its own
-  between decode steps (PACKED_STEPS=false);
-- packed: --budget, each chunk inside the decode step's forward pass (PACKED_STEPS=true, the
-  default; service/engine/packed.py).
+  each joins in one prefill pass of its own, which every running stream waits for
+  (PACKED_STEPS=false);
+- separate: --budget, prompts longer than it prefilled in chunks, each in a forward pass of
+  its own between decode steps (PACKED_STEPS=false);
+- packed: --budget, every prompt (a long one a chunk at a time) inside the decode step's
+  forward pass (PACKED_STEPS=true, the default; service/engine/packed.py).
+With --long-tokens no larger than --budget, the joiners are short prompts arriving one by one:
+separate then prefills each in a pass of its own, packed carries it in a decode step.
 Prints the running streams' ITL p50 and p99 and their ratio for each, and the joiners' TTFT;
 then each run's p99 over the whole run's p50 (a decode step with no join in it): with small
 chunks most steps carry one, and the p50 itself rises.
@@ -94,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     del base
     results = {}
     runs = (
-        ("whole", max(4096, args.long_tokens + 1), "true"),
+        ("whole", max(4096, args.long_tokens + 1), "false"),
         ("separate", args.budget, "false"),
         ("packed", args.budget, "true"),
     )

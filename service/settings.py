@@ -69,11 +69,11 @@ class Settings(BaseSettings):
     )
     packed_steps: bool = Field(
         True,
-        description="Chunks of long prompts (chunked prefill) in the decode step's own forward "
-        "pass, each token through its own adapter and attending to its own keys only, instead "
-        "of a pass of their own that the running streams wait for. Where the model and KV cache "
+        description="New prompts, and chunks of long ones (chunked prefill), in the decode step's "
+        "own forward pass, each token through its own adapter and attending to its own keys "
+        "only, instead of a pass of their own that the running streams wait for. Where the model and KV cache "
         "allow: the dynamic cache, attention through transformers' interface, full attention "
-        "without ALiBi, every adapter through the fused LoRA; elsewhere chunks run separately.",
+        "without ALiBi, every adapter through the fused LoRA; elsewhere prompts are prefilled separately.",
     )
     kv_cache: Literal["auto", "static", "dynamic"] = Field(
         "auto",

@@ -82,8 +82,8 @@ class BatchedEngine(WorkerEngine):
         # one, and the hooks told who waits for a slot (labels) and how long a wait took.
         self._draining: str | None = None
         self.prefix_cache = prefix_cache  # KV of prompt prefixes, per adapter version
-        # Chunked prefill: jobs whose prompt is longer than the step's budget, prefilled a chunk
-        # per iteration between decode steps (each holds the KV done so far as `job.prefix`).
+        # Jobs whose prompt is prefilled in decode steps (packed) or between them: a long one a
+        # chunk per iteration (each holds the KV done so far as `job.prefix`).
         self._chunking: list[Job] = []
         self._can_chunk = prefix_unsupported(self.runner) is None
         self.packed_steps = packed_steps  # chunks in the decode step's pass (see _packs)
@@ -130,13 +130,13 @@ class BatchedEngine(WorkerEngine):
         while True:
             admitted, stop = self._admissions()
             started = time.perf_counter()
-            self._admit_all(admitted)
+            prefilled = self._admit_all(admitted)
             pieces = [] if stop else self._chunk_plan()
             separate = bool(pieces) and not self._packs()
             if separate:
                 self._advance_chunks(pieces)  # each chunk in a forward pass of its own
                 pieces = []
-            if admitted or separate:
+            if prefilled or separate:
                 self._on_phase("prefill", time.perf_counter() - started)
             self._outbox.flush()
             if stop:
@@ -253,17 +253,23 @@ class BatchedEngine(WorkerEngine):
     def _slot_waiters(jobs: Any) -> list[str]:
         return [j.label for j in jobs if j.waiting_since is not None]
 
-    def _admit_all(self, jobs: list[Job]) -> None:
-        """Prefill the jobs admitted this iteration: together in one forward pass (a job whose
-        prompt starts with a stored prefix runs only the rest of it, in the same pass), except
-        those that want their prompt's log-probabilities (every position's logits), one by one.
+    def _admit_all(self, jobs: list[Job]) -> bool:
+        """Start the jobs admitted this iteration. Where steps can be packed (packed.py), every
+        prompt rides in this iteration's decode step (a long one a chunk per step); otherwise
+        the prompts are prefilled now, together in one forward pass (a job whose prompt starts
+        with a stored prefix runs only the rest of it, in the same pass), and a long one is
+        chunked. Those that want their prompt's log-probabilities (every position's logits) are
+        prefilled now, one by one. Returns whether anything was prefilled now.
 
         Prefilling prefix hits one by one cost a forward pass each: with a shared system prompt
         every request hits, and 16 joining clients took 16 passes (bench.gap, docs/benchmarks.md).
+        A pass of its own for each iteration's new prompts cost the running streams that pass's
+        fixed part whenever requests arrive one by one.
         """
         for job in jobs:
             job.prefix = self._stored_prefix(job)
-        for job in [j for j in jobs if self._chunked(j)]:  # prefilled a chunk per iteration
+        packs = bool(jobs) and self._packs()
+        for job in [j for j in jobs if self._chunked(j) or (packs and j.request.params.prompt_logprobs is None)]:
             self._change(waiting_remove=job.label, running_add=job.label)
             self._chunking.append(job)
             jobs = [j for j in jobs if j is not job]
@@ -275,6 +281,7 @@ class BatchedEngine(WorkerEngine):
                 self._admit(job)
         if together:
             self._admit_together(together)
+        return bool(jobs)
 
     def _stored_prefix(self, job: Job) -> Any:
         if self.prefix_cache is None or job.request.params.prompt_logprobs is not None:

@@ -1,9 +1,9 @@
 """Packed steps: the running rows' decode tokens and pieces of joining prompts in one forward pass.
 
-A chunk of a long prompt prefilled in a forward pass of its own costs the pass's fixed part on
-top of the decode step it is interleaved with: on a CPU with a 4-bit base that part is most of a
-small pass (bitsandbytes dequantizes every weight, about 65 ms on SmolLM2), and the running
-streams waited for it at every chunk (bench.chunked). Here the tokens of every row and piece go
+A joining prompt, or a chunk of a long one, prefilled in a forward pass of its own costs the
+pass's fixed part on top of the decode step it comes with: on a CPU with a 4-bit base that part
+is most of a small pass (bitsandbytes dequantizes every weight, about 65 ms on SmolLM2), and the
+running streams waited for it at every join and every chunk (bench.chunked). Here the tokens of every row and piece go
 through the model as one sequence of a one-row batch, so the linear layers run once, on real
 tokens only, each token through its own adapter (FusedMixedLoRA's packed routing).
 

@@ -148,7 +148,8 @@ def test_a_failing_step_fails_its_batch_and_the_engine_serves_on(runner, monkeyp
     from service.errors import StepFailed
 
     engine = make(runner, kv=kv)
-    step = "decode_batch" if kv == "dynamic" else "forward_slots"
+    # Every forward pass: on the dynamic cache new prompts ride in the decode step (packed.py)
+    step = "_forward" if kv == "dynamic" else "forward_slots"
     failures = {"left": 1}
     monkeypatch.setattr(runner, step, failing(getattr(runner, step), failures, "simulated device fault"))
 
@@ -198,9 +199,10 @@ def test_admission_is_per_http_request_and_admitted_sequences_are_never_refused(
     run(engine, body)
 
 
-def test_the_engine_reports_its_prefill_and_decode_time(runner):
+@pytest.mark.parametrize("packed", [True, False])
+def test_the_engine_reports_its_prefill_and_decode_time(runner, packed):
     phases = []
-    engine = make(runner, on_phase=lambda phase, seconds: phases.append((phase, seconds)))
+    engine = make(runner, packed_steps=packed, on_phase=lambda phase, seconds: phases.append((phase, seconds)))
     params = SamplingParams(max_tokens=5, temperature=0.0)
 
     async def body(engine):
@@ -209,10 +211,12 @@ def test_the_engine_reports_its_prefill_and_decode_time(runner):
 
     run(engine, body)
     decode = [s for p, s in phases if p == "decode"]
-    prefill = [s for p, s in phases if p == "prefill"]
-    # every token after each prompt's first comes from a decode step; each prompt was prefilled
+    # each prompt was prefilled: in passes of their own, or in (packed) decode steps
+    prefill = [s for p, s in phases if p == ("packed" if packed else "prefill")]
+    # every token after each prompt's first comes from a decode step
     assert 4 <= len(decode) <= 3 * 4 and 1 <= len(prefill) <= 3
-    assert all(s > 0 for s in decode + prefill) and {p for p, _ in phases} == {"prefill", "decode"}
+    assert all(s > 0 for s in decode + prefill)
+    assert {p for p, _ in phases} == {"packed" if packed else "prefill", "decode"}
 
 
 def test_a_prefilled_batch_that_cannot_join_the_cache_fails_its_requests_not_the_engine(runner, kv):

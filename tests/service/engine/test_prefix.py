@@ -103,7 +103,7 @@ def test_prompts_with_stored_prefixes_of_any_length_prefill_together(tiny, cache
     ]
     plain = serve(residency, waves, None, kv)
     looked, passes = [], []
-    for name in ("prefill", "prefill_batch"):  # count the prefill forward passes
+    for name in ("prefill", "prefill_batch", "step_packed"):  # count the passes that prefill
         method = getattr(ModelRunner, name)
         monkeypatch.setattr(ModelRunner, name, lambda *a, _m=method, **k: passes.append(1) or _m(*a, **k))
     cache = PrefixCache(64 << 20, on_lookup=lambda hit, tokens: looked.append(tokens))
@@ -111,8 +111,9 @@ def test_prompts_with_stored_prefixes_of_any_length_prefill_together(tiny, cache
     assert reused == plain  # token for token what full prefills give
     assert sorted(looked[3:]) == [0, BLOCK, 2 * BLOCK, len(SHARED)]
     # Each wave is one forward pass, hits included (2); a wave whose requests reach the engine
-    # thread across two iterations makes it 3. One pass per hit, as before, made it 5.
-    assert len(passes) <= 3
+    # thread across two iterations makes it 3. One pass per hit, as before, made it 5. (On the
+    # dynamic cache the passes are packed steps, which also carry the running rows' tokens.)
+    assert 2 <= len(passes) <= 3
 
 
 def test_a_batch_of_long_hits_and_misses_fits_the_static_cache(tiny, cache_dir, tmp_path):
