@@ -26,7 +26,7 @@ from transformers import DynamicCache
 
 from service.engine import BASE, EngineOutput
 from service.engine.kvcache import PaddedKV, SlotKV, kv_shape
-from service.engine.packed import Piece, to_cache
+from service.engine.packed import Piece, stack_rows, to_cache
 from service.engine.prefix import Hit, PrefixCache, cache_layers
 from service.engine.prefix import unsupported as prefix_unsupported
 from service.engine.runner import hidden_dtype
@@ -345,8 +345,10 @@ class BatchedEngine(WorkerEngine):
             job.prefix = Hit(end, cache)
 
     def _finish_pieces(self, plan: list[tuple[Job, Piece]], logits: torch.Tensor, done: list) -> None:
-        """After a packed step: each chunked prompt keeps its KV so far, and one whose last
-        chunk ran starts generating (its first token from the chunk's last logits)."""
+        """After a packed step: each chunked prompt keeps its KV so far, and those whose last
+        piece ran start generating (the first token from the piece's last logits), joining the
+        running batch together."""
+        joining: list[tuple[_Row, list]] = []
         for (job, piece), last, layers in zip(plan, logits, done, strict=True):
             end = piece.start + len(piece.ids)
             if end < len(job.request.prompt_ids):
@@ -364,14 +366,18 @@ class BatchedEngine(WorkerEngine):
             if self._emit(row, last):
                 self._change(running_remove=job.label)
                 continue
-            try:
-                self._kv.join(to_cache(layers), torch.ones((1, row.length), dtype=torch.long, device=last.device))
-            except Exception as exc:  # this row fails (after its first token), never the engine
-                self._step_failed("prefill", exc, 1)
-                self._outbox.post(job, StepFailed(f"generation failed: {type(exc).__name__}: {exc}"))
-                self._change(running_remove=job.label)
-                continue
-            self._rows.append(row)
+            joining.append((row, layers))
+        if not joining:
+            return
+        try:
+            self._kv.join(*stack_rows([layers for _, layers in joining]))
+        except Exception as exc:  # these rows fail (after their first token), never the engine
+            self._step_failed("prefill", exc, len(joining))
+            for row, _ in joining:
+                self._outbox.post(row.job, StepFailed(f"generation failed: {type(exc).__name__}: {exc}"))
+                self._change(running_remove=row.job.label)
+            return
+        self._rows += [row for row, _ in joining]
 
     def _fail_pieces(self, plan: list[tuple[Job, Piece]], error: Exception) -> None:
         for job, _ in plan:

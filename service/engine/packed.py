@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, DynamicCache
 
+from service.engine.prefix import pad_left
+
 Layers = list[tuple[torch.Tensor, torch.Tensor]]  # per layer, keys and values [rows, heads, columns, dim]
 ATTENTION = "hotswap_packed"
 _active = threading.local()  # the PackedCache of the pass running on this thread
@@ -185,3 +187,18 @@ def to_cache(layers: Layers) -> DynamicCache:
     for index, (keys, values) in enumerate(layers):
         cache.update(keys, values, index)
     return cache
+
+
+def stack_rows(rows: list[Layers]) -> tuple[DynamicCache, torch.Tensor]:
+    """One left-padded cache of several one-row KVs (as a batched prefill leaves it), and its
+    0/1 mask [rows, longest]: the rows join the running batch in one copy, not one each."""
+    lengths = [layers[0][0].shape[2] for layers in rows]
+    width = max(lengths)
+    cache = DynamicCache()
+    for index in range(len(rows[0])):
+        keys, values = (torch.cat([pad_left(layers[index][kind], width) for layers in rows]) for kind in (0, 1))
+        cache.update(keys, values, index)
+    device = rows[0][0][0].device
+    starts = torch.tensor([width - n for n in lengths], device=device)
+    mask = (torch.arange(width, device=device)[None] >= starts[:, None]).long()
+    return cache, mask

@@ -142,3 +142,15 @@ def unsupported(runner: Any) -> str | None:
 def cache_layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per layer, the keys and values a DynamicCache holds."""
     return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def pad_left(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    """Left-pad with zeros to `width` columns: the last dimension of a [rows, columns] mask, the
+    third of [rows, heads, columns, dim] keys or values."""
+    dim = -1 if tensor.dim() == 2 else -2
+    missing = width - tensor.shape[dim]
+    if missing <= 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)

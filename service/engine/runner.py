@@ -15,6 +15,7 @@ from service.engine.model import LoRAModel
 from service.engine.packed import Layers, PackedCache, Piece, packed_pass
 from service.engine.packed import inputs as packed_inputs
 from service.engine.packed import supported as packed_supported
+from service.engine.prefix import pad_left
 from service.engine.prefix import unsupported as prefix_unsupported
 
 POOL_MAX_ADAPTERS = 16  # loaded adapters up to which eager batches may go through the LoRA pool
@@ -264,7 +265,7 @@ class ModelRunner:
             shape = (1, keys.shape[1], past_width, keys.shape[3])
             blank = keys.new_zeros(shape)
             padded = [
-                [blank if layers is None else _pad_columns(layers[index][kind], past_width) for layers in stored]
+                [blank if layers is None else pad_left(layers[index][kind], past_width) for layers in stored]
                 for kind in (0, 1)
             ]
             cache.update(torch.cat(padded[0]), torch.cat(padded[1]), index)
@@ -326,11 +327,3 @@ def _cache_kwarg(model: Any) -> str:
 def hidden_dtype(model: Any) -> torch.dtype:
     """The dtype of the hidden states, and so of the keys and values: the input embeddings'."""
     return model.get_input_embeddings().weight.dtype
-
-
-def _pad_columns(states: torch.Tensor, width: int) -> torch.Tensor:
-    """Left-pad [1, heads, columns, dim] keys or values with zeros to `width` columns."""
-    missing = width - states.shape[2]
-    if not missing:
-        return states
-    return torch.cat([states.new_zeros((*states.shape[:2], missing, states.shape[3])), states], dim=2)

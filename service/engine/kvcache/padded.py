@@ -11,7 +11,7 @@ import torch
 from transformers import DynamicCache
 
 from service.engine.packed import Piece
-from service.engine.prefix import cache_layers
+from service.engine.prefix import cache_layers, pad_left
 from service.engine.runner import ModelRunner
 
 
@@ -35,10 +35,10 @@ class PaddedKV:
             self._cache, self._mask = cache, new_mask
             return
         width = max(self._mask.shape[1], new_mask.shape[1])
-        self._mask = torch.cat([_pad_left(self._mask, width), _pad_left(new_mask, width)], dim=0)
+        self._mask = torch.cat([pad_left(self._mask, width), pad_left(new_mask, width)], dim=0)
         for running, joining in zip(self._cache.layers, cache.layers, strict=True):
-            running.keys = torch.cat([_pad_left(running.keys, width), _pad_left(joining.keys, width)])
-            running.values = torch.cat([_pad_left(running.values, width), _pad_left(joining.values, width)])
+            running.keys = torch.cat([pad_left(running.keys, width), pad_left(joining.keys, width)])
+            running.values = torch.cat([pad_left(running.values, width), pad_left(joining.values, width)])
 
     def decode(self, tokens: list[int], positions: list[int], adapters: list[str | None]) -> torch.Tensor:
         mask = torch.cat([self._mask, self._mask.new_ones((len(tokens), 1))], dim=1)
@@ -85,14 +85,3 @@ class PaddedKV:
 
     def clear(self) -> None:
         self._cache = self._mask = None
-
-
-def _pad_left(tensor: torch.Tensor, width: int) -> torch.Tensor:
-    """Left-pad the sequence dimension (-1 for masks, -2 for keys/values) with zeros to `width`."""
-    dim = -1 if tensor.dim() == 2 else -2
-    missing = width - tensor.shape[dim]
-    if missing == 0:
-        return tensor
-    shape = list(tensor.shape)
-    shape[dim] = missing
-    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
