@@ -52,7 +52,9 @@ class PackedCache(DynamicCache):
     """A packed pass's cache: `update` appends each owner's new keys and values to the owner's
     own KV and hands the pass's new ones back (packed_attention reads the owners' KV)."""
 
-    def __init__(self, running: Layers | None, running_mask: torch.Tensor | None, pieces: list[Piece]):
+    def __init__(
+        self, running: Layers | None, running_mask: torch.Tensor | None, pieces: list[Piece], device: torch.device
+    ):
         super().__init__()
         self.rows = 0 if running is None else running[0][0].shape[0]
         self.running = list(running) if running is not None else None
@@ -62,7 +64,6 @@ class PackedCache(DynamicCache):
         if self.rows:  # [rows, 1, 1, columns + 1]: each row's valid columns and its new token
             mask = torch.cat([running_mask, running_mask.new_ones((self.rows, 1))], dim=1).bool()
             self.row_mask = mask[:, None, None, :]
-        device = running_mask.device if running_mask is not None else None
         self.piece_masks = [
             # query i of a piece (position start + i) sees its past and its own tokens up to i
             torch.arange(start + size, device=device)[None] <= torch.arange(start, start + size, device=device)[:, None]

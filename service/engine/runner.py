@@ -116,7 +116,7 @@ class ModelRunner:
         fp32 logits of each row's token and each piece's last one [rows + pieces, vocab], the
         rows' caches a column longer, and each piece's KV (its past, then its tokens)."""
         ids, position_ids, names, keep = packed_inputs(tokens, positions, adapters, pieces, self.device)
-        cache = PackedCache(running, running_mask, pieces)
+        cache = PackedCache(running, running_mask, pieces, self.device)
         with packed_pass(self.model, cache):
             out = self._forward(
                 names,
