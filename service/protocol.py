@@ -230,7 +230,11 @@ class CompletionRequest(_SamplingFields):
     @model_validator(mode="after")
     def _one_prompt_source(self) -> CompletionRequest:
         if (self.prompt is None) == (self.input is None):
-            raise ValueError("give exactly one of `prompt` or `input`")
+            raise PydanticCustomError(
+                "one_prompt_source",
+                "{param}: give exactly one of `prompt` or `input`",
+                {"param": "prompt" if self.prompt is None else "input"},
+            )
         return self
 
     def budget(self, server_default: int) -> int:
@@ -461,7 +465,11 @@ class TokenizeRequest(_TextRequest):
     @model_validator(mode="after")
     def _one_source(self) -> TokenizeRequest:
         if (self.prompt is None) == (self.messages is None):
-            raise ValueError("give exactly one of `prompt` or `messages`")
+            raise PydanticCustomError(
+                "one_prompt_source",
+                "{param}: give exactly one of `prompt` or `messages`",
+                {"param": "prompt" if self.prompt is None else "messages"},
+            )
         return self
 
 

@@ -142,6 +142,8 @@ def test_input_renders_the_adapter_template(client, tokenizer):
         ({"model": "tiny", "prompt": "x", "max_tokens": 100}, 400, "max_tokens"),
         ({"model": "tiny", "prompt": 5}, 400, "prompt"),
         ({"prompt": "x"}, 400, "model"),
+        ({"model": "alpha"}, 400, "prompt"),  # neither prompt nor input
+        ({"model": "alpha", "prompt": "", "input": {"instruction": "x"}}, 400, "input"),  # both
     ],
 )
 def test_bad_requests_are_openai_errors_naming_the_field(client, payload, status, param):

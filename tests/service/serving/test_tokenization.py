@@ -48,8 +48,8 @@ def test_tokenizer_info_gives_special_tokens_and_the_chat_template(client, token
     "path, payload, status, param",
     [
         ("/tokenize", {"model": "nosuch", "prompt": "x"}, 404, "model"),
-        ("/tokenize", {"prompt": "x", "messages": [{"role": "user", "content": "y"}]}, 400, None),
-        ("/tokenize", {}, 400, None),
+        ("/tokenize", {"prompt": "x", "messages": [{"role": "user", "content": "y"}]}, 400, "messages"),
+        ("/tokenize", {}, 400, "prompt"),
         ("/detokenize", {"tokens": [1, 10**9]}, 400, "tokens.1"),
         ("/detokenize", {"tokens": [-1]}, 400, "tokens.0"),
         ("/detokenize", {"tokens": "abc"}, 400, "tokens"),
