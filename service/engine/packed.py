@@ -23,6 +23,8 @@ prefills the others' chunks in passes of their own.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,9 +76,8 @@ class PackedCache(DynamicCache):
         rows = self.rows
         if rows:
             keys, values = self.running[layer_idx]
-            new = [
-                s[0, :, :rows].transpose(0, 1).unsqueeze(2) for s in (key_states, value_states)
-            ]  # [rows, heads, 1, dim]
+            # the rows' tokens come first: [1, heads, rows, dim] -> [rows, heads, 1, dim]
+            new = [s[0, :, :rows].transpose(0, 1).unsqueeze(2) for s in (key_states, value_states)]
             self.running[layer_idx] = (torch.cat([keys, new[0]], dim=2), torch.cat([values, new[1]], dim=2))
         start = rows
         for own, size in zip(self.pieces, self.sizes, strict=True):
@@ -133,24 +134,20 @@ def packed_attention(
 AttentionInterface.register(ATTENTION, packed_attention)
 
 
-class packed_pass:
-    """Context manager: the model's attention is `packed_attention` over `cache` meanwhile."""
-
-    def __init__(self, model: Any, cache: PackedCache):
-        self.configs = {id(c): c for c in (model.config, getattr(model.config, "get_text_config", lambda: None)())}
-        self.configs = [c for c in self.configs.values() if c is not None]
-        self.cache = cache
-
-    def __enter__(self) -> PackedCache:
-        self.saved = [c._attn_implementation for c in self.configs]
-        for config in self.configs:
-            config._attn_implementation = ATTENTION
-        _active.cache = self.cache
-        return self.cache
-
-    def __exit__(self, *exc: Any) -> None:
-        for config, saved in zip(self.configs, self.saved, strict=True):
-            config._attn_implementation = saved
+@contextmanager
+def packed_pass(model: Any, cache: PackedCache) -> Iterator[PackedCache]:
+    """The model's attention is `packed_attention` over `cache` meanwhile (on this thread)."""
+    text = getattr(model.config, "get_text_config", lambda: None)()
+    configs = list({id(c): c for c in (model.config, text) if c is not None}.values())
+    saved = [c._attn_implementation for c in configs]
+    for config in configs:
+        config._attn_implementation = ATTENTION
+    _active.cache = cache
+    try:
+        yield cache
+    finally:
+        for config, implementation in zip(configs, saved, strict=True):
+            config._attn_implementation = implementation
         _active.cache = None
 
 

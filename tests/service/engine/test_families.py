@@ -204,3 +204,4 @@ def test_a_packed_step_computes_what_separate_passes_do(worlds, cache_dir, famil
         torch.testing.assert_close(v, v2, atol=1e-5, rtol=1e-4)
     assert PEFT_BASE not in (runner.fused.names or ())  # routing reset after the pass
     assert not runner.fused.packed
+    assert runner.model.config._attn_implementation != "hotswap_packed"  # the model's own again
