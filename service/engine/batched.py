@@ -82,11 +82,11 @@ class BatchedEngine(WorkerEngine):
         # one, and the hooks told who waits for a slot (labels) and how long a wait took.
         self._draining: str | None = None
         self.prefix_cache = prefix_cache  # KV of prompt prefixes, per adapter version
-        # Jobs whose prompt is prefilled in decode steps (packed) or between them: a long one a
-        # chunk per iteration (each holds the KV done so far as `job.prefix`).
-        self._chunking: list[Job] = []
+        # Joining jobs: their prompt is prefilled in decode steps (packed) or between them, a
+        # long one a chunk per iteration (each holds the KV done so far as `job.prefix`).
+        self._joining: list[Job] = []
         self._can_chunk = prefix_unsupported(self.runner) is None
-        self.packed_steps = packed_steps  # chunks in the decode step's pass (see _packs)
+        self.packed_steps = packed_steps  # new prompts and chunks in the decode step's pass (_packs)
         self._on_slot_wait = on_slot_wait
         # Told the seconds of each iteration's prefill work (admissions and chunks) and of each
         # decode step: where the engine thread's time goes (hotswap_engine_step_seconds).
@@ -131,7 +131,7 @@ class BatchedEngine(WorkerEngine):
             admitted, stop = self._admissions()
             started = time.perf_counter()
             prefilled = self._admit_all(admitted)
-            pieces = [] if stop else self._chunk_plan()
+            pieces = [] if stop else self._piece_plan()
             separate = bool(pieces) and not self._packs()
             if separate:
                 self._advance_chunks(pieces)  # each chunk in a forward pass of its own
@@ -153,7 +153,7 @@ class BatchedEngine(WorkerEngine):
                     self._step_failed("decode step", exc, len(self._rows) + len(pieces))
                     error = StepFailed(f"generation failed: {type(exc).__name__}: {exc}")
                     self._fail_pieces(pieces, error)
-                    self._fail_running(error, chunking=False)
+                    self._fail_running(error, joining=False)
                 else:
                     self._step_succeeded()
                     self._on_phase("packed" if pieces else "decode", time.perf_counter() - started)
@@ -175,20 +175,20 @@ class BatchedEngine(WorkerEngine):
         waiting: list[Job] = []  # passed over this time, in order
         blocked: set[str | None] = set()  # adapters that wait; their later jobs stay behind
         stop = False
-        # The step's prefill budget goes to prompts being chunked first, then to new ones.
-        tokens = min(self.max_prefill_tokens, sum(self._left(j) for j in self._chunking))
+        # The step's prefill budget goes to prompts still joining first, then to new ones.
+        tokens = min(self.max_prefill_tokens, sum(self._left(j) for j in self._joining))
         running = {j.key for j in self._busy_jobs()} - {None}
         if self.residency is not None:
             self.residency.preload_pending(running)
         lookahead = len(self._pending) + self.capacity * 4
-        while len(self._rows) + len(self._chunking) + len(admitted) < self.capacity and lookahead > 0:
+        while len(self._rows) + len(self._joining) + len(admitted) < self.capacity and lookahead > 0:
             lookahead -= 1
             if self._pending:
                 job = self._pending.popleft()
             elif len(waiting) >= self.capacity * 4:
                 break
             else:
-                idle = not self._rows and not self._chunking and not admitted and not waiting
+                idle = not self._rows and not self._joining and not admitted and not waiting
                 job = self._take(block=idle)
                 if job is None:
                     break
@@ -231,13 +231,13 @@ class BatchedEngine(WorkerEngine):
         if waiters != self._waiters:
             self._waiters = waiters
             self._on_slot_wait(waiters, None)
-        if not admitted and not self._rows and not self._chunking and self._pending and not stop:
+        if not admitted and not self._rows and not self._joining and self._pending and not stop:
             self._wait_for_adapters()  # every waiting job waits for a disk read
         return admitted, stop
 
     def _busy_jobs(self) -> list[Job]:
-        """Jobs that hold an adapter slot: running rows and prompts being chunked."""
-        return [r.job for r in self._rows] + self._chunking
+        """Jobs that hold an adapter slot: running rows and prompts still joining."""
+        return [r.job for r in self._rows] + self._joining
 
     def _drain_choice(self, running: set[str]) -> str | None:
         """The running adapter to stop admitting to, so its slot frees soonest: the fewest
@@ -271,7 +271,7 @@ class BatchedEngine(WorkerEngine):
         packs = bool(jobs) and self._packs()
         for job in [j for j in jobs if self._chunked(j) or (packs and j.request.params.prompt_logprobs is None)]:
             self._change(waiting_remove=job.label, running_add=job.label)
-            self._chunking.append(job)
+            self._joining.append(job)
             jobs = [j for j in jobs if j is not job]
         together = [j for j in jobs if j.request.params.prompt_logprobs is None]
         if len(together) < 2:
@@ -303,13 +303,13 @@ class BatchedEngine(WorkerEngine):
         """Prompt tokens of the job not prefilled yet."""
         return len(job.request.prompt_ids) - (job.prefix.length if job.prefix is not None else 0)
 
-    def _chunk_plan(self) -> list[tuple[Job, Piece]]:
-        """This iteration's chunk of each prompt being chunked, FIFO within the step's prefill
+    def _piece_plan(self) -> list[tuple[Job, Piece]]:
+        """This iteration's piece of each joining prompt, FIFO within the step's prefill
         budget (a prompt whose rest fits gets all of it, and starts generating after it)."""
         budget, plan = self.max_prefill_tokens, []
-        for job in list(self._chunking):
+        for job in list(self._joining):
             if job.cancelled.is_set():
-                self._chunking.remove(job)
+                self._joining.remove(job)
                 self._change(running_remove=job.label)
                 continue
             if budget <= 0:
@@ -333,7 +333,7 @@ class BatchedEngine(WorkerEngine):
         for job, piece in plan:
             end = piece.start + len(piece.ids)
             if end == len(job.request.prompt_ids):
-                self._chunking.remove(job)
+                self._joining.remove(job)
                 self._admit(job, started=True)
                 continue
             try:
@@ -345,7 +345,7 @@ class BatchedEngine(WorkerEngine):
             job.prefix = Hit(end, cache)
 
     def _finish_pieces(self, plan: list[tuple[Job, Piece]], logits: torch.Tensor, done: list) -> None:
-        """After a packed step: each chunked prompt keeps its KV so far, and those whose last
+        """After a packed step: each joining prompt keeps its KV so far, and those whose last
         piece ran start generating (the first token from the piece's last logits), joining the
         running batch together."""
         joining: list[tuple[_Row, list]] = []
@@ -354,7 +354,7 @@ class BatchedEngine(WorkerEngine):
             if end < len(job.request.prompt_ids):
                 job.prefix = Hit(end, to_cache(layers))
                 continue
-            self._chunking.remove(job)
+            self._joining.remove(job)
             job.prefix = None
             self._store_prefix(job, layers)
             budget = self._budget(job)
@@ -381,8 +381,8 @@ class BatchedEngine(WorkerEngine):
 
     def _fail_pieces(self, plan: list[tuple[Job, Piece]], error: Exception) -> None:
         for job, _ in plan:
-            if job in self._chunking:
-                self._chunking.remove(job)
+            if job in self._joining:
+                self._joining.remove(job)
             self._outbox.post(job, error)
             self._change(running_remove=job.label)
 
@@ -486,8 +486,8 @@ class BatchedEngine(WorkerEngine):
         return finish is not None
 
     def _step(self, plan: list[tuple[Job, Piece]] = ()) -> None:
-        """One token for every running row; with `plan`, the chunks of prompts being chunked
-        in the same forward pass (a packed step)."""
+        """One token for every running row; with `plan`, the pieces of joining prompts in the
+        same forward pass (a packed step)."""
         rows = self._rows
         if rows:
             self._on_step(len(rows))
@@ -508,7 +508,7 @@ class BatchedEngine(WorkerEngine):
             if masks is not None:
                 masks.result()
         if plan:
-            logits, chunked = logits[: len(rows)], logits[len(rows) :]
+            logits, joined = logits[: len(rows)], logits[len(rows) :]
         # One argmax and one device-to-host copy for every greedy row, not one per row.
         greedy = None
         if any(r.job.request.params.temperature == 0.0 for r in rows):
@@ -524,7 +524,7 @@ class BatchedEngine(WorkerEngine):
         if len(keep) < len(rows):
             self._retain(keep)
         if plan:
-            self._finish_pieces(plan, chunked, done)
+            self._finish_pieces(plan, joined, done)
 
     def _queued(self) -> int:
         return super()._queued() + len(self._pending)
@@ -545,14 +545,14 @@ class BatchedEngine(WorkerEngine):
         order = self._kv.retain(keep)
         self._rows = [self._rows[i] for i in order]
 
-    def _fail_running(self, error: Exception, chunking: bool = True) -> None:
-        """Fail the running rows (and the prompts being chunked, unless `chunking` is False: a
-        failed decode step did not touch them)."""
-        jobs = self._busy_jobs() if chunking else [r.job for r in self._rows]
+    def _fail_running(self, error: Exception, joining: bool = True) -> None:
+        """Fail the running rows (and the prompts still joining, unless `joining` is False: a
+        failed step failed its own pieces, and did not touch the others)."""
+        jobs = self._busy_jobs() if joining else [r.job for r in self._rows]
         for job in jobs:
             self._outbox.post(job, error)  # after the step's earlier outputs, in order
             self._change(running_remove=job.label)
         self._rows = []
-        if chunking:
-            self._chunking = []
+        if joining:
+            self._joining = []
         self._kv.clear()

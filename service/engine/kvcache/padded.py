@@ -46,11 +46,6 @@ class PaddedKV:
         self._mask = mask
         return logits
 
-    @property
-    def width(self) -> int:
-        """Columns of the running rows' cache (padding included)."""
-        return 0 if self._mask is None else self._mask.shape[1]
-
     def step_packed(
         self, tokens: list[int], positions: list[int], adapters: list[str | None], pieces: list[Piece]
     ) -> tuple[torch.Tensor, list]:

@@ -191,17 +191,19 @@ def test_a_packed_step_computes_what_separate_passes_do(worlds, cache_dir, famil
     pieces = [Piece(prompts[2][6:], 6, "a2", cache_layers(head)), Piece(prompts[0][:5], 0, None)]
     whole = [runner.prefill(prompts[2], "a2"), runner.prefill(prompts[0][:5], None)]
 
+    # fp32 throughout: the bounds are summation order across BLAS shapes (one sequence against
+    # batches), far below what a wrong position, owner or adapter would move (order 1)
     got, grown, done = runner.step_packed(running, mask, tokens, positions, adapters[:2], pieces)
     assert got.shape[0] == 4
     torch.testing.assert_close(got[:2], reference, atol=2e-4, rtol=1e-4)
     for index, (last, piece_cache) in enumerate(whole):
         torch.testing.assert_close(got[2 + index], last, atol=2e-4, rtol=1e-4)
         for (k, v), (k2, v2) in zip(done[index], cache_layers(piece_cache), strict=True):
-            torch.testing.assert_close(k, k2, atol=1e-5, rtol=1e-4)
-            torch.testing.assert_close(v, v2, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(k, k2, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(v, v2, atol=1e-4, rtol=1e-4)
     for (k, v), (k2, v2) in zip(grown, cache_layers(cache), strict=True):  # the decode step's cache
-        torch.testing.assert_close(k, k2, atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(v, v2, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(k, k2, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(v, v2, atol=1e-4, rtol=1e-4)
     assert PEFT_BASE not in (runner.fused.names or ())  # routing reset after the pass
     assert not runner.fused.packed
     assert runner.model.config._attn_implementation != "hotswap_packed"  # the model's own again
