@@ -108,6 +108,30 @@ def test_in_place_swaps_compute_what_peft_loading_computes(tiny, cache_dir, tmp_
         torch.testing.assert_close(logits(residency, name), peft_logits(tiny, cache_dir, packages[name]), **CLOSE)
 
 
+@pytest.mark.parametrize("min_rank", [0, 8])
+def test_max_lora_rank_builds_slots_that_later_ranks_fit(tiny, cache_dir, tmp_path, min_rank):
+    """MAX_LORA_RANK (min_rank): the first slot is built at that rank, so a rank-8 adapter after
+    a rank-4 one is copied in place; without it the slot is rebuilt (PEFT wraps anew, and CUDA
+    graphs would be captured again)."""
+    fp = tiny.fingerprint
+    adapters = tmp_path / "adapters"
+    packages = {
+        "narrow": make_lora_adapter(tiny.base_dir, adapters / "narrow", fingerprint=fp, seed=4, rank=4),
+        "wide": make_lora_adapter(tiny.base_dir, adapters / "wide", fingerprint=fp, seed=3, rank=8),
+    }
+    base = load_base(str(tiny.base_dir), quantization="fp32", device="cpu", cache_dir=cache_dir)
+    registry = AdapterRegistry(adapters, base_id="tiny", base_fingerprint=fp)
+    registry.scan()
+    residency = AdapterResidency(registry, base.model, 1, max_host=0, min_rank=min_rank)
+    assert residency.ensure("narrow", busy=set())
+    first = residency.slot("narrow")
+    assert residency.ensure("wide", busy=set())
+    assert (residency.slot("wide") == first) == (min_rank == 8)
+    for name in ("wide", "narrow"):
+        assert residency.ensure(name, busy=set())
+        torch.testing.assert_close(logits(residency, name), peft_logits(tiny, cache_dir, packages[name]), **CLOSE)
+
+
 def test_an_adapter_peft_must_load_gets_a_slot_built_for_it(tiny, cache_dir, tmp_path):
     fp = tiny.fingerprint
     adapters = tmp_path / "adapters"
@@ -287,3 +311,15 @@ def test_start_pins_and_preloads_and_refuses_unknown_names(tiny, cache_dir, tmp_
         preload(residency, ["nope"], [])
     preload(residency, ["alpha"], ["beta"])
     assert sorted(residency.resident) == ["alpha", "beta"] and residency.pinned == {"alpha"}
+
+
+def test_the_max_lora_rank_setting_reaches_the_slots(tiny, cache_dir):
+    from service.metrics import Metrics
+    from service.runtime import load_runtime
+    from tests.factories import tiny_settings
+
+    settings = tiny_settings(tiny, cache_dir, max_lora_rank=8, preload_adapters=["alpha"])  # alpha: rank 4
+    residency = load_runtime(settings, Metrics()).residency
+    slot = residency.slot("alpha")
+    ranks = {m.lora_A[slot].weight.shape[0] for m in residency.model.modules() if slot in getattr(m, "lora_A", {})}
+    assert ranks == {8}
