@@ -174,8 +174,13 @@ def inputs(
 
 def supported(model: Any) -> bool:
     """Whether the model's attention goes through transformers' attention interface, which a
-    packed pass replaces (Falcon and BLOOM have their own)."""
+    packed pass replaces (Falcon and BLOOM have their own), as plain scaled dot products:
+    packed_attention has no logit soft-capping (Gemma 2; sliding-window models such as
+    gpt-oss, with attention sinks, are refused earlier, by `prefix.unsupported`)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base.config, "get_text_config", lambda: base.config)()
+    if getattr(config, "attn_logit_softcapping", None):
+        return False
     return bool(getattr(base, "_supports_attention_backend", False))
 
 
