@@ -89,7 +89,7 @@ def load_runtime(settings: Settings, metrics: Metrics) -> Runtime:
     if settings.engine == "batched":
         kv_cache = choose_kv_cache(settings, runner, max_context)
         prefixes = None
-        unsupported = prefix_unsupported(runner)
+        unsupported = prefix_unsupported(runner, max_context)
         if settings.prefix_cache_mb and unsupported:
             log.info("prefix reuse: off (%s)", unsupported)
         elif settings.prefix_cache_mb:

@@ -92,6 +92,10 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen2": ("Qwen2Config", {**_SMALL, "num_key_value_heads": 2}),
     "qwen3": ("Qwen3Config", {**_SMALL, "num_key_value_heads": 2, "head_dim": 16}),
     "gemma2": ("Gemma2Config", {**_SMALL, "num_key_value_heads": 2, "head_dim": 16, "sliding_window": 16}),
+    # A window as long as the context never slides (Mistral-7B-v0.1 with MAX_MODEL_LEN <= 4096):
+    # full attention, served as such
+    "mistral_window": ("MistralConfig", {**_SMALL, "num_key_value_heads": 2, "sliding_window": 256}),
+    "gemma2_window": ("Gemma2Config", {**_SMALL, "num_key_value_heads": 2, "head_dim": 16, "sliding_window": 256}),
     "phi3": ("Phi3Config", {**_SMALL, "num_key_value_heads": 2}),
     "gpt_neox": ("GPTNeoXConfig", {**_SMALL}),
     "bloom": ("BloomConfig", {"hidden_size": 64, "n_layer": 2, "n_head": 4}),

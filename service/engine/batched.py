@@ -85,7 +85,7 @@ class BatchedEngine(WorkerEngine):
         # Joining jobs: their prompt is prefilled in decode steps (packed) or between them, a
         # long one a chunk per iteration (each holds the KV done so far as `job.prefix`).
         self._joining: list[Job] = []
-        self._can_chunk = prefix_unsupported(self.runner) is None
+        self._can_chunk = prefix_unsupported(self.runner, self.max_context) is None
         self.packed_steps = packed_steps  # new prompts and chunks in the decode step's pass (_packs)
         self._on_slot_wait = on_slot_wait
         # Told the seconds of each iteration's prefill work (admissions and chunks) and of each
@@ -325,7 +325,7 @@ class BatchedEngine(WorkerEngine):
     def _packs(self) -> bool:
         """Whether this iteration's chunks join the decode step's forward pass (packed.py)
         rather than each running in a pass of its own, which the running streams wait for."""
-        return self.packed_steps and isinstance(self._kv, PaddedKV) and self.runner.packable()
+        return self.packed_steps and isinstance(self._kv, PaddedKV) and self.runner.packable(self.max_context)
 
     def _advance_chunks(self, plan: list[tuple[Job, Piece]]) -> None:
         """Prefill each planned chunk in a forward pass of its own; a prompt's last one starts

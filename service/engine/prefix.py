@@ -127,16 +127,31 @@ class PrefixCache:
         return len(self._entries)
 
 
-def unsupported(runner: Any) -> str | None:
-    """Why prefix reuse cannot serve this model (None: it can)."""
+def unsupported(runner: Any, max_context: int | None = None) -> str | None:
+    """Why prefix reuse cannot serve this model (None: it can), for prompts and completions of
+    at most `max_context` tokens (None: any length)."""
     if runner.mask_2d:
         return "ALiBi biases are built from the attention mask"
-    config = runner.model.config
+    return not_full_attention(runner.model.config, max_context)
+
+
+def not_full_attention(config: Any, max_context: int | None = None) -> str | None:
+    """Why the model's layers are not all full attention over sequences of `max_context` tokens
+    (None: they are). A sliding window at least that long never slides: such layers compute
+    what full attention does (Mistral-7B-v0.1, window 4096, served with MAX_MODEL_LEN <= 4096)."""
     config = getattr(config, "get_text_config", lambda: config)()
     kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
-    if kinds != {"full_attention"} or getattr(config, "sliding_window", None):
-        return "layers other than full attention"
-    return None
+    window = getattr(config, "sliding_window", None)
+    if kinds - {"full_attention", "sliding_attention"}:
+        return f"the model has layers other than full attention ({sorted(kinds)})"
+    if not window and kinds == {"full_attention"}:
+        return None
+    if window and max_context is not None and window >= max_context:
+        return None
+    return (
+        f"the model has sliding-window layers (window {window}) shorter than the context "
+        f"({max_context}); MAX_MODEL_LEN at most {window} serves them as full attention"
+    )
 
 
 def cache_layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -89,11 +89,11 @@ class ModelRunner:
         finally:
             self.route_static(None)
 
-    def packable(self) -> bool:
-        """Whether packed steps (service/engine/packed.py) can serve this model and its adapters:
-        attention through transformers' interface, full attention without ALiBi, and every
-        adapter through the fused LoRA's per-token routing."""
-        if self.mask_2d or prefix_unsupported(self) is not None or not packed_supported(self.model):
+    def packable(self, max_context: int | None = None) -> bool:
+        """Whether packed steps (service/engine/packed.py) can serve this model and its adapters
+        over `max_context` tokens: attention through transformers' interface, full attention
+        without ALiBi, and every adapter through the fused LoRA's per-token routing."""
+        if self.mask_2d or prefix_unsupported(self, max_context) or not packed_supported(self.model):
             return False
         if not hasattr(self.model, "peft_config"):
             return True

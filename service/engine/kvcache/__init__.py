@@ -23,6 +23,7 @@ import torch
 
 from service.engine.kvcache.padded import PaddedKV
 from service.engine.kvcache.slots import GraphCaptureError, SlotKV, capture_unsupported, graphs_unavailable, kv_shape
+from service.engine.prefix import not_full_attention
 from service.engine.runner import ModelRunner, hidden_dtype
 
 __all__ = [
@@ -46,7 +47,7 @@ def choose_kv_cache(settings: Any, runner: ModelRunner, max_context: int) -> str
     model, device = runner.model, runner.device.type
     if settings.kv_cache == "dynamic":
         return "dynamic"
-    reason = static_kv_unsupported(model.config)
+    reason = static_kv_unsupported(model.config, max_context)
     if reason:
         if settings.kv_cache == "static":
             raise ValueError(f"KV_CACHE=static: {reason}")
@@ -81,15 +82,13 @@ def choose_kv_cache(settings: Any, runner: ModelRunner, max_context: int) -> str
     return "static"
 
 
-def static_kv_unsupported(config: Any) -> str | None:
-    """Why the static KV cache cannot serve this model (None: it can)."""
-    config = getattr(config, "get_text_config", lambda: config)()
-    if kv_shape(config) is None:
+def static_kv_unsupported(config: Any, max_context: int | None = None) -> str | None:
+    """Why the static KV cache cannot serve this model over `max_context` tokens (None: it can)."""
+    text = getattr(config, "get_text_config", lambda: config)()
+    if kv_shape(text) is None:
         return "the config does not give the cache's shape (layers, KV heads, head size)"
-    kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
-    if kinds != {"full_attention"} or getattr(config, "sliding_window", None):
-        return f"the model has layers other than full attention ({sorted(kinds)}); use KV_CACHE=dynamic"
-    return None
+    reason = not_full_attention(text, max_context)
+    return f"{reason}; use KV_CACHE=dynamic" if reason else None
 
 
 def static_kv_bytes(config: Any, rows: int, positions: int, dtype: Any) -> int:
