@@ -130,9 +130,10 @@ class BatchedEngine(WorkerEngine):
         while True:
             admitted, stop = self._admissions()
             started = time.perf_counter()
-            prefilled = self._admit_all(admitted)
+            packs = bool(admitted or self._joining) and self._packs()  # one decision per iteration
+            prefilled = self._admit_all(admitted, packs)
             pieces = [] if stop else self._piece_plan()
-            separate = bool(pieces) and not self._packs()
+            separate = bool(pieces) and not packs
             if separate:
                 self._advance_chunks(pieces)  # each chunk in a forward pass of its own
                 pieces = []
@@ -253,8 +254,8 @@ class BatchedEngine(WorkerEngine):
     def _slot_waiters(jobs: Any) -> list[str]:
         return [j.label for j in jobs if j.waiting_since is not None]
 
-    def _admit_all(self, jobs: list[Job]) -> bool:
-        """Start the jobs admitted this iteration. Where steps can be packed (packed.py), every
+    def _admit_all(self, jobs: list[Job], packs: bool) -> bool:
+        """Start the jobs admitted this iteration. Where steps are packed (`packs`), every
         prompt rides in this iteration's decode step (a long one a chunk per step); otherwise
         the prompts are prefilled now, together in one forward pass (a job whose prompt starts
         with a stored prefix runs only the rest of it, in the same pass), and a long one is
@@ -268,7 +269,6 @@ class BatchedEngine(WorkerEngine):
         """
         for job in jobs:
             job.prefix = self._stored_prefix(job)
-        packs = bool(jobs) and self._packs()
         for job in [j for j in jobs if self._chunked(j) or (packs and j.request.params.prompt_logprobs is None)]:
             self._change(waiting_remove=job.label, running_add=job.label)
             self._joining.append(job)

@@ -181,13 +181,13 @@ class SlotKV:
         if fused is not None and not fused.sync_pool():  # a LoRA variant or bias: eager steps
             return 0, 0.0
         started, before = time.perf_counter(), self.captures
-        for bucket in _buckets(self.capacity):
-            for width in _widths(self.max_len):
-                # Padding rows at position 0: what the warm-up passes write into the slots is
-                # overwritten by the first rows that join.
-                zeros = [0] * bucket
-                if self._captured(bucket, width, [PEFT_BASE] * bucket, (zeros, zeros), fused, live=False) is None:
-                    return self.captures - before, time.perf_counter() - started
+        # Padding rows at position 0: what the warm-up passes write into the slots is overwritten
+        # by the first rows that join. A failed capture turns graphs off: the rest is not tried.
+        buckets = [(b, w) for b in _buckets(self.capacity) for w in _widths(self.max_len)]
+        for bucket, width in buckets:
+            zeros = [0] * bucket
+            if self._captured(bucket, width, [PEFT_BASE] * bucket, (zeros, zeros), fused, live=False) is None:
+                break
         return self.captures - before, time.perf_counter() - started
 
     def _captured(self, bucket, width, names, inputs, fused, *, live: bool = True) -> _Step | None:
