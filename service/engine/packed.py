@@ -23,7 +23,7 @@ prefills the others' chunks in passes of their own.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +35,7 @@ from transformers import AttentionInterface, DynamicCache
 from service.engine.prefix import pad_left
 
 Layers = list[tuple[torch.Tensor, torch.Tensor]]  # per layer, keys and values [rows, heads, columns, dim]
+Grow = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 ATTENTION = "hotswap_packed"
 _active = threading.local()  # the PackedCache of the pass running on this thread
 
@@ -55,11 +56,19 @@ class PackedCache(DynamicCache):
     own KV and hands the pass's new ones back (packed_attention reads the owners' KV)."""
 
     def __init__(
-        self, running: Layers | None, running_mask: torch.Tensor | None, pieces: list[Piece], device: torch.device
+        self,
+        running: Layers | None,
+        running_mask: torch.Tensor | None,
+        pieces: list[Piece],
+        device: torch.device,
+        grow: Grow | None = None,
     ):
+        """`grow(layer, keys, values)` appends the rows' new column to their cache of that layer
+        and returns it whole (default: a concatenation into new tensors)."""
         super().__init__()
         self.rows = 0 if running is None else running[0][0].shape[0]
         self.running = list(running) if running is not None else None
+        self.grow = grow or self._concatenated
         self.pieces = [dict(enumerate(p.past or ())) for p in pieces]  # per piece: layer -> its KV
         self.sizes = [len(p.ids) for p in pieces]
         self.starts = [p.start for p in pieces]
@@ -75,10 +84,9 @@ class PackedCache(DynamicCache):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         rows = self.rows
         if rows:
-            keys, values = self.running[layer_idx]
             # the rows' tokens come first: [1, heads, rows, dim] -> [rows, heads, 1, dim]
             new = [s[0, :, :rows].transpose(0, 1).unsqueeze(2) for s in (key_states, value_states)]
-            self.running[layer_idx] = (torch.cat([keys, new[0]], dim=2), torch.cat([values, new[1]], dim=2))
+            self.running[layer_idx] = self.grow(layer_idx, new[0], new[1])
         start = rows
         for own, size in zip(self.pieces, self.sizes, strict=True):
             new = [s[:, :, start : start + size] for s in (key_states, value_states)]
@@ -89,6 +97,12 @@ class PackedCache(DynamicCache):
                 own[layer_idx] = (new[0].contiguous(), new[1].contiguous())
             start += size
         return key_states, value_states
+
+    def _concatenated(
+        self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        old_keys, old_values = self.running[layer_idx]
+        return torch.cat([old_keys, keys], dim=2), torch.cat([old_values, values], dim=2)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0  # every token's position is given: the model needs no offset from the cache

@@ -12,7 +12,7 @@ from transformers import DynamicCache
 from service.engine import PEFT_BASE
 from service.engine.lora import FusedMixedLoRA
 from service.engine.model import LoRAModel
-from service.engine.packed import Layers, PackedCache, Piece, packed_pass
+from service.engine.packed import Grow, Layers, PackedCache, Piece, packed_pass
 from service.engine.packed import inputs as packed_inputs
 from service.engine.packed import supported as packed_supported
 from service.engine.prefix import pad_left
@@ -111,12 +111,14 @@ class ModelRunner:
         positions: list[int],
         adapters: list[str | None],
         pieces: list[Piece],
+        grow: Grow | None = None,
     ) -> tuple[torch.Tensor, Layers | None, list[Layers]]:
         """One forward pass for the running rows' next tokens and the pieces (packed.py): the
         fp32 logits of each row's token and each piece's last one [rows + pieces, vocab], the
-        rows' caches a column longer, and each piece's KV (its past, then its tokens)."""
+        rows' caches a column longer (through `grow`, PackedCache's), and each piece's KV (its
+        past, then its tokens)."""
         ids, position_ids, names, keep = packed_inputs(tokens, positions, adapters, pieces, self.device)
-        cache = PackedCache(running, running_mask, pieces, self.device)
+        cache = PackedCache(running, running_mask, pieces, self.device, grow)
         with packed_pass(self.model, cache):
             out = self._forward(
                 names,

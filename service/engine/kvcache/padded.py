@@ -2,13 +2,18 @@
 
 A joining request's cache is padded (or the batch's is) when it joins, rows are dropped with
 `batch_select_indices` when they leave, and columns that became padding in every row are cut
-off. Every step grows every layer's tensors by one column (a copy of the whole cache).
+off. Every step adds one column to every layer. transformers' `DynamicLayer` does that with a
+concatenation, a copy of the whole cache per step: 35 ms of a 157 ms step of 5 rows beside a
+1,000-token one (SmolLM2 nf4 on 2 CPU cores), 8 of 140 ms at 16 rows of 128. Here the layers
+keep spare columns after their last (`SpareLayer`), so a step writes its column in place, and
+the cache is copied only when the rows change (a join, a leave) or the spare runs out.
 """
 
 from __future__ import annotations
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from service.engine.packed import Piece
 from service.engine.prefix import cache_layers, pad_left
@@ -32,6 +37,7 @@ class PaddedKV:
                 layer.keys = layer.keys[..., lead:, :]
                 layer.values = layer.values[..., lead:, :]
         if self._cache is None:
+            cache.layers = [SpareLayer.adopt(layer) for layer in cache.layers]
             self._cache, self._mask = cache, new_mask
             return
         width = max(self._mask.shape[1], new_mask.shape[1])
@@ -54,12 +60,15 @@ class PaddedKV:
         piece's KV."""
         running = cache_layers(self._cache) if tokens else None
         mask = self._mask if tokens else None
-        logits, grown, done = self.runner.step_packed(running, mask, tokens, positions, adapters, pieces)
+        logits, grown, done = self.runner.step_packed(running, mask, tokens, positions, adapters, pieces, self._grow)
         if grown is not None:
             for layer, (keys, values) in zip(self._cache.layers, grown, strict=True):
                 layer.keys, layer.values = keys, values
             self._mask = torch.cat([self._mask, self._mask.new_ones((len(tokens), 1))], dim=1)
         return logits, done
+
+    def _grow(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._cache.layers[layer].update(keys, values)
 
     def retain(self, keep: list[int]) -> list[int]:
         """Drop the other rows, then the columns that are padding in every remaining row; return
@@ -80,3 +89,54 @@ class PaddedKV:
 
     def clear(self) -> None:
         self._cache = self._mask = None
+
+
+class SpareLayer(DynamicLayer):
+    """A `DynamicLayer` whose keys and values are the first columns of buffers with spare ones
+    after them: `update` writes new columns into the spare in place. The layer holds its
+    buffers, so nothing else can see the spare; when its keys are replaced from outside (rows
+    joined, left or cut), they are no longer a view of the buffer, and the next update copies
+    them into a new one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @classmethod
+    def adopt(cls, layer: DynamicLayer) -> DynamicLayer:
+        """The layer as a SpareLayer (its tensors untouched); other kinds (sliding) as they are."""
+        if type(layer) is not DynamicLayer:
+            return layer
+        spare = cls()
+        spare.__dict__.update(layer.__dict__)
+        spare._buffers = None
+        return spare
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized or self.keys.numel() == 0:
+            return super().update(key_states, value_states, *args, **kwargs)
+        keys, values = self._buffers or (None, None)
+        self.keys, keys = _extend(self.keys, keys, key_states)
+        self.values, values = _extend(self.values, values, value_states)
+        self._buffers = keys, values
+        return self.keys, self.values
+
+
+def _extend(view: torch.Tensor, buffer: torch.Tensor | None, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`view` [rows, heads, columns, dim] with `new` columns after its own: in place when `view`
+    is the first columns of `buffer` and the spare holds them, else in a new buffer with a
+    quarter more columns spare (at least 32). Returns the longer view and its buffer."""
+    length, added = view.shape[-2], new.shape[-2]
+    in_place = (
+        buffer is not None
+        and view.data_ptr() == buffer.data_ptr()
+        and view.stride() == buffer.stride()
+        and view.shape[:-2] == buffer.shape[:-2]
+        and length + added <= buffer.shape[-2]
+    )
+    if not in_place:
+        size = length + added + max(32, (length + added) // 4)
+        buffer = view.new_empty((*view.shape[:-2], size, view.shape[-1]))
+        buffer[..., :length, :] = view
+    buffer[..., length : length + added, :] = new
+    return buffer[..., : length + added, :], buffer

@@ -310,3 +310,40 @@ def test_slot_steps_match_the_padded_cache_with_either_attention(tiny, cache_dir
             tokens, positions = out.argmax(-1).tolist(), [p + 1 for p in positions]
         outs.append(torch.stack(steps))
     assert torch.allclose(outs[0], outs[1], atol=1e-5)
+
+
+def test_the_padded_cache_writes_each_step_into_spare_columns_and_never_into_shared_ones():
+    """SpareLayer (padded.py): a step's column goes into the buffer's spare in place (no copy of
+    the cache), the values are a concatenation's, and keys replaced from outside (rows joined,
+    left or cut) or a view handed out earlier are never written through."""
+    from transformers.cache_utils import DynamicLayer
+
+    from service.engine.kvcache.padded import SpareLayer
+
+    def column(value, rows=2):
+        return torch.full((rows, HEADS, 1, DIM), float(value))
+
+    plain, layer = DynamicLayer(), None
+    plain.update(column(0), column(0))
+    layer = SpareLayer.adopt(plain)
+    expected = plain.keys
+    pointers = set()
+    for step in range(1, 40):
+        keys, _ = layer.update(column(step), column(-step))
+        expected = torch.cat([expected, column(step)], dim=2)
+        assert torch.equal(keys, expected) and torch.equal(layer.values, -expected)
+        pointers.add(keys.data_ptr())
+    assert len(pointers) == 2  # one buffer at the first step, one more when its 32 spare ran out
+
+    # Columns cut (padding in every row): a view into the buffer that starts later.
+    layer.keys, layer.values = layer.keys[..., 5:, :], layer.values[..., 5:, :]
+    expected = torch.cat([expected[..., 5:, :], column(98)], dim=2)
+    assert torch.equal(layer.update(column(98), column(-98))[0], expected)
+    # A row left: a copy (index_select); a view handed out before is never written through.
+    before = layer.keys
+    snapshot = before.clone()
+    layer.keys, layer.values = layer.keys[1:], layer.values[1:]
+    keys, _ = layer.update(column(99, rows=1), column(-99, rows=1))
+    assert torch.equal(before, snapshot)
+    assert torch.equal(keys, torch.cat([expected[1:], column(99, rows=1)], dim=2))
+    assert SpareLayer.adopt(plain) is not plain and type(SpareLayer.adopt(layer)) is SpareLayer
