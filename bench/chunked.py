@@ -2,14 +2,18 @@
 
 --clients streaming clients generate --new-tokens each (64-token prompts, mixed adapters);
 once they run, --joiners requests with --long-tokens prompts arrive one after another (each
-generating 4 tokens). The same scenario runs against three services, one after the other:
+generating 4 tokens). The same scenario runs against up to four services (--runs), one after the other:
 - whole: the prefill budget per step (MAX_PREFILL_TOKENS) is larger than the long prompts, so
   each joins in one prefill pass of its own, which every running stream waits for
   (PACKED_STEPS=false);
 - separate: --budget, prompts longer than it prefilled in chunks, each in a forward pass of
   its own between decode steps (PACKED_STEPS=false);
 - packed: --budget, every prompt (a long one a chunk at a time) inside the decode step's
-  forward pass (PACKED_STEPS=true, the default; service/engine/packed.py).
+  forward pass (PACKED_STEPS=true, the default; service/engine/packed.py);
+- timed: packed, with no token budget but the default's time bound: beside running streams a
+  step carries the prompt tokens that keep it within --slowdown plain decode steps
+  (PREFILL_STEP_SLOWDOWN, service/engine/budget.py), as `make serve` runs.
+The first three set PREFILL_STEP_SLOWDOWN=0 (the token budget alone).
 With --long-tokens no larger than --budget, the joiners are short prompts arriving one by one:
 separate then prefills each in a pass of its own, packed carries it in a decode step.
 Prints the running streams' ITL p50 and p99 and their ratio for each, and the joiners' TTFT;
@@ -41,7 +45,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=160)
     p.add_argument("--joiners", type=int, default=3)
     p.add_argument("--long-tokens", type=int, default=1000)
-    p.add_argument("--budget", type=int, default=32, help="MAX_PREFILL_TOKENS of the chunked run")
+    p.add_argument("--budget", type=int, default=32, help="MAX_PREFILL_TOKENS of the chunked runs")
+    p.add_argument("--slowdown", type=float, default=1.75, help="PREFILL_STEP_SLOWDOWN of the timed run")
+    p.add_argument("--runs", default="whole,separate,packed,timed", help="which runs (whole is always one)")
     return p
 
 
@@ -96,17 +102,21 @@ def main(argv: list[str] | None = None) -> int:
     long = [p[: args.long_tokens] for p in make_prompts(base.tokenizer, args.joiners, args.long_tokens + 8)]
     del base
     results = {}
-    runs = (
-        ("whole", max(4096, args.long_tokens + 1), "false"),
-        ("separate", args.budget, "false"),
-        ("packed", args.budget, "true"),
+    cap = max(4096, args.long_tokens + 1)
+    runs = (  # label, MAX_PREFILL_TOKENS, PACKED_STEPS, PREFILL_STEP_SLOWDOWN
+        ("whole", cap, "false", "0"),
+        ("separate", args.budget, "false", "0"),
+        ("packed", args.budget, "true", "0"),
+        ("timed", cap, "true", str(args.slowdown)),
     )
-    for label, budget, packed in runs:
+    chosen = set(args.runs.split(",")) | {"whole"}  # whole's p50 is the calm pace below
+    for label, budget, packed, slowdown in [run for run in runs if run[0] in chosen]:
         port = free_port()
         env = {
             "HOTSWAP_MAX_PREFILL_TOKENS": str(budget),
             "HOTSWAP_PREFIX_CACHE_MB": "0",
             "HOTSWAP_PACKED_STEPS": packed,
+            "HOTSWAP_PREFILL_STEP_SLOWDOWN": slowdown,
         }
         service = start_service(args, adapter_dir, port, args.clients + args.joiners, env=env)
         try:
@@ -117,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             service.wait(60)
         r = results[label]
         print(
-            f"{label:8s} MAX_PREFILL_TOKENS={budget} PACKED_STEPS={packed}: "
+            f"{label:8s} MAX_PREFILL_TOKENS={budget} PACKED_STEPS={packed} PREFILL_STEP_SLOWDOWN={slowdown}: "
             f"running streams ITL p50 {r['itl_p50_ms']:.0f} ms, "
             f"p99 {r['itl_p99_ms']:.0f} ms (x{r['p99_over_p50']:.2f}), max {r['itl_max_ms']:.0f} ms; "
             f"{args.long_tokens}-token joiners' TTFT {r['joiner_ttft_s']:.2f} s",

@@ -101,6 +101,7 @@ def load_runtime(settings: Settings, metrics: Metrics) -> Runtime:
             max_batch_size=settings.max_batch_size,
             max_prefill_tokens=settings.max_prefill_tokens,
             packed_steps=settings.packed_steps,
+            step_slowdown=settings.prefill_step_slowdown,
             kv_cache=kv_cache,
             cuda_graphs=settings.cuda_graphs,
             on_kv_cache=metrics.observe_kv_cache,

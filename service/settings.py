@@ -75,6 +75,15 @@ class Settings(BaseSettings):
         "allow: the dynamic cache, attention through transformers' interface, full attention "
         "without ALiBi, every adapter through the fused LoRA; elsewhere prompts are prefilled separately.",
     )
+    prefill_step_slowdown: float = Field(
+        1.75,
+        ge=0,
+        description="While streams run, a packed step that carries prompt tokens lasts about "
+        "this many plain decode steps: the tokens it carries are sized to fit, from the step "
+        "times measured as the engine runs, within MAX_PREFILL_TOKENS (0: MAX_PREFILL_TOKENS "
+        "alone). Bounds running streams' inter-token latency while long prompts join, on any "
+        "hardware; a joining prompt then takes about slowdown / (slowdown - 1) times its prefill time.",
+    )
     kv_cache: Literal["auto", "static", "dynamic"] = Field(
         "auto",
         description="The batched engine's KV cache. static: one preallocated slot of "
@@ -213,6 +222,13 @@ class Settings(BaseSettings):
         if self.admin_local_port and self.admin_local_port == self.port:
             raise ValueError("admin_local_port must differ from port")
         return self
+
+    @field_validator("prefill_step_slowdown")
+    @classmethod
+    def _slowdown_above_one(cls, value: float) -> float:
+        if 0 < value <= 1:
+            raise ValueError("must be 0 (off) or above 1: a step carrying prompt tokens lasts longer than one without")
+        return value
 
     @field_validator("cache_dir", "adapter_dir")
     @classmethod

@@ -25,6 +25,7 @@ import torch
 from transformers import DynamicCache
 
 from service.engine import BASE, EngineOutput
+from service.engine.budget import StepBudget, attention_span
 from service.engine.kvcache import PaddedKV, SlotKV, kv_shape
 from service.engine.packed import Piece, stack_rows, to_cache
 from service.engine.prefix import Hit, PrefixCache, cache_layers
@@ -68,6 +69,7 @@ class BatchedEngine(WorkerEngine):
         on_phase: Callable[[str, float], None] = lambda phase, seconds: None,
         prefix_cache: PrefixCache | None = None,
         packed_steps: bool = True,
+        step_slowdown: float = 0.0,
         overlap_masks: bool | None = None,
         **kwargs,
     ):
@@ -87,6 +89,11 @@ class BatchedEngine(WorkerEngine):
         self._joining: list[Job] = []
         self._can_chunk = prefix_unsupported(self.runner, self.max_context) is None
         self.packed_steps = packed_steps  # new prompts and chunks in the decode step's pass (_packs)
+        # Prompt tokens per iteration: MAX_PREFILL_TOKENS, and in packed steps beside running rows
+        # as many as keep the step within `step_slowdown` plain decode steps (budget.py).
+        self.step_budget = StepBudget(step_slowdown, max_prefill_tokens, span=attention_span(self.runner.model))
+        self._prefill_budget: float = max_prefill_tokens  # this iteration's (_iteration_budget)
+        self._timed = False  # whether it is the time budget's
         self._on_slot_wait = on_slot_wait
         # Told the seconds of each iteration's prefill work (admissions and chunks) and of each
         # decode step: where the engine thread's time goes (hotswap_engine_step_seconds).
@@ -128,6 +135,7 @@ class BatchedEngine(WorkerEngine):
 
     def _loop(self) -> None:
         while True:
+            self._prefill_budget = self._iteration_budget()
             admitted, stop = self._admissions()
             started = time.perf_counter()
             packs = bool(admitted or self._joining) and self._packs()  # one decision per iteration
@@ -148,6 +156,9 @@ class BatchedEngine(WorkerEngine):
                 return
             if self._rows or pieces:
                 started = time.perf_counter()
+                rows = len(self._rows)
+                work = sum(self.step_budget.work(len(piece.ids), piece.start) for _, piece in pieces)
+                joined = sum(len(job.request.prompt_ids) for job, piece in pieces if _finishes(job, piece))
                 try:
                     self._step(pieces)
                 except Exception as exc:  # a failed step fails its batch, never the engine
@@ -156,8 +167,10 @@ class BatchedEngine(WorkerEngine):
                     self._fail_pieces(pieces, error)
                     self._fail_running(error, joining=False)
                 else:
+                    seconds = time.perf_counter() - started
                     self._step_succeeded()
-                    self._on_phase("packed" if pieces else "decode", time.perf_counter() - started)
+                    self._on_phase("packed" if pieces else "decode", seconds)
+                    self.step_budget.observe(rows, seconds, work, joined)
                 finally:
                     self._outbox.flush()
 
@@ -177,7 +190,7 @@ class BatchedEngine(WorkerEngine):
         blocked: set[str | None] = set()  # adapters that wait; their later jobs stay behind
         stop = False
         # The step's prefill budget goes to prompts still joining first, then to new ones.
-        tokens = min(self.max_prefill_tokens, sum(self._left(j) for j in self._joining))
+        tokens = min(self._prefill_budget, sum(self._left(j) for j in self._joining))
         running = {j.key for j in self._busy_jobs()} - {None}
         if self.residency is not None:
             self.residency.preload_pending(running)
@@ -201,7 +214,7 @@ class BatchedEngine(WorkerEngine):
                 self._change(waiting_remove=job.label)
                 continue
             size = len(job.request.prompt_ids)
-            if (admitted or tokens) and tokens + size > self.max_prefill_tokens:
+            if (admitted or tokens) and tokens + size > self._prefill_budget:
                 waiting.append(job)  # first in line for the next iteration
                 break
             if job.key in blocked or (job.key is not None and job.key == self._draining):
@@ -296,7 +309,7 @@ class BatchedEngine(WorkerEngine):
         """Whether the job's prompt (past a stored prefix) exceeds the step's prefill budget:
         then it is prefilled in chunks between decode steps, so running streams keep going."""
         params = job.request.params
-        return self._can_chunk and params.prompt_logprobs is None and self._left(job) > self.max_prefill_tokens
+        return self._can_chunk and params.prompt_logprobs is None and self._left(job) > self._prefill_budget
 
     @staticmethod
     def _left(job: Job) -> int:
@@ -306,7 +319,7 @@ class BatchedEngine(WorkerEngine):
     def _piece_plan(self) -> list[tuple[Job, Piece]]:
         """This iteration's piece of each joining prompt, FIFO within the step's prefill
         budget (a prompt whose rest fits gets all of it, and starts generating after it)."""
-        budget, plan = self.max_prefill_tokens, []
+        budget, plan = self._prefill_budget, []
         for job in list(self._joining):
             if job.cancelled.is_set():
                 self._joining.remove(job)
@@ -314,13 +327,24 @@ class BatchedEngine(WorkerEngine):
                 continue
             if budget <= 0:
                 continue
-            prompt = job.request.prompt_ids
-            done = len(prompt) - self._left(job)
-            end = min(len(prompt), done + budget)
+            prompt, left = job.request.prompt_ids, self._left(job)
+            done = len(prompt) - left
+            if self._timed:  # sized by time (budget.py): attention over its past, its join
+                take, spent = self.step_budget.piece(budget, done, left, len(prompt))
+            else:
+                take = spent = min(left, budget)
             past = cache_layers(job.prefix.cache) if job.prefix is not None else None
-            plan.append((job, Piece(list(prompt[done:end]), done, job.slot, past)))
-            budget -= end - done
+            plan.append((job, Piece(list(prompt[done : done + take]), done, job.slot, past)))
+            budget -= spent
         return plan
+
+    def _iteration_budget(self) -> float:
+        """Prompt tokens this iteration may prefill: MAX_PREFILL_TOKENS, or fewer where they ride
+        in a packed step beside running rows, sized so the rows' step stays within the slowdown
+        (budget.py). Separate prefill passes keep MAX_PREFILL_TOKENS: their cost has a fixed part
+        (a whole forward pass) that packed steps share with the decode step."""
+        self._timed = bool(self._rows) and self.step_budget.slowdown > 0 and self._packs()
+        return self.step_budget.allowance(len(self._rows)) if self._timed else self.max_prefill_tokens
 
     def _packs(self) -> bool:
         """Whether this iteration's chunks join the decode step's forward pass (packed.py)
@@ -332,7 +356,7 @@ class BatchedEngine(WorkerEngine):
         it generating."""
         for job, piece in plan:
             end = piece.start + len(piece.ids)
-            if end == len(job.request.prompt_ids):
+            if _finishes(job, piece):
                 self._joining.remove(job)
                 self._admit(job, started=True)
                 continue
@@ -350,9 +374,8 @@ class BatchedEngine(WorkerEngine):
         running batch together."""
         joining: list[tuple[_Row, list]] = []
         for (job, piece), last, layers in zip(plan, logits, done, strict=True):
-            end = piece.start + len(piece.ids)
-            if end < len(job.request.prompt_ids):
-                job.prefix = Hit(end, to_cache(layers))
+            if not _finishes(job, piece):
+                job.prefix = Hit(piece.start + len(piece.ids), to_cache(layers))
                 continue
             self._joining.remove(job)
             job.prefix = None
@@ -556,3 +579,8 @@ class BatchedEngine(WorkerEngine):
         if joining:
             self._joining = []
         self._kv.clear()
+
+
+def _finishes(job: Job, piece: Piece) -> bool:
+    """Whether the piece is the last of its job's prompt (the job then joins the running batch)."""
+    return piece.start + len(piece.ids) == len(job.request.prompt_ids)

@@ -321,6 +321,9 @@ def test_settings_from_env_and_flags_refuse_unsafe_values(monkeypatch):
         Settings(max_resident_adapters=2)
     with pytest.raises(ValidationError, match="admin_local_port must differ"):
         Settings(port=8001, admin_local_port=8001)
+    with pytest.raises(ValidationError, match="prefill_step_slowdown"):
+        Settings(prefill_step_slowdown=0.5)  # a step carrying prompt tokens cannot be faster
+    assert Settings(prefill_step_slowdown=0).prefill_step_slowdown == 0
 
 
 def test_requests_past_their_time_limit_are_stopped(tiny, tokenizer):

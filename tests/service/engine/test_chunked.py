@@ -130,3 +130,53 @@ def test_a_chunked_prompt_starts_after_a_stored_prefix_and_stores_its_own(tiny, 
     assert run(eng, body) == run(engine(residency, 4096), body)
     assert looked == [0, 20, len(LONG) - 4]  # whole 4-token blocks, the last token computed
     assert "packed" in phases
+
+
+@pytest.mark.parametrize("join", [0, 6])
+def test_packed_steps_beside_running_rows_carry_what_the_time_budget_gives(tiny, cache_dir, tmp_path, join):
+    """PREFILL_STEP_SLOWDOWN (budget.py): beside running rows, each packed step carries the
+    prompt tokens the time budget gives (pinned here at 8, as the step times of a tiny model
+    are noise), with the tokens of a whole prefill; a prompt arriving when nothing runs is
+    prefilled whole (nobody waits for it); the budget learns from every step beside rows. When
+    joining the prompt costs `join` tokens' worth, its last step leaves room for that."""
+    residency = make_residency(tiny, cache_dir, tmp_path, 2)
+    eng = batched_engine(residency, max_prefill_tokens=4096, step_slowdown=2.0)
+    asked, observed, carried = [], [], []
+    eng.step_budget.span = None  # work in tokens alone (test_budget.py counts attention)
+    eng.step_budget.allowance = lambda rows: asked.append(rows) or 8
+    eng.step_budget.join_work = lambda length: join
+    eng.step_budget.observe = lambda rows, seconds, work, joined: observed.append((rows, work, joined))
+    step_packed = eng.runner.step_packed
+
+    def spy(running, mask, tokens, positions, adapters, pieces, *grow):
+        carried.append((len(tokens), [len(p.ids) for p in pieces]))
+        return step_packed(running, mask, tokens, positions, adapters, pieces, *grow)
+
+    eng.runner.step_packed = spy
+
+    async def body(engine):
+        started = asyncio.Event()
+
+        async def running():
+            request = EngineRequest("run", LONG[:10], "alpha", greedy(60))
+            out = []
+            async for o in engine.generate(request):
+                started.set()
+                out += o.token_ids
+            return out
+
+        async def joining():
+            await started.wait()
+            request = EngineRequest("join", LONG, "beta", greedy(4))
+            return [t async for o in engine.generate(request) for t in o.token_ids]
+
+        return await asyncio.gather(running(), joining())
+
+    assert run(eng, body) == run(engine(residency, 4096), body)
+    assert carried[0] == (0, [10])  # alone: the whole prompt in one step
+    beside = [pieces for rows, pieces in carried if rows]
+    # 200 tokens: 25 steps of 8; or 24, then 6, then the last 2 with the join (2 + 6 = 8)
+    assert beside == [[8]] * 25 if join == 0 else [[8]] * 24 + [[6], [2]]
+    assert asked and min(asked) == 1  # asked only while a row ran
+    assert (1, 8, 0) in observed and (1, 0, 0) in observed  # packed and plain steps both teach it
+    assert [o for o in observed if o[2]] == [(0, 10, 10), (1, beside[-1][0], len(LONG))]  # the joins, told apart
