@@ -6,6 +6,8 @@ exactly --new-tokens generated, round-robin over the base and --adapters random 
 - **step alone**: in this process, the n prompts prefilled together, then --new-tokens decode
   steps of all n rows through the engine's own runner and KV cache (no HTTP, no scheduling,
   nobody joining or leaving): n x new tokens / the decode steps' total time. The engine's limit.
+  The cache is the service's (--kv-cache, MAX_MODEL_LEN): on a GPU the static one, with every
+  bucket captured as a CUDA graph first, as the service does at start.
 - **service**: `python -m service` over HTTP, n streaming clients at once:
   generated tokens / wall time, from the first request sent to the last token received. The
   prompts are unique from their first token, so no stored prefix serves them; then the same
@@ -20,8 +22,9 @@ between steps, the last tokens' delivery).
 Then **the adapter pool**: the service at --clients again, with only the workload's adapters
 resident, and with --pool adapters resident (PRELOAD_ADAPTERS; the others get no request): two
 services, used in turn. A batch's rows go through every adapter of the pool (masked per row), so
-this is what holding 8 adapters costs against 2. Every figure is the median of --repeat runs. Prints a table and one
-JSON line; run it alone on the machine.
+this is what holding 8 adapters costs against 2. Every figure is the median of --repeat runs.
+Also read from the service: its CUDA-graph capture time at start and the captures under
+traffic (issue #22 item 3: none). Prints a table and one JSON line; run it alone on the machine.
 """
 
 from __future__ import annotations
@@ -45,25 +48,49 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--pool", type=int, default=8, help="adapters resident in the pool run (0: skip it)")
     p.add_argument("--repeat", type=int, default=3, help="runs of each measurement; the medians are reported")
+    p.add_argument(
+        "--kv-cache",
+        default="auto",
+        choices=["auto", "static", "dynamic"],
+        help="the service's KV_CACHE, and the step alone's cache: auto is static with CUDA graphs on "
+        "a GPU (what the service picks when the reservation fits), dynamic on a CPU",
+    )
+    p.add_argument(
+        "--max-model-len", type=int, default=0, help="MAX_MODEL_LEN (0: prompt + new tokens, rounded up to 64)"
+    )
     return p
 
 
-def step_alone(runner, prompts, adapters, new_tokens: int) -> tuple[float, float]:
-    """(tok/s, mean step seconds) of `new_tokens` decode steps of every row at once (prefill not
-    counted)."""
-    from service.engine.kvcache import PaddedKV
+def step_kv(runner, kind: str, rows: int, max_len: int, slots: int):
+    """The KV cache the service's engine runs with: a SlotKV with every (rows, width) bucket
+    captured as CUDA graphs now, as the service does at start (static), or a PaddedKV."""
+    from service.engine.kvcache import PaddedKV, SlotKV, kv_shape
+    from service.engine.runner import hidden_dtype
 
-    kv = PaddedKV(runner)
+    if kind == "dynamic":
+        return PaddedKV(runner)
+    kv = SlotKV(runner, rows, max_len, cuda_graphs=True, lora_slots=slots)
+    kv.reserve(*kv_shape(runner.model.config), dtype=hidden_dtype(runner.model))
+    kv.capture_all()
+    return kv
+
+
+def step_alone(runner, kv, prompts, adapters, new_tokens: int) -> tuple[float, float]:
+    """(tok/s, mean step seconds) of `new_tokens` decode steps of every row at once (prefill not
+    counted), in `kv` (left empty)."""
     logits, cache, mask = runner.prefill_batch(prompts, adapters)
     kv.join(cache, mask)
     tokens = logits.argmax(dim=-1).tolist()
     positions = [len(p) for p in prompts]
     spent = 0.0
-    for step in range(new_tokens):
-        started = time.perf_counter()
-        out = kv.decode(tokens, [p + step for p in positions], adapters)
-        tokens = out.argmax(dim=-1).tolist()  # the engine's one host sync a step
-        spent += time.perf_counter() - started
+    try:
+        for step in range(new_tokens):
+            started = time.perf_counter()
+            out = kv.decode(tokens, [p + step for p in positions], adapters)
+            tokens = out.argmax(dim=-1).tolist()  # the engine's one host sync a step
+            spent += time.perf_counter() - started
+    finally:
+        kv.retain([])
     return len(prompts) * new_tokens / spent, spent / new_tokens
 
 
@@ -90,6 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     cycle = [None, *active]
     counts = [int(c) for c in args.sweep.split(",") if c]
     served = base.source.served_id
+    if args.kv_cache == "auto":
+        args.kv_cache = "static" if base.device == "cuda" else "dynamic"
+    max_len = args.max_model_len or -(-(args.prompt_tokens + args.new_tokens) // 64) * 64
+    settings = {"HOTSWAP_KV_CACHE": args.kv_cache, "HOTSWAP_MAX_MODEL_LEN": str(max_len)}
+    kv = step_kv(runner, args.kv_cache, max(counts), max_len, len(active))
 
     def workload(n: int, salt: str = "") -> tuple[list[list[int]], list[str | None]]:
         """n prompts, unique to `salt` from their first token (so no stored prefix serves them),
@@ -118,13 +150,17 @@ def main(argv: list[str] | None = None) -> int:
 
     def start(resident: list[str]) -> tuple[Any, str]:
         port = free_port()
-        env = {"HOTSWAP_PRELOAD_ADAPTERS": ",".join(resident), "HOTSWAP_MAX_RESIDENT_ADAPTERS": str(len(resident))}
+        env = {
+            **settings,
+            "HOTSWAP_PRELOAD_ADAPTERS": ",".join(resident),
+            "HOTSWAP_MAX_RESIDENT_ADAPTERS": str(len(resident)),
+        }
         service = start_service(args, adapter_dir, port, max(counts + [args.clients]), env=env)
         url = f"http://127.0.0.1:{port}"
         asyncio.run(service_clients(url, served, *workload(len(cycle), "warm"), 2))  # warm-up
         return service, url
 
-    step_alone(runner, *workload(2), 2)  # warm-up
+    step_alone(runner, kv, *workload(2), 2)  # warm-up
     rows = []
     service, url = start(active)
     try:
@@ -134,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             runs = []
             for rep in range(args.repeat):
                 prompts, adapters = workload(n, f"n{n}r{rep}")
-                rate, step = step_alone(runner, prompts, adapters, args.new_tokens)
+                rate, step = step_alone(runner, kv, prompts, adapters, args.new_tokens)
                 run = {"step_tok_s": rate, "step_ms": step * 1e3, **wave(url, prompts, adapters)}
                 run["service_tok_s"] = run.pop("tok_s")
                 run["service_over_step"] = run["service_tok_s"] / rate
@@ -145,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                 run["repeat_over_step"] = again["tok_s"] / rate
                 runs.append(run)
             rows.append({"clients": n, **{k: statistics.median(r[k] for r in runs) for k in runs[0]}})
+        graphs = capture_metrics(url)
     finally:
         service.terminate()
         service.wait(timeout=60)
@@ -167,8 +204,8 @@ def main(argv: list[str] | None = None) -> int:
             "tok_s": [statistics.median(r) for r in rates],
             "ratio": statistics.median(ratios),
         }
-    report(args, base, rows, pool)
-    print(json.dumps({"bench": "gap", "rows": rows, "pool": pool}))
+    report(args, base, rows, pool, graphs)
+    print(json.dumps({"bench": "gap", "kv_cache": args.kv_cache, "rows": rows, "pool": pool, "graphs": graphs}))
     return 0
 
 
@@ -186,7 +223,22 @@ def phases(url: str) -> dict[str, float]:
     }
 
 
-def report(args, base, rows, pool) -> None:
+def capture_metrics(url: str) -> dict[str, float]:
+    """CUDA-graph captures at the service's start (seconds) and under traffic (count, seconds):
+    issue #22 item 3 wants the latter 0."""
+    import httpx
+
+    from bench.throughput import metric_sum
+
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    return {
+        "startup_s": metric_sum(text, "hotswap_cuda_graph_startup_seconds"),
+        "live_captures": metric_sum(text, "hotswap_cuda_graph_capture_seconds_count"),
+        "live_capture_s": metric_sum(text, "hotswap_cuda_graph_capture_seconds_sum"),
+    }
+
+
+def report(args, base, rows, pool, graphs) -> None:
     import os
 
     import torch
@@ -194,7 +246,11 @@ def report(args, base, rows, pool) -> None:
     device = torch.cuda.get_device_name() if base.device == "cuda" else f"CPU ({os.cpu_count()} cores)"
     print(
         f"\n{args.model} {args.quantization} on {device}; {args.prompt_tokens} prompt + {args.new_tokens} new "
-        f"tokens per request; base + {args.adapters} adapters round-robin"
+        f"tokens per request; base + {args.adapters} adapters round-robin; KV cache {args.kv_cache}"
+    )
+    print(
+        f"CUDA graphs: captured at start in {graphs['startup_s']:.1f} s; under traffic "
+        f"{graphs['live_captures']:.0f} captures ({graphs['live_capture_s']:.2f} s)"
     )
     print(
         f"{'clients':>7} {'step alone':>11} {'service':>9} {'svc/step':>9} | {'wall s':>7} {'prefill':>8} "
