@@ -16,7 +16,8 @@ attention costs what its linear layers cost, from the model's shapes (`attention
 3,000 for SmolLM2). The last chunks of a 1,000-token prompt cost a third more per token than
 its first, which a per-token average would keep underestimating. D is a running average per
 row count, c the ratio of the running averages of the extra time and of the work over recent
-packed steps (so a step that carried 3 tokens cannot swing it).
+packed steps (so a step that carried 3 tokens cannot swing it). The allowance grows at most to
+twice the most work a measured step carried, so early, small steps are not extrapolated far.
 
 A step that finishes a prompt also joins it to the running batch: its KV goes into the running
 cache, which every later step then carries. That cost grows with the prompt's length and comes
@@ -80,6 +81,7 @@ class StepBudget:
         self._extra = 0.0  # running average of (packed step - plain step) seconds
         self._work = 0.0  # running average of the work those steps carried
         self._join: float | None = None  # seconds of joining a prompt, per token of it
+        self._largest = 0.0  # the most work a measured packed step carried
 
     def allowance(self, rows: int) -> float:
         """Work a step may carry beside `rows` running rows: `cap` when nothing runs (nobody
@@ -90,6 +92,8 @@ class StepBudget:
         if decode is None or self._work == 0.0:
             return float(self.first)
         fit = (self.slowdown - 1.0) * decode / self._per_work()
+        # Never far past what was measured: the first steps' costs are noisy and small.
+        fit = min(fit, max(float(self.first), 2 * self._largest))
         return max(float(self.least), min(float(self.cap), fit))
 
     def work(self, tokens: int, start: int) -> float:
@@ -142,6 +146,7 @@ class StepBudget:
         if decode is None:
             return
         extra = max(seconds - decode, 0.0)
+        self._largest = max(self._largest, work)
         if joined:
             if self._work:
                 sample = max(extra - self._per_work() * work, 0.0) / joined

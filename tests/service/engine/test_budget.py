@@ -102,3 +102,14 @@ def test_the_span_of_a_real_shape(tiny, tokenizer):
     per_layer = c.hidden_size * (2 * c.hidden_size + 2 * kv) + 3 * c.hidden_size * c.intermediate_size
     expected = c.num_hidden_layers * per_layer / (2 * c.num_hidden_layers * c.num_attention_heads * head_dim)
     assert attention_span(model) == pytest.approx(expected)
+
+
+def test_the_allowance_grows_no_faster_than_twice_what_was_measured():
+    """Steps of 8 tokens that looked cheap (noise at that size) would give 800 tokens at once;
+    the allowance doubles from what was measured instead."""
+    budget = measured(packed=[(8, 0.101)])
+    assert budget.allowance(4) == 32  # the first allowance, as nothing above 16 was measured
+    budget.observe(4, 0.102, 32)
+    assert budget.allowance(4) == 64
+    budget.observe(4, 0.104, 64)
+    assert budget.allowance(4) == 128
