@@ -180,3 +180,40 @@ def test_packed_steps_beside_running_rows_carry_what_the_time_budget_gives(tiny,
     assert asked and min(asked) == 1  # asked only while a row ran
     assert (1, 8, 0) in observed and (1, 0, 0) in observed  # packed and plain steps both teach it
     assert [o for o in observed if o[2]] == [(0, 10, 10), (1, beside[-1][0], len(LONG))]  # the joins, told apart
+
+
+def test_the_time_budget_as_it_runs_keeps_every_token(tiny, cache_dir, tmp_path):
+    """PREFILL_STEP_SLOWDOWN as the service runs it (nothing pinned): the tiny model's step
+    times are noise, so the pieces come in whatever sizes the budget makes of them, while
+    prompts of several lengths join running rows on three adapters; every request gets the
+    tokens it gets with whole prefills."""
+    residency = make_residency(tiny, cache_dir, tmp_path, 2)
+    requests = [
+        ("alpha", LONG[:12], 40),
+        (None, LONG, 6),
+        ("beta", LONG[30:150], 8),
+        ("alpha", LONG[7:90], 5),
+        (None, LONG[3:40], 12),
+    ]
+
+    async def body(engine):
+        async def one(i, adapter, prompt, tokens):
+            await asyncio.sleep(0.02 * i)  # later ones join rows that already run
+            request = EngineRequest(f"r{i}", prompt, adapter, greedy(tokens))
+            return [t async for o in engine.generate(request) for t in o.token_ids]
+
+        return await asyncio.gather(*(one(i, *r) for i, r in enumerate(requests)))
+
+    timed = batched_engine(residency, max_prefill_tokens=4096, step_slowdown=1.75)
+    beside = []  # pieces carried beside running rows
+    step_packed = timed.runner.step_packed
+
+    def spy(running, mask, tokens, positions, adapters, pieces, *grow):
+        if tokens:
+            beside.extend(len(p.ids) for p in pieces)
+        return step_packed(running, mask, tokens, positions, adapters, pieces, *grow)
+
+    timed.runner.step_packed = spy
+    assert run(timed, body) == run(engine(residency, 4096), body)
+    # The 200-token prompt joined running rows: at most 32 tokens a step before any was measured.
+    assert beside and max(beside) < len(LONG)
