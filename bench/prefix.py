@@ -10,7 +10,11 @@ queueing: the prefill is what prefix reuse shortens):
   block, as applications send), each request its own question.
 
 Prints TTFT p50 per scenario for both services and the reduction. The first request of each
-scenario warms the cache (and is left out of both services' figures).
+scenario warms the cache (and is left out of both services' figures). With --clients N, N
+clients send at once, --requests times: TTFT then also waits for the
+steps that carry the other clients' prompts, which prefix reuse shortens too (the requests go
+in bursts of N, the next when the last has finished, so that the figure does not depend on how
+a closed loop of clients happens to fall into waves: that varied by ±50% between runs).
 """
 
 from __future__ import annotations
@@ -61,20 +65,30 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter-dir", type=Path, default=Path("adapters"))
     p.add_argument("--dolly", type=Path, default=Path("../shared/data/dolly/databricks-dolly-15k.jsonl"))
     p.add_argument("--requests", type=int, default=12, help="per scenario (plus one warm-up)")
+    p.add_argument(
+        "--clients",
+        type=int,
+        default=1,
+        help="requests sent at once, in --requests bursts; with more than one, TTFT includes the "
+        "other prompts of the burst, carried in the same steps",
+    )
     return p
 
 
 def scenarios(args) -> dict[str, list[tuple[str, dict]]]:
+    n = args.requests * args.clients + 1
     dolly = []
     with args.dolly.open() as handle:
         for line in handle:
             row = json.loads(line)
             if not row["context"] and len(row["instruction"]) < 200:
                 dolly.append(row["instruction"])
-            if len(dolly) > args.requests:
+            if len(dolly) >= n:
                 break
     products = [json.loads(line) for line in Path("data/schema/unseen.jsonl").read_text().splitlines()]
-    n = args.requests + 1
+    products = (products * (n // len(products) + 1))[:n]
+    if args.clients > 1:  # each client its own product: the same product twice is a longer shared prefix
+        products = [{**p, "product": f"{p['product']} ({i})"} for i, p in enumerate(products)]
     return {
         "dolly": [("/v1/completions", {"model": "dolly", "input": {"instruction": d}}) for d in dolly[:n]],
         "schema": [("/v1/completions", {"model": "schema", "input": p}) for p in products[:n]],
@@ -83,7 +97,7 @@ def scenarios(args) -> dict[str, list[tuple[str, dict]]]:
                 "/v1/chat/completions",
                 {"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}]},
             )
-            for q in (QUESTIONS * 2)[:n]
+            for q in (QUESTIONS * (n // len(QUESTIONS) + 1))[:n]
         ],
     }
 
@@ -107,6 +121,19 @@ def ttft(url: str, path: str, body: dict, base_id: str) -> tuple[float, int]:
     return first - sent, prompt_tokens
 
 
+def clients(url: str, requests: list[tuple[str, dict]], base_id: str, count: int) -> list[tuple[float, int]]:
+    """(TTFT, prompt tokens) of every request, sent in bursts of `count` at once (the next burst
+    when the last has finished)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    out = []
+    with ThreadPoolExecutor(count) as pool:
+        for start in range(0, len(requests), count):
+            burst = requests[start : start + count]
+            out += pool.map(lambda request: ttft(url, *request, base_id), burst)
+    return out
+
+
 def measure(args, prefix_mb: int, plan) -> dict:
     import httpx
 
@@ -118,10 +145,11 @@ def measure(args, prefix_mb: int, plan) -> dict:
         base_id = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
         out = {}
         for name, requests in plan.items():
-            times = [ttft(url, path, body, base_id) for path, body in requests]
+            ttft(url, *requests[0], base_id)  # warms the scenario's prefix (left out)
+            times = clients(url, requests[1:], base_id, args.clients)
             out[name] = {
-                "ttft_p50_ms": 1000 * statistics.median(t for t, _ in times[1:]),
-                "prompt_tokens_p50": statistics.median(n for _, n in times[1:]),
+                "ttft_p50_ms": 1000 * statistics.median(t for t, _ in times),
+                "prompt_tokens_p50": statistics.median(n for _, n in times),
             }
         metrics = httpx.get(f"{url}/metrics", timeout=30).text
         out["reused_tokens"] = metric_sum(metrics, "hotswap_prefix_cache_reused_tokens_total")
@@ -136,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     plan = scenarios(args)
     without = measure(args, 0, plan)
     with_reuse = measure(args, 256, plan)
-    print(f"\n{args.model} {args.quantization}; TTFT p50 of {args.requests} requests, one at a time\n")
+    at_once = "one at a time" if args.clients == 1 else f"{args.clients} clients at once"
+    print(f"\n{args.model} {args.quantization}; TTFT p50 of {args.requests * args.clients} requests, {at_once}\n")
     print("| scenario | prompt tokens p50 | without reuse | with reuse | reduction |")
     print("|---|---:|---:|---:|---:|")
     for name in plan:

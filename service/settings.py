@@ -82,7 +82,8 @@ class Settings(BaseSettings):
         "this many plain decode steps: the tokens it carries are sized to fit, from the step "
         "times measured as the engine runs, within MAX_PREFILL_TOKENS (0: MAX_PREFILL_TOKENS "
         "alone). Bounds running streams' inter-token latency while long prompts join, on any "
-        "hardware; a joining prompt then takes about slowdown / (slowdown - 1) times its prefill time.",
+        "hardware; a joining prompt then takes about slowdown / (slowdown - 1) times its prefill time. "
+        "When more requests wait to join than run (a burst), a step may carry that many times more.",
     )
     kv_cache: Literal["auto", "static", "dynamic"] = Field(
         "auto",

@@ -342,9 +342,14 @@ class BatchedEngine(WorkerEngine):
         """Prompt tokens this iteration may prefill: MAX_PREFILL_TOKENS, or fewer where they ride
         in a packed step beside running rows, sized so the rows' step stays within the slowdown
         (budget.py). Separate prefill passes keep MAX_PREFILL_TOKENS: their cost has a fixed part
-        (a whole forward pass) that packed steps share with the decode step."""
+        (a whole forward pass) that packed steps share with the decode step. The requests that
+        wait to join (as many as the batch has room for) widen it in a burst."""
         self._timed = bool(self._rows) and self.step_budget.slowdown > 0 and self._packs()
-        return self.step_budget.allowance(len(self._rows)) if self._timed else self.max_prefill_tokens
+        if not self._timed:
+            return self.max_prefill_tokens
+        rows = len(self._rows)
+        waiting = min(len(self._joining) + self._queued(), self.capacity - rows)
+        return self.step_budget.allowance(rows, waiting)
 
     def _packs(self) -> bool:
         """Whether this iteration's chunks join the decode step's forward pass (packed.py)

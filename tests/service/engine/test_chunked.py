@@ -143,7 +143,7 @@ def test_packed_steps_beside_running_rows_carry_what_the_time_budget_gives(tiny,
     eng = batched_engine(residency, max_prefill_tokens=4096, step_slowdown=2.0)
     asked, observed, carried = [], [], []
     eng.step_budget.span = None  # work in tokens alone (test_budget.py counts attention)
-    eng.step_budget.allowance = lambda rows: asked.append(rows) or 8
+    eng.step_budget.allowance = lambda rows, waiting: asked.append(rows) or 8
     eng.step_budget.join_work = lambda length: join
     eng.step_budget.observe = lambda rows, seconds, work, joined: observed.append((rows, work, joined))
     step_packed = eng.runner.step_packed
