@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         args.kv_cache = "static" if base.device == "cuda" else "dynamic"
     max_len = args.max_model_len or -(-(args.prompt_tokens + args.new_tokens) // 64) * 64
     settings = {"HOTSWAP_KV_CACHE": args.kv_cache, "HOTSWAP_MAX_MODEL_LEN": str(max_len)}
-    kv = step_kv(runner, args.kv_cache, max(counts), max_len, len(active))
+    kv = step_kv(runner, args.kv_cache, max(counts, default=args.clients), max_len, len(active))
 
     def workload(n: int, salt: str = "") -> tuple[list[list[int]], list[str | None]]:
         """n prompts, unique to `salt` from their first token (so no stored prefix serves them),

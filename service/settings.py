@@ -83,7 +83,8 @@ class Settings(BaseSettings):
         "times measured as the engine runs, within MAX_PREFILL_TOKENS (0: MAX_PREFILL_TOKENS "
         "alone). Bounds running streams' inter-token latency while long prompts join, on any "
         "hardware; a joining prompt then takes about slowdown / (slowdown - 1) times its prefill time. "
-        "When more requests wait to join than run (a burst), a step may carry that many times more.",
+        "The bound is per joining request: with n waiting to join, a step may carry n times more, "
+        "so a backlog drains as fast as with no limit.",
     )
     kv_cache: Literal["auto", "static", "dynamic"] = Field(
         "auto",

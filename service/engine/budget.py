@@ -19,10 +19,13 @@ row count, c the ratio of the running averages of the extra time and of the work
 packed steps (so a step that carried 3 tokens cannot swing it). The allowance grows at most to
 twice the most work a measured step carried, so early, small steps are not extrapolated far.
 
-The bound is per joining request: when more requests wait to join than rows run (a burst
-arriving as its first request starts), the step may carry that many times more. Otherwise a
-burst of 8 queued behind 1 running stream at 1.75x a decode step a step (bench.prefix
---clients 8: TTFT p50 1.3-1.5 s against 1.0 s with no time limit).
+The bound is per joining request: with n requests waiting to join (as many as the batch has
+room for), a step may carry n times the work. A bound per step made a backlog queue behind the
+running streams: a burst of 8 behind its own first request took TTFT p50 from 1.0 s to
+1.3-1.5 s (bench.prefix --clients 8), and 64 clients arriving at once fell from 68% to 32% of
+the step alone (bench.gap: the last joined 50 steps after the first, so the batch ran a long
+tail of few rows). The running streams' ITL stays bounded while prompts join one at a time,
+the case of issue #22's target; a backlog costs them a longer stall, as with no limit.
 
 A step that finishes a prompt also joins it to the running batch: its KV goes into the running
 cache, which every later step then carries. That cost grows with the prompt's length and comes
@@ -90,10 +93,10 @@ class StepBudget:
 
     def allowance(self, rows: int, waiting: int = 0) -> float:
         """Work a step may carry beside `rows` running rows while `waiting` requests wait to
-        join: `cap` when nothing runs (nobody waits for the step) or when no time limit is set.
-        When more requests wait than run (a burst), the step may carry that many times more:
-        the slowdown bounds what the running streams give up for each one that joins, so a
-        burst of 8 arriving as the first starts does not queue behind 1 running stream."""
+        join (the ones being prefilled included): `cap` when nothing runs (nobody waits for the
+        step) or when no time limit is set. The slowdown is what the running streams give up
+        for each request that joins, so with several waiting the step may carry that many times
+        more: a backlog drains at the pace it would with no limit."""
         if rows == 0 or self.slowdown <= 0:
             return float(self.cap)
         decode = self._decode_seconds(rows)
@@ -103,7 +106,7 @@ class StepBudget:
             fit = (self.slowdown - 1.0) * decode / self._per_work()
             # Never far past what was measured: the first steps' costs are noisy and small.
             fit = min(fit, max(float(self.first), 2 * self._largest))
-        fit *= max(1.0, waiting / rows)
+        fit *= max(1, waiting)
         return max(float(self.least), min(float(self.cap), fit))
 
     def work(self, tokens: int, start: int) -> float:

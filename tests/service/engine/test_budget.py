@@ -115,11 +115,11 @@ def test_the_allowance_grows_no_faster_than_twice_what_was_measured():
     assert budget.allowance(4) == 128
 
 
-def test_a_burst_of_joining_requests_widens_the_step():
-    """As many waiting as running (or fewer): the bound as it is; 8 waiting beside 2 running
-    rows: 4 times the allowance (within the cap), so a burst does not queue behind a few rows."""
+def test_each_joining_request_widens_the_step():
+    """One waiting (or none): the bound as it is; 8 waiting: 8 times the allowance (within the
+    cap), so a backlog does not queue behind the running rows."""
     budget = measured(rows=2)
-    assert budget.allowance(2, waiting=1) == budget.allowance(2, waiting=2) == pytest.approx(50)
-    assert budget.allowance(2, waiting=8) == pytest.approx(200)
+    assert budget.allowance(2, waiting=0) == budget.allowance(2, waiting=1) == pytest.approx(50)
+    assert budget.allowance(2, waiting=8) == pytest.approx(400)
     assert measured(rows=2, cap=128).allowance(2, waiting=8) == 128
     assert StepBudget(2.0, 4096).allowance(1, waiting=7) == 7 * 32  # before anything was measured
