@@ -339,11 +339,12 @@ class BatchedEngine(WorkerEngine):
         return plan
 
     def _iteration_budget(self) -> float:
-        """Prompt tokens this iteration may prefill: MAX_PREFILL_TOKENS, or fewer where they ride
-        in a packed step beside running rows, sized so the rows' step stays within the slowdown
-        (budget.py). Separate prefill passes keep MAX_PREFILL_TOKENS: their cost has a fixed part
-        (a whole forward pass) that packed steps share with the decode step. Each request that
-        waits to join (as many as the batch has room for) widens it by one share."""
+        """Prompt tokens this iteration may prefill: MAX_PREFILL_TOKENS, or, where they ride in a
+        packed step beside running rows, the work (budget.py: tokens, attention over their past
+        counted) that keeps the rows' step within the slowdown. Separate prefill passes keep
+        MAX_PREFILL_TOKENS: their cost has a fixed part (a whole forward pass) that packed steps
+        share with the decode step. Each request that waits to join (as many as the batch has
+        room for) widens it by one share."""
         self._timed = bool(self._rows) and self.step_budget.slowdown > 0 and self._packs()
         if not self._timed:
             return self.max_prefill_tokens
