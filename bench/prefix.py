@@ -23,6 +23,7 @@ import argparse
 import json
 import statistics
 import time
+from itertools import cycle, islice
 from pathlib import Path
 
 from bench.throughput import free_port, metric_sum, start_service
@@ -86,7 +87,7 @@ def scenarios(args) -> dict[str, list[tuple[str, dict]]]:
             if len(dolly) >= n:
                 break
     products = [json.loads(line) for line in Path("data/schema/unseen.jsonl").read_text().splitlines()]
-    products = (products * (n // len(products) + 1))[:n]
+    products = list(islice(cycle(products), n))
     if args.clients > 1:  # each client its own product: the same product twice is a longer shared prefix
         products = [{**p, "product": f"{p['product']} ({i})"} for i, p in enumerate(products)]
     return {
@@ -97,7 +98,7 @@ def scenarios(args) -> dict[str, list[tuple[str, dict]]]:
                 "/v1/chat/completions",
                 {"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}]},
             )
-            for q in (QUESTIONS * (n // len(QUESTIONS) + 1))[:n]
+            for q in islice(cycle(QUESTIONS), n)
         ],
     }
 

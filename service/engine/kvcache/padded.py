@@ -62,9 +62,7 @@ class PaddedKV:
         running = cache_layers(self._cache) if tokens else None
         mask = self._mask if tokens else None
         logits, grown, done = self.runner.step_packed(running, mask, tokens, positions, adapters, pieces, self._grow)
-        if grown is not None:
-            for layer, (keys, values) in zip(self._cache.layers, grown, strict=True):
-                layer.keys, layer.values = keys, values
+        if grown is not None:  # the rows' layers grew themselves, through self._grow
             self._mask = torch.cat([self._mask, self._mask.new_ones((len(tokens), 1))], dim=1)
         return logits, done
 
@@ -110,7 +108,6 @@ class SpareLayer(DynamicLayer):
             return layer
         spare = cls()
         spare.__dict__.update(layer.__dict__)
-        spare._buffers = None
         return spare
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
