@@ -219,9 +219,9 @@ def serve_through_slots(runtime, names=("alpha", "beta")):
     return {name: runtime.residency.slot(name) for name in names}
 
 
-def make_residency(tiny, cache_dir, tmp_path, max_resident: int, **options):
-    """An AdapterResidency over the tiny fp32 base and a copy of its adapters (tests may edit
-    them); `options` go to AdapterResidency (max_host, loader, callbacks)."""
+def make_residency(tiny, cache_dir, tmp_path, max_resident: int, *, quantization: str = "fp32", **options):
+    """An AdapterResidency over the tiny base (fp32 unless said) and a copy of its adapters
+    (tests may edit them); `options` go to AdapterResidency (max_host, loader, callbacks)."""
     import shutil
 
     from service.adapters.registry import AdapterRegistry
@@ -230,7 +230,7 @@ def make_residency(tiny, cache_dir, tmp_path, max_resident: int, **options):
 
     adapters = tmp_path / "adapters"
     shutil.copytree(tiny.adapter_dir, adapters)
-    base = load_base(str(tiny.base_dir), quantization="fp32", device="cpu", cache_dir=cache_dir)
+    base = load_base(str(tiny.base_dir), quantization=quantization, device="cpu", cache_dir=cache_dir)
     registry = AdapterRegistry(adapters, base_id="tiny", base_fingerprint=tiny.fingerprint)
     registry.scan()
     return AdapterResidency(registry, base.model, max_resident, **options)
@@ -306,3 +306,26 @@ def tiny_settings(tiny, cache_dir, **overrides):
         "cache_dir": cache_dir,
     }
     return Settings(**{**fields, **overrides})
+
+
+def emulate_bf16_kernel(monkeypatch) -> None:
+    """bitsandbytes' 4-bit matmul as CPUs with AVX512-BF16 or AMX run it, on any CPU.
+
+    There bitsandbytes repacks each 4-bit weight at its first eval-mode forward and its fused
+    kernel (backends/cpu/ops.py, gemv_4bit) takes bf16 activations and returns bf16; each row's
+    result is the same whatever the row count (measured on such a CPU). Here the repack is off
+    and the product is computed in float64 from the dequantized weight, so the row count cannot
+    change its rounding either; the bf16 roundings in and out are the kernel's."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnb_functional
+    import bitsandbytes.nn.modules as bnb_modules
+
+    def matmul_4bit(A, B, quant_state, out=None, bias=None):
+        weight = bnb_functional.dequantize_4bit(B, quant_state).double()
+        result = A.to(torch.bfloat16).double() @ weight.t()
+        if bias is not None:
+            result = result + bias.double()
+        return result.to(torch.bfloat16).to(A.dtype)
+
+    monkeypatch.setattr(bnb_modules, "_convert_weight_packed_for_cpu", lambda weight, state, *a, **k: (weight, state))
+    monkeypatch.setattr(bnb, "matmul_4bit", matmul_4bit)

@@ -22,17 +22,29 @@ SHIPPED = Path(__file__).resolve().parents[1] / "adapters"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, cache_dir):
+def adapter_dir(tmp_path_factory, cache_dir):
+    """Two random adapters (rand, rand2) and the shipped ones."""
     source = resolve_source(f"embedded:{BASE}", cache_dir)
     adapters = tmp_path_factory.mktemp("adapters")
-    make_lora_adapter(source.path, adapters / "rand", fingerprint=source.fingerprint, base_id=BASE, seed=5)
+    for name, seed in (("rand", 5), ("rand2", 6)):
+        make_lora_adapter(source.path, adapters / name, fingerprint=source.fingerprint, base_id=BASE, seed=seed)
     for name in ("dolly", "schema"):  # the adapters shipped in the repository
         if (SHIPPED / name).is_dir():  # the tests below fail, saying so, where one is missing
             shutil.copytree(SHIPPED / name, adapters / name)
+    return adapters
+
+
+def serving(tmp_path_factory, cache_dir, adapter_dir, **env):
     log = tmp_path_factory.mktemp("log") / "server.log"
-    env = {"HOTSWAP_ADAPTER_DIR": str(adapters), "HOTSWAP_CACHE_DIR": str(cache_dir)}
+    env = {"HOTSWAP_ADAPTER_DIR": str(adapter_dir), "HOTSWAP_CACHE_DIR": str(cache_dir), **env}
     flags = ["--quantization", "nf4", "--device", "cpu", "--guardrails", "default"]  # as `make serve`
-    with running_service(flags, env, log) as (url, proc):
+    return running_service(flags, env, log), log
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, cache_dir, adapter_dir):
+    service, log = serving(tmp_path_factory, cache_dir, adapter_dir)
+    with service as (url, proc):
         yield url, log
     assert proc.returncode == 0, log.read_text()  # SIGTERM drains, then exits 0
     assert "Application shutdown complete" in log.read_text()
@@ -350,3 +362,25 @@ def test_instructor_json_schema_mode(server):
         messages=[{"role": "user", "content": "Describe Lisbon as JSON."}],
     )
     assert isinstance(city, City)
+
+
+def test_the_default_engine_answers_as_the_reference_engine_in_any_order(tmp_path_factory, cache_dir, adapter_dir, client):
+    """Issue 29: greedy answers of the batched engine (prefix reuse, slots, fused LoRA) equal
+    ENGINE=simple's (PEFT's own forward, one request at a time) on random adapters, asked
+    again and again between other adapters, on every CPU's kernels."""
+    order = ["rand", "dolly", "rand2", BASE, "rand", "rand2", "rand"]
+    prompts = ["The capital of France is", "Write a haiku about the sea.", "List three colours:"]
+    asks = [(model, prompt) for prompt in prompts for model in order]
+
+    def answers(openai_client):
+        return [
+            openai_client.completions.create(model=m, prompt=p, temperature=0, max_tokens=8).choices[0].text
+            for m, p in asks
+        ]
+
+    batched = answers(client)
+    service, _ = serving(tmp_path_factory, cache_dir, adapter_dir, HOTSWAP_ENGINE="simple")
+    with service as (url, _):
+        reference = answers(openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0))
+    assert batched == reference, [a for a in zip(asks, batched, reference, strict=True) if a[1] != a[2]]
+    assert len({text for (model, _), text in zip(asks, batched, strict=True) if model.startswith("rand")}) > 3

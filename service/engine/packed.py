@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from transformers import AttentionInterface, DynamicCache
 
+from service.engine.attention import prompt_pass, wide_sdpa
 from service.engine.prefix import pad_left
 
 Layers = list[tuple[torch.Tensor, torch.Tensor]]  # per layer, keys and values [rows, heads, columns, dim]
@@ -132,14 +132,15 @@ def packed_attention(
     if rows:
         keys, values = cache.running[layer]
         q = query[0, :, :rows].transpose(0, 1).unsqueeze(2)  # [rows, heads, 1, dim]
-        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=cache.row_mask, scale=scaling, enable_gqa=gqa)
+        o = wide_sdpa(q, keys, values, cache.row_mask, scale=scaling, enable_gqa=gqa)
         out[0, :rows] = o[:, :, 0]
     start = rows
     for index, size in enumerate(cache.sizes):
         keys, values = cache.pieces[index][layer]
         q = query[:, :, start : start + size]
         mask = cache.piece_masks[index]
-        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scaling, enable_gqa=gqa)
+        with prompt_pass():  # as the piece's own prefill would (attention.py)
+            o = wide_sdpa(q, keys, values, mask, scale=scaling, enable_gqa=gqa)
         out[:, start : start + size] = o.transpose(1, 2)
         start += size
     return out, None

@@ -10,6 +10,7 @@ import torch
 from transformers import DynamicCache
 
 from service.engine import PEFT_BASE
+from service.engine.attention import WIDE, prompt_pass, use_wide_attention
 from service.engine.lora import FusedMixedLoRA
 from service.engine.model import LoRAModel
 from service.engine.packed import Grow, Layers, PackedCache, Piece, packed_pass
@@ -45,7 +46,10 @@ class ModelRunner:
         # dtype) by the eager attention.
         config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
         attention = getattr(config, "_attn_implementation", "sdpa") or "sdpa"
-        self.additive_mask = None if attention == "sdpa" else hidden_dtype(model)
+        self.additive_mask = None if attention in ("sdpa", WIDE) else hidden_dtype(model)
+        # On CPUs attention runs in float64, so that what ran before (a stored prefix, padding,
+        # the batch) cannot change an answer (service/engine/attention.py).
+        self.wide_attention = use_wide_attention(model, self.device)
         # ALiBi models (BLOOM, MPT, Falcon-RW) build their position biases from a 2D padding
         # mask, so a static step must pass one [rows, columns] and let the model make the rest.
         self.mask_2d = config.model_type in ("bloom", "mpt") or bool(getattr(config, "alibi", False))
@@ -189,14 +193,15 @@ class ModelRunner:
             extra["position_ids"] = torch.arange(start, len(prompt_ids), device=self.device)[None]
             extra["attention_mask"] = torch.ones((1, len(prompt_ids)), dtype=torch.long, device=self.device)
         ids = torch.tensor([prompt_ids[start:]], device=self.device)
-        out = self._forward(
-            [adapter],
-            input_ids=ids,
-            use_cache=True,
-            **{self._cache_kwarg: cache},
-            logits_to_keep=0 if all_logits else 1,
-            **extra,
-        )
+        with prompt_pass():
+            out = self._forward(
+                [adapter],
+                input_ids=ids,
+                use_cache=True,
+                **{self._cache_kwarg: cache},
+                logits_to_keep=0 if all_logits else 1,
+                **extra,
+            )
         logits = out.logits[0].float()
         return (logits if all_logits else logits[-1]), cache
 
@@ -228,16 +233,17 @@ class ModelRunner:
         return self._last_logits(adapters, ids, mask, positions, cache), cache, mask
 
     def _last_logits(self, adapters, ids, mask, positions, cache) -> torch.Tensor:
-        """A batch's forward pass into `cache`; the fp32 logits of each row's last position."""
-        out = self._forward(
-            adapters,
-            input_ids=ids.to(self.device),
-            attention_mask=mask.to(self.device),
-            position_ids=positions.to(self.device),
-            use_cache=True,
-            **{self._cache_kwarg: cache},
-            logits_to_keep=1,
-        )
+        """A batch's prompt pass into `cache`; the fp32 logits of each row's last position."""
+        with prompt_pass():
+            out = self._forward(
+                adapters,
+                input_ids=ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                position_ids=positions.to(self.device),
+                use_cache=True,
+                **{self._cache_kwarg: cache},
+                logits_to_keep=1,
+            )
         return out.logits[:, -1].float()
 
     def _prefill_after(
