@@ -50,14 +50,17 @@ def test_hang_up_cancels_the_generation(url, stream):
         with pytest.raises(httpx.ReadTimeout):  # nothing arrives before the end: give up early
             httpx.post(f"{url}/v1/completions", json=body, timeout=httpx.Timeout(5, read=0.3))
     # The choices are cancelled one task at a time, and a scrape can land between two of them
-    # (it once read 127 of 128): wait for the whole count, then check it is exact.
+    # (it once read 127 of 128, and a loaded CI machine once 112 at a 10 s deadline): wait for
+    # the whole count. The deadlines only bound a hang; no assertion races the server.
     expected = 1 if stream else 8 * 16
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and metric(url, CANCELLED) - before < expected:
-        time.sleep(0.1)
-    time.sleep(0.2)  # room for any over-count to show
+    until(lambda: metric(url, CANCELLED) - before >= expected)
     assert metric(url, CANCELLED) - before == expected  # every choice's generation was stopped
-    deadline = time.monotonic() + 2  # the row leaves at the engine's next step
-    while time.monotonic() < deadline and metric(url, "hotswap_running_requests") != 0.0:
-        time.sleep(0.02)
-    assert metric(url, "hotswap_running_requests") == 0.0
+    until(lambda: metric(url, "hotswap_running_requests") == 0.0)  # the rows leave at the next step
+
+
+def until(condition, hang: float = 120.0) -> None:
+    """Wait for `condition`; fail only if it never holds (a hang, not a slow machine)."""
+    deadline = time.monotonic() + hang
+    while not condition():
+        assert time.monotonic() < deadline, "the server never got there"
+        time.sleep(0.05)

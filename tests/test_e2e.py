@@ -123,19 +123,20 @@ def test_health_answers_during_a_long_generation(server, client):
     )
     first = next(iter(stream))
     assert first.choices
-    started = time.perf_counter()
-    assert httpx.get(f"{server[0]}/health", timeout=5).status_code == 200
-    assert time.perf_counter() - started < 1.0  # the event loop is not blocked by the model
+    # The event loop answers while the model generates: /health and /metrics come back, and
+    # the generation is still running then (no clock: a slow machine only makes it longer).
+    assert httpx.get(f"{server[0]}/health", timeout=30).status_code == 200
+    assert "hotswap_running_requests 1.0" in httpx.get(f"{server[0]}/metrics", timeout=30).text
     stream.close()  # disconnect: the engine cancels the rest
 
     def cancelled() -> bool:
         return 'hotswap_cancelled_requests_total{adapter="base"} 1.0' in httpx.get(f"{server[0]}/metrics").text
 
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 120  # bounds a hang only
     while not cancelled() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert cancelled()
-    deadline = time.monotonic() + 5  # the slot is freed at the engine's next step
+    deadline = time.monotonic() + 120  # the slot is freed at the engine's next step
     while "hotswap_running_requests 0.0" not in httpx.get(f"{server[0]}/metrics").text:
         assert time.monotonic() < deadline, "the cancelled request still holds its slot"
         time.sleep(0.05)
@@ -364,7 +365,9 @@ def test_instructor_json_schema_mode(server):
     assert isinstance(city, City)
 
 
-def test_the_default_engine_answers_as_the_reference_engine_in_any_order(tmp_path_factory, cache_dir, adapter_dir, client):
+def test_the_default_engine_answers_as_the_reference_engine_in_any_order(
+    tmp_path_factory, cache_dir, adapter_dir, client
+):
     """Issue 29: greedy answers of the batched engine (prefix reuse, slots, fused LoRA) equal
     ENGINE=simple's (PEFT's own forward, one request at a time) on random adapters, asked
     again and again between other adapters, on every CPU's kernels."""

@@ -12,16 +12,23 @@ from tests.factories import batched_engine, make_lora_adapter, make_residency
 PROMPT = (5, 17, 42, 99, 7, 3)
 
 
-def engine_over(residency, waits=None):
-    return batched_engine(
-        residency,
-        on_slot_wait=lambda waiting, seconds: waits.append(seconds) if waits is not None and seconds else None,
-    )
+def engine_over(residency, waits=None, waiting=None):
+    """The engine; `waits` gets each slot wait's seconds, `waiting` the adapters waiting now."""
+
+    def on_slot_wait(labels, seconds):
+        if waits is not None and seconds:
+            waits.append(seconds)
+        if waiting is not None and seconds is None:
+            waiting[:] = labels
+
+    return batched_engine(residency, on_slot_wait=on_slot_wait)
 
 
-async def timed(engine, rid, adapter, tokens, delay=0.0):
-    """(request id, first token time, end time)."""
-    await asyncio.sleep(delay)
+async def timed(engine, rid, adapter, tokens, after=lambda: True):
+    """(request id, first token time, end time), asked once `after()` holds: arrival order is
+    set by what the engine did, not by delays racing its thread."""
+    while not after():
+        await asyncio.sleep(0.001)
     params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
     first = None
     async for _ in engine.generate(EngineRequest(rid, PROMPT, adapter, params)):
@@ -33,7 +40,7 @@ def run(engine, jobs):
     async def main():
         await engine.start()
         try:
-            return await asyncio.gather(*jobs(engine))
+            return await asyncio.wait_for(asyncio.gather(*jobs(engine)), 300)  # bounds a hang only
         finally:
             await engine.stop()
 
@@ -45,12 +52,13 @@ def test_a_flood_on_one_adapter_cannot_starve_another(tiny, cache_dir, tmp_path)
     rows end, before alpha requests that arrived after it."""
     residency = make_residency(tiny, cache_dir, tmp_path, 1)
     waits: list[float] = []
-    engine = engine_over(residency, waits)
+    waiting: list[str] = []
+    engine = engine_over(residency, waits, waiting)
 
     def jobs(engine):
-        early = [timed(engine, f"a{i}", "alpha", 200, 0.0) for i in range(3)]
-        beta = [timed(engine, "beta", "beta", 10, 0.03)]
-        late = [timed(engine, f"late{i}", "alpha", 100, 0.05 + 0.01 * i) for i in range(8)]
+        early = [timed(engine, f"a{i}", "alpha", 200) for i in range(3)]
+        beta = [timed(engine, "beta", "beta", 10, after=lambda: engine.running == 3)]
+        late = [timed(engine, f"late{i}", "alpha", 100, after=lambda: "beta" in waiting) for i in range(8)]
         return early + beta + late
 
     times = run(engine, jobs)
@@ -67,16 +75,17 @@ def test_requests_that_can_run_are_not_held_behind_one_that_waits(tiny, cache_di
     residency = make_residency(tiny, cache_dir, tmp_path, 2)
     make_lora_adapter(tiny.base_dir, residency.registry.directory / "gamma", fingerprint=tiny.fingerprint, seed=5)
     residency.registry.rescan()
-    engine = engine_over(residency)
+    waiting: list[str] = []
+    engine = engine_over(residency, waiting=waiting)
 
     def jobs(engine):
         return [
-            timed(engine, "alpha", "alpha", 240, 0.0),
-            timed(engine, "alpha1", "alpha", 240, 0.0),
-            timed(engine, "beta", "beta", 200, 0.0),
-            timed(engine, "gamma", "gamma", 5, 0.03),
-            timed(engine, "base", None, 5, 0.06),
-            timed(engine, "alpha2", "alpha", 5, 0.06),
+            timed(engine, "alpha", "alpha", 240),
+            timed(engine, "alpha1", "alpha", 240),
+            timed(engine, "beta", "beta", 200),
+            timed(engine, "gamma", "gamma", 5, after=lambda: engine.running == 3),
+            timed(engine, "base", None, 5, after=lambda: "gamma" in waiting),
+            timed(engine, "alpha2", "alpha", 5, after=lambda: "gamma" in waiting),
         ]
 
     times = run(engine, jobs)
