@@ -79,7 +79,9 @@ def wide_sdpa(
 ) -> torch.Tensor:
     """`F.scaled_dot_product_attention`, for prompt tokens on a CPU in float64 (`wide`)."""
     if not wide(query):
-        return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, scale=scale, enable_gqa=enable_gqa)
+        return F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attn_mask, scale=scale, enable_gqa=enable_gqa
+        )
     out = F.scaled_dot_product_attention(
         query.double(), key.double(), value.double(), attn_mask=_wide(attn_mask), scale=scale, enable_gqa=enable_gqa
     )

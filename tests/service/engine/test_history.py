@@ -13,7 +13,6 @@ import json
 import shutil
 
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -41,7 +40,9 @@ def world(request, tiny, cache_dir, tmp_path, monkeypatch):
         emulate_bf16_kernel(monkeypatch)
     residency = make_residency(tiny, cache_dir, tmp_path, 2, quantization=request.param.split("-")[0])
     adapters = residency.registry.directory
-    make_lora_adapter(tiny.base_dir, adapters / "gamma", fingerprint=tiny.fingerprint, seed=3, rank=16, targets="all-linear")
+    make_lora_adapter(
+        tiny.base_dir, adapters / "gamma", fingerprint=tiny.fingerprint, seed=3, rank=16, targets="all-linear"
+    )
     shutil.copytree(adapters / "alpha", adapters / "alpha-copy")
     manifest = adapters / "alpha-copy" / "hotswap.json"
     manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "name": "alpha-copy"}))
