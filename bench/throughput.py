@@ -231,6 +231,7 @@ def start_service(
 
     env = {
         **os.environ,
+        "HOTSWAP_ALLOW_IGNORE_EOS": "true",  # the benches generate exactly their token counts
         "HOTSWAP_ADAPTER_DIR": str(adapter_dir),
         "HOTSWAP_CACHE_DIR": str(args.cache_dir),
         "HOTSWAP_MAX_BATCH_SIZE": str(max_batch),

@@ -63,6 +63,9 @@ class ServiceState:
             metrics=self.metrics,
             guardrails=guardrails,
             default_max_tokens=self.settings.default_max_tokens,
+            max_request_sequences=self.settings.max_request_sequences,
+            max_request_tokens=self.settings.max_request_tokens,
+            allow_ignore_eos=self.settings.allow_ignore_eos,
         )
 
 

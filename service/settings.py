@@ -167,6 +167,19 @@ class Settings(BaseSettings):
     max_queued_requests: int = Field(
         256, ge=1, le=100_000, description="Requests waiting for the engine before new ones get 429."
     )
+    # What one request may ask for (security review H1): prompts x n sequences, and the sum of
+    # their max_tokens. One request of 16 prompts x n 16 once filled the whole queue.
+    max_request_sequences: int = Field(
+        64, ge=1, le=100_000, description="Sequences (prompts x n) one request may ask for; more is a 400 naming n."
+    )
+    max_request_tokens: int = Field(
+        131_072,
+        ge=1,
+        description="Sum of max_tokens over a request's sequences; more is a 400 naming max_tokens.",
+    )
+    allow_ignore_eos: bool = Field(
+        False, description="Accept the ignore_eos extension (for benchmarks: it generates exactly max_tokens)."
+    )
     request_timeout_seconds: float = Field(
         600.0,
         gt=0,

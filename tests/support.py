@@ -30,7 +30,7 @@ def running_service(
     with log.open("w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "service", *flags, "--port", str(port)],
-            env={**os.environ, **env},
+            env={**os.environ, "HOTSWAP_ALLOW_IGNORE_EOS": "true", **env},  # the tests' long generations
             stdout=out,
             stderr=subprocess.STDOUT,
         )

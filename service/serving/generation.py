@@ -38,6 +38,9 @@ class ServingContext:
     metrics: Metrics
     guardrails: Guardrails = field(default_factory=Guardrails)
     default_max_tokens: int = 0  # a chat request's budget when it sets none (0: the context)
+    max_request_sequences: int = 0  # prompts x n per request (0: no bound)
+    max_request_tokens: int = 0  # the sum of max_tokens over a request's sequences (0: no bound)
+    allow_ignore_eos: bool = True
     grammars: GrammarCompiler | None = None  # structured outputs; made from the tokenizer if None
 
     def __post_init__(self) -> None:
@@ -120,6 +123,25 @@ def check_token_ids(ids: Sequence[int], ctx: ServingContext, *, param: str) -> N
     vocab = len(ctx.tokenizer)
     if any(not 0 <= i < vocab for i in ids):
         raise InvalidRequestError(f"token ids must lie in [0, {vocab})", param=param)
+
+
+def check_request_size(sequences: int, tokens: int, ignore_eos: bool, ctx: ServingContext) -> None:
+    """What one request may ask for, so that none can take the queue or the engine from the
+    others (MAX_REQUEST_SEQUENCES, MAX_REQUEST_TOKENS, ALLOW_IGNORE_EOS)."""
+    if ctx.max_request_sequences and sequences > ctx.max_request_sequences:
+        raise InvalidRequestError(
+            f"this request asks for {sequences} sequences (prompts x n); at most "
+            f"{ctx.max_request_sequences} are served per request",
+            param="n",
+        )
+    if ctx.max_request_tokens and tokens > ctx.max_request_tokens:
+        raise InvalidRequestError(
+            f"this request asks for {tokens} tokens in all (max_tokens x prompts x n); at most "
+            f"{ctx.max_request_tokens} are served per request",
+            param="max_tokens",
+        )
+    if ignore_eos and not ctx.allow_ignore_eos:
+        raise InvalidRequestError("ignore_eos is off on this server (ALLOW_IGNORE_EOS)", param="ignore_eos")
 
 
 def check_prompt(ids: Sequence[int], max_tokens: int, ctx: ServingContext, *, param: str) -> None:

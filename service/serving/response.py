@@ -24,6 +24,7 @@ from service.serving.generation import (
     ServingContext,
     Target,
     check_prompt,
+    check_request_size,
     first_and_rest,
     new_id,
     output_grammar,
@@ -137,6 +138,7 @@ class EndpointServing(ABC):
         on_target(target)
         prompts = self.prompts(request, target)
         budgets = [request.budget(ctx.default_budget(len(ids))) for ids in prompts.ids]
+        check_request_size(len(budgets) * request.n, sum(budgets) * request.n, request.ignore_eos, ctx)
         for ids, max_tokens in zip(prompts.ids, budgets, strict=True):
             check_prompt(ids, max_tokens, ctx, param=prompts.param)
         stops = (request.stop or []) + (target.manifest.output.stop if target.manifest else [])

@@ -345,3 +345,23 @@ def test_prompt_lists_are_capped(client):
     r = client.post("/v1/completions", json={"model": "tiny", "prompt": ["x"] * 65})
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
 
+
+def test_one_request_cannot_ask_for_the_whole_queue(tiny, tokenizer):
+    """Security review H1: 16 prompts x n 16 once filled the queue of 256; the sequences and
+    the tokens of one request are capped, and ignore_eos is a benchmark setting."""
+    c, engine = make_client(tiny, tokenizer, max_request_sequences=64, max_request_tokens=1000)
+    with c:
+        body = {"model": "tiny", "prompt": ["hi"] * 16, "n": 16, "max_tokens": 4}
+        r = c.post("/v1/completions", json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "n" and "256 sequences" in r.text
+        r = c.post("/v1/completions", json={**body, "n": 4, "max_tokens": 100})  # 64 x 100 tokens
+        assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+        assert c.post("/v1/completions", json={**body, "n": 4, "max_tokens": 15}).status_code == 200  # 960
+        chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "n": 16, "max_tokens": 100}
+        r = c.post("/v1/chat/completions", json=chat)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+        r = c.post("/v1/completions", json={"model": "tiny", "prompt": "hi", "ignore_eos": True})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "ignore_eos"
+    c, _ = make_client(tiny, tokenizer, allow_ignore_eos=True)
+    with c:
+        assert c.post("/v1/completions", json={"model": "tiny", "prompt": "hi", "ignore_eos": True}).status_code == 200

@@ -255,7 +255,7 @@ def test_max_model_len_bounds_what_the_api_accepts(tiny, cache_dir):
 
     from service.app import build_app
 
-    settings = tiny_settings(tiny, cache_dir, kv_cache="static", max_model_len=12)
+    settings = tiny_settings(tiny, cache_dir, kv_cache="static", max_model_len=12, allow_ignore_eos=True)
     with TestClient(build_app(settings)) as client:
         for _ in range(600):
             if client.get("/ready").status_code == 200:
