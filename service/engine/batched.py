@@ -99,6 +99,8 @@ class BatchedEngine(WorkerEngine):
         # decode step: where the engine thread's time goes (hotswap_engine_step_seconds).
         self._on_phase = on_phase
         self._waiters: list[str] = []
+        self._admitted: list[Job] = []  # this iteration's, until they run (see _abandon)
+        self._held: list[Job] = []  # taken from the queue this iteration, passed over
         if kv_cache == "static":
             slots = self.residency.max_resident if self.residency is not None else 1
             self._kv = SlotKV(
@@ -135,11 +137,13 @@ class BatchedEngine(WorkerEngine):
 
     def _loop(self) -> None:
         while True:
+            self._recover()
             self._prefill_budget = self._iteration_budget()
             admitted, stop = self._admissions()
             started = time.perf_counter()
             packs = bool(admitted or self._joining) and self._packs()  # one decision per iteration
             prefilled = self._admit_all(admitted, packs)
+            self._admitted, self._held = [], []  # in rows, joining, pending or answered now
             pieces = [] if stop else self._piece_plan()
             separate = bool(pieces) and not packs
             if separate:
@@ -187,6 +191,7 @@ class BatchedEngine(WorkerEngine):
         """
         admitted: list[Job] = []
         waiting: list[Job] = []  # passed over this time, in order
+        self._admitted, self._held = admitted, waiting  # for _abandon, should anything below fail
         blocked: set[str | None] = set()  # adapters that wait; their later jobs stay behind
         stop = False
         # The step's prefill budget goes to prompts still joining first, then to new ones.
@@ -302,8 +307,12 @@ class BatchedEngine(WorkerEngine):
         return self.prefix_cache.lookup(job.key or BASE, job.request.prompt_ids, DynamicCache)
 
     def _store_prefix(self, job: Job, layers: list) -> None:
-        if self.prefix_cache is not None:
+        if self.prefix_cache is None:
+            return
+        try:  # storing is an optimisation: a failure (an OOM copying the KV) costs only reuse
             self.prefix_cache.store(job.key or BASE, job.request.prompt_ids, layers)
+        except Exception as exc:
+            log.warning("storing a prompt prefix failed: %s", exc)
 
     def _chunked(self, job: Job) -> bool:
         """Whether the job's prompt (past a stored prefix) exceeds the step's prefill budget:
@@ -425,6 +434,8 @@ class BatchedEngine(WorkerEngine):
             job.push(StepFailed(f"generation failed: {type(exc).__name__}: {exc}"))
             if not any(r.job is job for r in self._rows):
                 self._change(running_remove=job.label)
+        else:
+            self._step_succeeded()
 
     def _admit_together(self, jobs: list[Job]) -> None:
         for job in jobs:
@@ -435,6 +446,7 @@ class BatchedEngine(WorkerEngine):
             )
             for job in jobs:
                 job.prefix = None  # its cache is the batch's now
+            self._step_succeeded()
         except Exception as exc:
             self._step_failed("prefill", exc, len(jobs))
             for job in jobs:
@@ -504,7 +516,12 @@ class BatchedEngine(WorkerEngine):
         `greedy` is the row's argmax when the step computed all of them at once.
         """
         params = row.job.request.params
-        token, logprobs, complete = self._choose(params, logits, row.generator, row.matcher, greedy)
+        try:
+            token, logprobs, complete = self._choose(params, logits, row.generator, row.matcher, greedy)
+        except Exception as exc:  # this row's sampling or grammar: this row fails, not its batch
+            self._step_failed("sampling", exc, 1)
+            self._outbox.post(row.job, StepFailed(f"generation failed: {type(exc).__name__}: {exc}"))
+            return True
         row.step += 1
         stop = token in row.stop_ids or complete
         finish = "stop" if stop else ("length" if row.step >= row.budget else None)
@@ -573,6 +590,20 @@ class BatchedEngine(WorkerEngine):
         """Drop the finished rows (the cache may move the others: follow its order)."""
         order = self._kv.retain(keep)
         self._rows = [self._rows[i] for i in order]
+
+    def _abandon(self, error: Exception) -> None:
+        jobs = self._busy_jobs() + self._admitted + self._held + list(self._pending)
+        self._rows, self._joining, self._admitted, self._held = [], [], [], []
+        self._pending.clear()
+        self._draining = None
+        for job in {id(j): j for j in jobs}.values():  # Job compares by value: dedupe by identity
+            self._outbox.post(job, error)
+            self._forget(job)
+        self._outbox.flush()
+        try:
+            self._kv.clear()
+        except Exception as exc:
+            log.error("clearing the KV cache failed: %s", exc)
 
     def _fail_running(self, error: Exception, joining: bool = True) -> None:
         """Fail the running rows (and the prompts still joining, unless `joining` is False: a

@@ -101,10 +101,12 @@ class PrefixCache:
         if known is not None and known[0].tokens[:length] == prompt[:length]:
             self._entries.move_to_end(id(known[0]))
             return  # this prefix is stored already
-        kept = [(k[:, :, :length].clone(), v[:, :, :length].clone()) for k, v in layers]
-        nbytes = sum(k.nbytes + v.nbytes for k, v in kept)
+        # Sized from the shapes before anything is copied: a prompt larger than the whole cache
+        # is never cloned (security review H3).
+        nbytes = sum((k[:, :, :length].numel() + v[:, :, :length].numel()) * k.element_size() for k, v in layers)
         if nbytes > self.max_bytes:
             return
+        kept = [(k[:, :, :length].clone(), v[:, :, :length].clone()) for k, v in layers]
         entry = _Entry(owner, prompt[:length], kept, nbytes)
         for blocks, value in enumerate(chain, start=1):
             entry.keys.append((owner, value))

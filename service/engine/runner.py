@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from service.engine import PEFT_BASE
+from service.engine import PEFT_BASE, TokenLogprob
 from service.engine.attention import WIDE, prompt_pass, use_wide_attention
 from service.engine.lora import FusedMixedLoRA
 from service.engine.model import LoRAModel
@@ -18,7 +18,9 @@ from service.engine.packed import inputs as packed_inputs
 from service.engine.packed import supported as packed_supported
 from service.engine.prefix import pad_left
 from service.engine.prefix import unsupported as prefix_unsupported
+from service.engine.sampling import token_logprob
 
+SCORE_CHUNK = 512  # prompt positions scored at once (score_prompt): bounds [positions, vocab] logits
 POOL_MAX_ADAPTERS = 16  # loaded adapters up to which eager batches may go through the LoRA pool
 
 
@@ -179,9 +181,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def prefill(
-        self, prompt_ids: list[int], adapter: str | None, *, all_logits: bool = False, past: Any = None
+        self, prompt_ids: list[int], adapter: str | None, *, past: Any = None
     ) -> tuple[torch.Tensor, DynamicCache]:
-        """Run the prompt; return fp32 logits (last position, or every position) and the cache.
+        """Run the prompt; return its last position's fp32 logits and the cache.
 
         `past` (a service.engine.prefix.Hit): the KV of the prompt's first `past.length` tokens,
         computed before; only the rest runs, and the cache returned covers the whole prompt."""
@@ -199,11 +201,70 @@ class ModelRunner:
                 input_ids=ids,
                 use_cache=True,
                 **{self._cache_kwarg: cache},
-                logits_to_keep=0 if all_logits else 1,
+                logits_to_keep=1,
                 **extra,
             )
-        logits = out.logits[0].float()
-        return (logits if all_logits else logits[-1]), cache
+        return out.logits[0, -1].float(), cache
+
+    @torch.inference_mode()
+    def score_prompt(
+        self, prompt_ids: list[int], adapter: str | None, top_k: int
+    ) -> tuple[torch.Tensor, DynamicCache, tuple[TokenLogprob | None, ...]]:
+        """Run the prompt and score it: its last position's fp32 logits, the cache, and each
+        prompt token's log-probability given the ones before it (None for the first), with its
+        `top_k` alternatives (echo + logprobs; lm-evaluation-harness's log-likelihood).
+
+        The vocabulary's logits are computed SCORE_CHUNK positions at a time from the decoder's
+        last hidden states, never [positions, vocab] at once: that was 2 x 1.6 GB of fp32 for an
+        8K-token SmolLM2 prompt, and a CUDA OOM on a large-vocabulary base (security review H3).
+        A model whose head is not a plain projection of those states (logit scaling or
+        soft-capping, LoRA on the head) gets its logits from the model, a chunk at a time too."""
+        hidden: list[torch.Tensor] = []
+
+        def keep(module: Any, args: Any, output: Any) -> None:
+            hidden.append(output[0] if isinstance(output, tuple) else output.last_hidden_state)
+
+        decoder = _decoder(self.model)
+        hook = decoder.register_forward_hook(keep) if decoder is not None else None
+        cache = DynamicCache()
+        try:
+            with prompt_pass():
+                out = self._forward(
+                    [adapter],
+                    input_ids=torch.tensor([prompt_ids], device=self.device),
+                    use_cache=True,
+                    **{self._cache_kwarg: cache},
+                    logits_to_keep=1,
+                )
+        finally:
+            if hook is not None:
+                hook.remove()
+        last = out.logits[0, -1].float()
+        head = self.model.get_output_embeddings()
+        states = hidden[0][0] if hidden else None
+        plain = states is not None and torch.allclose(head(states[-1:]).float()[0], last, rtol=1e-4, atol=1e-4)
+        scored: list[TokenLogprob | None] = [None]
+        for start in range(0, len(prompt_ids) - 1, SCORE_CHUNK):
+            end = min(start + SCORE_CHUNK, len(prompt_ids) - 1)
+            if plain:
+                logits = head(states[start:end]).float()
+            else:
+                logits = self._last_positions(prompt_ids[:end], adapter, end - start)
+            logprobs = torch.log_softmax(logits, dim=-1)
+            scored += [token_logprob(logprobs[i - start], prompt_ids[i + 1], top_k) for i in range(start, end)]
+        return last, cache, tuple(scored)
+
+    def _last_positions(self, prompt_ids: list[int], adapter: str | None, count: int) -> torch.Tensor:
+        """The fp32 logits of the last `count` positions, from the model itself (`score_prompt`'s
+        fallback: the prompt runs again for each chunk, rare and bounded in memory)."""
+        with prompt_pass():
+            out = self._forward(
+                [adapter],
+                input_ids=torch.tensor([prompt_ids], device=self.device),
+                use_cache=False,
+                logits_to_keep=count,
+            )
+        return out.logits[0].float()
 
     @torch.inference_mode()
     def prefill_batch(
@@ -324,6 +385,16 @@ class ModelRunner:
             **{self._cache_kwarg: cache},
         )
         return out.logits[0, -1].float()
+
+
+def _decoder(model: Any) -> Any:
+    """The module whose output is the hidden states the head projects (None if unknown)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    getter = getattr(base, "get_decoder", None)
+    try:
+        return getter() if getter is not None else None
+    except (AttributeError, NotImplementedError):
+        return None
 
 
 def _cache_kwarg(model: Any) -> str:

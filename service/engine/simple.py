@@ -21,12 +21,15 @@ class SimpleEngine(WorkerEngine):
 
     def _loop(self) -> None:
         while True:
+            self._recover()
+            self._current = None
             job = self._take(block=True)
             if job is STOP:
                 return
             if job is None:  # woken: nothing to run
                 continue
             assert isinstance(job, Job)
+            self._current = job
             if job.cancelled.is_set():
                 self._change(waiting_remove=job.label)
                 continue
@@ -48,6 +51,12 @@ class SimpleEngine(WorkerEngine):
                 self._step_succeeded()
             finally:
                 self._change(running_remove=job.label)
+
+    def _abandon(self, error: Exception) -> None:
+        job, self._current = getattr(self, "_current", None), None
+        if job is not None:
+            job.push(error)
+            self._forget(job)
 
     def _run(self, job: Job) -> None:
         params = job.request.params

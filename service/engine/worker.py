@@ -22,7 +22,7 @@ import torch
 from service.engine import BASE, EngineOutput, EngineRequest, TokenLogprob
 from service.engine.runner import ModelRunner
 from service.engine.sampling import sample, token_logprob
-from service.errors import EngineStopped, HotswapError, QueueFull
+from service.errors import EngineStopped, HotswapError, QueueFull, StepFailed
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +80,15 @@ class Outbox:
 
 class WorkerEngine:
     capacity = 1  # sequences generated at once
-    # A failed step fails its requests and the engine carries on; this many failures in a row,
-    # with no success between, mean it cannot recover (a lost device, a corrupted model): it
-    # turns unhealthy, /health and /ready answer 503, and Kubernetes restarts the pod.
+    # A failed step fails its requests and the engine carries on. Whether the engine itself is
+    # at fault is asked of a probe, one token through the base (`_probe`): when it passes, the
+    # requests caused the failure (an OOM of their own size, a bad grammar) and it is not
+    # counted (security review H3: three large echo requests in a row once made the engine
+    # unhealthy for good). Failures whose probe fails count; this many in a row mean the engine
+    # cannot serve (a lost device, a corrupted model): it turns unhealthy, /health and /ready
+    # answer 503, and it probes itself every `probe_seconds`, healthy again at the first pass.
     max_consecutive_failures = 3
+    probe_seconds = 5.0
 
     def __init__(
         self,
@@ -124,6 +129,12 @@ class WorkerEngine:
         return alive and self._failures < self.max_consecutive_failures
 
     def _step_failed(self, what: str, exc: Exception, jobs: int) -> None:
+        if isinstance(exc, torch.OutOfMemoryError) and torch.cuda.is_available():
+            torch.cuda.empty_cache()  # what the failed pass allocated, back for the next
+        if self._probe():
+            log.error("%s failed for %d requests (the engine itself works): %s", what, jobs, exc, exc_info=exc)
+            self._failures = 0
+            return
         self._failures += 1
         log.error("%s failed for %d requests (%d in a row): %s", what, jobs, self._failures, exc, exc_info=exc)
         if self._failures >= self.max_consecutive_failures:
@@ -131,6 +142,22 @@ class WorkerEngine:
 
     def _step_succeeded(self) -> None:
         self._failures = 0
+
+    def _probe(self) -> bool:
+        """One token through the base model: whether the engine itself can still compute."""
+        token = min(self.eos_token_ids, default=0)
+        try:
+            self.runner.prefill([token], None)
+        except Exception as exc:
+            log.error("engine probe failed: %s", exc)
+            return False
+        return True
+
+    def _recover(self) -> None:
+        """An unhealthy engine probes itself (between iterations); a pass makes it healthy."""
+        if self._failures >= self.max_consecutive_failures and self._probe():
+            log.warning("the engine probe passed after %d failed steps; healthy again", self._failures)
+            self._failures = 0
 
     async def start(self, executor: Executor | None = None) -> None:
         """Run the engine loop on `executor`'s thread, or on a thread of its own.
@@ -209,7 +236,16 @@ class WorkerEngine:
 
     def _work(self) -> None:
         try:
-            self._loop()
+            while True:
+                try:
+                    self._loop()
+                    return
+                except Exception as exc:  # a fault outside any step: its requests fail, never the thread
+                    self._step_failed("engine iteration", exc, 0)
+                    try:
+                        self._abandon(StepFailed(f"generation failed: {type(exc).__name__}: {exc}"))
+                    except Exception:
+                        log.exception("abandoning the iteration's requests failed")
         finally:
             # Fail whatever is still waiting, so no client hangs on a stopped engine.
             while not self._jobs.empty():
@@ -219,6 +255,21 @@ class WorkerEngine:
 
     def _loop(self) -> None:
         raise NotImplementedError
+
+    def _abandon(self, error: Exception) -> None:
+        """After a fault outside any step: fail every request the loop holds (subclasses say
+        which), so that none waits for a loop that lost track of it."""
+        raise NotImplementedError
+
+    def _forget(self, job: Job) -> None:
+        """Drop the job's label from the running or waiting state, wherever it is."""
+        with self._state_lock:
+            for labels in (self._running, self._waiting):
+                if job.label in labels:
+                    labels.remove(job.label)
+                    break
+            running, waiting = list(self._running), list(self._waiting)
+        self._on_state(running, waiting, self.capacity)
 
     def _adapter_ready(self, job: Job, busy: set[str]) -> bool | None:
         """Make the job's adapter version resident. True: go (`job.slot` names it for the
@@ -285,14 +336,12 @@ class WorkerEngine:
         """
         request, params = job.request, job.request.params
         prompt = list(request.prompt_ids)
-        logits, cache = self.runner.prefill(
-            prompt, job.slot, all_logits=params.prompt_logprobs is not None, past=job.prefix
-        )
-        job.prefix = None  # its cache is the row's now
         scored = None
         if params.prompt_logprobs is not None:
-            scored = prompt_logprobs(logits, prompt, params.prompt_logprobs)
-            logits = logits[-1]
+            logits, cache, scored = self.runner.score_prompt(prompt, job.slot, params.prompt_logprobs)
+        else:
+            logits, cache = self.runner.prefill(prompt, job.slot, past=job.prefix)
+        job.prefix = None  # its cache is the row's now
         budget = self._budget(job)
         if budget <= 0:
             job.push(EngineOutput((), prompt_logprobs=scored, finish_reason="length"))
@@ -300,8 +349,9 @@ class WorkerEngine:
 
     def _take(self, block: bool) -> Job | object | None:
         """The next queued job (or STOP); None when nothing waits (or a WAKE came)."""
-        try:
-            job = self._jobs.get(block=block)
+        unhealthy = self._failures >= self.max_consecutive_failures
+        try:  # an unhealthy engine wakes up to probe itself (_recover)
+            job = self._jobs.get(block=block, timeout=self.probe_seconds if block and unhealthy else None)
         except queue.Empty:
             return None
         return None if job is WAKE else job
@@ -325,10 +375,3 @@ class WorkerEngine:
                 self._running.remove(running_remove)
             running, waiting = list(self._running), list(self._waiting)
         self._on_state(running, waiting, self.capacity)
-
-
-def prompt_logprobs(logits: torch.Tensor, prompt: list[int], top_k: int) -> tuple[TokenLogprob | None, ...]:
-    """Log-probability of each prompt token given the ones before it (the first has none)."""
-    logprobs = torch.log_softmax(logits[:-1], dim=-1)
-    scored = tuple(token_logprob(logprobs[i], prompt[i + 1], top_k) for i in range(len(prompt) - 1))
-    return (None, *scored)

@@ -149,10 +149,11 @@ def test_a_failing_step_fails_its_batch_and_the_engine_serves_on(runner, monkeyp
     from service.errors import StepFailed
 
     engine = make(runner, kv=kv)
-    # Every forward pass: on the dynamic cache new prompts ride in the decode step (packed.py)
-    step = "_forward" if kv == "dynamic" else "forward_slots"
+    # A device fault fails every forward pass: prefills, decode steps (forward_slots on the
+    # static cache) and the engine's own probe (one token through the base).
     failures = {"left": 1}
-    monkeypatch.setattr(runner, step, failing(getattr(runner, step), failures, "simulated device fault"))
+    for step in ("_forward", "forward_slots"):
+        monkeypatch.setattr(runner, step, failing(getattr(runner, step), failures, "simulated device fault"))
 
     async def body(engine):
         async def one(prompt):
@@ -173,7 +174,13 @@ def test_a_failing_step_fails_its_batch_and_the_engine_serves_on(runner, monkeyp
 
         with pytest.raises(EngineStopped):
             await one(PROMPTS[2])
+        failures["left"] = 0  # the device is back: the engine's own probe finds it
+        while not engine.healthy:
+            await asyncio.sleep(0.01)
+        after = await one(PROMPTS[0])
+        assert sum(len(o.token_ids) for o in after) == 4
 
+    engine.probe_seconds = 0.05
     run(engine, body)
 
 
