@@ -37,6 +37,15 @@ class Detector:
     validate: Validator | None = None
     group: str | None = None  # redact only this named group (a secret's value, not its key)
     priority: int = 0  # wins overlaps against lower priorities
+    # A stream holds back at most `hold` characters of a value in progress (security review
+    # H2). A longer run is either no value of this kind (`overflow="release"`: an e-mail of
+    # more than 254 + 64 characters), or a secret (`"redact"`): its placeholder goes out at
+    # once, and the run's further characters (`run`) are dropped as they come, up to the first
+    # one that cannot continue it, or, for a PEM block, up to its END line (`end`).
+    hold: int = 64
+    overflow: str = "release"
+    run: re.Pattern[str] | None = None
+    end: re.Pattern[str] | None = None
 
 
 @dataclass(frozen=True, order=True)
@@ -165,6 +174,9 @@ DETECTORS: tuple[Detector, ...] = (
             re.DOTALL,
         ),
         priority=9,
+        hold=96,  # the header, then the block is a secret to its END line
+        overflow="redact",
+        end=re.compile(r"-----END (?:[A-Z0-9]+ )*PRIVATE KEY-----"),
     ),
     Detector(
         "SECRET",  # bearer tokens in any header-like text
@@ -172,6 +184,9 @@ DETECTORS: tuple[Detector, ...] = (
         _p(r"(?<![\w])b(?:e(?:a(?:r(?:e(?:r(?:\s+[A-Za-z0-9\-._~+/]*=*)?)?)?)?)?)?\Z"),
         group="value",
         priority=8,
+        hold=512,
+        overflow="redact",
+        run=re.compile(r"[A-Za-z0-9\-._~+/=]*"),
     ),
     Detector(
         "SECRET",  # provider keys with a recognisable prefix, and JWTs
@@ -183,6 +198,9 @@ DETECTORS: tuple[Detector, ...] = (
         ),
         re.compile(r"(?<![\w-])" + _growing(_PROVIDER_PREFIXES, r"[A-Za-z0-9_\-.]*") + r"\Z"),
         priority=8,
+        hold=256,
+        overflow="redact",
+        run=re.compile(r"[A-Za-z0-9_\-.]*"),
     ),
     Detector(
         "SECRET",  # key = value assignments of things named like secrets
@@ -193,6 +211,9 @@ DETECTORS: tuple[Detector, ...] = (
         _p(r"(?<![\w])" + _growing(_SECRET_NAMES, r"(?:\s*[:=]\s*[\"']?[^\s\"']*|\s*)") + r"\Z"),
         group="value",
         priority=7,
+        hold=512,
+        overflow="redact",
+        run=re.compile(r"[^\s\"']*"),
     ),
     Detector(
         "EMAIL",
@@ -203,6 +224,7 @@ DETECTORS: tuple[Detector, ...] = (
         ),
         _p(_NB + r"[a-z0-9][a-z0-9._%+-]{0,63}(?:@[a-z0-9.-]*)?\Z"),  # local parts have <= 64
         priority=6,
+        hold=64 + 1 + 254,  # a local part, @, a domain (RFC 5321's lengths)
     ),
     Detector(
         "CREDIT_CARD",  # 4-4-4-4(-3), Amex 4-6-5, or 13-19 digits run together; Luhn-checked
@@ -220,6 +242,7 @@ DETECTORS: tuple[Detector, ...] = (
         _p(r"(?<![\w])(?:[a-z]{1,2}|[a-z]{2}\d{1,2}(?: ?[a-z0-9]){0,30} ?)\Z"),
         validate=_iban_ok,
         priority=4,
+        hold=80,
     ),
     Detector(
         "US_SSN",  # dashed or spaced; not 000/666/9xx areas, 00 groups or 0000 serials
@@ -341,29 +364,83 @@ class PIIStreamFilter(HoldbackFilter):
     The held tail starts at the earliest point any detector's `tail` pattern claims (the run
     of characters a value of its kind could still be growing from), and never inside a match.
     Released text equals the corresponding part of redacting the whole output at once.
+
+    A tail is held for at most its detector's `hold` characters, so what is held, and what each
+    new delta re-scans, is bounded whatever the output (linear time in its length; security
+    review H2: a run after `sk-` was held to the end and re-scanned at every token). Past that,
+    a run that cannot be a value of the kind is released, and a secret's run is redacted: its
+    placeholder goes out, and its further characters are dropped as they arrive
+    (`_suppressing`), as redacting the whole output would have redacted them.
     """
 
     CONTEXT = 64  # released characters kept for the detectors' look-behind boundaries
 
+    def __init__(self, hook: Hook, output: GuardedOutput):
+        super().__init__(hook, output)
+        self._suppressing: Detector | None = None  # a secret's run being dropped
+        self.scanned = 0  # characters the detectors ran over (linear in the output: tested)
+
     def _release(self, final: bool) -> str:
+        if self._suppressing is not None and not self._drop(final):
+            return ""
         text = self.context + self.pending
+        self.scanned += len(text)
         sk = skeleton(text)
         floor = len(skeleton(self.context).text)  # where `pending` starts in the skeleton
         matches = [m for m in find(sk.text, self.hook.detectors) if m.start >= floor]
-        cut = len(sk.text)
+        cut, overflow = len(sk.text), None
         if not final:
             for detector in self.hook.detectors:
                 tail = detector.tail.search(sk.text, floor)
-                if tail is not None and tail.start() < cut:
-                    cut = tail.start()
+                if tail is None or tail.start() >= cut:
+                    continue
+                if tail.end() - tail.start() <= detector.hold:
+                    cut, overflow = tail.start(), None
+                elif detector.overflow == "redact":
+                    value = detector.pattern.search(sk.text, tail.start())
+                    if value is not None and value.end() == len(sk.text):  # a secret, still growing
+                        start = value.start(detector.group) if detector.group else value.start()
+                        cut, overflow = start, detector
             for m in matches:
                 if m.start < cut < m.end:
-                    cut = m.start
+                    cut, overflow = m.start, None
         limit = sk.to_original(cut) if cut < len(sk.text) else len(text)
         kept = [m for m in matches if m.end <= cut]
         released, counts = redact_skeleton(sk, kept, upto=limit)
         released = released[len(self.context) :]  # kept matches all start after the context
-        self.context = text[:limit][-self.CONTEXT :]
-        self.pending = text[limit:]
+        if overflow is not None:  # the run so far goes as one placeholder; the rest is dropped
+            placeholder = f"<{overflow.kind}>"
+            released += placeholder
+            counts[overflow.kind] = counts.get(overflow.kind, 0) + 1
+            self.context = (text[:limit] + placeholder)[-self.CONTEXT :]
+            self.pending = ""
+            self._suppressing = overflow
+        else:
+            self.context = text[:limit][-self.CONTEXT :]
+            self.pending = text[limit:]
         self._record(self.hook._verdict(counts, text=released))
         return released
+
+    def _drop(self, final: bool) -> bool:
+        """Drop what continues the secret being suppressed; True once its run has ended (the
+        rest is pending, for the detectors), False while it may still go on."""
+        detector = self._suppressing
+        self.scanned += len(self.pending)
+        if detector.end is not None:  # a PEM block: everything up to its END line
+            end = detector.end.search(self.pending)
+            if end is None:
+                keep = 0 if final else min(len(self.pending), 48)  # a partial END line
+                self.pending = self.pending[len(self.pending) - keep :]
+                return final
+            self.pending = self.pending[end.end() :]
+        else:
+            sk = skeleton(self.pending)
+            run = detector.run.match(sk.text)
+            if run.end() == len(sk.text):
+                self.pending = ""
+                if not final:
+                    return False
+            else:
+                self.pending = self.pending[sk.to_original(run.end()) :]
+        self._suppressing = None
+        return True

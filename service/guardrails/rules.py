@@ -208,8 +208,9 @@ class _TermStream(HoldbackFilter):
         cut = len(sk.text)
         if not final:
             cut = max(floor, len(sk.text) - hook.longest)
-            word = re.search(r"\w*\Z", sk.text[:cut])  # never cut inside a word
-            cut = max(floor, word.start()) if word else cut
+            word = re.search(r"\w*\Z", sk.text[:cut])  # never cut inside a word that a term
+            if word and len(sk.text) - word.start() <= 2 * hook.longest:  # could still start in
+                cut = max(floor, word.start())
             for m in hook.pattern.finditer(sk.text, floor):
                 if m.start() < cut < m.end():  # nor inside a term
                     cut = m.start()
