@@ -136,13 +136,18 @@ class StreamFilter:
         self.hook, self.output = hook, output
         self.actions: list[Verdict] = []
         self._held: list[str] = []
+        # Text the model wrote after the output's end, which never leaves: the stop string that
+        # cut it and what came with it. A value cut by it (`stop: [".com"]` on an e-mail) is
+        # still found, and redacted up to the cut (security review M5).
+        self.lookahead = ""
 
     def feed(self, delta: str) -> str:
         self._held.append(delta)
         return ""
 
-    def close(self, delta: str) -> str:
+    def close(self, delta: str, lookahead: str = "") -> str:
         """`feed(delta)` then `finish()`, in one pass where a filter can."""
+        self.lookahead = lookahead
         return self.feed(delta) + self.finish()
 
     def finish(self) -> str:
@@ -179,8 +184,9 @@ class HoldbackFilter(StreamFilter):
     def finish(self) -> str:
         return self._release(final=True)
 
-    def close(self, delta: str) -> str:
+    def close(self, delta: str, lookahead: str = "") -> str:
         self.pending += delta
+        self.lookahead = lookahead
         return self._release(final=True)
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import phonenumbers
 
@@ -59,7 +59,7 @@ class Match:
 def luhn_ok(digits: str) -> bool:
     total = 0
     for i, char in enumerate(reversed(digits)):
-        d = ord(char) - 48
+        d = int(char)  # any script's decimal digit (Arabic-Indic ones once passed as 0x660 - 48)
         if i % 2:
             d = d * 2 - 9 if d > 4 else d * 2
         total += d
@@ -229,10 +229,10 @@ DETECTORS: tuple[Detector, ...] = (
     Detector(
         "CREDIT_CARD",  # 4-4-4-4(-3), Amex 4-6-5, or 13-19 digits run together; Luhn-checked
         re.compile(
-            r"(?<![\d-])(?:[2-6]\d{3}[ -]?\d{4}[ -]?\d{4}[ -]?\d{1,4}(?:[ -]?\d{3})?"
-            r"|3[47]\d{2}[ -]?\d{6}[ -]?\d{5}|[2-6]\d{12,18})(?![\d])"
+            r"(?<![\d./-])(?:[2-6]\d{3}[ ./-]?\d{4}[ ./-]?\d{4}[ ./-]?\d{1,4}(?:[ ./-]?\d{3})?"
+            r"|3[47]\d{2}[ ./-]?\d{6}[ ./-]?\d{5}|[2-6]\d{12,18})(?![\d])"
         ),
-        re.compile(r"(?<![\d-])[2-6][\d -]{0,22}\Z"),  # at most 23 characters
+        re.compile(r"(?<![\d./-])[2-6][\d ./-]{0,22}\Z"),  # at most 23 characters; dots, slashes too
         validate=_card_ok,
         priority=5,
     ),
@@ -383,12 +383,18 @@ class PIIStreamFilter(HoldbackFilter):
     def _release(self, final: bool) -> str:
         if self._suppressing is not None and not self._drop(final):
             return ""
+        ahead = self.lookahead if final else ""  # past the output's end: looked at, never released
         text = self.context + self.pending
-        self.scanned += len(text)
-        sk = skeleton(text)
+        self.scanned += len(text) + len(ahead)
+        sk = skeleton(text + ahead)
         floor = len(skeleton(self.context).text)  # where `pending` starts in the skeleton
-        matches = [m for m in find(sk.text, self.hook.detectors) if m.start >= floor]
-        cut, overflow = len(sk.text), None
+        end = len(skeleton(text).text) if ahead else len(sk.text)  # where the output ends
+        matches = [
+            replace(m, end=min(m.end, end))  # a value the stop string cut: redacted up to the cut
+            for m in find(sk.text, self.hook.detectors)
+            if floor <= m.start < end
+        ]
+        cut, overflow = end, None
         if not final:
             for detector in self.hook.detectors:
                 tail = detector.tail.search(sk.text, floor)
@@ -405,6 +411,7 @@ class PIIStreamFilter(HoldbackFilter):
                 if m.start < cut < m.end:
                     cut, overflow = m.start, None
         limit = sk.to_original(cut) if cut < len(sk.text) else len(text)
+        limit = min(limit, len(text))
         kept = [m for m in matches if m.end <= cut]
         released, counts = redact_skeleton(sk, kept, upto=limit)
         released = released[len(self.context) :]  # kept matches all start after the context

@@ -98,14 +98,16 @@ class OutputGuard:
         """Text that may leave now; raises Blocked / RetryRequested / GuardrailError."""
         return self._run(delta, final=False)
 
-    def finish(self) -> str:
-        return self._run("", final=True)
+    def finish(self, lookahead: str = "") -> str:
+        """The rest; `lookahead`: what the model wrote past the end (a stop string), which the
+        filters may look at but never release."""
+        return self._run("", final=True, lookahead=lookahead)
 
-    def _run(self, text: str, *, final: bool) -> str:
+    def _run(self, text: str, *, final: bool, lookahead: str = "") -> str:
         try:
             for f in self.filters:
                 if final:
-                    text = self._call(f.hook.name, f.close, text)
+                    text = self._call(f.hook.name, f.close, text, lookahead)
                 elif text:
                     text = self._call(f.hook.name, f.feed, text)
             return text

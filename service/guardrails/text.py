@@ -113,7 +113,9 @@ def _fold(char: str) -> str:
     if char in _CONFUSABLES:
         return _CONFUSABLES[char]
     folded = unicodedata.normalize("NFKC", char)
-    return "".join(_CONFUSABLES.get(c, c) for c in folded)
+    # Decimal digits of every script are digits to the detectors: NFKC leaves Arabic-Indic and
+    # Devanagari digits as they are, and a card written in them passed (security review M5).
+    return "".join(_CONFUSABLES.get(c, str(unicodedata.decimal(c, "")) or c) for c in folded)
 
 
 @dataclass(frozen=True)

@@ -181,6 +181,7 @@ class ChoiceEvent:
     completion_tokens: int = 0  # set on the final event
     tokens: int = 0  # generated tokens this event carries
     guardrails: list[ActionRecord] = field(default_factory=list)
+    after_stop: str = ""  # on a stop: the stop string and what followed it (never sent)
 
 
 def guard_request(
@@ -278,7 +279,7 @@ class _GuardedAttempt:
                     text = self.guard.feed(event.text)
                     if final:
                         try:
-                            text += self.guard.finish()
+                            text += self.guard.finish(event.after_stop)
                         except Blocked:  # what the hooks had passed still leaves, then the block
                             if text:
                                 yield ChoiceEvent(self.spec.index, text)
@@ -344,6 +345,7 @@ async def _generate(
                     output.prompt_logprobs,
                     finish,
                     tokens=len(output.token_ids),
+                    after_stop=stopper.after if stopped else "",
                 )
                 if finish is not None:
                     finished = True

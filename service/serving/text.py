@@ -64,6 +64,7 @@ class StopMatcher:
     def __init__(self, stops: list[str]):
         self.stops = [s for s in stops if s]
         self.held = ""
+        self.after = ""  # once a stop string is found: it, and what came after it in that text
 
     def feed(self, delta: str) -> tuple[str, bool]:
         """Return (text safe to emit, whether a stop string was found)."""
@@ -72,7 +73,7 @@ class StopMatcher:
         text = self.held + delta
         cut = first_stop(text, self.stops)
         if cut is not None:
-            self.held = ""
+            self.held, self.after = "", text[cut:]
             return text[:cut], True
         keep = self._partial_suffix(text)
         self.held = text[len(text) - keep :] if keep else ""

@@ -284,3 +284,18 @@ def test_a_bad_config_or_unknown_adapter_section_fails_the_start(tiny, tokenizer
     with client_for(tiny, tokenizer, adapters, ScriptedEngine(tokenizer), guardrails=str(config)) as c:
         assert c.get("/health").json() == {"status": "failed"}
         assert c.get("/ready").status_code == 503
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_stop_string_cannot_cut_a_value_out_of_the_pii_filters_sight(tiny, tokenizer, adapters, stream):
+    """Security review M5: `stop: [".com"]` cut `ana@example.com` to `ana@example`, which no
+    detector matched, so the address left. The filter now looks past the cut (never sending
+    it) and redacts the value up to it."""
+    engine = ScriptedEngine(tokenizer, " write to ana@example.com today")
+    with client_for(tiny, tokenizer, adapters, engine) as c:
+        body = {"model": "tiny", "prompt": "x", "max_tokens": 50, "stop": [".com"], "stream": stream}
+        r = c.post("/v1/completions", json=body)
+        text = "".join(e["choices"][0]["text"] for e in events(r) if e["choices"]) if stream else None
+        text = text if stream else r.json()["choices"][0]["text"]
+        assert text == " write to <EMAIL>"
+        assert "example" not in r.text

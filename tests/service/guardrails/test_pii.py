@@ -172,3 +172,21 @@ def test_a_long_run_after_a_value_prefix_is_bounded_and_linear(start, body, afte
     else:
         assert whole == expected == REDACTOR.redact(text)[0]  # as redacting it whole would
         assert "and then the rest"[:8] in released  # before the stream's end
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "card 4\u0661\u0661\u0661 \u0661\u0661\u0661\u0661 \u0661\u0661\u0661\u0661 \u0661\u0661\u0661\u0661 ok",
+        "card \u0664\u0661\u0661\u0661 \u0661\u0661\u0661\u0661 \u0661\u0661\u0661\u0661 \u0661\u0661\u0661\u0661 ok",
+        "card \u096a\u0967\u0967\u0967 \u0967\u0967\u0967\u0967 \u0967\u0967\u0967\u0967 \u0967\u0967\u0967\u0967 ok",
+        "card 4111.1111.1111.1111 ok",  # dotted
+        "card 4111/1111/1111/1111 ok",
+    ],
+    ids=["arabic-indic-after-4", "arabic-indic", "devanagari", "dots", "slashes"],
+)
+def test_cards_in_other_digits_and_separators_are_found(text):
+    """Security review M5: Unicode digits broke the Luhn check (ord - 48), and only spaces and
+    dashes separated groups."""
+    assert REDACTOR.redact(text)[0] == "card <CREDIT_CARD> ok"
+    assert luhn_ok("\u0664\u0661\u0661\u0661" + "\u0661" * 12)
