@@ -63,6 +63,29 @@ class GrammarError(ValueError):
     """A schema the grammar engine cannot compile (the message is the library's reason)."""
 
 
+MAX_SCHEMA_DEPTH = 64  # nesting of a schema's objects and arrays
+MAX_SCHEMA_BYTES = 65_536  # its canonical JSON (security review L1, L2)
+
+
+def schema_key(schema: Any) -> str:
+    """The schema's canonical JSON (the grammar cache's key), once its nesting and size are
+    known to be within bounds: a schema nested 600 deep made the recursive walks below a 500,
+    and a 4 MB one was a 4 MB cache key. Walked iteratively; GrammarError past a bound."""
+    stack = [(schema, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_SCHEMA_DEPTH:
+            raise GrammarError(f"the schema is nested deeper than {MAX_SCHEMA_DEPTH} levels")
+        if isinstance(value, dict):
+            stack += [(v, depth + 1) for v in value.values()]
+        elif isinstance(value, list):
+            stack += [(v, depth + 1) for v in value]
+    key = json.dumps(schema, sort_keys=True, separators=(",", ":"))
+    if len(key) > MAX_SCHEMA_BYTES:
+        raise GrammarError(f"the schema is {len(key)} bytes of JSON; at most {MAX_SCHEMA_BYTES}")
+    return key
+
+
 class GrammarMatcher:
     """One sequence's position in its grammar."""
 
@@ -143,7 +166,7 @@ class GrammarCompiler:
 
     async def compile(self, schema: dict[str, Any]) -> Grammar:
         """The grammar of JSON values valid under `schema`, compiled off the event loop."""
-        key = json.dumps(schema, sort_keys=True, separators=(",", ":"))
+        key = schema_key(schema)
         with self._lock:
             cached = self._cache.get(key)
             if cached is not None:
@@ -160,7 +183,7 @@ class GrammarCompiler:
 
     def compile_now(self, schema: dict[str, Any]) -> Grammar:
         """`compile` on the calling thread (training's evaluation, tests)."""
-        return self._build(json.dumps(schema, sort_keys=True, separators=(",", ":")), schema)
+        return self._build(schema_key(schema), schema)
 
     def _llg_tokenizer(self):
         import llguidance.hf

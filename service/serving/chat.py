@@ -83,7 +83,8 @@ class ChatServing(EndpointServing):
         tokenizer = self.ctx.tokenizer
         params = request.model_dump(exclude={"messages"}, exclude_none=True)
         if target.manifest is not None:
-            text = target.manifest.render_prompt(_adapter_inputs(request, target), param="messages")
+            inputs = self.ctx.specials.escape_values(_adapter_inputs(request, target))
+            text = target.manifest.render_prompt(inputs, param="messages")
             guarded, actions = guard_request(self.ctx, target, "chat", prompts=[text], params=params, param="messages")
             return Prompts([tokenizer(guarded.prompts[0]).input_ids], actions, "messages")
         if not tokenizer.chat_template:
@@ -96,7 +97,7 @@ class ChatServing(EndpointServing):
             params=params,
             param="messages",
         )
-        messages = [{"role": m.role, "content": m.content} for m in guarded.messages]
+        messages = [{"role": m.role, "content": self.ctx.specials.escape(m.content)} for m in guarded.messages]
         ids = tokenizer(chat_prompt(tokenizer, messages), add_special_tokens=False).input_ids
         return Prompts([ids], actions, "messages")
 
@@ -107,6 +108,9 @@ def chat_prompt(tokenizer, messages: list[dict[str, str]], *, add_generation_pro
     return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
 
 
+MAX_EMBEDDED_TRIES = 16  # `{` positions tried for an adapter's input object inside a message
+
+
 def _adapter_inputs(request: ChatCompletionRequest, target: Target) -> dict[str, object]:
     users = [m for m in request.messages if m.role == "user"]
     if not users:
@@ -114,7 +118,7 @@ def _adapter_inputs(request: ChatCompletionRequest, target: Target) -> dict[str,
     text = users[-1].text
     try:
         value = json.loads(text)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # not JSON, or nested past the parser's recursion
         value = _embedded_inputs(text, target)
     if isinstance(value, dict):
         return value
@@ -129,10 +133,14 @@ def _embedded_inputs(text: str, target: Target) -> dict[str, object] | None:
     required = {f.name for f in target.manifest.input_fields if f.required}
     decoder = json.JSONDecoder()
     start = text.find("{")
-    while start != -1:
+    # Each try parses from a `{` to where the JSON breaks: at every `{` of a long message that
+    # was quadratic (security review M1). The object clients send comes early; a few tries do.
+    for _ in range(MAX_EMBEDDED_TRIES):
+        if start == -1:
+            break
         try:
             value, _ = decoder.raw_decode(text, start)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             value = None
         if isinstance(value, dict) and value and set(value) <= fields and required <= set(value):
             return value

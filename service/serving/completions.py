@@ -88,7 +88,7 @@ class CompletionServing(EndpointServing):
                     "`input` needs an adapter with a prompt template; the base takes `prompt`",
                     param="input",
                 )
-            texts = [target.manifest.render_prompt(request.input)]
+            texts = [target.manifest.render_prompt(self.ctx.specials.escape_values(request.input))]
         elif isinstance(request.prompt, str):
             texts = [request.prompt]
         elif isinstance(request.prompt[0], str):

@@ -25,6 +25,7 @@ from service.guardrails import ActionRecord, GuardedOutput, GuardedRequest, Guar
 from service.guardrails.base import Blocked, RetryRequested
 from service.guardrails.runner import OutputGuard, run_pre
 from service.metrics import Metrics
+from service.serving.specials import SpecialText
 from service.serving.text import IncrementalDecoder, StopMatcher
 
 
@@ -44,6 +45,7 @@ class ServingContext:
     grammars: GrammarCompiler | None = None  # structured outputs; made from the tokenizer if None
 
     def __post_init__(self) -> None:
+        self.specials = SpecialText(self.tokenizer)  # defuses control tokens typed in messages
         if self.grammars is None:
             self.grammars = GrammarCompiler(
                 self.tokenizer,

@@ -32,7 +32,7 @@ class TokenizerServing:
         else:
             if not tokenizer.chat_template:
                 raise InvalidRequestError("the model has no chat template; send `prompt`", param="messages")
-            messages = [{"role": m.role, "content": m.text} for m in request.messages]
+            messages = [{"role": m.role, "content": self.ctx.specials.escape(m.text)} for m in request.messages]
             text = chat_prompt(tokenizer, messages, add_generation_prompt=request.add_generation_prompt)
             special = bool(request.add_special_tokens)  # the template wrote them already
         ids = tokenizer(text, add_special_tokens=special).input_ids
