@@ -180,12 +180,12 @@ async def unload_lora_adapter(body: UnloadLoRAAdapterRequest, ctx: Context) -> R
 
 @tokenizer.post("/tokenize")
 async def tokenize(body: TokenizeRequest, ctx: Context) -> TokenizeResponse:
-    return TokenizerServing(ctx).tokenize(body)
+    return await ctx.offload(TokenizerServing(ctx).tokenize, body)  # CPU work: off the event loop
 
 
 @tokenizer.post("/detokenize")
 async def detokenize(body: DetokenizeRequest, ctx: Context) -> DetokenizeResponse:
-    return TokenizerServing(ctx).detokenize(body)
+    return await ctx.offload(TokenizerServing(ctx).detokenize, body)
 
 
 @tokenizer.get("/tokenizer_info")

@@ -136,7 +136,7 @@ class EndpointServing(ABC):
         ctx = self.ctx
         target = resolve_target(request.model, request.adapter, ctx)
         on_target(target)
-        prompts = self.prompts(request, target)
+        prompts = await ctx.offload(self.prompts, request, target)  # render, pre hooks, tokenize
         budgets = [request.budget(ctx.default_budget(len(ids))) for ids in prompts.ids]
         check_request_size(len(budgets) * request.n, sum(budgets) * request.n, request.ignore_eos, ctx)
         for ids, max_tokens in zip(prompts.ids, budgets, strict=True):

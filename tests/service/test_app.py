@@ -405,3 +405,45 @@ def test_deeply_nested_input_is_a_400_not_a_500(client):
     r = client.post("/v1/completions", json=body)
     assert r.status_code == 400 and r.json()["error"]["param"] == "response_format"
     assert "nested deeper than 64" in r.json()["error"]["message"]
+
+
+def test_tokenizing_does_not_hold_the_event_loop(tiny, tokenizer):
+    """Security review M1: a 3.5 MB /tokenize held the event loop for 2.6 s, so no stream moved
+    and /health did not answer. Input work runs on worker threads now: once the tokenizing has
+    started (it is made slow here), /health answers before it ends (an order of events)."""
+    import asyncio
+    import threading
+    import time
+
+    import httpx
+
+    started = threading.Event()
+
+    class SlowTokenizer:
+        def __init__(self, real):
+            self.real = real
+
+        def __call__(self, *args, **kwargs):
+            started.set()
+            time.sleep(1.0)  # a tokenization that takes a while
+            return self.real(*args, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(self.real, name)
+
+    c, _ = make_client(tiny, tokenizer)
+    with c:  # the lifespan ran; the app is ready
+        c.app.state.hotswap.context.tokenizer = SlowTokenizer(tokenizer)
+
+        async def main():
+            transport = httpx.ASGITransport(app=c.app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as ac:
+                big = asyncio.create_task(ac.post("/tokenize", json={"model": "tiny", "prompt": "lorem " * 1000}))
+                while not started.is_set():  # on the loop, this only ends once the work has
+                    await asyncio.sleep(0.001)
+                health = await ac.get("/health")
+                health_first = not big.done()
+                return health.status_code, health_first, (await big).json()["count"]
+
+        status, health_first, count = asyncio.run(main())
+    assert status == 200 and health_first and count >= 1000
