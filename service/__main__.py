@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     from service.app import build_app
+    from service.http_limits import deadline_protocol
 
     app = build_app(settings)
     server = DrainingServer(
@@ -67,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
             port=settings.port,
             log_level=settings.log_level,
             timeout_graceful_shutdown=settings.drain_timeout_seconds,
+            http=deadline_protocol(settings.http_read_timeout_seconds, settings.http_write_timeout_seconds),
+            timeout_keep_alive=settings.http_keepalive_seconds,
+            limit_concurrency=settings.max_connections or None,
         ),
         app.state.hotswap,
     )

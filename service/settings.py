@@ -177,6 +177,19 @@ class Settings(BaseSettings):
         ge=1,
         description="Sum of max_tokens over a request's sequences; more is a 400 naming max_tokens.",
     )
+    # Slow clients (security review M2; service/http_limits.py).
+    http_read_timeout_seconds: float = Field(
+        30.0, ge=0, le=3600, description="Seconds a client has to send a request's headers and body; 0: no limit."
+    )
+    http_write_timeout_seconds: float = Field(
+        60.0, ge=0, le=3600, description="Seconds a client may leave a full send buffer unread; 0: no limit."
+    )
+    http_keepalive_seconds: float = Field(
+        5.0, gt=0, le=3600, description="Idle seconds before a kept-alive connection closes."
+    )
+    max_connections: int = Field(
+        1024, ge=0, le=1_000_000, description="Open connections before new requests get 503; 0: no limit."
+    )
     allow_ignore_eos: bool = Field(
         False, description="Accept the ignore_eos extension (for benchmarks: it generates exactly max_tokens)."
     )
