@@ -254,7 +254,15 @@ def build_app(settings: Settings | None = None, runtime: Runtime | None = None) 
     from service.routes import admin, api, lora, ops, tokenizer
 
     settings = settings or Settings()
-    app = FastAPI(title="hotswap", version=__version__, lifespan=_lifespan(runtime))
+    docs = settings.api_docs if settings.api_docs is not None else not settings.api_keys
+    app = FastAPI(
+        title="hotswap",
+        version=__version__,
+        lifespan=_lifespan(runtime),
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
+    )
     app.state.settings = settings
     app.state.hotswap = ServiceState(settings=settings)
     app.include_router(api)

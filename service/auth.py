@@ -8,6 +8,7 @@ without data, whatever it looks like.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 
 from fastapi import Request
@@ -16,10 +17,13 @@ from service.errors import AuthenticationError, PermissionDeniedError
 
 
 def key_matches(presented: str, keys: list[str]) -> bool:
-    """Constant-time comparison against every key (no early exit that would leak which)."""
+    """Constant-time comparison against every key (no early exit that would leak which), of
+    SHA-256 digests: compare_digest on strings of unequal length returns at once, which told a
+    key's length (security review L6)."""
+    digest = hashlib.sha256(presented.encode()).digest()
     found = False
     for key in keys:
-        found |= hmac.compare_digest(presented.encode(), key.encode())
+        found |= hmac.compare_digest(digest, hashlib.sha256(key.encode()).digest())
     return found
 
 
@@ -33,7 +37,12 @@ def _local_trusted(request: Request) -> bool:
     on, from the ASGI scope, never a header): only processes in the same pod reach it."""
     port = request.app.state.settings.admin_local_port
     server = request.scope.get("server") or (None, None)
-    return bool(port) and server[1] == port and server[0] in ("127.0.0.1", "::1")
+    if not (bool(port) and server[1] == port and server[0] in ("127.0.0.1", "::1")):
+        return False
+    # A web page can reach a developer's loopback port through DNS rebinding, with its own
+    # name in Host: only the loopback names are trusted (security review L3).
+    host = request.headers.get("host", "")
+    return host in {f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}"}
 
 
 async def require_api_key(request: Request) -> None:

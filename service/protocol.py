@@ -21,8 +21,12 @@ MAX_LOGPROBS = 5
 MAX_STOP = 4
 MAX_PROMPTS = 64  # prompts in one completions request (each times n is a sequence to generate)
 
+MAX_STOP_CHARS = 256  # a stop string's length (security review L8: 4 x 1 MB were accepted)
+
 StopField = Annotated[
-    str | list[Annotated[str, Field(min_length=1)]] | None,
+    Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+    | list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]]
+    | None,
     Field(description="Up to 4 sequences where generation stops; not included in the text."),
 ]
 

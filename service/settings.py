@@ -52,6 +52,11 @@ class Settings(BaseSettings):
         description="Comma-separated keys for the admin routes (/admin/*: adapter rescan and "
         "reload), separate from API_KEYS; empty disables the admin routes (403).",
     )
+    api_docs: bool | None = Field(
+        None,
+        description="Serve /docs, /redoc and /openapi.json; unset: only when no API keys are set "
+        "(they map every route, admin ones included, to anyone who can reach them).",
+    )
     metrics_require_key: bool = Field(
         False, description="Require an API or admin key on /metrics (default: open, for Prometheus)."
     )

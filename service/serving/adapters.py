@@ -10,12 +10,22 @@ running ones finish on theirs.
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 from service.adapters.registry import AdapterExists, AdapterRecord, AdapterRejected
 from service.adapters.sources import SourceError
 from service.errors import InvalidRequestError, NotFoundError
 from service.protocol import LoadLoRAAdapterRequest, ModelCard, UnloadLoRAAdapterRequest
 from service.serving.generation import ServingContext
+
+
+def public_root(record: AdapterRecord) -> str:
+    """Where an adapter came from, as every API key may see it: a hub id or bucket URL as the
+    load API was given it, else `adapters/<directory name>`, never this host's paths (review L5)."""
+    source = record.source or ""
+    if "://" in source:
+        return source
+    return f"adapters/{Path(source).name if source else record.name}"
 
 
 class AdapterServing:
@@ -82,7 +92,9 @@ class AdapterServing:
 
     def card(self, record: AdapterRecord) -> ModelCard:
         ctx = self.ctx
-        common = dict(id=record.name, parent=ctx.base_id, root=record.source or str(record.path))
+        # `root` names where the adapter came from without this host's paths: the load API's
+        # source (a hub id or bucket URL), or the adapter directory's entry (review L5).
+        common = dict(id=record.name, parent=ctx.base_id, root=public_root(record))
         if record.status != "ready":
             return ModelCard(**common, state="failed", error=record.error)
         manifest = record.manifest

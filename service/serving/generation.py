@@ -124,8 +124,9 @@ def resolve_target(model: str, adapter: str | None, ctx: ServingContext) -> Targ
         return _adapter_target(model, ctx, param="model")
     if model == ctx.base_id:
         return Target(model_name=ctx.base_id)
-    served = [ctx.base_id, *(r.name for r in ctx.registry.ready())]
-    raise NotFoundError(f"the model {model!r} does not exist; served models are {served}", param="model")
+    # No list of what is served: a caller may see only what GET /v1/models shows it (tenants),
+    # and a 404 should not hand every name to a scanner (security review L5).
+    raise NotFoundError(f"the model {model!r} does not exist; GET /v1/models lists the served ones", param="model")
 
 
 def _adapter_target(name: str, ctx: ServingContext, *, param: str) -> Target:

@@ -116,3 +116,43 @@ def test_admin_routes_need_the_admin_key_and_rescan_serves_new_packages(tiny, to
         assert r.status_code == 404
         assert c.post("/admin/adapters/gamma/reload", headers=admin).json()["status"] == "ready"
         assert c.post("/admin/adapters/nosuch/reload", headers=admin).status_code == 404
+
+
+def test_the_local_listener_trusts_only_loopback_host_names():
+    """Security review L3: a web page can reach a developer's loopback port through DNS
+    rebinding, with its own name in Host; the key-less port trusts only loopback names."""
+    from starlette.requests import Request
+
+    from service.auth import _local_trusted
+
+    class App:
+        class state:  # noqa: N801 - the shape of app.state
+            settings = Settings(admin_local_port=8001)
+
+    def request(host: str, server=("127.0.0.1", 8001)) -> Request:
+        scope = {"type": "http", "server": server, "headers": [(b"host", host.encode())], "app": App}
+        return Request(scope)
+
+    assert _local_trusted(request("127.0.0.1:8001")) and _local_trusted(request("localhost:8001"))
+    assert not _local_trusted(request("evil.example:8001"))  # rebinding: the page's own name
+    assert not _local_trusted(request("127.0.0.1:8001", server=("127.0.0.1", 8000)))  # the public port
+
+
+def test_keys_of_any_length_compare_alike():
+    """Security review L6: keys compare as SHA-256 digests (equal lengths), not as strings."""
+    from service.auth import key_matches
+
+    assert key_matches(KEY, ["x" * 40, KEY]) and not key_matches(KEY[:-1], [KEY]) and not key_matches("", [KEY])
+
+
+def test_api_docs_are_off_where_keys_are_on(tiny, tokenizer):
+    """Security review L4: /docs and /openapi.json mapped every route to anyone; with API keys
+    they are off unless API_DOCS=true, and without keys on unless API_DOCS=false."""
+    with client(tiny, tokenizer, api_keys=[KEY]) as c:
+        assert c.get("/openapi.json").status_code == 404 and c.get("/docs").status_code == 404
+    with client(tiny, tokenizer, api_keys=[KEY], api_docs=True) as c:
+        assert c.get("/openapi.json").status_code == 200
+    with client(tiny, tokenizer) as c:
+        assert c.get("/openapi.json").status_code == 200
+    with client(tiny, tokenizer, api_docs=False) as c:
+        assert c.get("/docs").status_code == 404

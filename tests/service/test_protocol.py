@@ -104,3 +104,15 @@ def test_chat_content_parts_and_top_logprobs_rule():
         )
     with pytest.raises(ValidationError):
         ChatCompletionRequest.model_validate({"model": "m", "messages": []})
+
+
+def test_stop_strings_are_capped():
+    """Security review L8: 4 x 1 MB stop strings were accepted."""
+    import pydantic
+
+    from service.protocol import MAX_STOP_CHARS, CompletionRequest
+
+    assert CompletionRequest(model="m", prompt="x", stop=["y" * MAX_STOP_CHARS]).stop
+    for stop in ("y" * (MAX_STOP_CHARS + 1), ["y" * (MAX_STOP_CHARS + 1)]):
+        with pytest.raises(pydantic.ValidationError):
+            CompletionRequest(model="m", prompt="x", stop=stop)
