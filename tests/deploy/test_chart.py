@@ -51,6 +51,17 @@ VALUE_SETS = {
         }
     },
     "inference-pool": {"inferencePool": {"enabled": True}},
+    "locked-down": {
+        "apiKeys": {"enabled": True, "existingSecret": "my-keys"},
+        "metrics": {
+            "requireKey": True,
+            "serviceMonitor": {"enabled": True, "authorization": {"secretName": "scrape-key", "secretKey": "key"}},
+        },
+        "networkPolicy": {
+            "enabled": True,
+            "ingressFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "gateway"}}}],
+        },
+    },
 }
 
 
@@ -231,3 +242,36 @@ def test_bad_values_fail_the_schema(values):
         chart.validate_schema(values)
     with pytest.raises(helm.HelmError):
         chart.render(values, name="demo", namespace="llm", is_install=True)
+
+
+def test_enabled_auth_without_keys_refuses_to_render():
+    """Security review M8: `apiKeys.enabled=true` with no keys rendered `api-keys: ""`, so auth
+    was silently off while NOTES.txt said keys were in the Secret."""
+    with pytest.raises(Exception, match="neither apiKeys.keys nor apiKeys.existingSecret"):
+        render({"apiKeys": {"enabled": True}})
+    with pytest.raises(Exception, match="metrics.requireKey needs apiKeys.enabled"):
+        render({"metrics": {"requireKey": True}})
+    with pytest.raises(Exception, match="authorization.secretName"):
+        render(
+            {
+                "apiKeys": {"enabled": True, "keys": ["k" * 24]},
+                "metrics": {"requireKey": True, "serviceMonitor": {"enabled": True}},
+            }
+        )
+
+
+def test_a_locked_down_release_keys_metrics_and_admits_only_its_peers():
+    docs = render(VALUE_SETS["locked-down"])
+    settings = by_kind(docs, "ConfigMap")[0]["data"]
+    assert settings["HOTSWAP_METRICS_REQUIRE_KEY"] == "true" and settings["HOTSWAP_API_DOCS"] == "false"
+    (monitor,) = by_kind(docs, "ServiceMonitor")
+    auth = monitor["spec"]["endpoints"][0]["authorization"]
+    assert auth == {"type": "Bearer", "credentials": {"name": "scrape-key", "key": "key"}}
+    (policy,) = by_kind(docs, "NetworkPolicy")
+    (rule,) = policy["spec"]["ingress"]
+    assert rule["from"] == VALUE_SETS["locked-down"]["networkPolicy"]["ingressFrom"]
+    assert rule["ports"] == [{"port": "http", "protocol": "TCP"}]
+    # with no peers listed the policy admits no one (a rule with no peers would admit everyone)
+    closed = render({"networkPolicy": {"enabled": True}})
+    assert by_kind(closed, "NetworkPolicy")[0]["spec"]["ingress"] == []
+    assert not by_kind(render({}), "NetworkPolicy")  # off by default
