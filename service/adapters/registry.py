@@ -150,6 +150,8 @@ class AdapterRegistry:
         self._versions: dict[str, AdapterRecord] = {}  # key -> every version requests may hold
         self._loading: dict[str, str] = {}  # name -> source, while the load API fetches it
         self._lock = threading.Lock()  # loads through the API run on threads of their own
+        for stale in download_dir.glob(".staging-*") if download_dir is not None else ():
+            shutil.rmtree(stale, ignore_errors=True)  # a fetch a previous process did not finish (M6)
 
     def scan(self) -> list[AdapterRecord]:
         """Validate every package in the directory (a missing directory holds no adapters)."""

@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +60,10 @@ def parse_source(spec: str) -> Source:
     spec = spec.strip()
     if not spec:
         raise SourceError("the source is empty")
+    if "::" in spec or any(c in spec for c in "?#") or any(c.isspace() for c in spec):
+        # fsspec chains (`simplecache::s3://...`) and query or fragment parts reach places the
+        # operator's prefixes do not name (security review M6)
+        raise SourceError(f"{spec!r}: '::', '?', '#' and whitespace are not allowed in a source")
     scheme, sep, rest = spec.partition("://")
     if sep:
         scheme = scheme.lower()
@@ -92,6 +97,10 @@ def allowed(source: Source, prefixes: list[str], adapter_dir: Path) -> bool:
         path = Path(source.location)
         roots = [adapter_dir.resolve()] + [Path(p).expanduser().resolve() for p in prefixes if "://" not in p]
         return any(path == root or root in path.parents for root in roots)
+    if source.kind == "hub" and (source.revision or "").startswith("refs/pr/"):
+        # A pull request's revision is anyone's upload to the repo: only a prefix that names
+        # this repo and this revision allows it (security review M6).
+        return f"hf://{source.location}@{source.revision}" in [p.rstrip("/") for p in prefixes]
     target = str(source).split("@", 1)[0] if source.kind == "hub" else source.location
     for prefix in prefixes:
         if "://" not in prefix:
@@ -145,8 +154,26 @@ def check_size(directory: Path, max_bytes: int, label: str) -> None:
         raise SourceError(f"{label} is {size} bytes, over MAX_ADAPTER_BYTES ({max_bytes})")
 
 
+class _Budget:
+    """MAX_ADAPTER_BYTES over a package's files, counted on the bytes as they arrive: a listing
+    can under-report a size (or omit it), and an object can be rewritten between its listing and
+    its download (security review M6)."""
+
+    def __init__(self, source: Source, max_bytes: int):
+        self.source, self.left, self.max_bytes = source, max_bytes, max_bytes
+
+    def copy(self, chunks: Iterable[bytes], path: Path) -> None:
+        with path.open("wb") as out:
+            for chunk in chunks:
+                self.left -= len(chunk)
+                if self.left < 0:
+                    raise SourceError(f"{self.source} is over MAX_ADAPTER_BYTES ({self.max_bytes}) as it downloads")
+                out.write(chunk)
+
+
 def _fetch_hub(source: Source, target: Path, max_bytes: int) -> None:
-    from huggingface_hub import HfApi, hf_hub_download
+    from huggingface_hub import HfApi, hf_hub_url
+    from huggingface_hub.utils import build_hf_headers, get_session
 
     endpoint = os.environ.get("HF_ENDPOINT") or None
     api = HfApi(endpoint=endpoint)
@@ -155,12 +182,15 @@ def _fetch_hub(source: Source, target: Path, max_bytes: int) -> None:
     missing = [n for n in PACKAGE_FILES if n not in sizes]
     if missing:
         raise SourceError(f"{source} has no {', '.join(missing)}")
-    total = sum(sizes[n] or 0 for n in PACKAGE_FILES)
+    total = sum(sizes[n] or 0 for n in PACKAGE_FILES)  # a first check; the budget is on the bytes
     if total > max_bytes:
         raise SourceError(f"{source} is {total} bytes, over MAX_ADAPTER_BYTES ({max_bytes})")
+    budget, session, headers = _Budget(source, max_bytes), get_session(), build_hf_headers()
     for name in PACKAGE_FILES:  # pinned to the commit the listing came from
-        hf_hub_download(source.location, name, revision=info.sha, local_dir=target, endpoint=endpoint)
-    shutil.rmtree(target / ".cache", ignore_errors=True)  # huggingface_hub's download metadata
+        url = hf_hub_url(source.location, name, revision=info.sha, endpoint=endpoint)
+        with session.stream("GET", url, headers=headers, follow_redirects=True) as response:
+            response.raise_for_status()
+            budget.copy(response.iter_bytes(1 << 20), target / name)
 
 
 def _fetch_fsspec(source: Source, target: Path, max_bytes: int) -> None:
@@ -176,8 +206,10 @@ def _fetch_fsspec(source: Source, target: Path, max_bytes: int) -> None:
     total = sum(sizes.values())
     if total > max_bytes:
         raise SourceError(f"{source} is {total} bytes, over MAX_ADAPTER_BYTES ({max_bytes})")
+    budget = _Budget(source, max_bytes)
     for name in PACKAGE_FILES:
-        fs.get_file(f"{root}/{name}", str(target / name))
+        with fs.open(f"{root}/{name}", "rb") as remote:
+            budget.copy(iter(lambda: remote.read(1 << 20), b""), target / name)
 
 
 def install(staging: Path, destination: Path) -> Path:

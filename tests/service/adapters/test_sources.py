@@ -31,7 +31,20 @@ def test_sources_are_parsed(spec, kind, location, revision):
     assert (source.kind, source.location, source.revision) == (kind, location, revision)
 
 
-@pytest.mark.parametrize("spec", ["", "ftp://host/x", "not a repo", "hf://../x", "s3://bucket/../x"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "",
+        "ftp://host/x",
+        "not a repo",
+        "hf://../x",
+        "s3://bucket/../x",
+        "simplecache::s3://bucket/x",  # review M6: fsspec chains
+        "s3://bucket/x?versionId=1",
+        "hf://org/x#frag",
+        "s3://bucket/a b",
+    ],
+)
 def test_malformed_sources_are_refused(spec):
     with pytest.raises(SourceError):
         parse_source(spec)
@@ -151,3 +164,45 @@ def test_local_paths_load_in_place_and_only_when_allowed(tiny, tmp_path):
     with pytest.raises(ValueError, match="invalid adapter name"):
         reg.register("../x", str(tmp_path / "shelf" / "a1"))
     assert reg.unregister("renamed") is record and "renamed" not in reg
+
+
+def test_pull_request_revisions_need_a_prefix_that_names_them(tmp_path):
+    """Security review M6: `hf://org/repo@refs/pr/N` is anyone's upload to the repo, and it
+    passed an `hf://org/` allowlist."""
+    from service.adapters.sources import allowed
+
+    pr = parse_source("hf://org/alpha@refs/pr/3")
+    assert not allowed(pr, ["hf://org/", "hf://org/alpha"], tmp_path)
+    assert allowed(pr, ["hf://org/alpha@refs/pr/3"], tmp_path)
+    assert allowed(parse_source("hf://org/alpha@v2"), ["hf://org/"], tmp_path)
+
+
+def test_the_size_limit_holds_on_the_bytes_not_the_listing(tiny, tmp_path, monkeypatch):
+    """Security review M6: a hub listing that under-reports sizes got a package past
+    MAX_ADAPTER_BYTES; the bytes are counted as they arrive, and nothing is kept."""
+    from huggingface_hub import HfApi
+
+    hub = tmp_path / "hub"
+    shutil.copytree(tiny.adapter_dir / "alpha", hub / "org" / "alpha" / "main")
+    real = HfApi.model_info
+
+    def under_reported(self, *args, **kwargs):
+        info = real(self, *args, **kwargs)
+        for sibling in info.siblings or []:
+            sibling.size = 1
+        return info
+
+    monkeypatch.setattr(HfApi, "model_info", under_reported)
+    reg = registry(tiny, tmp_path, allowed_sources=["hf://org/"], max_bytes=1024)
+    with hub_server(hub) as url:
+        monkeypatch.setenv("HF_ENDPOINT", url)
+        with pytest.raises(SourceError, match="as it downloads"):
+            reg.register("alpha", "hf://org/alpha")
+    assert "alpha" not in reg and list((tmp_path / "downloads").iterdir()) == []
+
+
+def test_staging_folders_a_dead_process_left_are_removed_at_start(tiny, tmp_path):
+    stale = tmp_path / "downloads" / ".staging-0123"
+    (stale / "part").mkdir(parents=True)
+    registry(tiny, tmp_path)
+    assert not stale.exists()
