@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import jinja2
+import jinja2.sandbox
 from jinja2 import meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -74,7 +75,30 @@ class OutputSpec(BaseModel):
         return self
 
 
-_jinja = ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
+MAX_RENDERED = 1 << 20  # characters a template's arithmetic may make, and a prompt may render to
+
+
+class _BoundedSandbox(ImmutableSandboxedEnvironment):
+    """Jinja's immutable sandbox with its arithmetic bounded (security review M7): the sandbox
+    limits `range` but not `*` or `**`, and `{{ 'x' * 4000000000 }}` or `{{ 9 ** 9 ** 9 }}` in
+    a package's template froze or exhausted the process on its first request."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "**":
+            if not isinstance(left, int | float) or not isinstance(right, int | float) or abs(right) > 64:
+                raise jinja2.sandbox.SecurityError("'**' in an adapter template is limited to exponents up to 64")
+            return left**right
+        for size, times in ((left, right), (right, left)):
+            if isinstance(size, str | list | tuple) and isinstance(times, int) and len(size) * times > MAX_RENDERED:
+                raise jinja2.sandbox.SecurityError(f"a repetition in an adapter template exceeds {MAX_RENDERED}")
+        if isinstance(left, int) and isinstance(right, int) and max(abs(left), abs(right)) > 1 << 64:
+            raise jinja2.sandbox.SecurityError("a product of integers in an adapter template is too large")
+        return left * right
+
+
+_jinja = _BoundedSandbox(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
 
 
 @lru_cache(maxsize=128)
@@ -155,4 +179,10 @@ class AdapterManifest(BaseModel):
                     param=f"{param}.{field.name}",
                 )
         values = {name: inputs.get(name, "") for name in declared}
-        return _compile(self.prompt_template).render(**values)
+        try:
+            text = _compile(self.prompt_template).render(**values)
+        except jinja2.sandbox.SecurityError as exc:
+            raise InputFieldError(f"adapter {self.name!r}'s prompt template: {exc}", param=param) from None
+        if len(text) > MAX_RENDERED + sum(len(v) for v in values.values()):
+            raise InputFieldError(f"adapter {self.name!r}'s prompt renders past {MAX_RENDERED} characters", param=param)
+        return text

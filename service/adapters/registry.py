@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import threading
 import time
@@ -103,6 +104,7 @@ def validate_package(path: Path, *, base_fingerprint: str, base_id: str, name: s
         raise AdapterRejected(f"{CONFIG_FILE} is not valid JSON: {exc}") from None
     if peft_config.get("peft_type") != "LORA":
         raise AdapterRejected(f"only LoRA adapters are served, not {peft_config.get('peft_type')!r}")
+    check_module_names(peft_config)
     try:
         manifest = AdapterManifest.read(path)
     except (OSError, json.JSONDecodeError) as exc:
@@ -118,6 +120,31 @@ def validate_package(path: Path, *, base_fingerprint: str, base_id: str, name: s
             f"(fingerprint {base_fingerprint})"
         )
     return manifest
+
+
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_.]{1,200}")
+
+
+def check_module_names(peft_config: dict[str, Any]) -> None:
+    """PEFT matches `target_modules` (a string), `layers_pattern` and the keys of `rank_pattern`
+    and `alpha_pattern` as regular expressions, with Python's `re` under the GIL: one
+    catastrophic pattern from a package froze the event loop and the engine together (security
+    review M7: 1.6 s on 26 characters, doubling with each). Only plain module names are taken
+    (or "all-linear"); anything else is refused when the package is validated."""
+    targets = peft_config.get("target_modules")
+    if isinstance(targets, str):
+        if targets != "all-linear":
+            raise AdapterRejected('target_modules must be a list of module names, or "all-linear"')
+    elif targets is not None and not all(isinstance(t, str) and _PLAIN_NAME.fullmatch(t) for t in targets):
+        raise AdapterRejected("target_modules must be plain module names (letters, digits, '_' and '.')")
+    for key in ("rank_pattern", "alpha_pattern"):
+        names = peft_config.get(key) or {}
+        if not isinstance(names, dict) or not all(_PLAIN_NAME.fullmatch(n) for n in names):
+            raise AdapterRejected(f"{key} keys must be plain module names (letters, digits, '_' and '.')")
+    pattern = peft_config.get("layers_pattern")
+    patterns = [pattern] if isinstance(pattern, str) else pattern or []
+    if not all(isinstance(p, str) and _PLAIN_NAME.fullmatch(p) for p in patterns):
+        raise AdapterRejected("layers_pattern must be plain module names")
 
 
 def _brief(exc: ValidationError) -> str:

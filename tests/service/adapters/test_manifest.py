@@ -76,3 +76,18 @@ def test_json_output_needs_schema_and_bare_field_names_are_required_fields():
 def test_unknown_manifest_keys_are_refused():
     with pytest.raises(ValidationError):
         manifest(surprise=1)
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{{ 'x' * 4000000000 }}{{ instruction }}",
+        "{{ 10 ** 100000000 }}{{ instruction }}",
+        "{{ [1] * 10**9 }}{{ instruction }}",
+    ],
+)
+def test_template_arithmetic_is_bounded(template):
+    """Security review M7: the sandbox limited `range` but not `*` or `**`."""
+    with pytest.raises(InputFieldError, match="template"):
+        manifest(prompt_template=template).render_prompt({"instruction": "hi"})
+    assert manifest(prompt_template="{{ '-' * 3 }}{{ instruction }}").render_prompt({"instruction": "x"}) == "---x"

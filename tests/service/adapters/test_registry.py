@@ -118,3 +118,22 @@ def test_get_explains_unavailable_adapters(tiny, adapter_dir):
         reg.get("alpha")
     with pytest.raises(NotFoundError, match="does not exist"):
         reg.get("zeta")
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("rank_pattern", {"([\\w.]+)+!": 8}),  # review M7: exponential in Python's re
+        ("alpha_pattern", {"q_proj|(a+)+$": 16}),
+        ("target_modules", ".*(q|v)_proj"),  # a regex string
+        ("target_modules", ["q_proj", "(a+)+"]),
+        ("layers_pattern", "(layers)+"),
+    ],
+)
+def test_packages_whose_module_names_are_regexes_are_refused(tiny, adapter_dir, key, value):
+    """PEFT matches these as regexes under the GIL; a package could freeze the process."""
+    config_file = adapter_dir / "alpha" / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, key: value}))
+    state, error = status(registry(tiny, adapter_dir))["alpha"]
+    assert state == "failed" and key in error
