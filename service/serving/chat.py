@@ -40,10 +40,11 @@ class _ChatRun(ResponseRun):
     def _logprobs(self, entries: list[TokenLogprob]) -> ChatLogprobs | None:
         if not self.request.logprobs:
             return None
-        decode = self.ctx.tokenizer.decode
+        ids = [i for entry in entries for i in (entry.token_id, *(t for t, _ in entry.top))]
+        texts = dict(zip(ids, self.ctx.token_texts(ids), strict=True))  # cached, batch-decoded
 
         def top(token_id: int, logprob: float) -> ChatTopLogprob:
-            text = decode([token_id])
+            text = texts[token_id]
             return ChatTopLogprob(token=text, logprob=logprob, bytes=list(text.encode()))
 
         content = []

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Sequence
 
 from service.engine import TokenLogprob
 from service.errors import InvalidRequestError
@@ -12,25 +12,31 @@ from service.serving.response import EndpointServing, Prompts, ResponseRun
 
 
 class LogprobsBuilder:
-    """Accumulates OpenAI's completion `logprobs` object (tokens, logprobs, tops, offsets)."""
+    """Accumulates OpenAI's completion `logprobs` object (tokens, logprobs, tops, offsets).
 
-    def __init__(self, tokenizer: Any):
-        self.tokenizer = tokenizer
+    Token texts come from `texts` (ServingContext.token_texts: cached, decoded in batches): echo
+    with logprobs of 64 prompts of 8K tokens was millions of one-token decodes on the event
+    loop (security review M1)."""
+
+    def __init__(self, texts: Callable[[list[int]], list[str]]):
+        self.texts = texts
         self.value = CompletionLogprobs()
         self._offset = 0
 
-    def add(self, token_id: int, entry: TokenLogprob | None) -> None:
-        text = self.tokenizer.decode([token_id])
-        self.value.tokens.append(text)
-        self.value.text_offset.append(self._offset)
-        self._offset += len(text)
-        if entry is None:
-            self.value.token_logprobs.append(None)
-            self.value.top_logprobs.append(None)
-            return
-        self.value.token_logprobs.append(entry.logprob)
-        top = {self.tokenizer.decode([i]): lp for i, lp in entry.top}
-        self.value.top_logprobs.append(top)
+    def add(self, token_ids: list[int], entries: Sequence[TokenLogprob | None]) -> None:
+        tops = [i for entry in entries if entry is not None for i, _ in entry.top]
+        texts = self.texts(list(token_ids) + tops)
+        top_texts = iter(texts[len(token_ids) :])
+        for text, entry in zip(texts, entries, strict=False):
+            self.value.tokens.append(text)
+            self.value.text_offset.append(self._offset)
+            self._offset += len(text)
+            if entry is None:
+                self.value.token_logprobs.append(None)
+                self.value.top_logprobs.append(None)
+                continue
+            self.value.token_logprobs.append(entry.logprob)
+            self.value.top_logprobs.append({next(top_texts): lp for _, lp in entry.top})
 
     def take(self) -> CompletionLogprobs:
         """Return what was added since the last call (the streaming delta)."""
@@ -45,7 +51,7 @@ class _CompletionRun(ResponseRun):
 
     def __init__(self, *args):
         super().__init__(*args)
-        self.builders = {s.index: LogprobsBuilder(self.ctx.tokenizer) for s in self.specs}
+        self.builders = {s.index: LogprobsBuilder(self.ctx.token_texts) for s in self.specs}
         self.by_index = {s.index: s for s in self.specs}
         self.started: set[int] = set()
 
@@ -59,11 +65,8 @@ class _CompletionRun(ResponseRun):
             if self.request.echo:
                 text = self.ctx.tokenizer.decode(spec.prompt_ids, skip_special_tokens=True) + text
                 if self.request.logprobs is not None:
-                    prompt_lps = event.prompt_logprobs or (None,) * len(spec.prompt_ids)
-                    for token_id, entry in zip(spec.prompt_ids, prompt_lps, strict=True):
-                        builder.add(token_id, entry)
-        for entry in event.logprobs:
-            builder.add(entry.token_id, entry)
+                    builder.add(list(spec.prompt_ids), event.prompt_logprobs or (None,) * len(spec.prompt_ids))
+        builder.add([entry.token_id for entry in event.logprobs], event.logprobs)
         logprobs = builder.take() if self.request.logprobs is not None else None
         return CompletionChoice(index=event.index, text=text, logprobs=logprobs, finish_reason=event.finish_reason)
 

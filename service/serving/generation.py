@@ -58,7 +58,17 @@ class ServingContext:
             self._limiter = anyio.CapacityLimiter(OFFLOAD_THREADS)
         return await anyio.to_thread.run_sync(fn, *args, limiter=self._limiter)
 
+    def token_texts(self, token_ids: list[int]) -> list[str]:
+        """Each token's text alone (logprobs' `tokens` and `top_logprobs` keys): from a cache as
+        large as the vocabulary, the misses decoded in one batch."""
+        cache = self._token_texts
+        missing = list(dict.fromkeys(i for i in token_ids if i not in cache))
+        if missing:
+            cache.update(zip(missing, self.tokenizer.batch_decode([[i] for i in missing]), strict=True))
+        return [cache[i] for i in token_ids]
+
     def __post_init__(self) -> None:
+        self._token_texts: dict[int, str] = {}  # token id -> its text (at most the vocabulary)
         self._limiter: anyio.CapacityLimiter | None = None  # made on the event loop, at first use
         self.specials = SpecialText(self.tokenizer)  # defuses control tokens typed in messages
         if self.grammars is None:
