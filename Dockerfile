@@ -45,10 +45,14 @@ LABEL org.opencontainers.image.title="hotswap" \
 RUN groupadd --system --gid 10001 hotswap \
  && useradd --system --uid 10001 --gid 10001 --home-dir /home/hotswap --create-home hotswap \
  && mkdir -p /data/cache /data/adapters \
- && chown -R 10001:10001 /data
+ && chown -R 10001:10001 /data/cache
 COPY --from=build /opt/hotswap /opt/hotswap
-COPY --chown=10001:10001 adapters /data/adapters
+# The adapters are root's and read-only to the service: a process that is taken over cannot
+# rewrite what it serves (security review L10). PYTHONSAFEPATH keeps the working directory off
+# sys.path, so nothing written there is imported.
+COPY adapters /data/adapters
 ENV PATH=/opt/hotswap/bin:$PATH \
+    PYTHONSAFEPATH=1 \
     PYTHONUNBUFFERED=1 \
     HF_HOME=/data/cache/huggingface \
     HOTSWAP_HOST=0.0.0.0 \

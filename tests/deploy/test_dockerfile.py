@@ -51,3 +51,9 @@ def test_runtime_stage_is_lean_non_root_and_healthchecked():
 @pytest.mark.parametrize("ignored", [".venv", ".git", ".cache", "adapters/.*-checkpoints"])
 def test_dockerignore_keeps_the_context_small(ignored):
     assert ignored in (ROOT / ".dockerignore").read_text().splitlines()
+
+
+def test_the_served_adapters_are_read_only_and_the_working_directory_is_not_imported():
+    """Security review L10."""
+    assert "COPY adapters /data/adapters" in DOCKERFILE and "--chown=10001:10001 adapters" not in DOCKERFILE
+    assert "chown -R 10001:10001 /data/cache" in DOCKERFILE and "PYTHONSAFEPATH=1" in DOCKERFILE
