@@ -24,6 +24,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -63,6 +64,7 @@ class GrammarError(ValueError):
     """A schema the grammar engine cannot compile (the message is the library's reason)."""
 
 
+COMPILE_THREADS = 2  # grammar compiles at once (GrammarCompiler.compile)
 MAX_SCHEMA_DEPTH = 64  # nesting of a schema's objects and arrays
 MAX_SCHEMA_BYTES = 65_536  # its canonical JSON (security review L1, L2)
 
@@ -163,6 +165,7 @@ class GrammarCompiler:
         self._lock = threading.Lock()  # the cache (held only briefly: the event loop takes it)
         self._tokenizer_lock = threading.Lock()  # building the llguidance tokenizer (0.5 s)
         self._on_compile, self._on_cache = on_compile, on_cache
+        self._executor = ThreadPoolExecutor(COMPILE_THREADS, thread_name_prefix="hotswap-grammar-compile")
 
     async def compile(self, schema: dict[str, Any]) -> Grammar:
         """The grammar of JSON values valid under `schema`, compiled off the event loop."""
@@ -174,7 +177,9 @@ class GrammarCompiler:
         self._on_cache(cached is not None)
         if cached is not None:
             return cached
-        grammar = await asyncio.to_thread(self._build, key, schema)
+        # Compiles run on their own two threads: in the default pool they competed with adapter
+        # loads and rescans, and many distinct schemas could take all of it (review L1).
+        grammar = await asyncio.get_running_loop().run_in_executor(self._executor, self._build, key, schema)
         with self._lock:
             self._cache[key] = grammar
             while len(self._cache) > self._cache_size:
