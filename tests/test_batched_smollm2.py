@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
 
 from service.engine import PEFT_BASE, EngineRequest, SamplingParams
 from service.engine.batched import BatchedEngine
@@ -18,6 +19,7 @@ from service.metrics import Metrics
 from service.runtime import load_runtime
 from service.settings import Settings
 from tests.factories import emulate_bf16_kernel, make_lora_adapter, preload_adapters, serve_through_slots
+from tests.service.engine.test_history import STEPS, check_history
 
 pytestmark = pytest.mark.e2e
 BASE = "smollm2-135m-instruct"
@@ -30,6 +32,13 @@ PROMPTS = [
     "The three laws of robotics are",
 ]
 ADAPTERS = [None, "a1", "a2", "a1", None, "a2"]
+# The history property's prompt (SmolLM2's ids of "The capital of France is": 4 stored, 1 to run)
+SMOL_PROMPT = (504, 3575, 282, 4649, 314)
+SMOL_OTHERS = [
+    ("beta", SMOL_PROMPT[:4] + (253, 260)),
+    (None, SMOL_PROMPT + (7042,)),
+    ("alpha", SMOL_PROMPT[:4] + (30,) * 9),
+]
 NEW_TOKENS = 16
 
 
@@ -209,3 +218,31 @@ def test_nf4_mixed_batch_matches_peft_on_the_same_kernel_path(adapter_dir, cache
         for step, token in enumerate(tokens):
             want = float(torch.log_softmax(reference.scores[step][row].float(), -1)[token])
             assert outs[step].logprobs[0].logprob == pytest.approx(want, abs=1e-4)
+
+
+@pytest.fixture
+def smollm2_world(kernel_numerics, cache_dir, tmp_path):
+    """SmolLM2 nf4 as `make serve` loads it, two slots over alpha and beta (random adapters)
+    and the history test's gamma and alpha-copy."""
+    from service.base_model import resolve_source
+    from tests.service.engine.test_history import add_history_adapters
+
+    source = resolve_source(f"embedded:{BASE}", cache_dir)
+    adapters = tmp_path / "adapters"
+    for name, seed in (("alpha", 5), ("beta", 6)):
+        make_lora_adapter(source.path, adapters / name, fingerprint=source.fingerprint, base_id=BASE, seed=seed)
+    settings = Settings(
+        quantization="nf4", device="cpu", adapter_dir=adapters, cache_dir=cache_dir, max_resident_adapters=2
+    )
+    residency = load_runtime(settings, Metrics()).residency
+    add_history_adapters(residency, source.path, source.fingerprint, BASE)
+    return residency
+
+
+@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(history=STEPS)
+def test_smollm2_answers_do_not_depend_on_what_ran_before(smollm2_world, cache_dir, history):
+    """Issue 29's property on the real model, on this CPU's kernel and under the bf16 kernel's
+    emulation: reverting service/engine/attention.py's fp64 prompt attention fails it (the
+    second answer then came from a prefix stored by the first, 0.15-0.44 away in the logits)."""
+    check_history(smollm2_world, history, SMOL_PROMPT, SMOL_OTHERS, tolerance=1e-3)

@@ -61,6 +61,27 @@ def wide(query: torch.Tensor) -> bool:
     return query.device.type == "cpu" and (query.shape[-2] > 1 or getattr(_state, "prompt", False))
 
 
+@contextmanager
+def prompt_tokens_in_pass() -> Iterator[None]:
+    """A pass that carries prompt tokens beside decode rows (a packed step): its LoRA products
+    are wide (`wide_products`); its attention decides per owner (packed_attention)."""
+    saved = getattr(_state, "products", False)
+    _state.products = True
+    try:
+        yield
+    finally:
+        _state.products = saved
+
+
+def wide_products(x: torch.Tensor) -> bool:
+    """Whether the fused LoRA's products for these rows run in float64: in passes that compute
+    prompt tokens, on a CPU. They are the one fp32 product whose rows round by the row count
+    (MKL, for small counts) and whose output a bf16 kernel rounds next: a prompt prefilled
+    beside other rows stored KV that a lone prefill would not give, and a later request that
+    reused it answered differently (the history property test caught it on SmolLM2)."""
+    return x.device.type == "cpu" and (getattr(_state, "prompt", False) or getattr(_state, "products", False))
+
+
 def _wide(tensor: torch.Tensor | None) -> torch.Tensor | None:
     """float64 for a floating tensor (an additive mask, a position bias); booleans as they are."""
     if tensor is None or not tensor.is_floating_point():

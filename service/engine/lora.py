@@ -43,6 +43,7 @@ import torch
 from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
 
 from service.engine import PEFT_BASE
+from service.engine.attention import wide_products
 
 _MAX_MASKS = 256  # cached row masks (one per batch composition and layer layout)
 # Batch compositions (sets of adapters present) whose stacked A and B are kept. Each holds a
@@ -243,6 +244,8 @@ class FusedMixedLoRA:
                 return result
             a_t, b_t, blocks = self._stack(layer, own, self._present)  # [in, ranks], [ranks, out]
             mask = self._row_mask(names, blocks, a_t.shape[1], x.device, a_t.dtype)
+        if wide_products(x):  # a prompt's products: the same bits whatever shares the pass (attention.py)
+            a_t, b_t, mask = a_t.double(), b_t.double(), mask.double()
         h = torch.matmul(x.to(a_t.dtype), a_t)  # [rows, (tokens,) ranks]
         if self.packed:  # one row, a mask row per token: [1, tokens, ranks] or [tokens, ranks]
             h.mul_(mask)

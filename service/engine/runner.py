@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from enum import Enum
 from typing import Any
@@ -10,7 +11,7 @@ import torch
 from transformers import DynamicCache
 
 from service.engine import PEFT_BASE, TokenLogprob
-from service.engine.attention import WIDE, prompt_pass, use_wide_attention
+from service.engine.attention import WIDE, prompt_pass, prompt_tokens_in_pass, use_wide_attention
 from service.engine.lora import FusedMixedLoRA
 from service.engine.model import LoRAModel
 from service.engine.packed import Grow, Layers, PackedCache, Piece, packed_pass
@@ -125,7 +126,7 @@ class ModelRunner:
         past, then its tokens)."""
         ids, position_ids, names, keep = packed_inputs(tokens, positions, adapters, pieces, self.device)
         cache = PackedCache(running, running_mask, pieces, self.device, grow)
-        with packed_pass(self.model, cache):
+        with packed_pass(self.model, cache), prompt_tokens_in_pass() if pieces else contextlib.nullcontext():
             out = self._forward(
                 names,
                 packed=True,
