@@ -29,6 +29,7 @@ batch-variant.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -41,19 +42,24 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
 WIDE = "hotswap_sdpa_fp64"
-_state = threading.local()  # `prompt`: this thread runs a prompt pass (prompt_pass)
+_state = threading.local()  # `prompt`, `products`: what this thread's pass computes (below)
 
 
 @contextmanager
-def prompt_pass() -> Iterator[None]:
-    """The forward passes meanwhile (on this thread) compute prompt tokens: their attention is
-    wide even for a single query token (the rest of a prompt after a stored prefix)."""
-    saved = getattr(_state, "prompt", False)
-    _state.prompt = True
+def _flagged(name: str) -> Iterator[None]:
+    """`_state.<name>` is true meanwhile, on this thread (nested uses restore it)."""
+    saved = getattr(_state, name, False)
+    setattr(_state, name, True)
     try:
         yield
     finally:
-        _state.prompt = saved
+        setattr(_state, name, saved)
+
+
+def prompt_pass() -> contextlib.AbstractContextManager[None]:
+    """The forward passes meanwhile (on this thread) compute prompt tokens: their attention is
+    wide even for a single query token (the rest of a prompt after a stored prefix)."""
+    return _flagged("prompt")
 
 
 def wide(query: torch.Tensor) -> bool:
@@ -61,16 +67,10 @@ def wide(query: torch.Tensor) -> bool:
     return query.device.type == "cpu" and (query.shape[-2] > 1 or getattr(_state, "prompt", False))
 
 
-@contextmanager
-def prompt_tokens_in_pass() -> Iterator[None]:
+def prompt_tokens_in_pass() -> contextlib.AbstractContextManager[None]:
     """A pass that carries prompt tokens beside decode rows (a packed step): its LoRA products
     are wide (`wide_products`); its attention decides per owner (packed_attention)."""
-    saved = getattr(_state, "products", False)
-    _state.products = True
-    try:
-        yield
-    finally:
-        _state.products = saved
+    return _flagged("products")
 
 
 def wide_products(x: torch.Tensor) -> bool:
