@@ -135,6 +135,13 @@ AttentionInterface.register(WIDE, wide_attention)
 AttentionMaskInterface.register(WIDE, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
 
 
+def attention_configs(config: Any) -> list[Any]:
+    """The configs whose `_attn_implementation` a model's layers read: its own, and its text
+    model's where it has one (multimodal wrappers), each once."""
+    text = getattr(config, "get_text_config", lambda: None)()
+    return list({id(c): c for c in (config, text) if c is not None}.values())
+
+
 def use_wide_attention(model: Any, device: torch.device) -> bool:
     """On a CPU, switch the model's SDPA attention to `WIDE`; returns whether it now runs so.
     Models with attention of their own (Falcon, BLOOM, GPT-2's eager path) keep it."""
@@ -143,8 +150,7 @@ def use_wide_attention(model: Any, device: torch.device) -> bool:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if not getattr(base, "_supports_attention_backend", False):
         return False
-    text = getattr(base.config, "get_text_config", lambda: None)()
-    configs = list({id(c): c for c in (base.config, text) if c is not None}.values())
+    configs = attention_configs(base.config)
     if any(getattr(c, "_attn_implementation", None) not in ("sdpa", WIDE) for c in configs):
         return False
     for config in configs:

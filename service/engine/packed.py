@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from transformers import AttentionInterface, DynamicCache
 
-from service.engine.attention import prompt_pass, wide_sdpa
+from service.engine.attention import attention_configs, prompt_pass, wide_sdpa
 from service.engine.prefix import pad_left
 
 Layers = list[tuple[torch.Tensor, torch.Tensor]]  # per layer, keys and values [rows, heads, columns, dim]
@@ -152,8 +152,7 @@ AttentionInterface.register(ATTENTION, packed_attention)
 @contextmanager
 def packed_pass(model: Any, cache: PackedCache) -> Iterator[PackedCache]:
     """The model's attention is `packed_attention` over `cache` meanwhile (on this thread)."""
-    text = getattr(model.config, "get_text_config", lambda: None)()
-    configs = list({id(c): c for c in (model.config, text) if c is not None}.values())
+    configs = attention_configs(model.config)
     saved = [c._attn_implementation for c in configs]
     for config in configs:
         config._attn_implementation = ATTENTION
