@@ -58,9 +58,15 @@ def test_sigterm_during_live_streams_completes_every_accepted_request(tiny, cach
         started.wait(timeout=60)
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.2)
-        assert httpx.get(f"{url}/ready", timeout=5).status_code == 503
-        late = httpx.post(f"{url}/v1/completions", json={"model": "alpha", "prompt": "y"}, timeout=5)
-        assert late.status_code == 503 and late.json()["error"]["type"] == "service_unavailable"
+        # While it drains, the server answers 503; the tiny model's streams can end first, and
+        # then it is gone (refused). Either way nothing new is served after SIGTERM: asserting
+        # a 503 alone raced the drain (a clean-clone CI run met the refusal once).
+        try:
+            assert httpx.get(f"{url}/ready", timeout=5).status_code == 503
+            late = httpx.post(f"{url}/v1/completions", json={"model": "alpha", "prompt": "y"}, timeout=5)
+            assert late.status_code == 503 and late.json()["error"]["type"] == "service_unavailable"
+        except httpx.ConnectError:
+            assert proc.wait(timeout=60) == 0  # the drain had ended: the server is gone
         for t in threads:
             t.join(timeout=120)
         assert proc.wait(timeout=60) == 0, log.read_text()
