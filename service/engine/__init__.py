@@ -26,6 +26,11 @@ class GrammarMatcher(Protocol):
         """A copy of a 1-D row of logits with the forbidden tokens at -inf."""
         ...
 
+    def within_budget(self, token: int, remaining: int) -> int:
+        """The token to take with `remaining` steps left: the sampled one, or one that closes
+        the structure in time."""
+        ...
+
     def accept(self, token: int) -> None: ...
 
     @property

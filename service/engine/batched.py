@@ -517,7 +517,9 @@ class BatchedEngine(WorkerEngine):
         """
         params = row.job.request.params
         try:
-            token, logprobs, complete = self._choose(params, logits, row.generator, row.matcher, greedy)
+            token, logprobs, complete = self._choose(
+                params, logits, row.generator, row.matcher, greedy, row.budget - row.step
+            )
         except Exception as exc:  # this row's sampling or grammar: this row fails, not its batch
             self._step_failed("sampling", exc, 1)
             self._outbox.post(row.job, StepFailed(f"generation failed: {type(exc).__name__}: {exc}"))

@@ -69,7 +69,7 @@ class SimpleEngine(WorkerEngine):
         for step in range(budget):
             if job.cancelled.is_set():
                 return
-            token, logprobs, complete = self._choose(params, logits, generator, matcher)
+            token, logprobs, complete = self._choose(params, logits, generator, matcher, remaining=budget - step)
             stop = token in stop_ids or complete
             finish = "stop" if stop else ("length" if step == budget - 1 else None)
             job.push(

@@ -295,11 +295,18 @@ class WorkerEngine:
             self.residency.wait_for_reads()
 
     def _choose(
-        self, params: Any, logits: torch.Tensor, generator: torch.Generator, matcher: Any, greedy: int | None = None
+        self,
+        params: Any,
+        logits: torch.Tensor,
+        generator: torch.Generator,
+        matcher: Any,
+        greedy: int | None = None,
+        remaining: int = 1 << 30,
     ) -> tuple[int, tuple[TokenLogprob, ...] | None, bool]:
         """A row's next token, within its grammar if it has one: (token, its log-probabilities,
         whether the grammar is now complete). `greedy` is the row's argmax when a step computed
-        every row's at once (unused under a grammar, whose mask changes the argmax).
+        every row's at once (unused under a grammar, whose mask changes the argmax). `remaining`:
+        the steps the row has left, this one included (a grammar closes its structure in them).
 
         Log-probabilities are those of the distribution the token was drawn from: under a
         grammar, the masked one (docs/structured-outputs.md)."""
@@ -310,6 +317,8 @@ class WorkerEngine:
             token = greedy
         else:
             token = sample(logits, params, generator)
+        if matcher is not None:
+            token = matcher.within_budget(token, remaining)
         logprobs = None
         if params.logprobs is not None:
             logprobs = (token_logprob(torch.log_softmax(logits, -1), token, params.logprobs),)
