@@ -256,12 +256,65 @@ class TextContentPart(BaseModel):
     text: str
 
 
+# --- tools (https://platform.openai.com/docs/guides/function-calling) -------------------------
+
+MAX_TOOLS = 128  # functions in one request
+TOOL_NAME = r"^[A-Za-z0-9_-]{1,64}$"  # OpenAI's rule for a function's name
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(pattern=TOOL_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ChatTool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"] = Field(description="Only function tools exist in chat completions.")
+    function: FunctionDefinition
+
+
+class ToolChoiceFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: ToolChoiceFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
+class ToolCallFunction(BaseModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's calls, earlier in the conversation
+    tool_call_id: str | None = None  # a tool message: the call it answers
+
+    @model_validator(mode="after")
+    def _tool_fields(self) -> ChatMessage:
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs tool_call_id")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        return self
 
     @property
     def text(self) -> str:
@@ -278,20 +331,46 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    tools: list[dict[str, Any]] | None = None
-
-    @field_validator("tools")
-    @classmethod
-    def _no_tools(cls, tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
-        if tools:
-            raise ValueError("tool calling is not supported by this server")
-        return tools
+    tools: list[ChatTool] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool = True
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
         return self
+
+    @model_validator(mode="after")
+    def _tool_choice_names_a_tool(self) -> ChatCompletionRequest:
+        names = [t.function.name for t in self.tools or ()]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise PydanticCustomError(
+                    "duplicate_tool",
+                    "{param}: the function name {name!r} is used twice",
+                    {"param": f"tools.{i}.function.name", "name": name},
+                )
+        choice = self.tool_choice
+        if choice is not None and choice != "none" and not names:
+            raise PydanticCustomError(
+                "tool_choice_without_tools", "{param}: tool_choice needs tools", {"param": "tool_choice"}
+            )
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise PydanticCustomError(
+                "unknown_tool",
+                "{param}: no tool named {name!r} in tools",
+                {"param": "tool_choice.function.name", "name": choice.function.name},
+            )
+        return self
+
+    @property
+    def tool_mode(self) -> str | None:
+        """None (no tools), "none", "auto", "required", or the one function's name to call."""
+        if not self.tools:
+            return None
+        choice = self.tool_choice or "auto"
+        return choice.function.name if isinstance(choice, NamedToolChoice) else choice
 
     def budget(self, server_default: int) -> int:
         """`max_completion_tokens` supersedes the deprecated `max_tokens` (OpenAI's precedence);
@@ -319,7 +398,7 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = Field(default_factory=list)
 
 
-FinishReason = Literal["stop", "length", "content_filter"]
+FinishReason = Literal["stop", "length", "content_filter", "tool_calls"]
 
 # Extension: what the guardrail hooks did (issue #5); absent when they did nothing.
 GuardrailsField = Field(
@@ -363,11 +442,27 @@ class ChatLogprobs(BaseModel):
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, exclude_if=lambda v: not v)
+
+
+class DeltaFunction(BaseModel):
+    name: str | None = Field(None, exclude_if=lambda v: v is None)
+    arguments: str = ""
+
+
+class DeltaToolCall(BaseModel):
+    """A streamed piece of tool call `index`: the first carries its id, type and name."""
+
+    index: int
+    id: str | None = Field(None, exclude_if=lambda v: v is None)
+    type: Literal["function"] | None = Field(None, exclude_if=lambda v: v is None)
+    function: DeltaFunction
 
 
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = Field(None, exclude_if=lambda v: not v)
 
 
 class ChatChoice(BaseModel):

@@ -52,8 +52,9 @@ def make_tokenizer(directory: Path):
     return fast
 
 
-def make_tiny_llama(directory: Path, *, seed: int = 0, vocab_size: int | None = None) -> Path:
-    """A 2-layer random Llama with its tokenizer, saved as a local HF checkpoint."""
+def make_tiny_llama(directory: Path, *, seed: int = 0, vocab_size: int | None = None, positions: int = 256) -> Path:
+    """A 2-layer random Llama with its tokenizer, saved as a local HF checkpoint (`positions`:
+    its context)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -65,7 +66,7 @@ def make_tiny_llama(directory: Path, *, seed: int = 0, vocab_size: int | None = 
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=256,
+        max_position_embeddings=positions,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

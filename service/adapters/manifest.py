@@ -65,6 +65,8 @@ class OutputSpec(BaseModel):
     # JSON output is enforced by constrained decoding unless the manifest opts out; a request's
     # own response_format wins either way.
     enforce: bool = True
+    # How the adapter spells tool calls (service.serving.tools.FORMATS); None: the generic one.
+    tool_format: Literal["generic", "hermes", "llama3_json", "mistral"] | None = None
 
     @model_validator(mode="after")
     def _json_needs_schema(self) -> OutputSpec:

@@ -8,14 +8,23 @@ How messages become a prompt:
   text (a sentence around it, a Markdown fence), that object; otherwise the whole text fills the
   adapter's first input field. Earlier turns and system messages are not part of an adapter's
   prompt.
+
+With `tools` (service.serving.tools, docs/tools.md) the prompt carries them in the model's
+format: the chat template's own where it renders tools, else the generic format's instructions
+in the system message. An adapter's prompt gets those instructions, and the conversation's tool
+results, before its template's text. The output follows the tool grammar, and each choice's
+text is read back into `content` and `tool_calls`.
 """
 
 from __future__ import annotations
 
 import json
 
+import jinja2
+
 from service.engine import TokenLogprob
 from service.errors import InvalidRequestError
+from service.grammar import Grammar, GrammarError
 from service.protocol import (
     ChatChoice,
     ChatCompletionChunk,
@@ -27,9 +36,39 @@ from service.protocol import (
     ChatStreamChoice,
     ChatTokenLogprob,
     ChatTopLogprob,
+    DeltaFunction,
+    DeltaToolCall,
+    ToolCall,
+    ToolCallFunction,
 )
-from service.serving.generation import ChoiceEvent, Target, guard_request
+from service.serving.generation import ChoiceEvent, ServingContext, Target, guard_request, output_schema
 from service.serving.response import EndpointServing, Prompts, ResponseRun
+from service.serving.tools import (
+    FORMATS,
+    GENERIC,
+    Piece,
+    ToolCallParser,
+    ToolFormat,
+    check_tools,
+    history_messages,
+    instructions,
+    tool_grammar,
+    tool_specs,
+    with_instructions,
+)
+
+
+def tool_format(target: Target, ctx: ServingContext) -> ToolFormat:
+    """How the target spells tool calls: an adapter's manifest names it (generic when it does
+    not: the service renders an adapter's prompt); the base's chat template shows it."""
+    if target.manifest is not None:
+        return FORMATS[target.manifest.output.tool_format or GENERIC.name]
+    return ctx.tool_format
+
+
+def calls_expected(request: ChatCompletionRequest) -> bool:
+    """The output may hold calls: tools, and a choice other than none."""
+    return request.tool_mode not in (None, "none")
 
 
 class _ChatRun(ResponseRun):
@@ -54,12 +93,40 @@ class _ChatRun(ResponseRun):
             content.append(ChatTokenLogprob(**head.model_dump(), top_logprobs=alternatives))
         return ChatLogprobs(content=content)
 
+    def _parser(self, index: int) -> ToolCallParser | None:
+        """Choice `index`'s reader of calls (None when the output holds none)."""
+        if not calls_expected(self.request):
+            return None
+        parsers = self.__dict__.setdefault("_parsers", {})
+        if index not in parsers:
+            parsers[index] = ToolCallParser.for_tokenizer(tool_format(self.target, self.ctx), self.ctx.tokenizer)
+        return parsers[index]
+
+    @staticmethod
+    def _finish(parser: ToolCallParser | None, reason: str | None) -> str | None:
+        return "tool_calls" if reason == "stop" and parser is not None and parser.complete_calls else reason
+
     def choice(self, index: int, events: list[ChoiceEvent]) -> ChatChoice:
+        text = "".join(e.text for e in events)
+        reason = events[-1].finish_reason if events else None
+        parser = self._parser(index)
+        message = ChatResponseMessage(content=text)
+        if parser is not None:
+            parser.feed(text, final=True)
+            calls = parser.complete_calls
+            if calls:
+                content = parser.content or None
+                message = ChatResponseMessage(
+                    content=content,
+                    tool_calls=[
+                        ToolCall(id=c.id, function=ToolCallFunction(name=c.name, arguments=c.arguments)) for c in calls
+                    ],
+                )
         return ChatChoice(
             index=index,
-            message=ChatResponseMessage(content="".join(e.text for e in events)),
+            message=message,
             logprobs=self._logprobs([entry for e in events for entry in e.logprobs]),
-            finish_reason=events[-1].finish_reason if events else None,
+            finish_reason=self._finish(parser, reason),
         )
 
     def openings(self) -> list[ChatStreamChoice]:
@@ -67,13 +134,38 @@ class _ChatRun(ResponseRun):
         return [ChatStreamChoice(index=s.index, delta=ChatDelta(role="assistant", content="")) for s in self.specs]
 
     def delta(self, event: ChoiceEvent) -> tuple[ChatStreamChoice, bool]:
+        parser = self._parser(event.index)
+        delta = ChatDelta(content=event.text or None)
+        if parser is not None:
+            pieces = parser.feed(event.text, final=event.finish_reason is not None)
+            content = "".join(p.content for p in pieces)
+            delta = ChatDelta(content=content or None, tool_calls=_delta_calls(pieces))
         choice = ChatStreamChoice(
             index=event.index,
-            delta=ChatDelta(content=event.text or None),
+            delta=delta,
             logprobs=self._logprobs(event.logprobs),
-            finish_reason=event.finish_reason,
+            finish_reason=self._finish(parser, event.finish_reason),
         )
-        return choice, bool(event.text or event.finish_reason or event.logprobs)
+        return choice, bool(delta.content or delta.tool_calls or event.finish_reason or event.logprobs)
+
+
+def _delta_calls(pieces: list[Piece]) -> list[DeltaToolCall] | None:
+    """OpenAI's streamed tool calls: a call's first delta has its index, id, type and name,
+    later ones pieces of its arguments (one entry per call in a chunk)."""
+    calls: dict[int, DeltaToolCall] = {}
+    for piece in pieces:
+        if piece.index is None:
+            continue
+        entry = calls.get(piece.index)
+        if entry is None:
+            entry = calls[piece.index] = DeltaToolCall(
+                index=piece.index,
+                id=piece.id,
+                type="function" if piece.id else None,
+                function=DeltaFunction(name=piece.name),
+            )
+        entry.function.arguments += piece.arguments
+    return list(calls.values()) or None
 
 
 class ChatServing(EndpointServing):
@@ -81,11 +173,14 @@ class ChatServing(EndpointServing):
 
     def prompts(self, request: ChatCompletionRequest, target: Target) -> Prompts:
         """The prompt's token ids, after the pre hooks, and what the hooks did."""
-        tokenizer = self.ctx.tokenizer
-        params = request.model_dump(exclude={"messages"}, exclude_none=True)
+        tokenizer, escape = self.ctx.tokenizer, self.ctx.specials.escape
+        params = request.model_dump(exclude={"messages", "tools"}, exclude_none=True)
+        fmt = tool_format(target, self.ctx)
         if target.manifest is not None:
             inputs = self.ctx.specials.escape_values(_adapter_inputs(request, target))
             text = target.manifest.render_prompt(inputs, param="messages")
+            if request.tools:
+                text = f"{escape(_adapter_tools(request, fmt))}\n\n{text}"
             guarded, actions = guard_request(self.ctx, target, "chat", prompts=[text], params=params, param="messages")
             return Prompts([tokenizer(guarded.prompts[0]).input_ids], actions, "messages")
         if not tokenizer.chat_template:
@@ -98,15 +193,77 @@ class ChatServing(EndpointServing):
             params=params,
             param="messages",
         )
-        messages = [{"role": m.role, "content": self.ctx.specials.escape(m.content)} for m in guarded.messages]
-        ids = tokenizer(chat_prompt(tokenizer, messages), add_special_tokens=False).input_ids
+        contents = [escape(m.content) for m in guarded.messages]
+        messages = history_messages(fmt, request.messages, contents)
+        tools = None
+        if request.tools and fmt.template_renders:
+            tools = tool_specs(request.tools)
+        elif request.tools:
+            messages = with_instructions(messages, escape(instructions(fmt, request.tools, request.tool_mode)))
+        ids = tokenizer(chat_prompt(tokenizer, messages, tools=tools), add_special_tokens=False).input_ids
         return Prompts([ids], actions, "messages")
 
+    async def grammar(self, request: ChatCompletionRequest, target: Target) -> Grammar | None:
+        """With tools: the tool grammar in the target's format (its free-text branch the
+        response_format's JSON, where one is asked for). Otherwise the response_format's."""
+        mode = request.tool_mode
+        if mode is None:
+            return await super().grammar(request, target)
+        check_tools(request.tools)
+        found = output_schema(request.response_format, target)
+        fmt = tool_format(target, self.ctx)
+        text = tool_grammar(
+            fmt,
+            request.tools,
+            mode,
+            parallel=request.parallel_tool_calls,
+            answer=found[0] if found else None,
+            specials=self.ctx.special_ids,
+        )
+        try:
+            return await self.ctx.grammars.compile_lark(text)
+        except GrammarError as exc:
+            param = await self._culprit(request) or "tools"
+            raise InvalidRequestError(f"{param}: this tool cannot be enforced: {exc}", param=param) from exc
 
-def chat_prompt(tokenizer, messages: list[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
-    """The base model's prompt for `messages`: its tokenizer's chat template, special tokens
-    included (so the text is tokenized without adding more)."""
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+    async def _culprit(self, request: ChatCompletionRequest) -> str | None:
+        """The first tool whose parameters' schema does not compile alone."""
+        for i, tool in enumerate(request.tools or ()):
+            try:
+                await self.ctx.grammars.compile(tool.function.parameters or {"type": "object"})
+            except GrammarError:
+                return f"tools.{i}.function.parameters"
+        return None
+
+
+def chat_prompt(tokenizer, messages: list[dict], *, add_generation_prompt: bool = True, tools=None) -> str:
+    """The base model's prompt for `messages` (and `tools`, for a template that renders them):
+    its tokenizer's chat template, special tokens included (so the text is tokenized without
+    adding more). A template that refuses the conversation (Llama 3.1's takes one call per
+    turn) is a 400 naming `messages`."""
+    try:
+        return tokenizer.apply_chat_template(
+            messages, tools=tools, add_generation_prompt=add_generation_prompt, tokenize=False
+        )
+    except jinja2.TemplateError as exc:
+        raise InvalidRequestError(
+            f"messages: the chat template refused this conversation: {exc}", param="messages"
+        ) from None
+
+
+def _adapter_tools(request: ChatCompletionRequest, fmt: ToolFormat) -> str:
+    """An adapter prompt's tool part: the instructions, then the conversation's calls and their
+    results (an adapter's template takes only the last user message)."""
+    parts = [instructions(fmt, request.tools, request.tool_mode)]
+    names = {c.id: c.function.name for m in request.messages for c in m.tool_calls or ()}
+    for message in request.messages:
+        if message.tool_calls:
+            parts.append(
+                "Called: " + fmt.calls_text([(c.function.name, c.function.arguments) for c in message.tool_calls])
+            )
+        elif message.role == "tool":
+            parts.append(f"Result of {names.get(message.tool_call_id, message.tool_call_id)}: {message.text}")
+    return "\n".join(parts)
 
 
 MAX_EMBEDDED_TRIES = 16  # `{` positions tried for an adapter's input object inside a message

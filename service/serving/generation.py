@@ -30,6 +30,7 @@ from service.guardrails.runner import OutputGuard, run_pre
 from service.metrics import Metrics
 from service.serving.specials import SpecialText
 from service.serving.text import IncrementalDecoder, StopMatcher
+from service.serving.tools import detect_format
 
 OFFLOAD_THREADS = 2  # threads for a request's input work off the event loop (ServingContext.offload)
 
@@ -71,6 +72,15 @@ class ServingContext:
         self._token_texts: dict[int, str] = {}  # token id -> its text (at most the vocabulary)
         self._limiter: anyio.CapacityLimiter | None = None  # made on the event loop, at first use
         self.specials = SpecialText(self.tokenizer)  # defuses control tokens typed in messages
+        self.tool_format = detect_format(self.tokenizer)  # how the base spells tool calls
+        # Special tokens by spelling (a tool format's prefix may be one: service.serving.tools).
+        self.special_ids = dict(
+            zip(
+                getattr(self.tokenizer, "all_special_tokens", ()),
+                getattr(self.tokenizer, "all_special_ids", ()),
+                strict=False,
+            )
+        )
         if self.grammars is None:
             self.grammars = GrammarCompiler(
                 self.tokenizer,
@@ -101,20 +111,27 @@ class Target:
         return self.adapter or BASE
 
 
-async def output_grammar(response_format: Any, target: Target, ctx: ServingContext) -> Grammar | None:
-    """The grammar the output must follow (issue #20): the request's own `response_format` wins
-    (`text`: none); else an adapter whose manifest declares JSON output with a schema, unless
-    the manifest opts out (`output.enforce: false`). A schema the engine cannot compile is a
-    400 with the library's reason, never a silent fallback to unconstrained text."""
+def output_schema(response_format: Any, target: Target) -> tuple[dict[str, Any], str] | None:
+    """The JSON schema the output must follow, and the field it comes from (issue #20): the
+    request's own `response_format` wins (`text`: none); else an adapter whose manifest declares
+    JSON output with a schema, unless the manifest opts out (`output.enforce: false`)."""
     if response_format is not None:
         if response_format.type == "text":
             return None
         schema = JSON_OBJECT if response_format.type == "json_object" else response_format.json_schema.schema_
-        param = "response_format"
-    elif target.manifest is not None and target.manifest.output.format == "json" and target.manifest.output.enforce:
-        schema, param = target.manifest.output.json_schema, "model"
-    else:
+        return schema, "response_format"
+    if target.manifest is not None and target.manifest.output.format == "json" and target.manifest.output.enforce:
+        return target.manifest.output.json_schema, "model"
+    return None
+
+
+async def output_grammar(response_format: Any, target: Target, ctx: ServingContext) -> Grammar | None:
+    """The grammar of `output_schema`. A schema the engine cannot compile is a 400 with the
+    library's reason, never a silent fallback to unconstrained text."""
+    found = output_schema(response_format, target)
+    if found is None:
         return None
+    schema, param = found
     try:
         return await ctx.grammars.compile(schema)
     except GrammarError as exc:

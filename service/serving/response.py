@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel
 
+from service.grammar import Grammar
 from service.guardrails import ActionRecord
 from service.protocol import UsageInfo
 from service.serving.generation import (
@@ -128,6 +129,10 @@ class EndpointServing(ABC):
     @abstractmethod
     def prompts(self, request: Any, target: Target) -> Prompts: ...
 
+    async def grammar(self, request: Any, target: Target) -> Grammar | None:
+        """The grammar every choice's output follows (None: free text)."""
+        return await output_grammar(request.response_format, target, self.ctx)
+
     async def create(
         self, request: Any, on_target: Callable[[Target], None] = lambda target: None
     ) -> BaseModel | AsyncIterator[str]:
@@ -142,7 +147,7 @@ class EndpointServing(ABC):
         for ids, max_tokens in zip(prompts.ids, budgets, strict=True):
             check_prompt(ids, max_tokens, ctx, param=prompts.param)
         stops = (request.stop or []) + (target.manifest.output.stop if target.manifest else [])
-        grammar = await output_grammar(request.response_format, target, ctx)
+        grammar = await self.grammar(request, target)
         n = request.n
         specs = [
             ChoiceSpec(
@@ -162,5 +167,9 @@ class EndpointServing(ABC):
         usage = UsageInfo(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens)
         run = self.run_type(request, target, specs, ctx, usage, prompts.actions)
         if request.stream:
-            return framed(await run.stream())
+            return self.frame(await run.stream())
         return await run.collect()
+
+    def frame(self, chunks: AsyncIterator[Any]) -> AsyncIterator[str]:
+        """The stream's chunks as SSE frames."""
+        return framed(chunks)
