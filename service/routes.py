@@ -29,10 +29,12 @@ from service.protocol import (
     TokenizeResponse,
     UnloadLoRAAdapterRequest,
 )
+from service.protocol_responses import ResponseObject, ResponsesRequest
 from service.serving.adapters import AdapterServing
 from service.serving.chat import ChatServing
 from service.serving.completions import CompletionServing
 from service.serving.generation import ServingContext, Target
+from service.serving.responses import ResponsesServing, to_chat
 from service.serving.sse import DONE, error_body, sse
 from service.serving.tokenization import TokenizerServing
 
@@ -146,6 +148,13 @@ async def create_completion(body: CompletionRequest, request: Request, ctx: Cont
 @api.post("/chat/completions", response_model=ChatCompletionResponse, responses=_STREAMS)
 async def create_chat_completion(body: ChatCompletionRequest, request: Request, ctx: Context) -> Response:
     return _respond(await _unless_disconnected(request, ChatServing(ctx).create(body, _labelled(request))))
+
+
+@api.post("/responses", response_model=ResponseObject, responses=_STREAMS)
+async def create_response(body: ResponsesRequest, request: Request, ctx: Context) -> Response:
+    """OpenAI's Responses API, stateless: the conversation comes whole in `input`."""
+    serving = ResponsesServing(ctx, body)
+    return _respond(await _unless_disconnected(request, serving.create(to_chat(body), _labelled(request))))
 
 
 @api.get("/models")
