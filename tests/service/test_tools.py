@@ -11,9 +11,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.app import build_app
+from service.fingerprint import fingerprint_files, weight_files
 from service.metrics import Metrics
 from service.runtime import load_runtime
-from service.fingerprint import fingerprint_files, weight_files
 from tests.conftest import TinyWorld
 from tests.factories import make_lora_adapter, make_tiny_llama, tiny_settings
 from tests.support import events

@@ -31,7 +31,10 @@ from service.serving.tools import (
 
 # Templates written for these tests in the shape of each family's: the markers that identify
 # them, tools rendered from `tools`, calls from `tool_calls`.
-_TOOLS = "{% if tools %}<|im_start|>system\n{% for t in tools %}{{ t.function | tojson }}\n{% endfor %}<|im_end|>\n{% endif %}"
+_TOOLS = (
+    "{% if tools %}<|im_start|>system\n{% for t in tools %}{{ t.function | tojson }}\n{% endfor %}"
+    "<|im_end|>\n{% endif %}"
+)
 _TURNS = (
     "{% for m in messages %}<|im_start|>{{ m.role }}\n"
     "{% if m.tool_calls %}{% for c in m.tool_calls %}CALL {{ OPEN }}{{ c.function.arguments | tojson }}{% endfor %}"
@@ -199,7 +202,10 @@ HARD = {
     },
     "required": ["name", "n", "tags", "when", "inner"],
 }
-FULL = '{"name": "Ada Lovelace", "n": 12.5, "tags": ["red", "green"], "when": "2024-03-01", "inner": {"ok": true, "code": "AB1"}}'
+FULL = (
+    '{"name": "Ada Lovelace", "n": 12.5, "tags": ["red", "green"], "when": "2024-03-01", '
+    '"inner": {"ok": true, "code": "AB1"}}'
+)
 
 
 @settings(max_examples=60, deadline=None)
