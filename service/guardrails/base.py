@@ -65,6 +65,9 @@ class GuardedOutput:
     text: str
     retried: bool = False  # this is already the greedy retry of an output a hook rejected
     streaming: bool = False  # the client reads a stream (released text cannot be retried)
+    # The request has tools: the output may be tool calls, each valid by its grammar, which an
+    # adapter's JSON contract does not describe.
+    tool_calls: bool = False
 
 
 @dataclass(frozen=True)

@@ -240,7 +240,8 @@ class MaxPromptLength(Hook):
 
 class JsonOutputSchema(Hook):
     """For adapters whose manifest declares JSON output: the output must be one JSON value that
-    validates against the manifest's schema. An invalid output is retried once greedily, then
+    validates against the manifest's schema (unless the request has tools: its calls, and its
+    answer, follow the tool grammar, whose answer branch is that schema). An invalid output is retried once greedily, then
     blocked (`finish_reason: "content_filter"`); other adapters pass untouched.
 
     A stream is not held back for the check: its text leaves as it is generated and the whole
@@ -254,7 +255,7 @@ class JsonOutputSchema(Hook):
 
     def post(self, output: GuardedOutput) -> Verdict:
         manifest = output.manifest
-        if manifest is None or manifest.output.format != "json":
+        if manifest is None or manifest.output.format != "json" or output.tool_calls:
             return Verdict.allow()
         problem = json_problem(output.text, manifest.output.json_schema or {})
         if problem is None:
@@ -266,7 +267,7 @@ class JsonOutputSchema(Hook):
 
     def stream(self, output: GuardedOutput) -> StreamFilter:
         manifest = output.manifest
-        if manifest is None or manifest.output.format != "json":
+        if manifest is None or manifest.output.format != "json" or output.tool_calls:
             return _PassThrough(self, output)
         if output.streaming:
             return _ValidatedAtEnd(self, output)

@@ -203,6 +203,9 @@ class ChatServing(EndpointServing):
         ids = tokenizer(chat_prompt(tokenizer, messages, tools=tools), add_special_tokens=False).input_ids
         return Prompts([ids], actions, "messages")
 
+    def calls(self, request: ChatCompletionRequest) -> bool:
+        return calls_expected(request)
+
     async def grammar(self, request: ChatCompletionRequest, target: Target) -> Grammar | None:
         """With tools: the tool grammar in the target's format (its free-text branch the
         response_format's JSON, where one is asked for). Otherwise the response_format's."""

@@ -214,6 +214,7 @@ class ChoiceSpec:
     params: SamplingParams
     stops: list[str]
     stream: bool = False  # the client reads a stream: text leaves as post hooks pass it
+    tool_calls: bool = False  # the output may be tool calls (service.serving.tools)
 
 
 @dataclass
@@ -289,7 +290,9 @@ class _GuardedAttempt:
 
     def __init__(self, spec: ChoiceSpec, target: Target, ctx: ServingContext, started: float, *, retried: bool):
         self.spec, self.target, self.ctx, self.started = spec, target, ctx, started
-        output = GuardedOutput(target.label, target.manifest, "", retried, streaming=spec.stream)
+        output = GuardedOutput(
+            target.label, target.manifest, "", retried, streaming=spec.stream, tool_calls=spec.tool_calls
+        )
         self.guard = OutputGuard(ctx.guardrails.chain(target.label), output, ctx.metrics, spec.index)
         self.retried = retried
         self.retry_reason: str | None = None

@@ -129,6 +129,10 @@ class EndpointServing(ABC):
     @abstractmethod
     def prompts(self, request: Any, target: Target) -> Prompts: ...
 
+    def calls(self, request: Any) -> bool:
+        """Whether the output may hold tool calls."""
+        return False
+
     async def grammar(self, request: Any, target: Target) -> Grammar | None:
         """The grammar every choice's output follows (None: free text)."""
         return await output_grammar(request.response_format, target, self.ctx)
@@ -156,6 +160,7 @@ class EndpointServing(ABC):
                 params=request.to_sampling_params(p * n + c, max_tokens, grammar),
                 stops=stops,
                 stream=request.stream,
+                tool_calls=self.calls(request),
             )
             for p, (ids, max_tokens) in enumerate(zip(prompts.ids, budgets, strict=True))
             for c in range(n)

@@ -35,6 +35,9 @@ from service.grammar import GrammarError, closed_objects, schema_key
 # How a grammar spells JSON (service.grammar's style): no free whitespace, OpenAI's separators.
 _STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 EMPTY_PARAMETERS = {"type": "object", "properties": {}}  # OpenAI: a function without parameters
+# Calls in one output. A small model under `required` repeats calls until its budget ends (the
+# 135M default did, for thousands of tokens); the grammar ends the output after this many.
+MAX_CALLS = 8
 
 
 @dataclass(frozen=True)
@@ -172,13 +175,14 @@ def tool_grammar(
         )
         lines.append(f"args_{i}: %json {json.dumps(_arguments_schema(tool))}")
     lines.append("call: " + " | ".join(f"call_{i}" for i in range(len(tools))))
-    repeat = f"({_literal(fmt.separator)} call)*" if parallel else ""
+    repeat = f"({_literal(fmt.separator)} call){{0,{MAX_CALLS - 1}}}" if parallel else ""
     lines.append("calls: " + _sequence(prefix, "call", repeat, fmt.suffix))
-    # Free text: anything that does not open the calls (llguidance's `&` and `~` on lexemes). The
-    # exclusion must end where the calls' first literal does, or the lexer, greedy, would keep
-    # reading text past it. A special token cannot be spelled in text at all.
+    # Free text: anything that does not hold the calls' opening, at its start or further on (a
+    # small model copies the instructions' example into its answer), by llguidance's `&` and `~`
+    # on lexemes. The opening must end where the calls' first literal does, or the lexer, greedy,
+    # would keep reading text past it. A special token cannot be spelled in text at all.
     opening = fmt.prefix if fmt.prefix and prefix == _literal(fmt.prefix) else fmt.call_open + '{"name"'
-    lines.append(f"TEXT: /(?s:.+)/ & ~/(?s:{_regex(opening)}.*)/")
+    lines.append(f"TEXT: /(?s:.+)/ & ~/(?s:.*{_regex(opening)}.*)/")
     if answer is not None:
         lines.append(f"answer: %json {json.dumps({**closed_objects(answer), 'x-guidance': _STYLE})}")
     text = "answer" if answer is not None else "TEXT"

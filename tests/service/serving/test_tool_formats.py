@@ -148,6 +148,8 @@ def test_each_grammar_takes_its_own_calls_and_the_parser_reads_them_back(compile
     assert _accepts(compiler, tool_grammar(fmt, tools, "required", parallel=True), text)
     assert _accepts(compiler, tool_grammar(fmt, tools, "auto", parallel=True), text)
     assert _accepts(compiler, tool_grammar(fmt, tools, "auto", parallel=True), "Just text.")
+    # text never holds a call's opening: one cannot hide in the content
+    assert not _accepts(compiler, tool_grammar(fmt, tools, "auto", parallel=True), "Well: " + text)
     assert not _accepts(compiler, tool_grammar(fmt, tools, "required", parallel=False), text)  # two calls
     assert not _accepts(compiler, tool_grammar(fmt, tools, "none", parallel=True), text)
     assert _accepts(compiler, tool_grammar(fmt, tools, "clock", parallel=True), fmt.calls_text(CALLS[1:]))
@@ -222,3 +224,11 @@ def test_a_structure_cut_anywhere_closes_into_valid_json(compiler, cut):
     assert closing is not None
     text = prefix + tok.decode(closing)
     jsonschema.validate(json.loads(text), HARD, format_checker=jsonschema.FormatChecker())
+
+
+def test_an_output_holds_at_most_max_calls(compiler):
+    from service.serving.tools import MAX_CALLS
+
+    grammar = tool_grammar(GENERIC, REQUEST.tools, "required", parallel=True)
+    assert _accepts(compiler, grammar, GENERIC.calls_text(CALLS[1:] * MAX_CALLS))
+    assert not _accepts(compiler, grammar, GENERIC.calls_text(CALLS[1:] * (MAX_CALLS + 1)))
