@@ -180,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"tool calls valid:        {counts['calls_valid']}/{counts['calls']} = {calls_rate:.1%}")
     print(f"  answered in text (auto): {counts['text_answers']}")
     print(
-        f"response_format valid:   {counts['json_valid']}/{held} = {json_rate:.1%} (ended length: {counts['json_length']})"
+        f"response_format valid:   {counts['json_valid']}/{held} = {json_rate:.1%} "
+        f"(ended length: {counts['json_length']})"
     )
     print(f"plain chat:              {plain['tokens_per_s']:.1f} tok/s ({plain['tokens']} tokens)")
     print(f"chat with tools:         {tooled['tokens_per_s']:.1f} tok/s ({tooled['tokens']} tokens)")

@@ -241,8 +241,9 @@ class MaxPromptLength(Hook):
 class JsonOutputSchema(Hook):
     """For adapters whose manifest declares JSON output: the output must be one JSON value that
     validates against the manifest's schema (unless the request has tools: its calls, and its
-    answer, follow the tool grammar, whose answer branch is that schema). An invalid output is retried once greedily, then
-    blocked (`finish_reason: "content_filter"`); other adapters pass untouched.
+    answer, follow the tool grammar, whose answer branch is that schema). An invalid output is
+    retried once greedily, then blocked (`finish_reason: "content_filter"`); other adapters pass
+    untouched.
 
     A stream is not held back for the check: its text leaves as it is generated and the whole
     is validated at the end, where an invalid output ends the choice with "content_filter"
