@@ -194,10 +194,10 @@ class ChatServing(EndpointServing):
             param="messages",
         )
         contents = [escape(m.content) for m in guarded.messages]
-        messages = history_messages(fmt, request.messages, contents)
+        messages = history_messages(fmt, request.messages, contents, self.ctx.specials.escape_deep)
         tools = None
         if request.tools and fmt.template_renders:
-            tools = tool_specs(request.tools)
+            tools = self.ctx.specials.escape_deep(tool_specs(request.tools))
         elif request.tools:
             messages = with_instructions(messages, escape(instructions(fmt, request.tools, request.tool_mode)))
         ids = tokenizer(chat_prompt(tokenizer, messages, tools=tools), add_special_tokens=False).input_ids

@@ -35,6 +35,17 @@ class SpecialText:
             return text
         return self.pattern.sub(lambda m: m.group(0)[0] + BREAK + m.group(0)[1:], text)
 
+    def escape_deep(self, value: Any) -> Any:
+        """`value` (JSON: mappings, lists, strings) with every string and key escaped: tools'
+        descriptions and schemas, and calls' arguments, reach a template through `tojson`."""
+        if isinstance(value, str):
+            return self.escape(value)
+        if isinstance(value, dict):
+            return {self.escape(k) if isinstance(k, str) else k: self.escape_deep(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.escape_deep(v) for v in value]
+        return value
+
     def escape_values(self, values: dict[str, Any]) -> dict[str, Any]:
         """An adapter's input values, their strings escaped."""
         return {k: self.escape(v) if isinstance(v, str) else v for k, v in values.items()}

@@ -258,11 +258,14 @@ def instructions(fmt: ToolFormat, tools: list[Any], mode: str) -> str:
     )
 
 
-def history_messages(fmt: ToolFormat, messages: list[Any], contents: list[str]) -> list[dict[str, Any]]:
+def history_messages(
+    fmt: ToolFormat, messages: list[Any], contents: list[str], escape: Any = lambda value: value
+) -> list[dict[str, Any]]:
     """The conversation as template messages. `contents`: each message's text after the pre
-    hooks and escaping. Templates that render tools get OpenAI's shape (arguments parsed, as
-    they expect a mapping); for the generic format, calls become the assistant's text and
-    results a user turn, which any template renders."""
+    hooks and escaping; `escape`: what defuses control tokens in calls' arguments and names.
+    Templates that render tools get OpenAI's shape (arguments parsed, as they expect a mapping);
+    for the generic format, calls become the assistant's text and results a user turn, which
+    any template renders."""
     names = {call.id: call.function.name for m in messages for call in m.tool_calls or ()}
     out: list[dict[str, Any]] = []
     for i, (message, content) in enumerate(zip(messages, contents, strict=True)):
@@ -271,18 +274,22 @@ def history_messages(fmt: ToolFormat, messages: list[Any], contents: list[str]) 
             entry: dict[str, Any] = {"role": message.role, "content": content}
             if calls:
                 entry["tool_calls"] = [
-                    {"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": _args(c, i)}}
+                    {
+                        "id": escape(c.id),
+                        "type": "function",
+                        "function": {"name": escape(c.function.name), "arguments": escape(_args(c, i))},
+                    }
                     for c in calls
                 ]
             if message.role == "tool":
-                entry["tool_call_id"] = message.tool_call_id
-                entry["name"] = names.get(message.tool_call_id, message.name or "")
+                entry["tool_call_id"] = escape(message.tool_call_id)
+                entry["name"] = escape(names.get(message.tool_call_id, message.name or ""))
             out.append(entry)
         elif message.role == "tool":
-            result = {"name": names.get(message.tool_call_id, message.name or ""), "content": content}
+            result = {"name": escape(names.get(message.tool_call_id, message.name or "")), "content": content}
             out.append({"role": "user", "content": f"<tool_response>\n{json.dumps(result)}\n</tool_response>"})
         elif calls:
-            text = fmt.calls_text([(c.function.name, json.dumps(_args(c, i))) for c in calls])
+            text = fmt.calls_text([(escape(c.function.name), json.dumps(escape(_args(c, i)))) for c in calls])
             out.append({"role": "assistant", "content": f"{content}\n{text}" if content else text})
         else:
             out.append({"role": message.role, "content": content})
