@@ -19,7 +19,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("service.engine.",),
     ("service.guardrails",),
     ("service.runtime",),
-    ("service.protocol", "service.serving"),
+    ("service.protocol", "service.protocol_responses", "service.serving"),
     ("service.auth", "service.routes"),
     ("service.app", "service.__main__"),
 ]
