@@ -9,8 +9,13 @@ Starts the service (SmolLM2, nf4, as `make serve`) and measures, in one run:
    Prints the rate of tool calls that parse and validate against their function's schema, of
    `response_format` answers that parse and validate where the budget holds the shortest
    completion, and how many ended "length".
-2. **Throughput**: `--clients` concurrent chat requests, plain, then with tools (`required`),
-   the same prompts and budget, and prints tokens/s of each and their ratio (target >= 0.85).
+2. **Throughput**: `--clients` concurrent chat requests, plain, then with tools, the same
+   prompts and budget, in alternating rounds; prints tokens/s of each and the median ratio
+   (target >= 0.85). The prompts are the same tokens: plain chat gets the tools' instructions
+   as the system message that the generic format writes, without `tools`, so the ratio is the
+   grammar's cost (masks, closing) and not a longer prompt's.
+
+Numbers are validated with decimals: `multipleOf: 0.01` fails 19.99 in binary floating point.
 """
 
 from __future__ import annotations
@@ -18,13 +23,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import statistics
 import time
+from decimal import Decimal
 from pathlib import Path
 
 import jsonschema
 
 from bench.structured_base import SCHEMAS as RESPONSE_SCHEMAS
 from bench.throughput import free_port, start_service
+from service.protocol import ChatTool
+from service.serving.tools import GENERIC, instructions
 
 BASE = "smollm2-135m-instruct"
 S = {"type": "string", "maxLength": 40}
@@ -68,6 +77,8 @@ ASKS = [
     "Is it going to rain in Oslo tomorrow, in fahrenheit?",
     "Reserve dinner for two at Sushi Go, 20:00, window seat.",
 ]
+# The system message the generic format writes for TOOLS under `required` (plain chat's prompt).
+INSTRUCTIONS = instructions(GENERIC, [ChatTool.model_validate(t) for t in TOOLS], "required")
 PRODUCT = json.dumps({"product": "Trail Mug", "description": "A steel mug for hikers"})
 
 
@@ -91,11 +102,13 @@ async def validity(url: str, requests: int) -> dict:
             ("json", {**body, "response_format": fmt, "max_tokens": (40, 64, 128, 256)[i % 4], "_schema": name})
         )
     counts = {"calls": 0, "calls_valid": 0, "text_answers": 0, "json": 0, "json_valid": 0, "json_length": 0}
+    failures: list[str] = []
     async with httpx.AsyncClient(timeout=600) as client:
         semaphore = asyncio.Semaphore(8)
 
         async def one(kind: str, body: dict) -> None:
-            schema = RESPONSE_SCHEMAS.get(body.pop("_schema", ""), None)
+            name = body.pop("_schema", "")
+            schema = RESPONSE_SCHEMAS.get(name)
             async with semaphore:
                 r = await client.post(f"{url}/v1/chat/completions", json=body)
             r.raise_for_status()
@@ -110,20 +123,23 @@ async def validity(url: str, requests: int) -> dict:
                             json.loads(call["function"]["arguments"]), FUNCTIONS[call["function"]["name"]]
                         )
                         counts["calls_valid"] += 1
-                    except (ValueError, jsonschema.ValidationError):
-                        pass
+                    except (ValueError, jsonschema.ValidationError) as exc:
+                        failures.append(f"{call['function']['name']}: {str(exc).splitlines()[0]}")
                 return
             counts["json"] += 1
             if choice["finish_reason"] == "length":
                 counts["json_length"] += 1
                 return
             try:
-                jsonschema.validate(json.loads(choice["message"]["content"]), schema)
+                exact = json.loads(json.dumps(schema), parse_float=Decimal)
+                jsonschema.validate(json.loads(choice["message"]["content"], parse_float=Decimal), exact)
                 counts["json_valid"] += 1
-            except (ValueError, jsonschema.ValidationError):
-                pass
+            except (ValueError, jsonschema.ValidationError) as exc:
+                failures.append(f"{name}: {str(exc).splitlines()[0]}: {choice['message']['content']!r}")
 
         await asyncio.gather(*(one(kind, body) for kind, body in cases))
+    for failure in failures:
+        print("invalid:", failure)
     return counts
 
 
@@ -140,6 +156,8 @@ async def throughput(url: str, clients: int, tokens: int, tools: bool) -> dict:
         }
         if tools:
             body.update(tools=TOOLS, tool_choice="required")
+        else:
+            body["messages"] = [{"role": "system", "content": INSTRUCTIONS}, *body["messages"]]
         r = await client.post(f"{url}/v1/chat/completions", json=body)
         r.raise_for_status()
         return r.json()["usage"]["completion_tokens"]
@@ -161,22 +179,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--adapter-dir", type=Path, default=Path("adapters"))
     p.add_argument("--requests", type=int, default=60, help="tool requests (and as many response_format ones)")
     p.add_argument("--clients", type=int, default=16)
-    p.add_argument("--tokens", type=int, default=48)
+    p.add_argument("--tokens", type=int, default=96)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--skip-validity", action="store_true", help="throughput only")
     args = p.parse_args(argv)
     port = free_port()
     proc = start_service(args, args.adapter_dir, port, max_batch=args.clients)
     url = f"http://127.0.0.1:{port}"
     try:
-        counts = asyncio.run(validity(url, args.requests))
-        plain = asyncio.run(throughput(url, args.clients, args.tokens, tools=False))
-        tooled = asyncio.run(throughput(url, args.clients, args.tokens, tools=True))
+        counts = asyncio.run(validity(url, 0 if args.skip_validity else args.requests))
+        runs = [
+            (
+                asyncio.run(throughput(url, args.clients, args.tokens, tools=False)),
+                asyncio.run(throughput(url, args.clients, args.tokens, tools=True)),
+            )
+            for _ in range(args.rounds)
+        ]
     finally:
         proc.terminate()
         proc.wait(timeout=60)
     calls_rate = counts["calls_valid"] / max(counts["calls"], 1)
     held = counts["json"] - counts["json_length"]
     json_rate = counts["json_valid"] / max(held, 1)
-    ratio = tooled["tokens_per_s"] / plain["tokens_per_s"]
+    ratios = [tooled["tokens_per_s"] / plain["tokens_per_s"] for plain, tooled in runs]
+    ratio = statistics.median(ratios)
+    plain, tooled = runs[-1]
     print(f"tool calls valid:        {counts['calls_valid']}/{counts['calls']} = {calls_rate:.1%}")
     print(f"  answered in text (auto): {counts['text_answers']}")
     print(
@@ -185,8 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"plain chat:              {plain['tokens_per_s']:.1f} tok/s ({plain['tokens']} tokens)")
     print(f"chat with tools:         {tooled['tokens_per_s']:.1f} tok/s ({tooled['tokens']} tokens)")
-    print(f"ratio tools / plain:     {ratio:.2f} (target >= 0.85)")
-    print(json.dumps({"counts": counts, "plain": plain, "tools": tooled, "ratio": ratio}))
+    print(f"ratio tools / plain:     {ratio:.2f} median of {[round(r, 2) for r in ratios]} (target >= 0.85)")
+    print(json.dumps({"counts": counts, "runs": runs, "ratio": ratio}))
     return 0
 
 
