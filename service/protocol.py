@@ -560,6 +560,7 @@ class TokenizeRequest(_TextRequest):
     )
     add_generation_prompt: bool = True
     return_token_strs: bool = False
+    tools: list[ChatTool] | None = Field(None, max_length=MAX_TOOLS, description="As chat's: their prompt counts.")
 
     @model_validator(mode="after")
     def _one_source(self) -> TokenizeRequest:

@@ -19,6 +19,7 @@ text is read back into `content` and `tool_calls`.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import jinja2
 
@@ -194,13 +195,8 @@ class ChatServing(EndpointServing):
             param="messages",
         )
         contents = [escape(m.content) for m in guarded.messages]
-        messages = history_messages(fmt, request.messages, contents, self.ctx.specials.escape_deep)
-        tools = None
-        if request.tools and fmt.template_renders:
-            tools = self.ctx.specials.escape_deep(tool_specs(request.tools))
-        elif request.tools:
-            messages = with_instructions(messages, escape(instructions(fmt, request.tools, request.tool_mode)))
-        ids = tokenizer(chat_prompt(tokenizer, messages, tools=tools), add_special_tokens=False).input_ids
+        prompt = render_chat(self.ctx, request.messages, contents, request.tools, request.tool_mode)
+        ids = tokenizer(prompt, add_special_tokens=False).input_ids
         return Prompts([ids], actions, "messages")
 
     def calls(self, request: ChatCompletionRequest) -> bool:
@@ -237,6 +233,27 @@ class ChatServing(EndpointServing):
             except GrammarError:
                 return f"tools.{i}.function.parameters"
         return None
+
+
+def render_chat(
+    ctx: ServingContext,
+    messages: list[Any],
+    contents: list[str],
+    tools: list[Any] | None,
+    mode: str | None,
+    *,
+    add_generation_prompt: bool = True,
+) -> str:
+    """The base model's prompt for a conversation (`contents`: its messages' texts, escaped) and
+    its tools, in the base's tool format: chat and /tokenize render it alike."""
+    fmt, specials = ctx.tool_format, ctx.specials
+    rendered = history_messages(fmt, messages, contents, specials.escape_deep)
+    specs = None
+    if tools and fmt.template_renders:
+        specs = specials.escape_deep(tool_specs(tools))
+    elif tools:
+        rendered = with_instructions(rendered, specials.escape(instructions(fmt, tools, mode or "auto")))
+    return chat_prompt(ctx.tokenizer, rendered, tools=specs, add_generation_prompt=add_generation_prompt)
 
 
 def chat_prompt(tokenizer, messages: list[dict], *, add_generation_prompt: bool = True, tools=None) -> str:

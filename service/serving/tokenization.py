@@ -12,7 +12,7 @@ from typing import Any
 
 from service.errors import InvalidRequestError
 from service.protocol import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
-from service.serving.chat import chat_prompt
+from service.serving.chat import render_chat
 from service.serving.generation import ServingContext, resolve_target
 
 
@@ -32,8 +32,10 @@ class TokenizerServing:
         else:
             if not tokenizer.chat_template:
                 raise InvalidRequestError("the model has no chat template; send `prompt`", param="messages")
-            messages = [{"role": m.role, "content": self.ctx.specials.escape(m.text)} for m in request.messages]
-            text = chat_prompt(tokenizer, messages, add_generation_prompt=request.add_generation_prompt)
+            contents = [self.ctx.specials.escape(m.text) for m in request.messages]
+            mode = "auto" if request.tools else None
+            add = request.add_generation_prompt
+            text = render_chat(self.ctx, request.messages, contents, request.tools, mode, add_generation_prompt=add)
             special = bool(request.add_special_tokens)  # the template wrote them already
         ids = tokenizer(text, add_special_tokens=special).input_ids
         strs = tokenizer.convert_ids_to_tokens(ids) if request.return_token_strs else None

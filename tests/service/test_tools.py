@@ -149,8 +149,11 @@ def test_a_conversation_with_calls_and_results(client):
     ]
     r = chat(client, messages=messages, max_tokens=8)
     assert r.status_code == 200, r.text
-    tokens = client.post("/tokenize", json={"model": "tiny", "messages": messages}).json()
-    assert tokens["count"] > 0
+    # /tokenize renders the conversation and its tools as chat does: the same prompt
+    tokens = client.post("/tokenize", json={"model": "tiny", "messages": messages, "tools": TOOLS}).json()
+    assert tokens["count"] == r.json()["usage"]["prompt_tokens"]
+    without = client.post("/tokenize", json={"model": "tiny", "messages": messages}).json()
+    assert without["count"] < tokens["count"]
 
 
 def test_tool_calls_through_an_adapter(client):
