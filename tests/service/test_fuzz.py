@@ -91,4 +91,4 @@ def test_api_never_fails_and_conforms(served_app):
     assert statuses["POST /v1/completions", 200] and statuses["POST /v1/chat/completions", 200], sorted(
         statuses.items()
     )
-    assert {"POST /v1/completions", "POST /v1/chat/completions", "GET /v1/models"} <= set(ran)
+    assert {"POST /v1/completions", "POST /v1/chat/completions", "POST /v1/responses", "GET /v1/models"} <= set(ran)
