@@ -28,7 +28,7 @@ import asyncio
 import json
 import time
 
-from bench.throughput import (
+from bench.common import (
     add_model_args,
     free_port,
     load_with_adapters,

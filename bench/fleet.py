@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.throughput import add_model_args, free_port, make_adapters, make_prompts, metric_sum, pct, start_service
+from bench.common import add_model_args, free_port, make_adapters, make_prompts, metric_sum, pct, start_service
 
 ADMIN = "bench-admin-key-0123456789"
 

@@ -39,7 +39,7 @@ from typing import Any
 
 
 def make_parser() -> argparse.ArgumentParser:
-    from bench.throughput import add_model_args
+    from bench.common import add_model_args
 
     p = argparse.ArgumentParser(prog="python -m bench.gap", description=__doc__.split("\n")[0])
     add_model_args(p)
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     import tempfile
     from pathlib import Path
 
-    from bench.throughput import free_port, make_adapters, make_prompts, service_clients, start_service
+    from bench.common import free_port, make_adapters, make_prompts, service_clients, start_service
     from service.adapters.registry import AdapterRegistry
     from service.base_model import load_base
     from service.engine.runner import ModelRunner
@@ -218,7 +218,7 @@ def phases(url: str) -> dict[str, float]:
     """The engine's prefill and decode seconds (and decode steps) so far, from /metrics."""
     import httpx
 
-    from bench.throughput import metric_sum
+    from bench.common import metric_sum
 
     text = httpx.get(f"{url}/metrics", timeout=30).text
     return {
@@ -233,7 +233,7 @@ def capture_metrics(url: str) -> dict[str, float]:
     issue #22 item 3 wants the latter 0."""
     import httpx
 
-    from bench.throughput import metric_sum
+    from bench.common import metric_sum
 
     text = httpx.get(f"{url}/metrics", timeout=30).text
     return {

@@ -26,7 +26,7 @@ import time
 from itertools import cycle, islice
 from pathlib import Path
 
-from bench.throughput import free_port, metric_sum, start_service
+from bench.common import free_port, metric_sum, start_service
 
 SYSTEM = (
     "You are the support assistant of Northwind Outdoor, a shop for hiking, camping and paddling "

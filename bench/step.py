@@ -23,7 +23,7 @@ import time
 
 
 def make_parser() -> argparse.ArgumentParser:
-    from bench.throughput import add_model_args
+    from bench.common import add_model_args
 
     p = argparse.ArgumentParser(prog="python -m bench.step", description=__doc__.split("\n")[0])
     add_model_args(p)
@@ -89,7 +89,7 @@ def run_mode(runner, mode: str, prompts, adapters, steps: int, capacity: int) ->
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
-    from bench.throughput import load_with_adapters, make_prompts
+    from bench.common import load_with_adapters, make_prompts
     from service.engine.runner import ModelRunner
 
     base, model, names, _ = load_with_adapters(args)

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import jsonschema
 
+from bench.common import free_port, start_service
 from bench.structured_base import SCHEMAS as RESPONSE_SCHEMAS
-from bench.throughput import free_port, start_service
 from service.protocol import ChatTool
 from service.serving.tools import GENERIC, instructions
 
