@@ -99,26 +99,13 @@ def test_auto_streamed_and_a_round_trip_with_the_result(client):
 
 def test_responses_plain_and_streamed(client):
     tools = [{"type": "function", **t["function"]} for t in TOOLS]
-    whole = client.responses.create(
-        model=BASE,
-        input="What is the weather in Paris?",
-        tools=tools,
-        tool_choice="required",
-        temperature=0,
-        max_output_tokens=96,
-    )
+    ask = {"model": BASE, "input": "What is the weather in Paris?", "tools": tools, "tool_choice": "required"}
+    whole = client.responses.create(**ask, temperature=0, max_output_tokens=96)
     calls = [item for item in whole.output if item.type == "function_call"]
     assert whole.status == "completed" and calls
     for call in calls:
         jsonschema.validate(json.loads(call.arguments), SCHEMAS[call.name])
-    with client.responses.stream(
-        model=BASE,
-        input="What is the weather in Paris?",
-        tools=tools,
-        tool_choice="required",
-        temperature=0,
-        max_output_tokens=96,
-    ) as stream:
+    with client.responses.stream(**ask, temperature=0, max_output_tokens=96) as stream:
         final = stream.get_final_response()
     assert [(c.name, c.arguments) for c in final.output] == [(c.name, c.arguments) for c in calls]
     text = client.responses.create(model=BASE, instructions="Answer briefly.", input="Hi!", max_output_tokens=16)

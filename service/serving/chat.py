@@ -77,6 +77,10 @@ class _ChatRun(ResponseRun):
     response_type = ChatCompletionResponse
     chunk_type = ChatCompletionChunk
 
+    def __init__(self, *args: Any):
+        super().__init__(*args)
+        self._parsers: dict[int, ToolCallParser] = {}  # each choice's reader of calls
+
     def _logprobs(self, entries: list[TokenLogprob]) -> ChatLogprobs | None:
         if not self.request.logprobs:
             return None
@@ -98,10 +102,10 @@ class _ChatRun(ResponseRun):
         """Choice `index`'s reader of calls (None when the output holds none)."""
         if not calls_expected(self.request):
             return None
-        parsers = self.__dict__.setdefault("_parsers", {})
-        if index not in parsers:
-            parsers[index] = ToolCallParser.for_tokenizer(tool_format(self.target, self.ctx), self.ctx.tokenizer)
-        return parsers[index]
+        if index not in self._parsers:
+            fmt = tool_format(self.target, self.ctx)
+            self._parsers[index] = ToolCallParser.for_tokenizer(fmt, self.ctx.tokenizer)
+        return self._parsers[index]
 
     @staticmethod
     def _finish(parser: ToolCallParser | None, reason: str | None) -> str | None:

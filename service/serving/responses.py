@@ -34,7 +34,7 @@ from service.protocol_responses import (
 from service.serving.chat import ChatServing, _ChatRun
 from service.serving.errors import to_body
 from service.serving.generation import ChoiceEvent, first_and_rest, new_id, run_choices
-from service.serving.tools import ParsedCall, ToolCallParser
+from service.serving.tools import ParsedCall
 
 
 def to_chat(request: ResponsesRequest) -> ChatCompletionRequest:
@@ -120,9 +120,6 @@ class _ResponsesRun(_ChatRun):
         self.created = int(time.time())
         self._sequence = 0
 
-    def _parser_or_text(self) -> ToolCallParser | None:
-        return self._parser(0)
-
     def _response(self, status: str, output: list[BaseModel], reason: str | None = None) -> ResponseObject:
         original = self.original
         tool_choice = original.tool_choice or "auto"
@@ -172,12 +169,7 @@ class _ResponsesRun(_ChatRun):
         return items
 
     async def collect(self) -> BaseModel:
-        events: list[ChoiceEvent] = []
-        async for event in run_choices(self.specs, self.target, self.ctx):
-            self._count(event)
-            events.append(event)
-            self.actions += [a.as_dict() for a in event.guardrails]
-        choice = self.choice(0, events)
+        choice = (await super().collect()).choices[0]  # chat's one choice, reshaped
         calls = choice.message.tool_calls or []
         parsed = [ParsedCall(c.id, c.function.name, c.function.arguments, True) for c in calls]
         status = self._status(choice.finish_reason)
@@ -203,7 +195,7 @@ class _ResponsesRun(_ChatRun):
         async for event in events:
             self._count(event)
             self.actions += [a.as_dict() for a in event.guardrails]
-            parser = self._parser_or_text()
+            parser = self._parser(0)
             final = event.finish_reason is not None
             if parser is None:
                 for out in stream.text(event.text):
