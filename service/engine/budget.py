@@ -21,11 +21,10 @@ twice the most work a measured step carried, so early, small steps are not extra
 
 The bound is per joining request: with n requests waiting to join (as many as the batch has
 room for), a step may carry n times the work. A bound per step made a backlog queue behind the
-running streams: a burst of 8 behind its own first request took TTFT p50 from 1.0 s to
-1.3-1.5 s (bench.prefix --clients 8), and 64 clients arriving at once fell from 68% to 32% of
-the step alone (bench.gap: the last joined 50 steps after the first, so the batch ran a long
-tail of few rows). The running streams' ITL stays bounded while prompts join one at a time,
-the case of issue #22's target; a backlog costs them a longer stall, as with no limit.
+running streams, and a burst's last request join long after its first (docs/benchmarks.md,
+"Figures behind the engine's design"). The running streams' ITL stays bounded while prompts
+join one at a time, the case of issue #22's target; a backlog costs them a longer stall, as
+with no limit.
 
 A step that finishes a prompt also joins it to the running batch: its KV goes into the running
 cache, which every later step then carries. That cost grows with the prompt's length and comes
@@ -98,7 +97,7 @@ class StepBudget:
         for each request that joins, so with several waiting the step may carry that many times
         more: a backlog drains at the pace it would with no limit."""
         if rows == 0 or self.slowdown <= 0:
-            return float(self.cap)
+            return self.cap_work
         decode = self._decode_seconds(rows)
         if decode is None or self._work == 0.0:
             fit = float(self.first)
@@ -107,7 +106,13 @@ class StepBudget:
             # Never far past what was measured: the first steps' costs are noisy and small.
             fit = min(fit, max(float(self.first), 2 * self._largest))
         fit *= max(1, waiting)
-        return max(float(self.least), min(float(self.cap), fit))
+        return max(float(self.least), min(self.cap_work, fit))
+
+    @property
+    def cap_work(self) -> float:
+        """MAX_PREFILL_TOKENS as work: that of a prompt of `cap` tokens from its start. Admissions
+        and pieces spend work whether or not the budget is sized by time (one unit)."""
+        return self.work(self.cap, 0)
 
     def work(self, tokens: int, start: int) -> float:
         """A piece of `tokens` prompt tokens at position `start`, in tokens of linear-layer work."""

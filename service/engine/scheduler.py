@@ -1,0 +1,256 @@
+"""The batched engine's scheduler: what an iteration runs, decided from a snapshot of the state.
+
+Two pure functions, called in turn by `BatchedEngine` (batched.py), which executes what they
+decide and applies the outputs:
+
+- `plan(snapshot) -> StepPlan`: the iteration's budget, which waiting requests join (FIFO
+  within the batch's capacity and the budget, where a request whose adapter cannot run yet does
+  not hold up the ones behind it), which adapter reads to start, and which adapter's slot to
+  drain so that a waiting adapter is never starved.
+- `pieces(joining, budget, ...) -> [PiecePlan]`: the piece of each joining prompt this step
+  runs, and how: alone, batched with the other prompts that finish, or packed into the decode
+  step. It runs after the admitted requests looked up their stored prefixes, which move where
+  their prompts start.
+
+Neither calls anything back: they read plain values and return plain values, so every rule is
+a unit test without threads, a model or a clock (tests/service/engine/test_scheduler.py).
+
+One progress counter per request: `computed`, the prompt tokens whose KV exists (a prefix hit,
+the chunks so far). A piece is `[computed, computed + take)`; a request becomes a running row
+when its last piece has run. One unit for the budget: work (budget.py), tokens with the
+attention over their past counted, for admissions and pieces alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import Enum
+
+from service.engine.budget import StepBudget
+
+LOOKAHEAD = 4  # waiting requests passed over per iteration, per row of capacity, before it stops looking
+
+
+class Tier(Enum):
+    """Where a waiting request's adapter is (AdapterResidency's tiers, as the plan needs them)."""
+
+    RESIDENT = "resident"  # in a device slot (or the base): runs now
+    HOST = "host"  # weights in host memory: runs once it has a slot
+    DISK = "disk"  # must be read from disk first: waits, and the plan starts the read
+    LOADING = "loading"  # being read from disk: waits
+
+
+class How(Enum):
+    """How a piece of a prompt runs."""
+
+    ALONE = "alone"  # a prefill pass of its own (a chunk, one finishing prompt, prompt log-probs)
+    BATCHED = "batched"  # one left-padded pass with the other prompts that finish this step
+    PACKED = "packed"  # inside the decode step's forward pass (packed.py)
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """A request not admitted yet, as the plan sees it."""
+
+    key: str | None  # its adapter version (None: the base)
+    size: int  # prompt tokens
+    tier: Tier = Tier.RESIDENT
+    waited: bool = False  # it has waited for an adapter slot already
+    cancelled: bool = False
+
+
+@dataclass(frozen=True)
+class Joining:
+    """An admitted request whose prompt is not computed yet."""
+
+    size: int  # prompt tokens
+    computed: int = 0  # of them with KV (a stored prefix, chunks so far)
+    logprobs: bool = False  # it wants its prompt's log-probabilities: one pass of its own, whole
+    whole: bool = False  # the model cannot be prefilled in chunks: whole, in one pass
+
+    @property
+    def left(self) -> int:
+        return self.size - self.computed
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    capacity: int  # rows the batch holds
+    running: tuple[str | None, ...]  # each running row's adapter version
+    joining: tuple[Joining, ...]
+    waiting: tuple[Waiting, ...]  # FIFO
+    budget: StepBudget  # measured step costs (read only)
+    packs: bool = False  # pieces ride in the decode step (packed.py); False: passes of their own
+    queued: int = 0  # requests still in the engine's queue, behind `waiting`
+    free_slots: int = 1 << 30  # adapter slots empty or not made yet
+    idle: frozenset[str] = frozenset()  # resident adapters no row uses, not pinned: evictable
+    pinned: frozenset[str] = frozenset()  # of the running adapters, those never evicted
+    draining: str | None = None  # the adapter whose slot is being freed (the last plan's)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    budget: float  # work this iteration's pieces may do
+    timed: bool  # the budget is the time budget's (a packed step beside running rows)
+    packs: bool  # the pieces ride in the decode step (the snapshot's, decided once an iteration)
+    admit: tuple[int, ...] = ()  # indices into `waiting`, in order
+    dropped: tuple[int, ...] = ()  # cancelled while waiting
+    slot_wait: tuple[int, ...] = ()  # waiting for their adapter (a slot or a disk read)
+    reads: frozenset[str] = frozenset()  # adapters whose disk read to start
+    draining: str | None = None
+
+
+@dataclass(frozen=True)
+class PiecePlan:
+    index: int  # into `joining`
+    start: int  # == its computed tokens
+    take: int
+    how: How
+    finishes: bool  # its last piece: the request starts generating after it
+
+
+def step_budget(snapshot: Snapshot) -> tuple[float, bool]:
+    """The work this iteration's prompts may do, and whether it is sized by time.
+
+    Beside running rows in a packed step (PREFILL_STEP_SLOWDOWN set), what keeps the rows' step
+    within the slowdown, one share per request waiting to join (as many as the batch has room
+    for). Otherwise MAX_PREFILL_TOKENS' work: nobody waits for the step, or separate prefill
+    passes, whose cost has a fixed part that packed steps share with the decode step."""
+    budget, rows = snapshot.budget, len(snapshot.running)
+    timed = rows > 0 and budget.slowdown > 0 and snapshot.packs
+    if not timed:
+        return budget.cap_work, False
+    waiting = min(len(snapshot.joining) + len(snapshot.waiting) + snapshot.queued, snapshot.capacity - rows)
+    return budget.allowance(rows, waiting), True
+
+
+def plan(snapshot: Snapshot) -> StepPlan:
+    """Who joins this iteration. The budget goes to prompts already joining first; then waiting
+    requests are admitted in order while the batch has room and their prompts fit (the first one
+    always fits: a long prompt is chunked). A request whose adapter cannot run yet (its weights
+    are read from disk, or every slot serves running rows) waits without holding up the ones
+    behind it, except those of its own adapter (FIFO per adapter). When one waits for a slot,
+    one running adapter is drained: no new rows join it until the waiting one has its slot."""
+    allowance, timed = step_budget(snapshot)
+    costs = snapshot.budget
+    spent = min(allowance, sum(costs.work(j.left, j.computed) for j in snapshot.joining))
+    room = snapshot.capacity - len(snapshot.running) - len(snapshot.joining)
+    slots = _Slots(snapshot.free_slots, set(snapshot.idle))
+    admit: list[int] = []
+    dropped: list[int] = []
+    waits: list[int] = []
+    passed: list[int] = []  # looked at and left waiting, in order
+    reads: set[str] = set()
+    blocked: set[str | None] = set()
+    draining = snapshot.draining
+    for index, job in enumerate(snapshot.waiting):
+        if len(admit) >= room or len(passed) >= LOOKAHEAD * snapshot.capacity:
+            break
+        if job.cancelled:
+            dropped.append(index)
+            continue
+        cost = costs.work(job.size, 0)
+        if (admit or spent) and spent + cost > allowance:
+            break  # first in line for the next iteration
+        if job.key in blocked or (job.key is not None and job.key == draining):
+            passed.append(index)
+            continue
+        if not slots.take(job):
+            blocked.add(job.key)
+            passed.append(index)
+            waits.append(index)
+            if job.tier is Tier.DISK:
+                reads.add(job.key)
+            elif job.tier is Tier.HOST and draining is None:
+                draining = drain_choice(snapshot.running, snapshot.pinned)
+            continue
+        if job.waited and draining is not None and not _any_waits(snapshot, passed, waits):
+            draining = None  # the waiting adapter got its slot
+        admit.append(index)
+        spent += cost
+    left = set(range(len(snapshot.waiting))) - set(admit) - set(dropped)
+    if not _any_waits(snapshot, left, waits):
+        draining = None
+    return StepPlan(
+        allowance, timed, snapshot.packs, tuple(admit), tuple(dropped), tuple(waits), frozenset(reads), draining
+    )
+
+
+def drain_choice(running: Iterable[str | None], pinned: frozenset[str]) -> str | None:
+    """The running adapter to stop admitting to, so that its slot frees soonest: the one with the
+    fewest running rows, never a pinned one (nor the base, which needs no slot)."""
+    counts: dict[str, int] = {}
+    for key in running:
+        if key is not None and key not in pinned:
+            counts[key] = counts.get(key, 0) + 1
+    return min(counts, key=counts.__getitem__) if counts else None
+
+
+def pieces(
+    joining: tuple[Joining, ...], budget: float, *, timed: bool, packs: bool, costs: StepBudget
+) -> list[PiecePlan]:
+    """This step's piece of each joining prompt, FIFO within the budget: a prompt whose rest fits
+    gets all of it and starts generating after it, and one that cannot be chunked runs whole
+    whatever is left. Sized by time, a last piece also leaves room for joining the running batch
+    (StepBudget.piece). How each runs: a prompt that wants its log-probs (every position's
+    logits) alone; else packed in the decode step where steps pack; else the prompts that
+    finish share one batched pass, and a chunk, or a prompt that finishes alone, runs alone."""
+    sized: list[tuple[int, int]] = []  # (index, take)
+    for index, job in enumerate(joining):
+        if job.whole or job.logprobs:
+            take, spent = job.left, costs.work(job.left, job.computed)
+        elif budget <= 0:
+            continue
+        elif timed:
+            take, spent = costs.piece(budget, job.computed, job.left, job.size)
+        else:
+            take = min(job.left, costs.fit(budget, job.computed))
+            spent = costs.work(take, job.computed)
+        sized.append((index, take))
+        budget -= spent
+    finishing = [i for i, take in sized if take == joining[i].left and not joining[i].logprobs]
+    result = []
+    for index, take in sized:
+        job = joining[index]
+        finishes = take == job.left
+        if job.logprobs:
+            how = How.ALONE
+        elif packs:
+            how = How.PACKED
+        elif finishes and len(finishing) >= 2:
+            how = How.BATCHED
+        else:
+            how = How.ALONE
+        result.append(PiecePlan(index, job.computed, take, how, finishes))
+    return result
+
+
+class _Slots:
+    """The adapter slots as the plan gives them out: empty ones first, then idle ones."""
+
+    def __init__(self, free: int, idle: set[str]):
+        self.free, self.idle = free, idle
+        self.given: set[str | None] = set()
+
+    def take(self, job: Waiting) -> bool:
+        """Whether the job's adapter can run this iteration (giving it a slot if it needs one)."""
+        if job.key is None or job.key in self.given or job.tier is Tier.RESIDENT:
+            self.idle.discard(job.key)  # in use now: not to be evicted
+            self.given.add(job.key)
+            return True
+        if job.tier is not Tier.HOST:
+            return False
+        if self.free > 0:
+            self.free -= 1
+        elif self.idle:
+            self.idle.pop()  # the residency evicts the least recently used of them
+        else:
+            return False
+        self.given.add(job.key)
+        return True
+
+
+def _any_waits(snapshot: Snapshot, indices: Iterable[int], waits: list[int]) -> bool:
+    """Whether any of these waiting requests waits for an adapter slot (now or before)."""
+    return any(snapshot.waiting[i].waited or i in waits for i in indices)
