@@ -23,11 +23,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import __version__
-from service.engine import BASE
 from service.errors import HotswapError, InvalidRequestError, NotFoundError, RequestTooLargeError
 from service.guardrails import GuardrailConfigError, Guardrails
 from service.guardrails import load as load_guardrails
 from service.metrics import Metrics
+from service.names import BASE
 from service.request_id import HEADER as REQUEST_ID_HEADER
 from service.request_id import RequestIdMiddleware
 from service.runtime import Runtime, load_runtime

@@ -16,7 +16,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from service.engine import BASE
+from service.names import BASE
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20)

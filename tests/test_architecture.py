@@ -13,7 +13,15 @@ SERVICE = Path(__file__).resolve().parents[1] / "service"
 # (the Engine protocol, SamplingParams, the BASE names) is a leaf every layer may use; the
 # engine's implementation sits above the adapter packages it reads.
 LAYERS: list[tuple[str, ...]] = [
-    ("service", "service.errors", "service.engine", "service.fingerprint", "service.request_id", "service.settings"),
+    (
+        "service",
+        "service.errors",
+        "service.engine",
+        "service.fingerprint",
+        "service.names",
+        "service.request_id",
+        "service.settings",
+    ),
     ("service.metrics",),
     ("service.adapters", "service.base_model", "service.grammar"),
     ("service.engine.",),

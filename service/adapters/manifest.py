@@ -19,8 +19,8 @@ from jinja2 import meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from service.engine import BASE, PEFT_BASE
 from service.errors import InputFieldError
+from service.names import BASE, PEFT_BASE
 
 MANIFEST_FILE = "hotswap.json"
 # Lower-case, starts alphanumeric, no path separators: safe as a directory name and a URL part.

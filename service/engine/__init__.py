@@ -11,12 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-# "No adapter" is `None` in code (`EngineRequest.adapter`, `Target.adapter`), and `BASE` wherever
-# it must be a name: the API's `adapter: "base"`, metric labels, guardrails sections, prefix-cache
-# keys. `PEFT_BASE` is PEFT's own spelling in per-row `adapter_names`, and is only built where the
-# engine hands PEFT those names.
-BASE = "base"
-PEFT_BASE = "__base__"
+from service.names import BASE, PEFT_BASE  # noqa: F401  (re-exported: the engine's callers use them)
 
 EngineFinish = Literal["stop", "length"]
 
@@ -32,6 +27,10 @@ class GrammarMatcher(Protocol):
         ...
 
     def accept(self, token: int) -> None: ...
+
+    def prefetch(self) -> None:
+        """Compute the next mask ahead, off the engine's critical path (a GPU's forward pass)."""
+        ...
 
     @property
     def finished(self) -> bool: ...
@@ -100,7 +99,8 @@ class EngineOutput:
 
 
 class Engine(Protocol):
-    """What serving needs of an engine. `service.engine.simple.SimpleEngine` implements it."""
+    """What serving needs of an engine: `BatchedEngine` (batched.py) serves, and `SimpleEngine`
+    (simple.py, one request at a time) is the reference it is tested against."""
 
     @property
     def healthy(self) -> bool: ...

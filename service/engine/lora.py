@@ -23,7 +23,7 @@ fixed and a swap rewrites one slot in place. Otherwise each batch's own composit
 and the stacks of the 16 most recent compositions are kept.
 
 For CUDA graphs (service/engine/kvcache/slots.py) the routing must not create tensors while a graph is
-captured, nor change them between replays by anything but an in-place copy. `route_static` runs
+captured, nor change them between replays by anything but an in-place copy. The POOL layout runs
 every layer through an adapter pool (`_Pool`): per LoRA layer, one A and one B buffer with a
 fixed slot (of the pool's rank, zero-padded) for each resident adapter, and one row mask per row
 count, rewritten in place before each pass. Loading, evicting or reloading an adapter copies its
@@ -36,6 +36,8 @@ be pooled (`graph_ready` is False): their steps run eagerly.
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass
+from enum import Enum
 from functools import partial
 from typing import Any
 
@@ -52,18 +54,31 @@ _MAX_MASKS = 256  # cached row masks (one per batch composition and layer layout
 _MAX_STACK_SETS = 16
 
 
+class Layout(Enum):
+    """Which stacked weights a pass reads."""
+
+    STACKS = "stacks"  # the batch's own composition of adapters, stacked (the last 16 kept)
+    POOL = "pool"  # every loaded adapter in one fixed pool, a row mask per pass (CUDA graphs)
+
+
+@dataclass(frozen=True)
+class LoRARouting:
+    """One forward pass's routing, set in one call (`FusedMixedLoRA.route`) and read by every
+    patched layer: each row's adapter (PEFT_BASE for the base), or each token's in a packed pass."""
+
+    names: tuple[str, ...]
+    layout: Layout = Layout.STACKS
+    per_token: bool = False  # one row whose tokens each have their own adapter (packed.py)
+    fill: bool = True  # POOL: rewrite the row mask (False while a CUDA graph is captured)
+
+
 class FusedMixedLoRA:
     """One per model, owned by its `LoRAModel` (service/engine/model.py): the patched layers
-    consult this object's `names`."""
+    read the routing of the pass (`route`); nothing else writes this object's state."""
 
-    def __init__(self) -> None:
-        # The rows' adapters during a forward pass of the runner; None outside one. Set through
-        # `route`, which also works out once per pass what every layer needs of them.
-        self.names: tuple[str, ...] | None = None
+    def __init__(self, slots: int = 1) -> None:
+        self._routing: LoRARouting | None = None  # the runner's pass's; None outside one
         self._present: tuple[str, ...] = ()
-        # `names` has one entry per token of a one-row batch, not one per row (a packed step,
-        # service/engine/packed.py): set by the runner around that pass.
-        self.packed = False
         # Every LoRA layer of the model is fused: the runner may then skip PEFT's per-call
         # `adapter_names` machinery (a walk over all modules and a hook per layer, each call).
         self.complete = False
@@ -71,15 +86,14 @@ class FusedMixedLoRA:
         self._stacks: dict[tuple[int, tuple[str, ...]], tuple] = {}  # (layer, composition) -> stack
         self._stack_sets: OrderedDict[tuple[str, ...], None] = OrderedDict()  # compositions, LRU
         self._masks: dict[tuple, torch.Tensor] = {}
-        # Static routing (CUDA graphs): the adapter pool and its row masks, one per row count.
-        self._static = False
+        # The adapter pool's row masks, one per row count (fixed buffers a CUDA graph reads).
         self._static_masks: dict[int, torch.Tensor] = {}
         self._loaded: tuple[str, ...] = ()
         self._probes: dict[str, Any] = {}  # per adapter, one LoRA layer holding it
         self._lora_layers: list[Any] = []
-        # Adapters the pool holds before it must grow: the loaded ones by default, and for CUDA
-        # graphs every adapter slot (SlotKV raises it), so that loads never change its shape.
-        self.pool_slots = 1
+        # Adapters the pool holds before it must grow: at least the device slots
+        # (MAX_RESIDENT_ADAPTERS, from LoRAModel), so that loads never change its shape.
+        self.pool_slots = slots
         self._pool: _Pool | None = None
         self._pool_synced: tuple | None = None
         self._graph_ready = False
@@ -115,13 +129,34 @@ class FusedMixedLoRA:
                 module.forward = partial(self._layer_forward, module)
         self._installed_for = key
 
-    def route(self, names: list[str] | None) -> None:
-        """Set the rows' adapters for the next forward pass (None after it)."""
-        self.names = None if names is None else tuple(names)
-        self._present = tuple(sorted(set(names or ()) - {PEFT_BASE}))
-        self._static = False
-        if self._present:
-            self._remember(self._present)
+    @property
+    def names(self) -> tuple[str, ...] | None:
+        """The adapters of the pass running now (None outside one)."""
+        return self._routing.names if self._routing is not None else None
+
+    @property
+    def packed(self) -> bool:
+        return self._routing is not None and self._routing.per_token
+
+    def route(self, routing: LoRARouting | None) -> None:
+        """Set the next forward pass's routing (None after it): what every layer needs of it
+        is worked out once here. The pool's row mask is rewritten in place (a captured graph
+        reads it), except with `fill=False` while a graph is captured after warm-up passes with
+        the same rows, when nothing may be copied or made."""
+        self._routing = routing
+        if routing is None:
+            return
+        if routing.layout is Layout.STACKS:
+            self._present = tuple(sorted(set(routing.names) - {PEFT_BASE}))
+            if self._present:
+                self._remember(self._present)
+            return
+        unknown = set(routing.names) - {PEFT_BASE} - set(self._loaded)
+        if unknown:
+            self._routing = None
+            raise ValueError(f"adapters not loaded: {sorted(unknown)}")
+        if routing.fill:
+            self._fill_mask(routing.names)
 
     def _remember(self, composition: tuple[str, ...]) -> None:
         """Keep the stacks of the most recent compositions only."""
@@ -133,26 +168,17 @@ class FusedMixedLoRA:
             old, _ = self._stack_sets.popitem(last=False)
             self._stacks = {k: v for k, v in self._stacks.items() if k[1] != old}
 
-    def route_static(self, names: list[str], *, fill: bool = True) -> None:
-        """Route the next forward pass (captured or replayed) through the adapter pool, with the
-        rows' slots in the row mask, rewritten in place here. With `fill=False` (while a graph
-        is captured, after warm-up passes with the same rows) nothing is copied or made."""
-        unknown = set(names) - {PEFT_BASE} - set(self._loaded)
-        if unknown:
-            raise ValueError(f"adapters not loaded: {sorted(unknown)}")
-        self.names = tuple(names)
-        self._static = True
-        if not fill:
-            return
+    def _fill_mask(self, names: tuple[str, ...]) -> None:
         if not self.sync_pool():
+            self._routing = None
             raise RuntimeError("static LoRA routing cannot serve adapters with a LoRA variant or bias")
         mask = self._static_masks.get(len(names))
         if mask is None:
             # A buffer of its own: the pool's masks are a cache, and this one is rewritten.
             with torch.inference_mode(False):  # rewritten in place later, in and out of it
-                mask = self._static_masks[len(names)] = self._pool.row_mask(self.names).clone()
+                mask = self._static_masks[len(names)] = self._pool.row_mask(names).clone()
         else:
-            mask.copy_(self._pool.row_mask(self.names))
+            mask.copy_(self._pool.row_mask(names))
 
     @property
     def compositions(self) -> tuple[tuple[str, ...], ...]:
@@ -224,10 +250,11 @@ class FusedMixedLoRA:
 
     def _layer_forward(self, layer: Any, x: torch.Tensor, *args: Any, **kwargs: Any):
         """A LoRA layer's forward: the fused mixed batch while the runner has set `names`."""
-        names = self.names
-        if names is None or "adapter_names" in kwargs or layer.disable_adapters or layer.merged:
+        routing = self._routing
+        if routing is None or "adapter_names" in kwargs or layer.disable_adapters or layer.merged:
             return layer._hotswap_peft_forward(x, *args, **kwargs)
-        if self._static:  # the pool: every slot, the row mask picks (graph_ready: no variants)
+        names = routing.names
+        if routing.layout is Layout.POOL:  # every slot, the row mask picks (graph_ready: no variants)
             for key in VARIANT_KWARG_KEYS:
                 kwargs.pop(key, None)
             result = layer.base_layer(x, *args, **kwargs)
@@ -247,7 +274,7 @@ class FusedMixedLoRA:
         if wide_products(x):  # a prompt's products: the same bits whatever shares the pass (attention.py)
             a_t, b_t, mask = a_t.double(), b_t.double(), mask.double()
         h = torch.matmul(x.to(a_t.dtype), a_t)  # [rows, (tokens,) ranks]
-        if self.packed:  # one row, a mask row per token: [1, tokens, ranks] or [tokens, ranks]
+        if routing.per_token:  # one row, a mask row per token: [1, tokens, ranks] or [tokens, ranks]
             h.mul_(mask)
         elif h.dim() == 3:
             h.mul_(mask.unsqueeze(1))

@@ -46,3 +46,16 @@ class LoRAModel:
     def peft(self) -> bool:
         """Whether adapters can be attached by name (it is a PEFT model)."""
         return hasattr(self._model, "peft_config")
+
+    def fused_layers(self) -> FusedMixedLoRA | None:
+        """The fused LoRA, its layers patched for the adapters loaded now (None before the
+        first adapter): the one place that installs it."""
+        if not self.peft:
+            return None
+        self.fused.install(self._model)
+        return self.fused
+
+    def reserve(self, slots: int) -> None:
+        """Size the adapter pool for `slots` adapters from the start (CUDA graphs: loading one
+        must never change the pool's shape, which the graphs captured)."""
+        self.fused.pool_slots = max(self.fused.pool_slots, slots)

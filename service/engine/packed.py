@@ -2,10 +2,10 @@
 
 A joining prompt, or a chunk of a long one, prefilled in a forward pass of its own costs the
 pass's fixed part on top of the decode step it comes with: on a CPU with a 4-bit base that part
-is most of a small pass (bitsandbytes dequantizes every weight, about 65 ms on SmolLM2), and the
-running streams waited for it at every join and every chunk (bench.chunked). Here the tokens of every row and piece go
-through the model as one sequence of a one-row batch, so the linear layers run once, on real
-tokens only, each token through its own adapter (FusedMixedLoRA's packed routing).
+is most of a small pass (bitsandbytes dequantizes every weight; docs/benchmarks.md), and the
+running streams waited for it at every join and every chunk. Here the tokens of every row and
+piece go through the model as one sequence of a one-row batch, so the linear layers run once, on
+real tokens only, each token through its own adapter (the fused LoRA's per-token routing).
 
 Attention is the one place where the tokens must stay apart. The pass's cache (`PackedCache`)
 appends each token's new keys and values to its owner's own KV (a running row's cache column,
@@ -32,9 +32,8 @@ import torch
 from transformers import AttentionInterface, DynamicCache
 
 from service.engine.attention import attention_configs, prompt_pass, wide_sdpa
-from service.engine.prefix import pad_left
+from service.engine.kv_layers import Layers
 
-Layers = list[tuple[torch.Tensor, torch.Tensor]]  # per layer, keys and values [rows, heads, columns, dim]
 Grow = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 ATTENTION = "hotswap_packed"
 _active = threading.local()  # the PackedCache of the pass running on this thread
@@ -196,26 +195,3 @@ def supported(model: Any) -> bool:
     if getattr(config, "attn_logit_softcapping", None):
         return False
     return bool(getattr(base, "_supports_attention_backend", False))
-
-
-def to_cache(layers: Layers) -> DynamicCache:
-    """A DynamicCache holding these keys and values."""
-    cache = DynamicCache()
-    for index, (keys, values) in enumerate(layers):
-        cache.update(keys, values, index)
-    return cache
-
-
-def stack_rows(rows: list[Layers]) -> tuple[DynamicCache, torch.Tensor]:
-    """One left-padded cache of several one-row KVs (as a batched prefill leaves it), and its
-    0/1 mask [rows, longest]: the rows join the running batch in one copy, not one each."""
-    lengths = [layers[0][0].shape[2] for layers in rows]
-    width = max(lengths)
-    cache = DynamicCache()
-    for index in range(len(rows[0])):
-        keys, values = (torch.cat([pad_left(layers[index][kind], width) for layers in rows]) for kind in (0, 1))
-        cache.update(keys, values, index)
-    device = rows[0][0][0].device
-    starts = torch.tensor([width - n for n in lengths], device=device)
-    mask = (torch.arange(width, device=device)[None] >= starts[:, None]).long()
-    return cache, mask

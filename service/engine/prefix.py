@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from service.engine.kv_layers import cache_layers  # noqa: F401  (its callers' old home)
+
 BLOCK = 4  # tokens per block: the granularity of a hit (a short template prefix is one)
 
 
@@ -154,20 +156,3 @@ def not_full_attention(config: Any, max_context: int | None = None) -> str | Non
         f"the model has sliding-window layers (window {window}) shorter than the context "
         f"({max_context}); MAX_MODEL_LEN at most {window} serves them as full attention"
     )
-
-
-def cache_layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer, the keys and values a DynamicCache holds."""
-    return [(layer.keys, layer.values) for layer in cache.layers]
-
-
-def pad_left(tensor: torch.Tensor, width: int) -> torch.Tensor:
-    """Left-pad with zeros to `width` columns: the last dimension of a [rows, columns] mask, the
-    third of [rows, heads, columns, dim] keys or values."""
-    dim = -1 if tensor.dim() == 2 else -2
-    missing = width - tensor.shape[dim]
-    if missing <= 0:
-        return tensor
-    shape = list(tensor.shape)
-    shape[dim] = missing
-    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)

@@ -4,10 +4,10 @@ Three tiers, each keyed by an adapter version's key (`name@version`, see the reg
 versions of one name are two adapters here and nothing of one is ever used for the other:
 
 - **device slots** (`MAX_RESIDENT_ADAPTERS`): PEFT adapters named `slot0`, `slot1`... on the base.
-  A slot is made once, PEFT-wrapping the model's layers for it (about 0.3 s on SmolLM2); after
-  that, swapping an adapter into it copies its A and B matrices into the slot's in place (zero
-  padded to the slot's rank; the adapter's own scaling set per layer), about 5 ms for rank 16 on
-  SmolLM2. Adapters PEFT must load itself (DoRA, a LoRA bias, embedding or conv layers,
+  A slot is made once, PEFT-wrapping the model's layers for it (slow); after that, swapping an
+  adapter into it copies its A and B matrices into the slot's in place (zero padded to the
+  slot's rank; the adapter's own scaling set per layer), some sixty times faster
+  (docs/benchmarks.md). Adapters PEFT must load itself (DoRA, a LoRA bias, embedding or conv layers,
   `modules_to_save`) rebuild their slot for them. In-place copies keep every tensor's identity,
   so CUDA graphs captured over the LoRA pool (service/engine/lora.py) stay valid across swaps.
 - **host memory** (`MAX_CPU_ADAPTERS`): the weights of recently used versions, parsed and (on
@@ -209,6 +209,36 @@ class AdapterResidency:
         copy.fresh = False
         return True
 
+    def resolve(self, adapter: str) -> str:
+        """`key`, or the name as it is when it has no current version (ensure then says why)."""
+        try:
+            return self.key(adapter)
+        except HotswapError:
+            return adapter
+
+    def tier(self, key: str) -> str:
+        """Where a version is, for admission: resident, host (its weights are in host memory, or
+        are read on the calling thread), disk (a read must start) or loading."""
+        state = self.state(key)
+        if state == "cached" or (state == "registered" and self._loader is None):
+            return "host"
+        return {"registered": "disk"}.get(state, state)
+
+    def fetch(self, key: str) -> None:
+        """Start reading the version from disk; raises why, if its last read failed."""
+        self._host_copy(key)
+
+    def slots_view(self, busy: set[str]) -> tuple[int, frozenset[str]]:
+        """(slots empty or not made yet, resident keys no `busy` row uses and not pinned): what
+        admissions this iteration may put a newly wanted adapter in."""
+        free = sum(s.key is None for s in self._slots) + self.max_resident - len(self._slots)
+        idle = frozenset(
+            s.key
+            for s in self._slots
+            if s.key is not None and s.key not in busy and key_name(s.key) not in busy and not self.is_pinned(s.key)
+        )
+        return free, idle
+
     def preload_pending(self, busy: set[str]) -> None:
         """Swap in what pins and the preload list asked for, as slots allow (engine thread)."""
         for _ in range(len(self._wanted)):
@@ -350,7 +380,7 @@ class AdapterResidency:
         if not exact:
             self._max_rank = max(self._max_rank, copy.rank)
             config.r, config.rank_pattern, config.alpha_pattern = self._max_rank, {}, {}
-        if hasattr(self.model, "peft_config"):
+        if self.lora.peft:
             self.model.add_adapter(name, config)
         else:
             self.lora.model = PeftModel(self.model, config, adapter_name=name)

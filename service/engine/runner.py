@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+from collections.abc import Iterator
 from enum import Enum
 from typing import Any
 
@@ -12,12 +13,12 @@ from transformers import DynamicCache
 
 from service.engine import PEFT_BASE, TokenLogprob
 from service.engine.attention import WIDE, prompt_pass, prompt_tokens_in_pass, use_wide_attention
-from service.engine.lora import FusedMixedLoRA
+from service.engine.kv_layers import Layers, pad_left
+from service.engine.lora import FusedMixedLoRA, Layout, LoRARouting
 from service.engine.model import LoRAModel
-from service.engine.packed import Grow, Layers, PackedCache, Piece, packed_pass
+from service.engine.packed import Grow, PackedCache, Piece, packed_pass
 from service.engine.packed import inputs as packed_inputs
 from service.engine.packed import supported as packed_supported
-from service.engine.prefix import pad_left
 from service.engine.prefix import unsupported as prefix_unsupported
 from service.engine.sampling import token_logprob
 
@@ -70,31 +71,30 @@ class ModelRunner:
         """The forward argument that takes the KV cache (its name depends on the version)."""
         return self._cache_kwarg
 
-    def route_static(self, names: list[str] | None, *, fill: bool = True) -> None:
-        """Route the next forward pass (or graph replay) for CUDA graphs (None: back to normal;
-        `fill=False` while a graph is captured: see FusedMixedLoRA.route_static)."""
-        if not hasattr(self.model, "peft_config"):
-            if names is not None and any(n != PEFT_BASE for n in names):
-                raise ValueError("no adapters are loaded on this model")
-            return
-        fused = self.fused
-        if names is None:
-            fused.route(None)
-            return
-        fused.install(self.model)
-        if not fused.complete:
-            raise RuntimeError("CUDA graphs need every LoRA layer fused (linear layers only)")
-        fused.route_static(names, fill=fill)
-
     def forward_slots(self, names: list[str], *, routing: Routing, **kwargs: Any) -> Any:
         """A forward pass with the rows' adapters (PEFT_BASE for the base), routed as said."""
         if routing is Routing.EAGER:
             return self._forward([None if n == PEFT_BASE else n for n in names], **kwargs)
-        self.route_static(names, fill=routing is Routing.STATIC)
-        try:
+        with self.pool_routing(names, fill=routing is Routing.STATIC):
             return self.model(**kwargs)
+
+    @contextlib.contextmanager
+    def pool_routing(self, names: list[str], *, fill: bool = True) -> Iterator[None]:
+        """Route the passes (or graph replays) inside through the adapter pool, for these rows
+        (`fill=False` while a graph is captured: see FusedMixedLoRA.route)."""
+        fused = self.lora.fused_layers()
+        if fused is None:
+            if any(n != PEFT_BASE for n in names):
+                raise ValueError("no adapters are loaded on this model")
+            yield
+            return
+        if not fused.complete:
+            raise RuntimeError("CUDA graphs need every LoRA layer fused (linear layers only)")
+        fused.route(LoRARouting(tuple(names), Layout.POOL, fill=fill))
+        try:
+            yield
         finally:
-            self.route_static(None)
+            fused.route(None)
 
     def packable(self, max_context: int | None = None) -> bool:
         """Whether packed steps (service/engine/packed.py) can serve this model and its adapters
@@ -102,12 +102,8 @@ class ModelRunner:
         without ALiBi, and every adapter through the fused LoRA's per-token routing."""
         if self.mask_2d or prefix_unsupported(self, max_context) or not packed_supported(self.model):
             return False
-        if not hasattr(self.model, "peft_config"):
-            return True
-        if not self.fused_lora:
-            return False
-        self.fused.install(self.model)
-        return self.fused.plain()
+        fused = self.lora.fused_layers()
+        return fused is None or (self.fused_lora and fused.plain())
 
     @torch.inference_mode()
     def step_packed(
@@ -142,15 +138,14 @@ class ModelRunner:
     def _forward(self, adapters: list[str | None], *, packed: bool = False, **kwargs: Any) -> Any:
         """The model's forward pass, each row through its own adapter (None: the base); with
         `packed`, one row whose tokens each have their own adapter (`adapters` per token)."""
-        if not hasattr(self.model, "peft_config"):
+        if not self.lora.peft:
             if any(a is not None for a in adapters):
                 raise ValueError("no adapters are loaded on this model")
             return self.model(**kwargs)
         names = [a or PEFT_BASE for a in adapters]
         if not self.fused_lora:
             return self.model(**kwargs, adapter_names=names)  # PEFT's mixed batch
-        fused = self.fused
-        fused.install(self.model)
+        fused = self.lora.fused_layers()
         unknown = set(names) - {PEFT_BASE} - set(self.model.peft_config)
         if unknown:  # PEFT would check this; the fused path must too
             raise ValueError(f"adapters not loaded: {sorted(unknown)}")
@@ -158,27 +153,24 @@ class ModelRunner:
             raise RuntimeError("a packed step needs every adapter through the fused LoRA")
         if not fused.complete:
             return self.model(**kwargs, adapter_names=names)
-        loaded = len(self.model.peft_config)
-        present = len(set(names) - {PEFT_BASE})
-        if loaded <= POOL_MAX_ADAPTERS and 2 * present >= loaded and fused.sync_pool():
-            # The batch uses at least half of the loaded adapters: one stack of all of them,
-            # rewritten in place when a slot's weights change, and a row mask per batch.
-            # Stacking each batch's own composition instead copied its adapters' weights
-            # whenever the composition changed, which in a fleet is nearly every step
-            # (bench.fleet: 45.5 against 52.5-55.2 tok/s). When the batch uses fewer, every row
-            # through every loaded adapter reads more than restacking copies (8 resident, 2 in
-            # use: the pool is 156 MB of fp32 a step on SmolLM2, more than its nf4 base), and
-            # with many more adapters loaded than a batch holds, the pool would be larger still:
-            # then each batch's composition is stacked (and kept while it repeats).
-            fused.route_static(names)
-        else:
-            fused.route(names)
-        fused.packed = packed
+        fused.route(LoRARouting(tuple(names), self._layout(names, fused), per_token=packed))
         try:
             return self.model(**kwargs)
         finally:
             fused.route(None)
-            fused.packed = False
+
+    def _layout(self, names: list[str], fused: FusedMixedLoRA) -> Layout:
+        """The pool when the batch uses at least half of the loaded adapters (and they fit it):
+        one stack of all of them, rewritten in place when a slot's weights change, and a row
+        mask per batch. Stacking each batch's own composition instead copies its adapters'
+        weights whenever the composition changes, which in a fleet is nearly every step. With
+        fewer in use, every row through every loaded adapter reads more than restacking copies,
+        and with many more loaded than a batch holds the pool is larger still: then each
+        batch's composition is stacked, and kept while it repeats (docs/benchmarks.md, bench.fleet)."""
+        loaded = len(self.model.peft_config)
+        present = len(set(names) - {PEFT_BASE})
+        pooled = loaded <= POOL_MAX_ADAPTERS and 2 * present >= loaded and fused.sync_pool()
+        return Layout.POOL if pooled else Layout.STACKS
 
     @torch.inference_mode()
     def prefill(

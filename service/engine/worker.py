@@ -12,17 +12,23 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from enum import Enum
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from service.engine import BASE, EngineOutput, EngineRequest, TokenLogprob
+from service.engine import BASE, EngineOutput, EngineRequest, GrammarMatcher, SamplingParams, TokenLogprob
+from service.engine.prefix import Hit
 from service.engine.runner import ModelRunner
-from service.engine.sampling import sample, token_logprob
+from service.engine.sampling import make_generator, sample, token_logprob
 from service.errors import EngineStopped, HotswapError, QueueFull, StepFailed
+
+if TYPE_CHECKING:
+    from service.engine.residency import AdapterResidency
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +36,7 @@ STOP = object()  # queued by `stop` to wake the worker
 WAKE = object()  # queued to make an idle worker look again (an adapter to preload)
 
 
-@dataclass
+@dataclass(eq=False)  # one job is one request: compared by identity
 class Job:
     request: EngineRequest
     loop: asyncio.AbstractEventLoop
@@ -38,7 +44,13 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     slot: str | None = None  # the PEFT adapter that holds its adapter, once resident
     waiting_since: float | None = None  # when it first waited for an adapter slot
-    prefix: Any = None  # a stored prefix of its prompt (service.engine.prefix.Hit), at admission
+    # Its progress: the KV of its prompt's first `computed.length` tokens (a stored prefix found
+    # at admission, then the chunks so far); None before any, and once it is a running row.
+    computed: Hit | None = None
+
+    @property
+    def computed_tokens(self) -> int:
+        return self.computed.length if self.computed is not None else 0
 
     @property
     def label(self) -> str:
@@ -50,6 +62,25 @@ class Job:
 
     def push(self, item: EngineOutput | BaseException) -> None:
         self.loop.call_soon_threadsafe(self.results.put_nowait, item)
+
+
+@dataclass
+class Row:
+    """A request that generates: one row of the running batch."""
+
+    job: Job
+    generator: torch.Generator
+    budget: int
+    stop_ids: frozenset[int]
+    length: int  # tokens of this row in the cache
+    last_token: int = -1
+    step: int = 0
+    matcher: GrammarMatcher | None = None  # when its request has a grammar
+
+    @property
+    def adapter(self) -> str | None:
+        """The PEFT adapter (slot) the row runs through; None for the base."""
+        return self.job.slot
 
 
 def _deliver(items: list[tuple[Job, EngineOutput | BaseException]]) -> None:
@@ -78,6 +109,14 @@ class Outbox:
             loop.call_soon_threadsafe(_deliver, items)
 
 
+class Ready(Enum):
+    """Whether a job's adapter can run now (`WorkerEngine._adapter_ready`)."""
+
+    GO = "go"
+    WAIT = "wait"
+    FAILED = "failed"
+
+
 class WorkerEngine:
     capacity = 1  # sequences generated at once
     # A failed step fails its requests and the engine carries on. Whether the engine itself is
@@ -100,7 +139,7 @@ class WorkerEngine:
         on_state: Callable[[list[str], list[str], int], None] | None = None,
         on_step: Callable[[int], None] | None = None,
         on_grammar_step: Callable[[float], None] | None = None,
-        residency: Any = None,
+        residency: AdapterResidency | None = None,
     ):
         self.runner = runner
         self.residency = residency  # AdapterResidency: lazy loads and LRU eviction
@@ -116,10 +155,15 @@ class WorkerEngine:
         self._running_loop: asyncio.Future | None = None  # the worker loop, until it returns
         self._own_executor: ThreadPoolExecutor | None = None
         self._stopping = False
-        self._waiting: list[str] = []
-        self._running: list[str] = []
+        # The labels of the jobs in the queue (added by `generate`, on the event loop's thread),
+        # and the state last told to `on_state` (the worker derives it once an iteration).
+        self._queued_labels: list[str] = []
+        self._shown_running: list[str] = []
+        self._shown_waiting: list[str] = []
+        self._told: tuple[list[str], list[str]] | None = None
         self._state_lock = threading.Lock()
         self._failures = 0  # failed steps in a row
+        self._outbox = Outbox()  # outputs to the event loop, handed over once an iteration
         if residency is not None:  # a pin or preload asks an idle engine to load it now
             residency.on_want = lambda: self._jobs.put(WAKE)
 
@@ -197,7 +241,9 @@ class WorkerEngine:
         if not request.admitted:
             self.admit(1)
         job = Job(request, asyncio.get_running_loop(), asyncio.Queue())
-        self._change(waiting_add=job.label)
+        with self._state_lock:
+            self._queued_labels.append(job.label)
+        self._publish()
         self._jobs.put(job)
         try:
             while True:
@@ -249,9 +295,10 @@ class WorkerEngine:
         finally:
             # Fail whatever is still waiting, so no client hangs on a stopped engine.
             while not self._jobs.empty():
-                job = self._jobs.get_nowait()
+                job = self._take(block=False)
                 if isinstance(job, Job):
                     job.push(EngineStopped("the engine stopped"))
+            self._publish([], [])
 
     def _loop(self) -> None:
         raise NotImplementedError
@@ -261,33 +308,62 @@ class WorkerEngine:
         which), so that none waits for a loop that lost track of it."""
         raise NotImplementedError
 
-    def _forget(self, job: Job) -> None:
-        """Drop the job's label from the running or waiting state, wherever it is."""
+    def _publish(self, running: Iterable[Job] | None = None, waiting: Iterable[Job] | None = None) -> None:
+        """Tell `on_state` the labels of the running jobs and of the waiting ones (those the
+        worker holds, then the queue's), if they changed. The worker derives them once an
+        iteration; None keeps what it last gave (`generate` adds a job to the queue's)."""
         with self._state_lock:
-            for labels in (self._running, self._waiting):
-                if job.label in labels:
-                    labels.remove(job.label)
-                    break
-            running, waiting = list(self._running), list(self._waiting)
-        self._on_state(running, waiting, self.capacity)
+            if running is not None:
+                self._shown_running = [j.label for j in running]
+            if waiting is not None:
+                self._shown_waiting = [j.label for j in waiting]
+            state = (list(self._shown_running), self._shown_waiting + self._queued_labels)
+            if state == self._told:
+                return
+            self._told = state
+        self._on_state(list(state[0]), list(state[1]), self.capacity)
 
-    def _adapter_ready(self, job: Job, busy: set[str]) -> bool | None:
-        """Make the job's adapter version resident. True: go (`job.slot` names it for the
-        model); False: wait (its weights are being read, or every slot is busy); None: the
-        adapter cannot be loaded (the job has its error). `busy`: keys running rows use."""
+    def _adapter_ready(self, job: Job, busy: set[str]) -> Ready:
+        """Make the job's adapter version resident: GO (`job.slot` names it for the model), WAIT
+        (its weights are being read, or every slot is busy) or FAILED (it cannot be loaded: the
+        job has its error). `busy`: the keys running rows use."""
         key = job.key
         if key is None or self.residency is None:
             job.slot = job.request.adapter
-            return True
+            return Ready.GO
         try:
             ready = self.residency.ensure(key, busy)
         except HotswapError as exc:
-            job.push(exc)
-            self._change(waiting_remove=job.label)
-            return None
-        if ready:
-            job.slot = self.residency.slot(key)
-        return ready
+            self._outbox.post(job, exc)
+            return Ready.FAILED
+        if not ready:
+            return Ready.WAIT
+        job.slot = self.residency.slot(key)
+        return Ready.GO
+
+    @contextmanager
+    def _failing(self, jobs: list[Job], what: str, *, clear: bool = False) -> Iterator[None]:
+        """Run a step for `jobs`: if it raises, they fail (never the engine) and leave wherever
+        they are (`_drop`; with `clear`, the running batch goes: its cache is in an unknown
+        state), and the step counts for the engine's health."""
+        try:
+            yield
+        except Exception as exc:
+            self._step_failed(what, exc, len(jobs))
+            if clear:
+                self._clear_rows()
+            error = StepFailed(f"generation failed: {type(exc).__name__}: {exc}")
+            for job in jobs:
+                self._outbox.post(job, error)  # after the step's earlier outputs, in order
+                self._drop(job)
+        else:
+            self._step_succeeded()
+
+    def _drop(self, job: Job) -> None:
+        """Forget a failed job wherever the loop holds it (subclasses say where)."""
+
+    def _clear_rows(self) -> None:
+        """Drop every running row and its cache (subclasses that batch rows)."""
 
     def _wait_for_adapters(self) -> None:
         """Nothing can run until an adapter's disk read ends: sleep until one does (briefly)."""
@@ -296,10 +372,10 @@ class WorkerEngine:
 
     def _choose(
         self,
-        params: Any,
+        params: SamplingParams,
         logits: torch.Tensor,
         generator: torch.Generator,
-        matcher: Any,
+        matcher: GrammarMatcher | None,
         greedy: int | None = None,
         remaining: int = 1 << 30,
     ) -> tuple[int, tuple[TokenLogprob, ...] | None, bool]:
@@ -333,28 +409,50 @@ class WorkerEngine:
         self._on_grammar_step(time.perf_counter() - started)
         return token, logprobs, done
 
+    def _new_row(self, job: Job, budget: int) -> Row:
+        params = job.request.params
+        return Row(
+            job=job,
+            generator=make_generator(params.seed, self.runner.device),
+            budget=budget,
+            stop_ids=params.stop_ids(self.eos_token_ids),
+            length=len(job.request.prompt_ids),
+            matcher=params.grammar.matcher() if params.grammar is not None else None,
+        )
+
+    def _emit(self, row: Row, logits: torch.Tensor, scored=None, greedy: int | None = None) -> bool:
+        """Sample the row's next token and hand it to its client; True when the row is done.
+        `greedy`: the row's argmax, when a step computed all of them at once."""
+        params = row.job.request.params
+        try:
+            token, logprobs, complete = self._choose(
+                params, logits, row.generator, row.matcher, greedy, row.budget - row.step
+            )
+        except Exception as exc:  # this row's sampling or grammar: this row fails, not its batch
+            self._step_failed("sampling", exc, 1)
+            self._outbox.post(row.job, StepFailed(f"generation failed: {type(exc).__name__}: {exc}"))
+            return True
+        row.step += 1
+        stop = token in row.stop_ids or complete
+        finish = "stop" if stop else ("length" if row.step >= row.budget else None)
+        self._outbox.post(
+            row.job, EngineOutput((token,), logprobs=logprobs, prompt_logprobs=scored, finish_reason=finish)
+        )
+        row.last_token = token
+        return finish is not None
+
     def _budget(self, job: Job) -> int:
         """Tokens the job may generate: max_tokens, within what is left of the context."""
         return min(job.request.params.max_tokens, self.max_context - len(job.request.prompt_ids))
 
-    def _prefill(self, job: Job) -> tuple[torch.Tensor, Any, tuple | None, int]:
-        """Run the job's prompt: (last logits, cache, prompt log-probs or None, token budget).
-
-        A budget of 0 (max_tokens 0, or a prompt that fills the context) has already been
-        answered with the prompt's log-probabilities and finish reason "length".
-        """
-        request, params = job.request, job.request.params
-        prompt = list(request.prompt_ids)
-        scored = None
+    def _prefill_job(self, job: Job) -> tuple[torch.Tensor, Any, tuple | None]:
+        """Run the rest of the job's prompt (after `job.computed`) in a pass of its own: (last
+        logits, the whole prompt's cache, its log-probabilities when the request wants them)."""
+        params, prompt = job.request.params, list(job.request.prompt_ids)
         if params.prompt_logprobs is not None:
-            logits, cache, scored = self.runner.score_prompt(prompt, job.slot, params.prompt_logprobs)
-        else:
-            logits, cache = self.runner.prefill(prompt, job.slot, past=job.prefix)
-        job.prefix = None  # its cache is the row's now
-        budget = self._budget(job)
-        if budget <= 0:
-            job.push(EngineOutput((), prompt_logprobs=scored, finish_reason="length"))
-        return logits, cache, scored, max(budget, 0)
+            return self.runner.score_prompt(prompt, job.slot, params.prompt_logprobs)
+        logits, cache = self.runner.prefill(prompt, job.slot, past=job.computed)
+        return logits, cache, None
 
     def _take(self, block: bool) -> Job | object | None:
         """The next queued job (or STOP); None when nothing waits (or a WAKE came)."""
@@ -363,24 +461,7 @@ class WorkerEngine:
             job = self._jobs.get(block=block, timeout=self.probe_seconds if block and unhealthy else None)
         except queue.Empty:
             return None
+        if isinstance(job, Job):
+            with self._state_lock:
+                self._queued_labels.remove(job.label)
         return None if job is WAKE else job
-
-    def _change(
-        self,
-        *,
-        waiting_add: str | None = None,
-        waiting_remove: str | None = None,
-        running_add: str | None = None,
-        running_remove: str | None = None,
-    ) -> None:
-        with self._state_lock:
-            if waiting_add:
-                self._waiting.append(waiting_add)
-            if waiting_remove:
-                self._waiting.remove(waiting_remove)
-            if running_add:
-                self._running.append(running_add)
-            if running_remove:
-                self._running.remove(running_remove)
-            running, waiting = list(self._running), list(self._waiting)
-        self._on_state(running, waiting, self.capacity)

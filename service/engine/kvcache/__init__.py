@@ -17,9 +17,11 @@ it cannot serve (sliding-window or mixed attention layers).
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import torch
+from transformers import DynamicCache
 
 from service.engine.kvcache.padded import PaddedKV
 from service.engine.kvcache.slots import GraphCaptureError, SlotKV, capture_unsupported, graphs_unavailable, kv_shape
@@ -28,6 +30,8 @@ from service.engine.runner import ModelRunner, hidden_dtype
 
 __all__ = [
     "GraphCaptureError",
+    "KVCache",
+    "make_kv_cache",
     "PaddedKV",
     "SlotKV",
     "capture_unsupported",
@@ -39,6 +43,64 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+
+class KVCache(Protocol):
+    """What the engine asks of the running batch's cache (its rows in the running list's order)."""
+
+    packable: bool  # pieces of joining prompts can ride in its decode steps (`step_packed`)
+    graphs: bool  # its decode steps replay CUDA graphs
+
+    def join(self, cache: DynamicCache, new_mask: torch.Tensor) -> None:
+        """Add freshly prefilled rows (their cache and its 0/1 mask, left-padded) after the others."""
+        ...
+
+    def decode(self, tokens: list[int], positions: list[int], adapters: list[str | None]) -> torch.Tensor:
+        """One token for every row, each through its own adapter: [rows, vocab] fp32 logits."""
+        ...
+
+    def step_packed(
+        self, tokens: list[int], positions: list[int], adapters: list[str | None], pieces: list[Any]
+    ) -> tuple[torch.Tensor, list]:
+        """`decode` with pieces of joining prompts in the same pass (only where `packable`)."""
+        ...
+
+    def retain(self, keep: list[int]) -> list[int]:
+        """Drop the other rows; the kept rows' old indices in their new order."""
+        ...
+
+    def clear(self) -> None: ...
+
+
+def make_kv_cache(
+    kind: str,
+    runner: ModelRunner,
+    rows: int,
+    max_context: int,
+    *,
+    cuda_graphs: bool = True,
+    lora_slots: int = 1,
+    on_capture: Callable[[float], None] = lambda seconds: None,
+    on_graphs_off: Callable[[], None] = lambda: None,
+) -> KVCache:
+    """The running batch's cache of `kind` ("static" or "dynamic"; choose_kv_cache picks)."""
+    if kind == "dynamic":
+        return PaddedKV(runner)
+    if kind != "static":
+        raise ValueError(f"kv_cache must be 'static' or 'dynamic', not {kind!r}")
+    kv = SlotKV(
+        runner,
+        rows,
+        max_context,
+        cuda_graphs=cuda_graphs,
+        lora_slots=lora_slots,
+        on_capture=on_capture,
+        on_graphs_off=on_graphs_off,
+    )
+    shape = kv_shape(runner.model.config)
+    if shape is not None:
+        kv.reserve(*shape, dtype=hidden_dtype(runner.model))
+    return kv
 
 
 def choose_kv_cache(settings: Any, runner: ModelRunner, max_context: int) -> str:

@@ -3,8 +3,8 @@
 A joining request's cache is padded (or the batch's is) when it joins, rows are dropped with
 `batch_select_indices` when they leave, and columns that became padding in every row are cut
 off. Every step adds one column to every layer. transformers' `DynamicLayer` does that with a
-concatenation, a copy of the whole cache per step: 35 ms of a 157 ms step of 5 rows beside a
-1,000-token one (SmolLM2 nf4 on 2 CPU cores), 8 of 140 ms at 16 rows of 128. Here the layers
+concatenation, a copy of the whole cache per step, a fifth of a CPU step beside a long row
+(docs/benchmarks.md). Here the layers
 keep spare columns after their last (`SpareLayer`, an eighth more), so a step writes its column
 in place, and the cache is copied only when the rows change (a join, a leave) or the spare runs
 out.
@@ -16,13 +16,16 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from service.engine.kv_layers import cache_layers, pad_left
 from service.engine.packed import Piece
-from service.engine.prefix import cache_layers, pad_left
 from service.engine.runner import ModelRunner
 
 
 class PaddedKV:
     """Left-padded rows in a DynamicCache that grows by one column a step."""
+
+    packable = True  # pieces of joining prompts ride in its decode steps (step_packed)
+    graphs = False
 
     def __init__(self, runner: ModelRunner):
         self.runner = runner

@@ -36,7 +36,10 @@ class SlotKV:
     `max_len` bounds a row's prompt plus completion (the engine's context); `capacity` is the
     most rows at once. The engine reserves the buffer when it is built (`reserve`, from the
     model's config); otherwise the first join allocates it in the shape of the model's cache.
+    Pieces of prompts never ride in its steps (`packable`): a captured step's shapes are fixed.
     """
+
+    packable = False
 
     def __init__(
         self,
@@ -123,6 +126,9 @@ class SlotKV:
         self._lengths = [self._lengths[i] for i in order]
         self.rows = count
         return order
+
+    def step_packed(self, tokens, positions, adapters, pieces) -> tuple[torch.Tensor, list]:
+        raise RuntimeError("the static KV cache does not pack prompt pieces into its steps (packable is False)")
 
     def clear(self) -> None:
         self.rows = 0
@@ -256,12 +262,8 @@ class SlotKV:
         self.reserve(len(cache.layers), first.shape[1], first.shape[3], first.dtype)
 
     def _fused(self) -> FusedMixedLoRA | None:
-        if not self.runner.lora.peft:
-            return None
-        fused = self.runner.fused
-        fused.install(self.runner.model)
-        fused.pool_slots = self.lora_slots
-        return fused
+        self.runner.lora.reserve(self.lora_slots)  # the pool's shape never changes under the graphs
+        return self.runner.lora.fused_layers()
 
     def _graph_pool(self):
         if self._pool is None and self.runner.device.type == "cuda":
@@ -404,12 +406,8 @@ class _Step:
     def replay(self, names: list[str]) -> torch.Tensor:
         if self.graph is None:
             return self.forward(names, routing=Routing.STATIC)
-        runner = self.kv.runner
-        runner.route_static(names)  # the rows' adapters, into the mask buffers
-        try:
+        with self.kv.runner.pool_routing(names):  # the rows' adapters, into the mask buffers
             self.graph.replay()
-        finally:
-            runner.route_static(None)
         return self.logits
 
 

@@ -79,7 +79,7 @@ def test_a_row_whose_sampling_fails_fails_alone(runner, kv, monkeypatch):
     assert healthy
 
 
-@pytest.mark.parametrize("where", ["_admit_all", "_piece_plan"])
+@pytest.mark.parametrize("where", ["_admit", "_prefill"])  # each runs every iteration
 def test_a_fault_outside_any_step_fails_its_requests_not_the_thread(runner, where, monkeypatch):
     engine = make_engine(runner, kv="dynamic")
     real = getattr(engine, where)

@@ -273,12 +273,12 @@ def test_max_model_len_bounds_what_the_api_accepts(tiny, cache_dir):
 
 def test_static_row_masks_follow_the_rows_every_pass(runner):
     from service.engine import PEFT_BASE
+    from service.engine.lora import Layout, LoRARouting
 
-    fused = runner.fused
-    fused.install(runner.model)
+    fused = runner.lora.fused_layers()
     masks = {}
     for names in (("alpha", PEFT_BASE), (PEFT_BASE, "beta"), ("alpha", PEFT_BASE)):
-        fused.route_static(list(names))
+        fused.route(LoRARouting(names, Layout.POOL))
         masks.setdefault(names, []).append(fused.static_mask(2).clone())
     fused.route(None)
     first, again = masks[("alpha", PEFT_BASE)]
