@@ -16,10 +16,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from service.settings import DEFAULT_MODEL
+
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """The base and its random adapters: options shared with bench.step."""
-    p.add_argument("--model", default="embedded:smollm2-135m-instruct")
+    p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--quantization", default="nf4", choices=["nf4", "int8", "bf16", "fp32"])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--cache-dir", type=Path, default=Path("~/.cache/hotswap").expanduser())

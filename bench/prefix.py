@@ -27,6 +27,7 @@ from itertools import cycle, islice
 from pathlib import Path
 
 from bench.common import free_port, metric_sum, start_service
+from service.settings import DEFAULT_MODEL
 
 SYSTEM = (
     "You are the support assistant of Northwind Outdoor, a shop for hiking, camping and paddling "
@@ -59,7 +60,7 @@ QUESTIONS = [
 
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.prefix", description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="embedded:smollm2-135m-instruct")
+    p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--quantization", default="nf4")
     p.add_argument("--device", default="auto")
     p.add_argument("--cache-dir", type=Path, default=Path("~/.cache/hotswap").expanduser())

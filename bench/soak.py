@@ -24,6 +24,7 @@ from pathlib import Path
 
 import httpx
 
+from service.settings import DEFAULT_MODEL
 from tests.support import running_service  # start on a free port, wait for /ready, stop
 
 
@@ -114,7 +115,7 @@ async def soak(url: str, base_id: str, adapters: list[str], clients: int, second
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="embedded:smollm2-135m-instruct")
+    parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--quantization", default="nf4")
     parser.add_argument("--adapter-dir", default="adapters")
     parser.add_argument("--max-batch-size", type=int, default=8)

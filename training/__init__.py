@@ -1,5 +1,5 @@
 """`python -m training`: produces the adapter packages that the service hot-swaps.
 
-The training recipes (Dolly QLoRA instruction-tuning, MarketMail schema tuning) land with the
-training issue; the adapter package contract they write is `service.adapters.manifest`.
+Two recipes (training/presets.py): Dolly QLoRA instruction-tuning and MarketMail schema tuning
+on an 8-bit base. They write the adapter package contract of `service.adapters.manifest`.
 """

@@ -9,6 +9,7 @@ from typing import Any, Literal, get_args
 
 import yaml
 
+from service.settings import DEFAULT_MODEL
 from training.presets import preset
 
 # The allowed values of the constrained settings, one source for the dataclasses, the command
@@ -31,7 +32,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    base: str = "embedded:smollm2-135m-instruct"
+    base: str = DEFAULT_MODEL
     quantization: Quantization = "nf4"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Compute dtype of the quantized layers: "auto" is the service's rule (bf16 on GPU, fp32 on

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 from typing import Any
 
-EMBEDDED = "embedded:smollm2-135m-instruct"
+from service.settings import DEFAULT_MODEL
+
+EMBEDDED = DEFAULT_MODEL
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "default": {

@@ -71,10 +71,6 @@ class OutputGuard:
         self.filters = [self._call(hook.name, hook.stream, self.output) for hook in self.chain.post]
 
     @property
-    def active(self) -> bool:
-        return bool(self.chain.post)
-
-    @property
     def changed(self) -> bool:
         return bool(self.actions) or self.blocked is not None
 

@@ -406,12 +406,11 @@ async def _generate(
         exc.about("adapter")
         raise
     finally:
-        if finished:
-            pass
-        elif control is not None and control.filtered:
-            ctx.metrics.generation_tokens.labels(target.label).inc(generated)
-        else:  # the consumer went away (client disconnect) or the engine failed
-            ctx.metrics.cancelled.labels(target.label).inc()
+        if not finished:  # a finished one's tokens were counted where it finished
+            if control is not None and control.filtered:
+                ctx.metrics.generation_tokens.labels(target.label).inc(generated)
+            else:  # the consumer went away (client disconnect) or the engine failed
+                ctx.metrics.cancelled.labels(target.label).inc()
 
 
 async def run_choices(specs: list[ChoiceSpec], target: Target, ctx: ServingContext) -> AsyncIterator[ChoiceEvent]:
