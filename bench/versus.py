@@ -2,11 +2,12 @@
 
     python -m bench.versus --ref 6d49da4 --rounds 2 -- bench.throughput --clients 16
 
-The other commit is checked out in a temporary git worktree; each round runs the bench (and the
-services it starts) from that tree and from this checkout, in turn, in the other order every
-other round (on this noisy machine the second of a pair tends to come out slower). Every
-numeric figure of the JSON line the bench prints last is paired, and the median over rounds of
-this checkout's figure over the other's is printed for each: a ratio measured in one run.
+Both commits (--ref, and --this: HEAD by default) are checked out in temporary git worktrees,
+so edits made while it runs change neither; each round runs the bench (and the services it
+starts) from each tree in turn, in the other order every other round (on this noisy machine
+the second of a pair tends to come out slower). Every numeric figure of the JSON line the bench
+prints last is paired, and the median over rounds of --this's figure over --ref's is printed
+for each: a ratio measured in one run.
 Run it alone on the machine.
 """
 
@@ -27,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.versus", description=__doc__.split("\n")[0])
     p.add_argument("--ref", required=True, help="the commit to compare against (any git revision)")
+    p.add_argument("--this", default="HEAD", help="the commit measured against it (default HEAD)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("bench", nargs=argparse.REMAINDER, help="-- then the bench module and its arguments")
     return p
@@ -61,24 +63,26 @@ def main(argv: list[str] | None = None) -> int:
     bench = [a for a in args.bench if a != "--"]
     if not bench:
         raise SystemExit("name the bench after --, e.g. -- bench.throughput --clients 16")
-    with tempfile.TemporaryDirectory(prefix="hotswap-ref-") as folder:
-        ref = Path(folder) / "tree"
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(ref), args.ref], check=True)
+    with tempfile.TemporaryDirectory(prefix="hotswap-versus-") as folder:
+        this, ref = Path(folder) / "this", Path(folder) / "ref"
+        for tree, rev in ((this, args.this), (ref, args.ref)):
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), rev], check=True)
         try:
             ratios: dict[str, list[float]] = {}
             for round_ in range(args.rounds):
-                order = (ROOT, ref) if round_ % 2 == 0 else (ref, ROOT)
+                order = (this, ref) if round_ % 2 == 0 else (ref, this)
                 got = {tree: figures(run(tree, bench)) for tree in order}
-                for key, new in got[ROOT].items():
+                for key, new in got[this].items():
                     old = got[ref].get(key)
                     if old:
                         ratios.setdefault(key, []).append(new / old)
         finally:
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(ref)], check=False)
-    print(f"\nthis checkout / {args.ref}, median of {args.rounds} alternating rounds: {' '.join(bench)}")
+            for tree in (this, ref):
+                subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
+    print(f"\n{args.this} / {args.ref}, median of {args.rounds} alternating rounds: {' '.join(bench)}")
     for key, values in ratios.items():
         print(f"  {key:50s} {statistics.median(values):7.3f}   ({', '.join(f'{v:.3f}' for v in values)})")
-    print(json.dumps({"bench": "versus", "ref": args.ref, "args": bench, "ratios": ratios}))
+    print(json.dumps({"bench": "versus", "this": args.this, "ref": args.ref, "args": bench, "ratios": ratios}))
     return 0
 
 
