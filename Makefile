@@ -35,10 +35,13 @@ test-fast: install
 
 # ruff, configured in pyproject.toml (line length 120; pycodestyle, pyflakes, imports, bugbear,
 # pyupgrade); `$(BIN)/ruff format service training bench tests` rewrites what --check refuses.
+# mypy ([tool.mypy] in pyproject.toml) on the engine and the adapters, whose seams are typed.
 LINTED := service training bench tests
+TYPED := service/engine service/adapters
 lint: install
 	$(BIN)/ruff check $(LINTED)
 	$(BIN)/ruff format --check $(LINTED)
+	$(BIN)/mypy $(TYPED)
 
 # The shipped adapters' runs (docs/training.md). dolly runs as RANKS data-parallel processes of one
 # thread each: on this 2-core machine that trains the same batches as `python -m training dolly`

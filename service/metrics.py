@@ -16,7 +16,9 @@ from prometheus_client import (
     generate_latest,
 )
 
+from service.engine.config import EngineStats
 from service.names import BASE
+from service.tenants import Tenant
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20)
@@ -126,6 +128,22 @@ class Metrics:
             "hotswap_prefix_cache_reused_tokens", "Prompt tokens whose KV came from the prefix cache.", registry=r
         )
         self.prefix_bytes = Gauge("hotswap_prefix_cache_bytes", "Bytes of KV the prefix cache holds.", registry=r)
+        # Per tenant (TENANTS_FILE): the label set is the file's tenants, never a request's word.
+        self.tenant_requests = Counter(
+            "hotswap_tenant_requests", "Requests admitted past the tenant's rate limits.", ["tenant"], registry=r
+        )
+        self.tenant_tokens = Counter(
+            "hotswap_tenant_tokens",
+            "Tokens of the tenant's requests, by kind (prompt, completion).",
+            ["tenant", "kind"],
+            registry=r,
+        )
+        self.tenant_limited = Counter(
+            "hotswap_tenant_rate_limited",
+            "Requests refused with 429 for the tenant's limit (requests, tokens, queue).",
+            ["tenant", "limit"],
+            registry=r,
+        )
         self.resident_adapters = Gauge("hotswap_resident_adapters", "Adapters loaded on the base model.", registry=r)
         self.running = Gauge("hotswap_running_requests", "Requests the engine is generating for now.", registry=r)
         self.batch_utilization = Gauge(
@@ -237,9 +255,57 @@ class Metrics:
         self.lora_requests_info.clear()
         self.lora_requests_info.labels(adapters(running), adapters(waiting), str(self.max_lora)).set_to_current_time()
 
+    def observe_engine_stats(self, stats: EngineStats) -> None:
+        """What one engine iteration did (or a change outside its loop): every engine metric."""
+        if stats.running is not None:
+            self.observe_engine(list(stats.running), list(stats.waiting or ()), stats.capacity)
+        for rows in stats.batch_sizes:
+            self.batch_size.observe(rows)
+        for phase, seconds in stats.phases:
+            self.engine_step.labels(phase).observe(seconds)
+        for seconds in stats.grammar_seconds:
+            self.grammar_mask.observe(seconds)
+        for seconds in stats.slot_waits:
+            self.adapter_slot_wait.observe(seconds)
+        if stats.slot_waiters is not None:
+            self.observe_slot_wait(list(stats.slot_waiters), None)
+        if stats.kv_cache is not None:
+            self.observe_kv_cache(*stats.kv_cache)
+        for seconds in stats.captures:
+            self.cuda_graph_capture.observe(seconds)
+
     def observe_kv_cache(self, kv_cache: str, cuda_graphs: bool) -> None:
         self.kv_cache_info.clear()
         self.kv_cache_info.labels(kv_cache, str(cuda_graphs).lower()).set(1)
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def render(self, reader: Tenant | None = None) -> bytes:
+        """The exposition: whole for the admin key (`reader` None), else without what tells of
+        other tenants' prompts and traffic (security review M3): no prefix-cache series, no
+        in-flight adapter names, tenant series of the reader's own tenant only, and adapter
+        series of the adapters it may use."""
+        if reader is None:
+            return generate_latest(self.registry)
+        return generate_latest(_TenantView(self.registry, reader))
+
+
+_HIDDEN = ("hotswap_prefix_cache_", "hotswap_lora_requests_info", "hotswap_adapter_slot_waiting")
+
+
+class _TenantView:
+    """The registry as one tenant may read it (Metrics.render)."""
+
+    def __init__(self, registry: CollectorRegistry, reader: Tenant):
+        self.registry, self.reader = registry, reader
+
+    def collect(self):
+        for family in self.registry.collect():
+            if family.name.startswith(_HIDDEN):
+                continue
+            family.samples = [s for s in family.samples if self._shown(s.labels)]
+            yield family
+
+    def _shown(self, labels: dict[str, str]) -> bool:
+        if "tenant" in labels and labels["tenant"] != self.reader.id:
+            return False
+        adapter = labels.get("adapter")
+        return adapter is None or adapter in (BASE, "none") or self.reader.may_use(adapter)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from service.adapters.registry import AdapterRegistry
 from service.base_model import load_base
 from service.engine import Engine
 from service.engine.batched import BatchedEngine
+from service.engine.config import EngineConfig
 from service.engine.kvcache import choose_kv_cache
 from service.engine.model import LoRAModel
 from service.engine.prefix import PrefixCache
@@ -20,6 +21,7 @@ from service.engine.runner import ModelRunner
 from service.engine.simple import SimpleEngine
 from service.metrics import Metrics
 from service.settings import Settings
+from service.tenants import from_settings as tenants_from
 
 log = logging.getLogger(__name__)
 
@@ -76,18 +78,13 @@ def load_runtime(settings: Settings, metrics: Metrics) -> Runtime:
         [r.name for r in registry.ready()],
     )
     max_context = min(base.max_context, settings.max_model_len or base.max_context)
-    common = dict(
-        eos_token_ids=base.eos_token_ids,
-        max_context=max_context,
-        max_queued=settings.max_queued_requests,
-        on_state=metrics.observe_engine,
-        on_step=metrics.batch_size.observe,
-        on_grammar_step=metrics.grammar_mask.observe,
-        residency=residency,
-    )
     runner = ModelRunner(lora, base.device)
+    shares = tuple((t.id, t.weight, t.max_concurrent) for t in tenants_from(settings).tenants)
+    config = EngineConfig.from_settings(
+        settings, max_context=max_context, eos_token_ids=base.eos_token_ids, shares=shares
+    )
     if settings.engine == "batched":
-        kv_cache = choose_kv_cache(settings, runner, max_context)
+        config = replace(config, kv_cache=choose_kv_cache(settings, runner, max_context))
         prefixes = None
         unsupported = prefix_unsupported(runner, max_context)
         if settings.prefix_cache_mb and unsupported:
@@ -97,23 +94,11 @@ def load_runtime(settings: Settings, metrics: Metrics) -> Runtime:
                 settings.prefix_cache_mb << 20, on_lookup=metrics.observe_prefix, on_bytes=metrics.prefix_bytes.set
             )
         engine: Engine = BatchedEngine(
-            runner,
-            max_batch_size=settings.max_batch_size,
-            max_prefill_tokens=settings.max_prefill_tokens,
-            packed_steps=settings.packed_steps,
-            step_slowdown=settings.prefill_step_slowdown,
-            kv_cache=kv_cache,
-            cuda_graphs=settings.cuda_graphs,
-            on_kv_cache=metrics.observe_kv_cache,
-            on_capture=metrics.cuda_graph_capture.observe,
-            on_slot_wait=metrics.observe_slot_wait,
-            on_phase=lambda phase, seconds: metrics.engine_step.labels(phase).observe(seconds),
-            prefix_cache=prefixes,
-            **common,
+            runner, config, residency=residency, prefix_cache=prefixes, on_stats=metrics.observe_engine_stats
         )
         capture_at_start(engine, residency, metrics)
     else:
-        engine = SimpleEngine(runner, **common)
+        engine = SimpleEngine(runner, config, residency=residency, on_stats=metrics.observe_engine_stats)
     return Runtime(engine, base.tokenizer, registry, base.source.served_id, max_context, residency)
 
 

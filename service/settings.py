@@ -52,6 +52,13 @@ class Settings(BaseSettings):
         description="Comma-separated keys for the admin routes (/admin/*: adapter rescan and "
         "reload), separate from API_KEYS; empty disables the admin routes (403).",
     )
+    tenants_file: Path | None = Field(
+        None,
+        description="Tenants YAML (docs/security.md, 'Tenants'): each tenant's API keys (SHA-256 "
+        "digests or plain), the adapters it may use, its concurrency and per-minute limits, and "
+        "the adapters it may load through the admin API. Unset: API_KEYS is one tenant that may "
+        "use everything.",
+    )
     api_docs: bool | None = Field(
         None,
         description="Serve /docs, /redoc and /openapi.json; unset: only when no API keys are set "
@@ -243,8 +250,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _keys_are_usable(self) -> Settings:
-        if self.metrics_require_key and not (self.api_keys or self.admin_api_keys):
-            raise ValueError("metrics_require_key needs API_KEYS or ADMIN_API_KEYS")
+        if self.metrics_require_key and not (self.api_keys or self.admin_api_keys or self.tenants_file):
+            raise ValueError("metrics_require_key needs API_KEYS, ADMIN_API_KEYS or TENANTS_FILE")
         if set(self.api_keys) & set(self.admin_api_keys):
             raise ValueError("admin keys must differ from API keys")
         if len(set(self.pinned_adapters)) > self.max_resident_adapters - 1:

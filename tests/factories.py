@@ -237,26 +237,33 @@ def make_residency(tiny, cache_dir, tmp_path, max_resident: int, *, quantization
     return AdapterResidency(registry, base.model, max_resident, **options)
 
 
-def batched_engine(residency, **options):
-    """A BatchedEngine over a residency's model (tiny tests: 4 rows, 256 positions, no EOS);
-    `options` go to BatchedEngine (kv_cache, max_prefill_tokens, prefix_cache, hooks)."""
+def tiny_config(**config):
+    """An EngineConfig for tiny tests: 4 rows, 256 positions, no EOS; `config` overrides."""
+    from service.engine.config import EngineConfig
+
+    return EngineConfig(**{"max_context": 256, "max_batch_size": 4, **config})
+
+
+def batched_engine(residency, *, prefix_cache=None, on_stats=None, **config):
+    """A BatchedEngine over a residency's model (`tiny_config`; `config`: kv_cache,
+    max_prefill_tokens...); `on_stats` gets each iteration's EngineStats."""
     from service.engine.batched import BatchedEngine
     from service.engine.runner import ModelRunner
 
-    options = {"max_batch_size": 4, **options}
+    runner = ModelRunner(residency.lora, "cpu")
     return BatchedEngine(
-        ModelRunner(residency.lora, "cpu"), eos_token_ids=frozenset(), max_context=256, residency=residency, **options
+        runner, tiny_config(**config), residency=residency, prefix_cache=prefix_cache, on_stats=on_stats
     )
 
 
-def make_engine(runner, cls=None, kv=None, **options):
-    """An engine over `runner` (tiny tests: 256 positions, no EOS); `kv`: "dynamic", "static",
-    or "graphs" (the static cache with the CUDA-graph path's buckets, replayed eagerly on CPU)."""
+def make_engine(runner, cls=None, kv=None, *, on_stats=None, **config):
+    """An engine over `runner` (`tiny_config`, but 16 rows); `kv`: "dynamic", "static", or
+    "graphs" (the static cache with the CUDA-graph path's buckets, replayed eagerly on CPU)."""
     from service.engine.batched import BatchedEngine
 
     if kv is not None:
-        options["kv_cache"] = "static" if kv == "graphs" else kv
-    engine = (cls or BatchedEngine)(runner, eos_token_ids=frozenset(), max_context=256, **options)
+        config["kv_cache"] = "static" if kv == "graphs" else kv
+    engine = (cls or BatchedEngine)(runner, tiny_config(**{"max_batch_size": 16, **config}), on_stats=on_stats)
     if kv == "graphs":
         engine.kv_cache.graphs = True
     return engine

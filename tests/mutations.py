@@ -51,6 +51,17 @@ MUTATIONS = [
     ("        if job.logprobs:\n            how = How.ALONE", "        if False:\n            how = How.ALONE"),
     ("take = min(job.left, costs.fit(budget, job.computed))", "take = min(job.left, int(budget))"),
     ("budget -= spent", "pass"),
+    # tenants (_Shares)
+    ("self.on = len(snapshot.shares) > 1", "self.on = False"),
+    ("ring = after + [t for t in ring if t not in after]", "pass"),
+    ("        capped = self._capped(tenant)\n", "        capped = False\n"),
+    ("self.wanting = {t for t in wanting if not self._capped(t)}", "self.wanting = wanting"),
+    ("        yields = held >= self.fair.get(tenant, 0.0) and any(", "        yields = False and any("),
+    ("crowds = held >= self.guaranteed.get(tenant, 0.0) and free_after < RESERVE", "crowds = free_after < RESERVE"),
+    ("crowds = held >= self.guaranteed.get(tenant, 0.0) and free_after < RESERVE", "crowds = False"),
+    # (`self.full`, FIFO within a tenant, is not mutated: the rules refuse a refused tenant's
+    # later requests anyway, so it only saves their checks.)
+    ("        self.held[job.tenant] += 1", "        pass"),
 ]
 
 

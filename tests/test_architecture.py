@@ -10,17 +10,20 @@ SERVICE = Path(__file__).resolve().parents[1] / "service"
 
 # Bottom to top. A module may import its own layer and the ones below. `service` itself holds only
 # the version. `service.engine` itself
-# (the Engine protocol, SamplingParams, the BASE names) is a leaf every layer may use; the
+# (the Engine protocol, SamplingParams) and `service.engine.config` (EngineConfig, EngineStats)
+# are leaves every layer may use; the
 # engine's implementation sits above the adapter packages it reads.
 LAYERS: list[tuple[str, ...]] = [
     (
         "service",
         "service.errors",
         "service.engine",
+        "service.engine.config",
         "service.fingerprint",
         "service.names",
         "service.request_id",
         "service.settings",
+        "service.tenants",
     ),
     ("service.metrics",),
     ("service.adapters", "service.base_model", "service.grammar"),

@@ -34,6 +34,7 @@ from service.adapters import sources
 from service.adapters.manifest import MANIFEST_FILE, AdapterManifest, parse_adapter_name
 from service.adapters.sources import CONFIG_FILE, WEIGHTS_FILE, Source, SourceError
 from service.errors import AdapterUnavailable, NotFoundError
+from service.names import AdapterKey
 
 log = logging.getLogger(__name__)
 
@@ -59,21 +60,12 @@ class AdapterRecord:
     registered: float = field(default_factory=time.time)
 
     @property
-    def key(self) -> str:
+    def key(self) -> AdapterKey:
         """The engine's id of this version of the adapter."""
-        return version_key(self.name, self.version)
+        return AdapterKey(self.name, self.version)
 
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "status": self.status, "error": self.error, "version": self.version}
-
-
-def version_key(name: str, version: str | None) -> str:
-    return f"{name}@{version}"
-
-
-def key_name(key: str) -> str:
-    """The adapter name in an engine key (`name@version`, or a bare name)."""
-    return key.split("@", 1)[0]
 
 
 def package_signature(path: Path) -> tuple:
@@ -87,7 +79,7 @@ def validate_package(path: Path, *, base_fingerprint: str, base_id: str, name: s
     served under another name than its manifest's (vLLM's `lora_name` is the caller's choice)."""
     named = name is not None
     try:
-        name = parse_adapter_name(name if named else path.name)
+        name = parse_adapter_name(name if name is not None else path.name)
     except ValueError as exc:
         raise AdapterRejected(str(exc)) from None
     if name == base_id:
@@ -174,7 +166,7 @@ class AdapterRegistry:
         self.allowed_sources = list(allowed_sources)
         self.max_bytes = max_bytes
         self._records: dict[str, AdapterRecord] = {}  # name -> its current version
-        self._versions: dict[str, AdapterRecord] = {}  # key -> every version requests may hold
+        self._versions: dict[AdapterKey, AdapterRecord] = {}  # every version requests may hold
         self._loading: dict[str, str] = {}  # name -> source, while the load API fetches it
         self._lock = threading.Lock()  # loads through the API run on threads of their own
         for stale in download_dir.glob(".staging-*") if download_dir is not None else ():
@@ -322,11 +314,13 @@ class AdapterRegistry:
         that resolved to that one may still need to load it)."""
         current = self._records.get(name)
         kept = {keep, current.version if current else None}
+        if self.download_dir is None:
+            return
         folder = self.download_dir / name
         for path in folder.iterdir() if folder.is_dir() else ():
             if path.name not in kept:
                 shutil.rmtree(path, ignore_errors=True)
-                self._versions.pop(version_key(name, path.name), None)
+                self._versions.pop(AdapterKey(name, path.name), None)
 
     def unregister(self, name: str) -> AdapterRecord:
         """Stop serving `name` (vLLM's unload): new requests get 404; running ones finish."""
@@ -342,7 +336,7 @@ class AdapterRegistry:
         """Names being fetched by the load API, and from where."""
         return dict(self._loading)
 
-    def read_package(self, key: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    def read_package(self, key: AdapterKey | str) -> tuple[dict[str, Any], dict[str, Any]]:
         """(adapter_config.json, tensors) of one version, read from disk and checked against its
         version hash: a package edited in place since it was registered is refused."""
         from safetensors.torch import load as load_tensors
@@ -356,24 +350,26 @@ class AdapterRegistry:
             )
         return json.loads(blobs[CONFIG_FILE]), load_tensors(blobs[WEIGHTS_FILE])
 
-    def mark_failed(self, key: str, reason: str) -> None:
+    def mark_failed(self, key: AdapterKey | str, reason: str) -> None:
         """A version that cannot be loaded: refused from now on, with the reason (if current,
         listed as failed until a rescan or a new load)."""
-        record = self._versions.pop(key, None)
+        record = self._versions.pop(AdapterKey.of(key), None)
         if record is not None:
             record.status, record.error = "failed", reason
 
-    def version(self, key: str) -> AdapterRecord:
-        """The record of one version by key (or of the current version by bare name)."""
-        record = self._versions.get(key) if "@" in key else self._records.get(key)
+    def version(self, key: AdapterKey | str) -> AdapterRecord:
+        """The record of one version by key (or of the current version by a bare name)."""
+        key = AdapterKey.of(key)
+        record = self._versions.get(key) if key.version is not None else self._records.get(key.name)
         if record is None or record.status != "ready":
-            raise AdapterUnavailable(f"the adapter {key!r} is not available")
+            raise AdapterUnavailable(f"the adapter {str(key)!r} is not available")
         return record
 
-    def current(self, key: str) -> bool:
+    def current(self, key: AdapterKey | str) -> bool:
         """Whether this key is its adapter's current version (not replaced, not unloaded)."""
-        record = self._records.get(key_name(key))
-        return record is not None and (record.key == key or "@" not in key)
+        key = AdapterKey.of(key)
+        record = self._records.get(key.name)
+        return record is not None and (key.version is None or record.key == key)
 
     def records(self) -> list[AdapterRecord]:
         return list(self._records.values())

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from service.names import BASE, PEFT_BASE  # noqa: F401  (re-exported: the engine's callers use them)
+from service.names import BASE, PEFT_BASE, AdapterKey  # noqa: F401  (re-exported: the engine's callers use them)
 
 EngineFinish = Literal["stop", "length"]
 
@@ -72,13 +72,14 @@ class EngineRequest:
     # The adapter's version the request resolved to (None: its current one). The request runs
     # on that version even if a new one is loaded meanwhile.
     adapter_version: str | None = None
+    # Who sent it (a tenant of TENANTS_FILE; None: no tenants): its prefix-cache entries are its
+    # own, and its rows count toward its share of the batch.
+    tenant: str | None = None
 
     @property
-    def adapter_key(self) -> str | None:
-        """The engine's id of the adapter version: `name@version` (a bare name: current)."""
-        if self.adapter is None or self.adapter_version is None:
-            return self.adapter
-        return f"{self.adapter}@{self.adapter_version}"
+    def adapter_key(self) -> AdapterKey | None:
+        """The engine's id of the adapter version (no version: the name's current one)."""
+        return None if self.adapter is None else AdapterKey(self.adapter, self.adapter_version)
 
 
 @dataclass(frozen=True)
@@ -111,8 +112,9 @@ class Engine(Protocol):
 
     async def stop(self) -> None: ...
 
-    def admit(self, sequences: int) -> None:
-        """Raise QueueFull unless `sequences` more fit in the queue now.
+    def admit(self, sequences: int, tenant: str | None = None) -> None:
+        """Raise QueueFull unless `sequences` more fit in the queue now (with tenants, in the
+        tenant's own: one tenant's flood never fills another's).
 
         Serving admits a whole HTTP request (every choice, and any retry) before its response
         starts, then submits its sequences with `admitted=True`.
@@ -126,8 +128,8 @@ class Engine(Protocol):
 
     # --- its adapters (any thread: the engine applies changes between steps) -------------------
 
-    def adapter_state(self, key: str) -> str:
-        """Where an adapter version (`name@version`) is: "resident" (a device slot), "cached"
+    def adapter_state(self, key: AdapterKey) -> str:
+        """Where an adapter version is: "resident" (a device slot), "cached"
         (host memory), "loading" (read from disk) or "registered" (none of these)."""
         ...
 

@@ -27,22 +27,28 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import DynamicCache
 
-from service.engine import BASE, EngineOutput, TokenLogprob
+from service.engine import EngineOutput, GrammarMatcher, TokenLogprob
 from service.engine import scheduler as sched
 from service.engine.budget import StepBudget, attention_span
+from service.engine.config import EngineConfig, EngineStats
 from service.engine.kv_layers import cache_layers, stack_rows, to_cache
 from service.engine.kvcache import KVCache, make_kv_cache
 from service.engine.packed import Piece
-from service.engine.prefix import Hit, PrefixCache
+from service.engine.prefix import Hit, PrefixCache, owner
 from service.engine.prefix import unsupported as prefix_unsupported
+from service.engine.runner import ModelRunner
 from service.engine.scheduler import How, PiecePlan, StepPlan
 from service.engine.waiting import WaitingLine
 from service.engine.worker import STOP, Job, Ready, Row, WorkerEngine
 from service.errors import EngineStopped
+
+if TYPE_CHECKING:
+    from service.engine.residency import AdapterResidency
 
 log = logging.getLogger(__name__)
 
@@ -64,48 +70,42 @@ class _Work:
 class BatchedEngine(WorkerEngine):
     def __init__(
         self,
-        *args,
-        max_batch_size: int = 16,
-        max_prefill_tokens: int = 4096,
-        kv_cache: str = "dynamic",
-        cuda_graphs: bool = True,
-        on_kv_cache: Callable[[str, bool], None] = lambda kv_cache, graphs: None,
-        on_capture: Callable[[float], None] = lambda seconds: None,
-        on_slot_wait: Callable[[list[str], float | None], None] = lambda waiting, seconds: None,
-        on_phase: Callable[[str, float], None] = lambda phase, seconds: None,
+        runner: ModelRunner,
+        config: EngineConfig,
+        *,
+        residency: AdapterResidency | None = None,
         prefix_cache: PrefixCache | None = None,
-        packed_steps: bool = True,
-        step_slowdown: float = 0.0,
-        overlap_masks: bool | None = None,
-        **kwargs,
+        on_stats: Callable[[EngineStats], None] | None = None,
     ):
-        super().__init__(*args, **kwargs)
+        self.capacity = config.max_batch_size
+        super().__init__(runner, config, residency=residency, on_stats=on_stats)
         # Grammar masks computed during the forward pass (None: on CUDA only; see _step).
-        self.overlap_masks = self.runner.device.type == "cuda" if overlap_masks is None else overlap_masks
-        self.capacity = max_batch_size
-        self.max_prefill_tokens = max_prefill_tokens
+        overlap = config.overlap_masks
+        self.overlap_masks = self.runner.device.type == "cuda" if overlap is None else overlap
+        self.max_prefill_tokens = config.max_prefill_tokens
         self.prefix_cache = prefix_cache  # KV of prompt prefixes, per adapter version
-        self.packed_steps = packed_steps  # pieces of prompts in the decode step's pass, where it can
+        self.packed_steps = config.packed_steps  # pieces of prompts in the decode step's pass, where it can
         # The work an iteration's prompts may do: MAX_PREFILL_TOKENS', and in packed steps beside
         # running rows what keeps the step within `step_slowdown` plain decode steps (budget.py).
-        self.step_budget = StepBudget(step_slowdown, max_prefill_tokens, span=attention_span(self.runner.model))
+        span = attention_span(self.runner.model)
+        self.step_budget = StepBudget(config.step_slowdown, config.max_prefill_tokens, span=span)
         self._can_chunk = prefix_unsupported(self.runner, self.max_context) is None
-        self._pending = WaitingLine(self.residency, on_slot_wait)  # taken from the queue, not admitted yet
+        self._pending = WaitingLine(self.residency)  # taken from the queue, not admitted yet
         self._joining: list[Job] = []  # admitted, their prompts computed a piece at a time
         self._rows: list[Row] = []
-        self._on_phase = on_phase
+        self._shares = {tenant: sched.Share(weight, most) for tenant, weight, most in config.shares}
         slots = self.residency.max_resident if self.residency is not None else 1
         self._kv: KVCache = make_kv_cache(
-            kv_cache,
+            config.kv_cache,
             self.runner,
-            max_batch_size,
+            config.max_batch_size,
             self.max_context,
-            cuda_graphs=cuda_graphs,
+            cuda_graphs=config.cuda_graphs,
             lora_slots=slots,
-            on_capture=on_capture,
-            on_graphs_off=lambda: on_kv_cache("static", False),
+            on_capture=lambda seconds: self._on_stats(EngineStats(self.capacity, captures=[seconds])),
+            on_graphs_off=lambda: self._on_stats(EngineStats(self.capacity, kv_cache=(config.kv_cache, False))),
         )
-        on_kv_cache(kv_cache, self._kv.graphs)
+        self._on_stats(EngineStats(self.capacity, kv_cache=(config.kv_cache, self._kv.graphs)))
         self._masker: ThreadPoolExecutor | None = None  # computes grammar masks during forward passes
 
     @property
@@ -133,7 +133,7 @@ class BatchedEngine(WorkerEngine):
             work = sched.pieces(views, plan.budget, timed=plan.timed, packs=plan.packs, costs=self.step_budget)
             planned = [_Work(self._joining[p.index], p) for p in work]
             if self._prefill([w for w in planned if w.plan.how is not How.PACKED]):
-                self._on_phase("prefill", time.perf_counter() - started)
+                self._stats.phases.append(("prefill", time.perf_counter() - started))
             self._update()
             packed = [w for w in planned if w.plan.how is How.PACKED]
             if self._rows or packed:
@@ -154,9 +154,10 @@ class BatchedEngine(WorkerEngine):
             block = False
 
     def _update(self) -> None:
-        """Hand the iteration's outputs over and publish the running and waiting labels."""
+        """Hand the iteration's outputs over, and its stats with the running and waiting labels."""
         self._outbox.flush()
         self._publish([r.job for r in self._rows] + self._joining, self._pending)
+        self._tell()
 
     # --- admission ----------------------------------------------------------------------------
 
@@ -170,6 +171,7 @@ class BatchedEngine(WorkerEngine):
         packs = self.packed_steps and self._kv.packable and self.runner.packable(self.max_context)
         joining = tuple(self._view(job) for job in self._joining)
         queued = self._jobs.qsize()
+        fields["shares"] = self._shares
         plan = sched.plan(
             sched.Snapshot(
                 self.capacity, joining=joining, budget=self.step_budget, packs=packs, queued=queued, **fields
@@ -179,24 +181,27 @@ class BatchedEngine(WorkerEngine):
         def admit(job: Job) -> Ready:
             ready = self._adapter_ready(job, busy)
             if ready is Ready.GO:
-                busy.update({job.key} - {None})
+                if job.key is not None:
+                    busy.add(job.key)
                 job.computed = self._stored_prefix(job)
                 self._joining.append(job)
             return ready
 
-        self._pending.settle(plan, keys, admit, self._outbox)
+        self._pending.settle(plan, keys, admit, self._outbox, self._stats)
         if not self._rows and not self._joining and self._pending:
             self._wait_for_adapters()  # every waiting job waits for a disk read
         return plan
 
     def _view(self, job: Job) -> sched.Joining:
         logprobs = job.request.params.prompt_logprobs is not None
-        return sched.Joining(len(job.request.prompt_ids), job.computed_tokens, logprobs, not self._can_chunk)
+        return sched.Joining(
+            len(job.request.prompt_ids), job.computed_tokens, logprobs, not self._can_chunk, tenant=job.tenant
+        )
 
     def _stored_prefix(self, job: Job) -> Hit | None:
         if self.prefix_cache is None or job.request.params.prompt_logprobs is not None:
             return None
-        return self.prefix_cache.lookup(job.key or BASE, job.request.prompt_ids, DynamicCache)
+        return self.prefix_cache.lookup(owner(job.key, job.tenant), job.request.prompt_ids, DynamicCache)
 
     # --- prompts ------------------------------------------------------------------------------
 
@@ -272,8 +277,10 @@ class BatchedEngine(WorkerEngine):
             self._rows += rows
 
     def _store_prefix(self, job: Job, layers: list) -> None:
+        if self.prefix_cache is None:
+            return
         try:  # storing is an optimisation: a failure (an OOM copying the KV) costs only reuse
-            self.prefix_cache.store(job.key or BASE, job.request.prompt_ids, layers)
+            self.prefix_cache.store(owner(job.key, job.tenant), job.request.prompt_ids, layers)
         except Exception as exc:
             log.warning("storing a prompt prefix failed: %s", exc)
 
@@ -290,7 +297,7 @@ class BatchedEngine(WorkerEngine):
             stepped = True
         if stepped:
             seconds = time.perf_counter() - started
-            self._on_phase("packed" if packed else "decode", seconds)
+            self._stats.phases.append(("packed" if packed else "decode", seconds))
             self.step_budget.observe(rows, seconds, work, joined)
 
     def _step(self, packed: list[_Work]) -> None:
@@ -298,13 +305,13 @@ class BatchedEngine(WorkerEngine):
         forward pass."""
         rows = self._rows
         if rows:
-            self._on_step(len(rows))
+            self._stats.batch_sizes.append(len(rows))
         # On a GPU the grammar rows' next masks are computed on another thread while the forward
         # pass runs (llguidance drops the GIL), off the step's critical path; not on a CPU, where
         # the pass already keeps every core busy (docs/structured-outputs.md).
         constrained = [r.matcher for r in rows if r.matcher is not None]
         overlap = constrained and self.overlap_masks
-        masks = self._mask_thread().submit(lambda: [m.prefetch() for m in constrained]) if overlap else None
+        masks = self._mask_thread().submit(_prefetch, constrained) if overlap else None
         tokens, positions, adapters = [r.last_token for r in rows], [r.length for r in rows], [r.adapter for r in rows]
         try:
             if packed:
@@ -322,7 +329,8 @@ class BatchedEngine(WorkerEngine):
         keep = []
         for i, row in enumerate(rows):
             row.length += 1
-            if not row.job.cancelled.is_set() and not self._emit(row, logits[i], greedy=greedy and greedy[i]):
+            best = greedy[i] if greedy is not None else None
+            if not row.job.cancelled.is_set() and not self._emit(row, logits[i], greedy=best):
                 keep.append(i)
         if len(keep) < len(rows):
             order = self._kv.retain(keep)  # the cache may move the rows: follow its order
@@ -381,3 +389,8 @@ class BatchedEngine(WorkerEngine):
             self._kv.clear()
         except Exception as exc:
             log.error("clearing the KV cache failed: %s", exc)
+
+
+def _prefetch(matchers: list[GrammarMatcher]) -> None:
+    for matcher in matchers:
+        matcher.prefetch()

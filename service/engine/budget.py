@@ -46,6 +46,8 @@ def attention_span(model: Any) -> float | None:
 
     config = getattr(model, "config", None)
     config = getattr(config, "get_text_config", lambda: config)() if config is not None else None
+    if config is None:
+        return None
     try:
         layers, heads = config.num_hidden_layers, config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads

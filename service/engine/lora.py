@@ -169,7 +169,7 @@ class FusedMixedLoRA:
             self._stacks = {k: v for k, v in self._stacks.items() if k[1] != old}
 
     def _fill_mask(self, names: tuple[str, ...]) -> None:
-        if not self.sync_pool():
+        if not self.sync_pool() or self._pool is None:
             self._routing = None
             raise RuntimeError("static LoRA routing cannot serve adapters with a LoRA variant or bias")
         mask = self._static_masks.get(len(names))
@@ -222,6 +222,7 @@ class FusedMixedLoRA:
         for weight in weights:  # the widest adapter dtype: no adapter computes below its own
             dtype = torch.promote_types(dtype, weight.dtype)
         device = weights[0].device if weights else next((x.get_base_layer().weight.device for x in layers), None)
+        device = torch.device(device or "cpu")
         pool = self._pool
         if pool is None or not pool.fits(layers, rank, len(self._loaded), dtype):
             slots = max(self.pool_slots, len(self._loaded), pool.slots if pool else 0)
@@ -258,6 +259,7 @@ class FusedMixedLoRA:
             for key in VARIANT_KWARG_KEYS:
                 kwargs.pop(key, None)
             result = layer.base_layer(x, *args, **kwargs)
+            assert self._pool is not None  # route() synced it for this layout
             a_t, b_t = self._pool.buffers[id(layer)]  # the pool spans every LoRA layer
             mask = self._static_masks[len(names)]
         else:

@@ -66,12 +66,14 @@ class PackedCache(DynamicCache):
         and returns it whole (default: a concatenation into new tensors)."""
         super().__init__()
         self.rows = 0 if running is None else running[0][0].shape[0]
-        self.running = list(running) if running is not None else None
+        self.running: Layers = list(running) if running is not None else []  # empty: no rows
         self.grow = grow or self._concatenated
         self.pieces = [dict(enumerate(p.past or ())) for p in pieces]  # per piece: layer -> its KV
         self.sizes = [len(p.ids) for p in pieces]
         self.starts = [p.start for p in pieces]
-        if self.rows:  # [rows, 1, 1, columns + 1]: each row's valid columns and its new token
+        if (
+            self.rows and running_mask is not None
+        ):  # [rows, 1, 1, columns + 1]: each row's valid columns and its new token
             mask = torch.cat([running_mask, running_mask.new_ones((self.rows, 1))], dim=1).bool()
             self.row_mask = mask[:, None, None, :]
         self.piece_masks = [
@@ -108,7 +110,7 @@ class PackedCache(DynamicCache):
 
     def results(self) -> tuple[Layers | None, list[Layers]]:
         """The running rows' caches a column longer, and each piece's KV (past, then tokens)."""
-        return self.running, [[own[i] for i in range(len(own))] for own in self.pieces]
+        return self.running if self.rows else None, [[own[i] for i in range(len(own))] for own in self.pieces]
 
 
 def packed_attention(
@@ -124,7 +126,7 @@ def packed_attention(
     """Attention of a packed pass, per owner on its own KV (query [1, heads, tokens, dim]);
     returns [1, tokens, heads, dim] as transformers' attention functions do."""
     cache: PackedCache = _active.cache
-    layer = module.layer_idx
+    layer: int = module.layer_idx  # type: ignore[assignment]  # transformers sets it on every attention module
     gqa = query.shape[1] != key.shape[1]
     out = query.new_empty((1, query.shape[2], query.shape[1], query.shape[3]))
     rows = cache.rows

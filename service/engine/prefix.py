@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from service.engine.kv_layers import cache_layers  # noqa: F401  (its callers' old home)
+from service.names import BASE
 
 BLOCK = 4  # tokens per block: the granularity of a hit (a short template prefix is one)
 
@@ -156,3 +157,11 @@ def not_full_attention(config: Any, max_context: int | None = None) -> str | Non
         f"the model has sliding-window layers (window {window}) shorter than the context "
         f"({max_context}); MAX_MODEL_LEN at most {window} serves them as full attention"
     )
+
+
+def owner(key: Any, tenant: str | None) -> str:
+    """Whose stored prefixes a request may use: its tenant's, on its adapter version (`key`,
+    None for the base). The tenant salts the key, as vLLM's `cache_salt` does: no tenant is
+    served another's KV, nor learns from a hit (or a faster first token) what another sent."""
+    name = str(key) if key is not None else BASE
+    return name if tenant is None else f"{tenant}/{name}"

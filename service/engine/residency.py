@@ -1,6 +1,6 @@
 """Adapter residency: device slots, a host-memory tier, pins, and disk reads off the engine thread.
 
-Three tiers, each keyed by an adapter version's key (`name@version`, see the registry), so two
+Three tiers, each keyed by an adapter version's key (`AdapterKey`, see the registry), so two
 versions of one name are two adapters here and nothing of one is ever used for the other:
 
 - **device slots** (`MAX_RESIDENT_ADAPTERS`): PEFT adapters named `slot0`, `slot1`... on the base.
@@ -35,9 +35,10 @@ from typing import Any
 
 import torch
 
-from service.adapters.registry import AdapterRegistry, key_name
+from service.adapters.registry import AdapterRegistry
 from service.engine.model import LoRAModel
 from service.errors import AdapterUnavailable, HotswapError
+from service.names import AdapterKey
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ _FAST_CONFIG = {"use_dora": False, "lora_bias": False, "fan_in_fan_out": False}
 class HostCopy:
     """One adapter version's weights in host memory, ready to copy into a slot."""
 
-    key: str
+    key: AdapterKey
     config: dict[str, Any]  # adapter_config.json
     tensors: dict[str, torch.Tensor]  # its state dict, as saved
     # Per LoRA layer (its module path in the PeftModel, without "base_model.model."): A [r, in],
@@ -60,7 +61,7 @@ class HostCopy:
     fresh: bool = True  # just read from disk: its first swap-in counts as one from disk
 
     @classmethod
-    def parse(cls, key: str, config: dict[str, Any], tensors: dict[str, torch.Tensor], pin: bool) -> HostCopy:
+    def parse(cls, key: AdapterKey, config: dict[str, Any], tensors: dict[str, torch.Tensor], pin: bool) -> HostCopy:
         if pin:
             tensors = {k: v.pin_memory() for k, v in tensors.items()}
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -77,7 +78,7 @@ def _linear_layers(config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> 
         return None
     if config.get("alora_invocation_tokens") or config.get("peft_type", "LORA") != "LORA":
         return None
-    names = {}
+    names: dict[str, list[str]] = {}
     for key in tensors:
         for suffix in (".lora_A.weight", ".lora_B.weight"):
             if key.endswith(suffix) and key.startswith(_PREFIX):
@@ -103,7 +104,7 @@ def _linear_layers(config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> 
 @dataclass
 class _Slot:
     name: str  # the PEFT adapter name
-    key: str | None = None  # the adapter version it holds
+    key: AdapterKey | None = None  # the adapter version it holds
     exact: bool = False  # built by PEFT for one adapter that cannot be copied (DoRA...)
     # Per LoRA layer: (rank, in, out) of the slot's matrices.
     shape: dict[str, tuple[int, int, int]] = field(default_factory=dict)
@@ -151,10 +152,10 @@ class AdapterResidency:
         self._on_swap = on_swap or (lambda name, source, seconds: None)  # source: host or disk
         self._on_bytes = on_bytes or (lambda tier, nbytes: None)
         self._slots: list[_Slot] = []
-        self._where: dict[str, _Slot] = {}  # key -> its slot
-        self._host: OrderedDict[str, HostCopy] = OrderedDict()  # least recently used first
-        self._reading: dict[str, Future] = {}  # key -> its disk read on the loader thread
-        self._failed: dict[str, HotswapError] = {}  # key -> why its read failed (told once)
+        self._where: dict[AdapterKey, _Slot] = {}  # key -> its slot
+        self._host: OrderedDict[AdapterKey, HostCopy] = OrderedDict()  # least recently used first
+        self._reading: dict[AdapterKey, Future] = {}  # key -> its disk read on the loader thread
+        self._failed: dict[AdapterKey, HotswapError] = {}  # key -> why its read failed (told once)
         self._lock = threading.Lock()  # host tier and reads: the loader thread writes them
         self._pinned: set[str] = set()
         self._wanted: deque[str] = deque()  # names to make resident when a slot is free
@@ -172,20 +173,21 @@ class AdapterResidency:
 
     # --- what the engine calls (its worker thread) -------------------------------------------
 
-    def key(self, adapter: str) -> str:
-        """An engine key for a bare name (its current version) or a key as is."""
-        return adapter if "@" in adapter else self.registry.version(adapter).key
+    def key(self, adapter: AdapterKey | str) -> AdapterKey:
+        """The key of a version: as given, or a bare name's current version."""
+        key = AdapterKey.of(adapter)
+        return key if key.version is not None else self.registry.version(key).key
 
-    def slot(self, key: str) -> str:
+    def slot(self, key: AdapterKey | str) -> str:
         """The PEFT adapter name that holds a resident key."""
         return self._where[self.key(key)].name
 
     @property
     def resident(self) -> list[str]:
         """Adapter names on the device, least recently used first."""
-        return [key_name(s.key) for s in sorted(self._where.values(), key=lambda s: s.used)]
+        return [key.name for key, s in sorted(self._where.items(), key=lambda item: item[1].used)]
 
-    def ensure(self, adapter: str, busy: set[str]) -> bool:
+    def ensure(self, adapter: AdapterKey | str, busy: set[AdapterKey] | set[str]) -> bool:
         """Make `adapter` (a key, or a name for its current version) resident on the device;
         False while it must wait: its weights are being read from disk, or every slot holds an
         adapter in use or pinned. `busy`: keys that running sequences use (a bare name: all of
@@ -205,18 +207,18 @@ class AdapterResidency:
             return False
         started = time.perf_counter()
         self._install(copy, slot)
-        self._on_swap(key_name(key), "disk" if copy.fresh else "host", time.perf_counter() - started)
+        self._on_swap(key.name, "disk" if copy.fresh else "host", time.perf_counter() - started)
         copy.fresh = False
         return True
 
-    def resolve(self, adapter: str) -> str:
-        """`key`, or the name as it is when it has no current version (ensure then says why)."""
+    def resolve(self, adapter: AdapterKey | str) -> AdapterKey:
+        """`key`, or the bare key when the name has no current version (ensure then says why)."""
         try:
             return self.key(adapter)
         except HotswapError:
-            return adapter
+            return AdapterKey.of(adapter)
 
-    def tier(self, key: str) -> str:
+    def tier(self, key: AdapterKey) -> str:
         """Where a version is, for admission: resident, host (its weights are in host memory, or
         are read on the calling thread), disk (a read must start) or loading."""
         state = self.state(key)
@@ -224,22 +226,28 @@ class AdapterResidency:
             return "host"
         return {"registered": "disk"}.get(state, state)
 
-    def fetch(self, key: str) -> None:
+    def fetch(self, key: AdapterKey) -> None:
         """Start reading the version from disk; raises why, if its last read failed."""
         self._host_copy(key)
 
-    def slots_view(self, busy: set[str]) -> tuple[int, frozenset[str]]:
+    def slots_view(self, busy: set[AdapterKey]) -> tuple[int, frozenset[AdapterKey]]:
         """(slots empty or not made yet, resident keys no `busy` row uses and not pinned): what
         admissions this iteration may put a newly wanted adapter in."""
         free = sum(s.key is None for s in self._slots) + self.max_resident - len(self._slots)
-        idle = frozenset(
-            s.key
-            for s in self._slots
-            if s.key is not None and s.key not in busy and key_name(s.key) not in busy and not self.is_pinned(s.key)
-        )
-        return free, idle
+        return free, frozenset(key for key, _ in self._idle(busy))
 
-    def preload_pending(self, busy: set[str]) -> None:
+    def _idle(self, busy: set[AdapterKey] | set[str]) -> list[tuple[AdapterKey, _Slot]]:
+        """The resident versions no `busy` row uses (a bare key: any version of its name) and
+        not pinned, with their slots."""
+        used = {AdapterKey.of(b) for b in busy}
+        names = {key.name for key in used if key.version is None}
+        return [
+            (key, s)
+            for key, s in self._where.items()
+            if key not in used and key.name not in names and not self.is_pinned(key)
+        ]
+
+    def preload_pending(self, busy: set[AdapterKey] | set[str]) -> None:
         """Swap in what pins and the preload list asked for, as slots allow (engine thread)."""
         for _ in range(len(self._wanted)):
             name = self._wanted.popleft()
@@ -252,7 +260,7 @@ class AdapterResidency:
 
     # --- tiers --------------------------------------------------------------------------------
 
-    def _host_copy(self, key: str) -> HostCopy | None:
+    def _host_copy(self, key: AdapterKey) -> HostCopy | None:
         """The key's host copy; None while it is read from disk (on the loader thread)."""
         with self._lock:
             copy = self._host.get(key)
@@ -272,9 +280,9 @@ class AdapterResidency:
                 raise self._failed.pop(key)
             return self._host[key]
 
-    def _read(self, key: str) -> None:
+    def _read(self, key: AdapterKey) -> None:
         started = time.perf_counter()
-        name = key_name(key)
+        name = key.name
         try:
             config, tensors = self.registry.read_package(key)
             copy = HostCopy.parse(key, config, tensors, pin=self._pin_memory())
@@ -302,7 +310,7 @@ class AdapterResidency:
         stays even with MAX_CPU_ADAPTERS 0: it is on its way into a slot."""
         while len(self._host) > max(self.max_host, 1):
             key, _ = self._host.popitem(last=False)
-            self._on_evict(key_name(key), "host")
+            self._on_evict(key.name, "host")
         self._on_bytes("host", sum(c.nbytes for c in self._host.values()))
 
     def _pin_memory(self) -> bool:
@@ -311,7 +319,7 @@ class AdapterResidency:
 
     # --- slots --------------------------------------------------------------------------------
 
-    def _free_slot(self, busy: set[str]) -> _Slot | None:
+    def _free_slot(self, busy: set[AdapterKey] | set[str]) -> _Slot | None:
         """An empty slot, else the slot to evict: not in use and not pinned, an adapter that was
         replaced or unloaded first, then the least recently used. None: make a new slot if the
         limit allows, else wait."""
@@ -320,21 +328,19 @@ class AdapterResidency:
             return empty
         if len(self._slots) < self.max_resident:
             return None
-        idle = [
-            s for s in self._slots if s.key not in busy and key_name(s.key) not in busy and not self.is_pinned(s.key)
-        ]
+        idle = self._idle(busy)
         if not idle:
             return None
-        victim = min(idle, key=lambda s: (self.registry.current(s.key), s.used))
-        log.info("adapter %s evicted from its slot (least recently used)", victim.key)
-        self._on_evict(key_name(victim.key), "device")
-        del self._where[victim.key]
+        key, victim = min(idle, key=lambda item: (self.registry.current(item[0]), item[1].used))
+        log.info("adapter %s evicted from its slot (least recently used)", key)
+        self._on_evict(key.name, "device")
+        del self._where[key]
         victim.key = None
         return victim
 
-    def is_pinned(self, key: str) -> bool:
+    def is_pinned(self, key: AdapterKey) -> bool:
         """Pins hold a name's current version only: a replaced version leaves its slot."""
-        return key_name(key) in self._pinned and self.registry.current(key)
+        return key.name in self._pinned and self.registry.current(key)
 
     def _install(self, copy: HostCopy, slot: _Slot | None) -> None:
         """Put `copy` in `slot` (None: a new slot): an in-place copy when it fits, else PEFT
@@ -349,11 +355,13 @@ class AdapterResidency:
         self._on_bytes("device", sum(self._slot_bytes(s) for s in self._slots))
 
     def _copy_into(self, copy: HostCopy, slot: _Slot) -> None:
+        layers = copy.layers
+        assert layers is not None  # slot.fits(copy): plain A and B per layer
         with torch.no_grad():
             for module, (rank, _, _) in slot.shape.items():
                 layer = self._layers[module]
                 a_slot, b_slot = layer.lora_A[slot.name].weight, layer.lora_B[slot.name].weight
-                held = copy.layers.get(module)
+                held = layers.get(module)
                 if held is None:  # the adapter leaves this layer alone
                     a_slot.zero_()
                     b_slot.zero_()
@@ -444,8 +452,9 @@ class AdapterResidency:
         self.ready.set()
         self.on_want()
 
-    def state(self, key: str) -> str:
+    def state(self, key: AdapterKey | str) -> str:
         """Where a version is: resident (device), cached (host), loading (disk), registered."""
+        key = AdapterKey.of(key)
         if key in self._where:
             return "resident"
         with self._lock:

@@ -146,6 +146,7 @@ class ModelRunner:
         if not self.fused_lora:
             return self.model(**kwargs, adapter_names=names)  # PEFT's mixed batch
         fused = self.lora.fused_layers()
+        assert fused is not None  # a PEFT model has its fused LoRA
         unknown = set(names) - {PEFT_BASE} - set(self.model.peft_config)
         if unknown:  # PEFT would check this; the fused path must too
             raise ValueError(f"adapters not loaded: {sorted(unknown)}")
@@ -239,7 +240,7 @@ class ModelRunner:
         scored: list[TokenLogprob | None] = [None]
         for start in range(0, len(prompt_ids) - 1, SCORE_CHUNK):
             end = min(start + SCORE_CHUNK, len(prompt_ids) - 1)
-            if plain:
+            if plain and states is not None:
                 logits = head(states[start:end]).float()
             else:
                 logits = self._last_positions(prompt_ids[:end], adapter, end - start)
@@ -339,8 +340,8 @@ class ModelRunner:
         mask = mask.gather(1, order)
         order = order[:, int(mask.argmax(dim=1).min()) :]
         for layer in cache.layers:
-            index = order[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
-            layer.keys, layer.values = layer.keys.gather(2, index), layer.values.gather(2, index)
+            columns = order[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
+            layer.keys, layer.values = layer.keys.gather(2, columns), layer.values.gather(2, columns)
         return logits, cache, mask[:, -order.shape[1] :]
 
     @torch.inference_mode()

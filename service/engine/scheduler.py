@@ -23,13 +23,16 @@ attention over their past counted, for admissions and pieces alike.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Hashable, Iterable, Mapping
+from dataclasses import dataclass, field
 from enum import Enum
 
 from service.engine.budget import StepBudget
 
+Key = Hashable  # an adapter version (service.names.AdapterKey); None is the base
 LOOKAHEAD = 4  # waiting requests passed over per iteration, per row of capacity, before it stops looking
+RESERVE = 1  # rows a tenant over its fair share leaves free for the others (with tenants)
 
 
 class Tier(Enum):
@@ -53,11 +56,12 @@ class How(Enum):
 class Waiting:
     """A request not admitted yet, as the plan sees it."""
 
-    key: str | None  # its adapter version (None: the base)
+    key: Key | None  # its adapter version (None: the base)
     size: int  # prompt tokens
     tier: Tier = Tier.RESIDENT
     waited: bool = False  # it has waited for an adapter slot already
     cancelled: bool = False
+    tenant: str | None = None
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,7 @@ class Joining:
     computed: int = 0  # of them with KV (a stored prefix, chunks so far)
     logprobs: bool = False  # it wants its prompt's log-probabilities: one pass of its own, whole
     whole: bool = False  # the model cannot be prefilled in chunks: whole, in one pass
+    tenant: str | None = None
 
     @property
     def left(self) -> int:
@@ -77,16 +82,29 @@ class Joining:
 @dataclass(frozen=True)
 class Snapshot:
     capacity: int  # rows the batch holds
-    running: tuple[str | None, ...]  # each running row's adapter version
+    running: tuple[Key | None, ...]  # each running row's adapter version
     joining: tuple[Joining, ...]
     waiting: tuple[Waiting, ...]  # FIFO
     budget: StepBudget  # measured step costs (read only)
     packs: bool = False  # pieces ride in the decode step (packed.py); False: passes of their own
     queued: int = 0  # requests still in the engine's queue, behind `waiting`
     free_slots: int = 1 << 30  # adapter slots empty or not made yet
-    idle: frozenset[str] = frozenset()  # resident adapters no row uses, not pinned: evictable
-    pinned: frozenset[str] = frozenset()  # of the running adapters, those never evicted
-    draining: str | None = None  # the adapter whose slot is being freed (the last plan's)
+    idle: frozenset[Key] = frozenset()  # resident adapters no row uses, not pinned: evictable
+    pinned: frozenset[Key] = frozenset()  # of the running adapters, those never evicted
+    draining: Key | None = None  # the adapter whose slot is being freed (the last plan's)
+    # Tenants (TENANTS_FILE): each one's share, the running rows' tenants, and the tenant the
+    # last plan admitted last (round-robin starts after it). No shares: no tenant rules.
+    shares: Mapping[str, Share] = field(default_factory=dict)
+    running_tenants: tuple[str | None, ...] = ()
+    last_tenant: str | None = None
+
+
+@dataclass(frozen=True)
+class Share:
+    """A tenant's part of the batch: its weight against the others', and its most rows."""
+
+    weight: float = 1.0
+    max_concurrent: int | None = None
 
 
 @dataclass(frozen=True)
@@ -97,8 +115,9 @@ class StepPlan:
     admit: tuple[int, ...] = ()  # indices into `waiting`, in order
     dropped: tuple[int, ...] = ()  # cancelled while waiting
     slot_wait: tuple[int, ...] = ()  # waiting for their adapter (a slot or a disk read)
-    reads: frozenset[str] = frozenset()  # adapters whose disk read to start
-    draining: str | None = None
+    reads: frozenset[Key] = frozenset()  # adapters whose disk read to start
+    draining: Key | None = None
+    last_tenant: str | None = None
 
 
 @dataclass(frozen=True)
@@ -137,14 +156,16 @@ def plan(snapshot: Snapshot) -> StepPlan:
     spent = min(allowance, sum(costs.work(j.left, j.computed) for j in snapshot.joining))
     room = snapshot.capacity - len(snapshot.running) - len(snapshot.joining)
     slots = _Slots(snapshot.free_slots, set(snapshot.idle))
+    shares = _Shares(snapshot)
     admit: list[int] = []
     dropped: list[int] = []
     waits: list[int] = []
     passed: list[int] = []  # looked at and left waiting, in order
-    reads: set[str] = set()
-    blocked: set[str | None] = set()
+    reads: set[Key] = set()
+    blocked: set[Key | None] = set()
     draining = snapshot.draining
-    for index, job in enumerate(snapshot.waiting):
+    for index in shares.order():
+        job = snapshot.waiting[index]
         if len(admit) >= room or len(passed) >= LOOKAHEAD * snapshot.capacity:
             break
         if job.cancelled:
@@ -153,7 +174,7 @@ def plan(snapshot: Snapshot) -> StepPlan:
         cost = costs.work(job.size, 0)
         if (admit or spent) and spent + cost > allowance:
             break  # first in line for the next iteration
-        if job.key in blocked or (job.key is not None and job.key == draining):
+        if job.key in blocked or (job.key is not None and job.key == draining) or not shares.may(job, len(admit)):
             passed.append(index)
             continue
         if not slots.take(job):
@@ -168,19 +189,21 @@ def plan(snapshot: Snapshot) -> StepPlan:
         if job.waited and draining is not None and not _any_waits(snapshot, passed, waits):
             draining = None  # the waiting adapter got its slot
         admit.append(index)
+        shares.took(job)
         spent += cost
     left = set(range(len(snapshot.waiting))) - set(admit) - set(dropped)
     if not _any_waits(snapshot, left, waits):
         draining = None
+    last = shares.last or snapshot.last_tenant
     return StepPlan(
-        allowance, timed, snapshot.packs, tuple(admit), tuple(dropped), tuple(waits), frozenset(reads), draining
+        allowance, timed, snapshot.packs, tuple(admit), tuple(dropped), tuple(waits), frozenset(reads), draining, last
     )
 
 
-def drain_choice(running: Iterable[str | None], pinned: frozenset[str]) -> str | None:
+def drain_choice(running: Iterable[Key | None], pinned: frozenset[Key]) -> Key | None:
     """The running adapter to stop admitting to, so that its slot frees soonest: the one with the
     fewest running rows, never a pinned one (nor the base, which needs no slot)."""
-    counts: dict[str, int] = {}
+    counts: dict[Key, int] = {}
     for key in running:
         if key is not None and key not in pinned:
             counts[key] = counts.get(key, 0) + 1
@@ -226,12 +249,89 @@ def pieces(
     return result
 
 
+class _Shares:
+    """Tenants' fair shares of the batch (with two or more tenants; none: every rule passes).
+
+    Waiting requests are taken round-robin across tenants (FIFO within each), starting after the
+    tenant the last plan admitted last, so a flood never stands between another tenant and the
+    batch. A tenant never holds more than its `max_concurrent` rows. At its fair share (the
+    capacity split by weight among the tenants with rows or requests) it waits while another
+    tenant below its own has requests waiting. And past its guaranteed share (the capacity split
+    among every tenant of the file) it takes a row only if RESERVE rows stay free, so a newcomer
+    is admitted at the next step instead of waiting for a flood's rows to finish: alone, a
+    tenant uses all but RESERVE rows."""
+
+    def __init__(self, snapshot: Snapshot):
+        self.snapshot = snapshot
+        self.on = len(snapshot.shares) > 1
+        self.held = Counter(snapshot.running_tenants) + Counter(j.tenant for j in snapshot.joining)
+        self.rows = len(snapshot.running) + len(snapshot.joining)
+        self.full: set[str | None] = set()
+        self.last: str | None = None
+        wanting = {w.tenant for w in snapshot.waiting if not w.cancelled}
+        active = {t for t, n in self.held.items() if n} | wanting
+        self.wanting = {t for t in wanting if not self._capped(t)}  # those that could take a row
+        self.fair: dict[str | None, float] = {t: snapshot.capacity * self._share(t).weight for t in active}
+        total = sum(self._share(t).weight for t in active) or 1.0
+        self.fair = {t: f / total for t, f in self.fair.items()}
+        everyone = sum(s.weight for s in snapshot.shares.values()) or 1.0
+        self.guaranteed: dict[str | None, float] = {
+            t: snapshot.capacity * s.weight / everyone for t, s in snapshot.shares.items()
+        }
+
+    def _share(self, tenant: str | None) -> Share:
+        return self.snapshot.shares.get(tenant, Share()) if tenant is not None else Share()
+
+    def _capped(self, tenant: str | None) -> bool:
+        most = self._share(tenant).max_concurrent
+        return most is not None and self.held[tenant] >= most
+
+    def order(self) -> list[int]:
+        """The waiting requests' indices, round-robin across tenants from the one after the last."""
+        waiting = self.snapshot.waiting
+        if not self.on:
+            return list(range(len(waiting)))
+        queues: dict[str | None, list[int]] = {}
+        for index, job in enumerate(waiting):
+            queues.setdefault(job.tenant, []).append(index)
+        ring = sorted(queues, key=lambda t: (t is None, t or ""))
+        after = [t for t in ring if self.snapshot.last_tenant is not None and (t or "") > self.snapshot.last_tenant]
+        ring = after + [t for t in ring if t not in after]
+        order: list[int] = []
+        for turn in range(max(len(q) for q in queues.values()) if queues else 0):
+            order += [queues[t][turn] for t in ring if turn < len(queues[t])]
+        return order
+
+    def may(self, job: Waiting, admitted: int) -> bool:
+        """Whether the job's tenant may take a row now (`admitted`: rows this plan gave)."""
+        if not self.on:
+            return True
+        tenant = job.tenant
+        if tenant in self.full:
+            return False
+        held = self.held[tenant]
+        free_after = self.snapshot.capacity - self.rows - admitted - 1
+        capped = self._capped(tenant)
+        yields = held >= self.fair.get(tenant, 0.0) and any(
+            t != tenant and t not in self.full and self.held[t] < self.fair[t] for t in self.wanting
+        )
+        crowds = held >= self.guaranteed.get(tenant, 0.0) and free_after < RESERVE
+        if capped or yields or crowds:
+            self.full.add(tenant)  # its later requests wait too (FIFO per tenant)
+            return False
+        return True
+
+    def took(self, job: Waiting) -> None:
+        self.held[job.tenant] += 1
+        self.last = job.tenant
+
+
 class _Slots:
     """The adapter slots as the plan gives them out: empty ones first, then idle ones."""
 
-    def __init__(self, free: int, idle: set[str]):
+    def __init__(self, free: int, idle: set[Key]):
         self.free, self.idle = free, idle
-        self.given: set[str | None] = set()
+        self.given: set[Key | None] = set()
 
     def take(self, job: Waiting) -> bool:
         """Whether the job's adapter can run this iteration (giving it a slot if it needs one)."""

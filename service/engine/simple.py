@@ -30,16 +30,19 @@ class SimpleEngine(WorkerEngine):
                     self._wait_for_adapters()
             if ready is Ready.GO and not job.cancelled.is_set():
                 self._publish([job], [])
+                self._tell()
                 with self._failing([job], "generation"):
                     self._run(job)
             self._outbox.flush()
             self._publish([], [])
+            self._tell()
 
     def _abandon(self, error: Exception) -> None:
         job, self._current = getattr(self, "_current", None), None
         if job is not None:
             job.push(error)
         self._publish([], [])
+        self._tell()
 
     def _run(self, job: Job) -> None:
         logits, cache, scored = self._prefill_job(job)
@@ -50,7 +53,8 @@ class SimpleEngine(WorkerEngine):
         row = self._new_row(job, budget)
         while not self._emit(row, logits, scored if row.step == 0 else None):
             self._outbox.flush()
+            self._tell()
             if job.cancelled.is_set():
                 return
-            self._on_step(1)
+            self._stats.batch_sizes.append(1)
             logits = self.runner.decode(row.last_token, cache, job.slot)

@@ -21,7 +21,17 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from service.engine import BASE, EngineOutput, EngineRequest, GrammarMatcher, SamplingParams, TokenLogprob
+from service.engine import (
+    BASE,
+    AdapterKey,
+    EngineFinish,
+    EngineOutput,
+    EngineRequest,
+    GrammarMatcher,
+    SamplingParams,
+    TokenLogprob,
+)
+from service.engine.config import EngineConfig, EngineStats
 from service.engine.prefix import Hit
 from service.engine.runner import ModelRunner
 from service.engine.sampling import make_generator, sample, token_logprob
@@ -57,8 +67,12 @@ class Job:
         return self.request.adapter or BASE
 
     @property
-    def key(self) -> str | None:
+    def key(self) -> AdapterKey | None:
         return self.request.adapter_key
+
+    @property
+    def tenant(self) -> str | None:
+        return self.request.tenant
 
     def push(self, item: EngineOutput | BaseException) -> None:
         self.loop.call_soon_threadsafe(self.results.put_nowait, item)
@@ -132,32 +146,28 @@ class WorkerEngine:
     def __init__(
         self,
         runner: ModelRunner,
+        config: EngineConfig,
         *,
-        eos_token_ids: frozenset[int],
-        max_context: int,
-        max_queued: int = 256,
-        on_state: Callable[[list[str], list[str], int], None] | None = None,
-        on_step: Callable[[int], None] | None = None,
-        on_grammar_step: Callable[[float], None] | None = None,
         residency: AdapterResidency | None = None,
+        on_stats: Callable[[EngineStats], None] | None = None,
     ):
         self.runner = runner
-        self.residency = residency  # AdapterResidency: lazy loads and LRU eviction
-        self.eos_token_ids = eos_token_ids
-        self.max_context = max_context
-        self.max_queued = max_queued
-        # Told (running adapters, waiting adapters, capacity) at every change; BASE for none.
-        self._on_state = on_state or (lambda running, waiting, capacity: None)
-        self._on_step = on_step or (lambda batch_size: None)  # told each decode step's size
-        # Told the seconds a grammar row's mask and accept took (hotswap_grammar_mask_seconds).
-        self._on_grammar_step = on_grammar_step or (lambda seconds: None)
+        self.config = config
+        self.residency = residency  # lazy loads and LRU eviction of adapters
+        self.eos_token_ids = config.eos_token_ids
+        self.max_context = config.max_context
+        self.max_queued = config.max_queued
+        # Told what each iteration did, in one value (the service's metrics read it).
+        self._on_stats = on_stats or (lambda stats: None)
+        self._stats = EngineStats(self.capacity)  # this iteration's, so far
         self._jobs: queue.Queue[Job | object] = queue.Queue()
         self._running_loop: asyncio.Future | None = None  # the worker loop, until it returns
         self._own_executor: ThreadPoolExecutor | None = None
         self._stopping = False
         # The labels of the jobs in the queue (added by `generate`, on the event loop's thread),
-        # and the state last told to `on_state` (the worker derives it once an iteration).
+        # and the state last told (the worker derives it once an iteration).
         self._queued_labels: list[str] = []
+        self._in_flight: dict[str | None, int] = {}  # per tenant, its requests in the engine (event loop)
         self._shown_running: list[str] = []
         self._shown_waiting: list[str] = []
         self._told: tuple[list[str], list[str]] | None = None
@@ -225,9 +235,17 @@ class WorkerEngine:
         if self._own_executor is not None:
             self._own_executor.shutdown(wait=False)
 
-    def admit(self, sequences: int) -> None:
+    def admit(self, sequences: int, tenant: str | None = None) -> None:
         if not self.healthy:
             raise EngineStopped("the engine is not running")
+        if len(self.config.shares) > 1 and tenant is not None:  # each tenant queues apart
+            queued = self._in_flight.get(tenant, 0) - self.capacity  # running rows do not queue
+            if queued + sequences > self.max_queued:
+                raise QueueFull(
+                    f"this tenant is at its queue limit ({self.max_queued} waiting requests); retry later",
+                    code="tenant_queue_full",
+                )
+            return
         if self._queued() + sequences > self.max_queued:
             raise QueueFull(f"the server is at its queue limit ({self.max_queued} waiting requests); retry later")
 
@@ -243,6 +261,7 @@ class WorkerEngine:
         job = Job(request, asyncio.get_running_loop(), asyncio.Queue())
         with self._state_lock:
             self._queued_labels.append(job.label)
+            self._in_flight[request.tenant] = self._in_flight.get(request.tenant, 0) + 1
         self._publish()
         self._jobs.put(job)
         try:
@@ -255,10 +274,12 @@ class WorkerEngine:
                     return
         finally:
             job.cancelled.set()
+            with self._state_lock:
+                self._in_flight[request.tenant] -= 1
 
     # --- adapters (the Engine protocol's; AdapterResidency does the work) ---------------------
 
-    def adapter_state(self, key: str) -> str:
+    def adapter_state(self, key: AdapterKey) -> str:
         return self.residency.state(key) if self.residency is not None else "registered"
 
     def pinned_adapters(self) -> set[str]:
@@ -275,8 +296,9 @@ class WorkerEngine:
             self.residency.unpin(name)
 
     def reload_adapters(self, names: list[str]) -> None:
-        for name in names if self.residency is not None else ():
-            self.residency.want(name)
+        if self.residency is not None:
+            for name in names:
+                self.residency.want(name)
 
     # --- worker thread ------------------------------------------------------------------------
 
@@ -299,6 +321,7 @@ class WorkerEngine:
                 if isinstance(job, Job):
                     job.push(EngineStopped("the engine stopped"))
             self._publish([], [])
+            self._tell()
 
     def _loop(self) -> None:
         raise NotImplementedError
@@ -309,9 +332,10 @@ class WorkerEngine:
         raise NotImplementedError
 
     def _publish(self, running: Iterable[Job] | None = None, waiting: Iterable[Job] | None = None) -> None:
-        """Tell `on_state` the labels of the running jobs and of the waiting ones (those the
-        worker holds, then the queue's), if they changed. The worker derives them once an
-        iteration; None keeps what it last gave (`generate` adds a job to the queue's)."""
+        """The labels of the running jobs and of the waiting ones (those the worker holds, then
+        the queue's), into this iteration's stats if they changed. The worker derives them once
+        an iteration; None keeps what it last gave. Called off the worker (`generate` queued a
+        job), the change is told at once."""
         with self._state_lock:
             if running is not None:
                 self._shown_running = [j.label for j in running]
@@ -321,9 +345,18 @@ class WorkerEngine:
             if state == self._told:
                 return
             self._told = state
-        self._on_state(list(state[0]), list(state[1]), self.capacity)
+        if running is None and waiting is None:
+            self._on_stats(EngineStats(self.capacity, tuple(state[0]), tuple(state[1])))
+        else:
+            self._stats.running, self._stats.waiting = tuple(state[0]), tuple(state[1])
 
-    def _adapter_ready(self, job: Job, busy: set[str]) -> Ready:
+    def _tell(self) -> None:
+        """Hand this iteration's stats to `on_stats` (if anything happened) and start anew."""
+        stats, self._stats = self._stats, EngineStats(self.capacity)
+        if stats:
+            self._on_stats(stats)
+
+    def _adapter_ready(self, job: Job, busy: set[AdapterKey]) -> Ready:
         """Make the job's adapter version resident: GO (`job.slot` names it for the model), WAIT
         (its weights are being read, or every slot is busy) or FAILED (it cannot be loaded: the
         job has its error). `busy`: the keys running rows use."""
@@ -406,7 +439,7 @@ class WorkerEngine:
         except ValueError as exc:  # cannot happen with the mask applied; never fail the batch
             log.error("grammar: %s; ending the sequence", exc)
             done = True
-        self._on_grammar_step(time.perf_counter() - started)
+        self._stats.grammar_seconds.append(time.perf_counter() - started)
         return token, logprobs, done
 
     def _new_row(self, job: Job, budget: int) -> Row:
@@ -434,7 +467,7 @@ class WorkerEngine:
             return True
         row.step += 1
         stop = token in row.stop_ids or complete
-        finish = "stop" if stop else ("length" if row.step >= row.budget else None)
+        finish: EngineFinish | None = "stop" if stop else ("length" if row.step >= row.budget else None)
         self._outbox.post(
             row.job, EngineOutput((token,), logprobs=logprobs, prompt_logprobs=scored, finish_reason=finish)
         )

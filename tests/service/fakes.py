@@ -34,7 +34,7 @@ class ScriptedEngine:
     async def stop(self) -> None:
         self.running = False
 
-    def admit(self, sequences: int) -> None:
+    def admit(self, sequences: int, tenant: str | None = None) -> None:
         if self.overloaded:
             raise QueueFull("queue full")
 

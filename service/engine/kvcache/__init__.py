@@ -154,7 +154,10 @@ def static_kv_unsupported(config: Any, max_context: int | None = None) -> str | 
 
 
 def static_kv_bytes(config: Any, rows: int, positions: int, dtype: Any) -> int:
-    """Bytes of the static KV cache for this many rows and positions."""
-    layers, heads, head_dim = kv_shape(config)
+    """Bytes of the static KV cache for this many rows and positions (a config with a shape)."""
+    shape = kv_shape(config)
+    if shape is None:
+        raise ValueError("the config does not give the cache's shape (layers, KV heads, head size)")
+    layers, heads, head_dim = shape
     size = torch.empty((), dtype=dtype).element_size()
     return layers * 2 * rows * positions * heads * head_dim * size

@@ -21,6 +21,15 @@ from service.engine.packed import Piece
 from service.engine.runner import ModelRunner
 
 
+def cache_grower(cache: DynamicCache):
+    """A packed step's `grow`: append the rows' new column to their cache's layer in place."""
+
+    def grow(layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return cache.layers[layer].update(keys, values)
+
+    return grow
+
+
 class PaddedKV:
     """Left-padded rows in a DynamicCache that grows by one column a step."""
 
@@ -40,7 +49,7 @@ class PaddedKV:
             for layer in cache.layers:
                 layer.keys = layer.keys[..., lead:, :]
                 layer.values = layer.values[..., lead:, :]
-        if self._cache is None:
+        if self._cache is None or self._mask is None:
             cache.layers = [SpareLayer.adopt(layer) for layer in cache.layers]
             self._cache, self._mask = cache, new_mask
             return
@@ -51,10 +60,17 @@ class PaddedKV:
             running.values = torch.cat([pad_left(running.values, width), pad_left(joining.values, width)])
 
     def decode(self, tokens: list[int], positions: list[int], adapters: list[str | None]) -> torch.Tensor:
-        mask = torch.cat([self._mask, self._mask.new_ones((len(tokens), 1))], dim=1)
-        logits = self.runner.decode_batch(tokens, self._cache, mask, positions, adapters)
+        cache, mask = self._batch()
+        mask = torch.cat([mask, mask.new_ones((len(tokens), 1))], dim=1)
+        logits = self.runner.decode_batch(tokens, cache, mask, positions, adapters)
         self._mask = mask
         return logits
+
+    def _batch(self) -> tuple[DynamicCache, torch.Tensor]:
+        """The running rows' cache and mask (the engine steps and retains only when rows run)."""
+        if self._cache is None or self._mask is None:
+            raise RuntimeError("the KV cache holds no rows")
+        return self._cache, self._mask
 
     def step_packed(
         self, tokens: list[int], positions: list[int], adapters: list[str | None], pieces: list[Piece]
@@ -62,15 +78,16 @@ class PaddedKV:
         """`decode` with `pieces` of joining prompts in the same forward pass (packed.py): the
         logits of each row's token, then of each piece's last [rows + pieces, vocab], and each
         piece's KV."""
-        running = cache_layers(self._cache) if tokens else None
-        mask = self._mask if tokens else None
-        logits, grown, done = self.runner.step_packed(running, mask, tokens, positions, adapters, pieces, self._grow)
-        if grown is not None:  # the rows' layers grew themselves, through self._grow
-            self._mask = torch.cat([self._mask, self._mask.new_ones((len(tokens), 1))], dim=1)
+        if not tokens:
+            logits, _, done = self.runner.step_packed(None, None, tokens, positions, adapters, pieces)
+            return logits, done
+        cache, mask = self._batch()
+        logits, grown, done = self.runner.step_packed(
+            cache_layers(cache), mask, tokens, positions, adapters, pieces, cache_grower(cache)
+        )
+        if grown is not None:  # the rows' layers grew themselves, through cache_grower
+            self._mask = torch.cat([mask, mask.new_ones((len(tokens), 1))], dim=1)
         return logits, done
-
-    def _grow(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._cache.layers[layer].update(keys, values)
 
     def retain(self, keep: list[int]) -> list[int]:
         """Drop the other rows, then the columns that are padding in every remaining row; return
@@ -78,13 +95,14 @@ class PaddedKV:
         if not keep:
             self.clear()
             return keep
+        cache, mask = self._batch()
         index = torch.tensor(keep, device=self.runner.device)
-        self._cache.batch_select_indices(index)
-        self._mask = self._mask[index]
-        lead = int(self._mask.argmax(dim=1).min())  # first valid column of the earliest row
+        cache.batch_select_indices(index)
+        mask = self._mask = mask[index]
+        lead = int(mask.argmax(dim=1).min())  # first valid column of the earliest row
         if lead:
-            self._mask = self._mask[:, lead:]
-            for layer in self._cache.layers:
+            self._mask = mask[:, lead:]
+            for layer in cache.layers:
                 layer.keys = layer.keys[..., lead:, :]
                 layer.values = layer.values[..., lead:, :]
         return keep
@@ -99,6 +117,9 @@ class SpareLayer(DynamicLayer):
     buffers, so nothing else can see the spare; when its keys are replaced from outside (rows
     joined, left or cut), they are no longer a view of the buffer, and the next update copies
     them into a new one."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
 
     def __init__(self) -> None:
         super().__init__()
@@ -137,7 +158,7 @@ def _extend(view: torch.Tensor, buffer: torch.Tensor | None, new: torch.Tensor) 
         and view.shape[:-2] == buffer.shape[:-2]
         and length + added <= buffer.shape[-2]
     )
-    if not in_place:
+    if buffer is None or not in_place:
         size = length + added + max(32, (length + added) // 8)
         buffer = view.new_empty((*view.shape[:-2], size, view.shape[-1]))
         buffer[..., :length, :] = view

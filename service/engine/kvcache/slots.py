@@ -97,13 +97,15 @@ class SlotKV:
         # Row r's tokens sit in columns [width - length_r, width): shift each left to column 0.
         shift = (width - lengths).unsqueeze(1)
         columns = (torch.arange(width, device=new_mask.device).unsqueeze(0) + shift).clamp(max=width - 1)
-        heads, dim = self._buffer.shape[-2:]
+        buffer = self._buffer
+        assert buffer is not None  # allocated above
+        heads, dim = buffer.shape[-2:]
         index = columns[:, None, :, None].expand(rows, heads, width, dim)
         start = self.rows
         for layer, source in enumerate(cache.layers):
             for kind, states in enumerate((source.keys, source.values)):
                 aligned = states.gather(2, index.to(states.device))  # [rows, heads, width, dim]
-                self._buffer[layer, kind, start : start + rows, :width] = aligned.transpose(1, 2)
+                buffer[layer, kind, start : start + rows, :width] = aligned.transpose(1, 2)
         self._lengths += lengths.tolist()
         self.rows += rows
 
@@ -118,11 +120,12 @@ class SlotKV:
         order = list(range(count))
         for hole, source in zip(holes, movers, strict=True):
             order[hole] = source
-        if holes:
+        buffer = self._buffer
+        if holes and buffer is not None:
             width = max(self._lengths[s] for s in movers)
-            to = torch.tensor(holes, device=self._buffer.device)
-            source = torch.tensor(movers, device=self._buffer.device)
-            self._buffer[:, :, to, :width] = self._buffer[:, :, source, :width]
+            to = torch.tensor(holes, device=buffer.device)
+            sources = torch.tensor(movers, device=buffer.device)
+            buffer[:, :, to, :width] = buffer[:, :, sources, :width]
         self._lengths = [self._lengths[i] for i in order]
         self.rows = count
         return order
@@ -325,6 +328,7 @@ class _SlotView:
         flat_keys.index_copy_(0, self.write, keys[:, :, 0])  # keys: [rows, kv_heads, 1, head_dim]
         flat_values.index_copy_(0, self.write, values[:, :, 0])
         buffer = self.kv._buffer
+        assert buffer is not None  # a step runs only on rows that joined
         return (
             buffer[layer_idx, 0, : self.rows, : self.width].transpose(1, 2),
             buffer[layer_idx, 1, : self.rows, : self.width].transpose(1, 2),
@@ -354,7 +358,7 @@ class _Step:
         self.inputs = torch.zeros((2, rows), dtype=torch.long, device=device)  # tokens, positions
         self.columns = torch.arange(width, device=device)
         self.slots = torch.arange(rows, device=device) * kv.max_len
-        self.graph = None
+        self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
 
     def load(self, tokens: list[int], positions: list[int]) -> None:
@@ -395,9 +399,9 @@ class _Step:
             for _ in range(2):  # warm-up: kernels chosen, the adapter pool and row masks made
                 self.forward(names, routing=Routing.STATIC)
         torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
+        graph = self.graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(self.graph, pool=pool):
+            with torch.cuda.graph(graph, pool=pool):
                 self.logits = self.forward(names, routing=Routing.CAPTURE)
         except Exception as exc:  # the warm-up ran: the step itself works, its capture does not
             self.graph = None
@@ -408,6 +412,7 @@ class _Step:
             return self.forward(names, routing=Routing.STATIC)
         with self.kv.runner.pool_routing(names):  # the rows' adapters, into the mask buffers
             self.graph.replay()
+        assert self.logits is not None  # the capture's output buffer
         return self.logits
 
 

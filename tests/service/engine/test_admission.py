@@ -15,13 +15,13 @@ PROMPT = (5, 17, 42, 99, 7, 3)
 def engine_over(residency, waits=None, waiting=None):
     """The engine; `waits` gets each slot wait's seconds, `waiting` the adapters waiting now."""
 
-    def on_slot_wait(labels, seconds):
-        if waits is not None and seconds:
-            waits.append(seconds)
-        if waiting is not None and seconds is None:
-            waiting[:] = labels
+    def on_stats(stats):
+        if waits is not None:
+            waits.extend(stats.slot_waits)
+        if waiting is not None and stats.slot_waiters is not None:
+            waiting[:] = stats.slot_waiters
 
-    return batched_engine(residency, on_slot_wait=on_slot_wait)
+    return batched_engine(residency, on_stats=on_stats)
 
 
 async def timed(engine, rid, adapter, tokens, after=lambda: True):
@@ -92,3 +92,32 @@ def test_requests_that_can_run_are_not_held_behind_one_that_waits(tiny, cache_di
     gamma_first = times["gamma"][0]
     assert times["base"][1] < gamma_first and times["alpha2"][1] < gamma_first
     assert times["beta"][1] < gamma_first < times["alpha"][1]  # beta's slot was freed for it
+
+
+async def tenant_timed(engine, rid, tenant, tokens, after=lambda: True):
+    while not after():
+        await asyncio.sleep(0.001)
+    params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+    first = None
+    async for _ in engine.generate(EngineRequest(rid, PROMPT, "alpha", params, tenant=tenant)):
+        first = first or time.monotonic()
+    return rid, first, time.monotonic()
+
+
+def test_a_tenants_flood_leaves_a_row_for_another_tenant(tiny, cache_dir, tmp_path):
+    """Two tenants on one adapter, 4 rows: a's flood takes 3 (the reserve stays free), b's
+    request joins at once, and a's queued requests wait behind it (scheduler.py, _Shares)."""
+    residency = make_residency(tiny, cache_dir, tmp_path, 1)
+    shares = (("a", 1.0, None), ("b", 1.0, None))
+    engine = batched_engine(residency, shares=shares)
+
+    def jobs(engine):
+        flood = [tenant_timed(engine, f"a{i}", "a", 120) for i in range(8)]
+        newcomer = [tenant_timed(engine, "b", "b", 4, after=lambda: engine.running == 3)]
+        return flood + newcomer
+
+    times = run(engine, jobs)
+    b_first, b_end = times["b"]
+    first_wave = sorted(times, key=lambda rid: times[rid][0])[:4]
+    assert "b" in first_wave  # b took the reserved row, before a's fourth
+    assert b_end < min(times[f"a{i}"][1] for i in range(8))  # and finished before any of a's

@@ -210,7 +210,7 @@ def test_admission_is_per_http_request_and_admitted_sequences_are_never_refused(
 @pytest.mark.parametrize("packed", [True, False])
 def test_the_engine_reports_its_prefill_and_decode_time(runner, packed):
     phases = []
-    engine = make(runner, packed_steps=packed, on_phase=lambda phase, seconds: phases.append((phase, seconds)))
+    engine = make(runner, packed_steps=packed, on_stats=lambda stats: phases.extend(stats.phases))
     params = SamplingParams(max_tokens=5, temperature=0.0)
 
     async def body(engine):

@@ -17,8 +17,8 @@ LONG = tuple((i * 7) % 300 + 3 for i in range(200))
 
 def engine(residency, budget, kv="dynamic", packed=True, phases=None):
     """`phases` (a list) records the engine's iteration phases (prefill, decode, packed)."""
-    hook = (lambda phase, seconds: phases.append(phase)) if phases is not None else (lambda phase, seconds: None)
-    return batched_engine(residency, max_prefill_tokens=budget, kv_cache=kv, packed_steps=packed, on_phase=hook)
+    hook = (lambda stats: phases.extend(p for p, _ in stats.phases)) if phases is not None else None
+    return batched_engine(residency, max_prefill_tokens=budget, kv_cache=kv, packed_steps=packed, on_stats=hook)
 
 
 def greedy(tokens):
@@ -126,7 +126,8 @@ def test_a_chunked_prompt_starts_after_a_stored_prefix_and_stores_its_own(tiny, 
 
     looked, phases = [], []
     cache = PrefixCache(64 << 20, on_lookup=lambda hit, tokens: looked.append(tokens))
-    eng = batched_engine(residency, max_prefill_tokens=8, prefix_cache=cache, on_phase=lambda p, s: phases.append(p))
+    hook = lambda stats: phases.extend(p for p, _ in stats.phases)  # noqa: E731
+    eng = batched_engine(residency, max_prefill_tokens=8, prefix_cache=cache, on_stats=hook)
     assert run(eng, body) == run(engine(residency, 4096), body)
     assert looked == [0, 20, len(LONG) - 4]  # whole 4-token blocks, the last token computed
     assert "packed" in phases

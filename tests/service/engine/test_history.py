@@ -20,7 +20,14 @@ from service.engine import EngineRequest, SamplingParams
 from service.engine.prefix import BLOCK, PrefixCache
 from service.engine.runner import ModelRunner
 from service.engine.simple import SimpleEngine
-from tests.factories import batched_engine, emulate_bf16_kernel, make_lora_adapter, make_residency, run_engine
+from tests.factories import (
+    batched_engine,
+    emulate_bf16_kernel,
+    make_lora_adapter,
+    make_residency,
+    run_engine,
+    tiny_config,
+)
 
 PROMPT = tuple(range(40, 40 + 2 * BLOCK)) + (7,)  # two whole blocks, then one token: a rest of one
 OTHERS = [  # what else runs: the same prefix on other adapters, longer prompts, another adapter
@@ -68,7 +75,7 @@ def check_history(residency, history, prompt, others, tolerance):
     serves alpha, beta, gamma (a higher rank: slots rebuilt) and alpha-copy (alpha's files as
     another package) in two slots; `others` are (adapter, prompt) pairs that run meanwhile."""
     prefixes = PrefixCache(64 << 20)
-    simple = SimpleEngine(ModelRunner(residency.lora, "cpu"), eos_token_ids=frozenset(), max_context=256)
+    simple = SimpleEngine(ModelRunner(residency.lora, "cpu"), tiny_config(max_batch_size=1))
     simple.residency = residency
     reference = answer(simple, "alpha", prompt)
 

@@ -170,7 +170,7 @@ def test_every_bucket_is_captured_at_start_and_none_under_traffic(tiny, cache_di
 
     residency = make_residency(tiny, cache_dir, tmp_path, 2)
     captured = []
-    engine = batched_engine(residency, kv_cache="static", on_capture=captured.append)
+    engine = batched_engine(residency, kv_cache="static", on_stats=lambda stats: captured.extend(stats.captures))
     engine.kv_cache.graphs = True
     metrics = Metrics()
     capture_at_start(engine, residency, metrics)

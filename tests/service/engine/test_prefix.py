@@ -125,3 +125,29 @@ def test_a_batch_of_long_hits_and_misses_fits_the_static_cache(tiny, cache_dir, 
     waves = [[("alpha", long + (1,))], [("alpha", long + (2,)), (None, tuple(range(200, 350)))]]
     cache = PrefixCache(64 << 20)
     assert serve(residency, waves, cache, "static") == serve(residency, waves, None, "static")
+
+
+def test_one_tenants_stored_prefixes_never_serve_another(tiny, cache_dir, tmp_path):
+    """The tenant salts the prefix cache's key (vLLM's cache_salt): the same prompt on the same
+    adapter version hits for its own tenant only, and each gets a whole prefill's tokens."""
+    residency = make_residency(tiny, cache_dir, tmp_path, 2)
+    looked: list[tuple[bool, int]] = []
+    cache = PrefixCache(64 << 20, on_lookup=lambda hit, tokens: looked.append((hit, tokens)))
+    engine = batched_engine(residency, prefix_cache=cache)
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    prompt = SHARED + (1, 2, 3)
+
+    async def main():
+        await engine.start()
+        try:
+            out = []
+            for tenant in ("acme", "globex", "acme", None):
+                request = EngineRequest("r", prompt, "alpha", params, tenant=tenant)
+                out.append([t async for o in engine.generate(request) for t in o.token_ids])
+            return out
+        finally:
+            await engine.stop()
+
+    out = asyncio.run(main())
+    assert [hit for hit, _ in looked] == [False, False, True, False]  # acme's own, and only acme's
+    assert out[0] == out[1] == out[2] == out[3]

@@ -19,7 +19,7 @@ from service.engine.batched import BatchedEngine
 from service.engine.residency import AdapterResidency
 from service.engine.runner import ModelRunner
 from service.errors import NotFoundError
-from tests.factories import make_lora_adapter, make_residency
+from tests.factories import make_lora_adapter, make_residency, tiny_config
 
 PROMPT = (5, 17, 42, 99, 7, 3)
 
@@ -269,13 +269,7 @@ def test_engine_loads_on_first_use_without_disturbing_running_sequences(tiny, ca
     registry = AdapterRegistry(adapters, base_id="tiny", base_fingerprint=tiny.fingerprint)
     registry.scan()
     residency = AdapterResidency(registry, base.model, 1, loader=ThreadPoolExecutor(1))
-    engine = BatchedEngine(
-        ModelRunner(base.model, "cpu"),
-        eos_token_ids=frozenset(),
-        max_context=256,
-        residency=residency,
-        max_batch_size=4,
-    )
+    engine = BatchedEngine(ModelRunner(base.model, "cpu"), tiny_config(), residency=residency)
     greedy = SamplingParams(max_tokens=24, temperature=0.0)
 
     async def main():

@@ -6,7 +6,19 @@ from __future__ import annotations
 import pytest
 
 from service.engine.budget import StepBudget
-from service.engine.scheduler import LOOKAHEAD, How, Joining, Snapshot, Tier, Waiting, drain_choice, pieces, plan
+from service.engine.scheduler import (
+    LOOKAHEAD,
+    RESERVE,
+    How,
+    Joining,
+    Share,
+    Snapshot,
+    Tier,
+    Waiting,
+    drain_choice,
+    pieces,
+    plan,
+)
 
 
 def budget(cap=100, slowdown=0.0, span=None, allowance=None) -> StepBudget:
@@ -211,3 +223,69 @@ def test_a_timed_last_piece_leaves_room_for_its_join():
     assert step[0].take == 6 and not step[0].finishes  # 8 left + the join does not fit in 8
     untimed = pieces((Joining(10, computed=2),), 8, timed=False, packs=True, costs=costs)
     assert untimed[0].take == 8 and untimed[0].finishes  # MAX_PREFILL_TOKENS counts tokens' work only
+
+
+# --- tenants: round-robin, fair shares, max_concurrent (TENANTS_FILE) -----------------------------
+
+TWO = {"a": Share(), "b": Share()}
+
+
+def of(tenant, count, size=10):
+    return [job(size, tenant=tenant) for _ in range(count)]
+
+
+def test_without_tenants_the_order_is_fifo():
+    waiting = of("a", 3) + of("b", 1)
+    assert plan(snap(waiting, capacity=8)).admit == (0, 1, 2, 3)
+
+
+def test_tenants_are_taken_round_robin_from_the_one_after_the_last():
+    waiting = of("a", 4) + of("b", 2)
+    step = plan(snap(waiting, capacity=6, shares=TWO, costs=budget(cap=1000)))
+    assert step.admit == (0, 4, 1, 5, 2)  # a, b, a, b, a: a past its 3 leaves the reserve of 1
+    assert step.last_tenant == "a"
+    after_a = plan(snap(waiting, capacity=3, shares=TWO, last_tenant="a", costs=budget(cap=1000)))
+    assert after_a.admit[0] == 4  # b first: a had the last turn
+
+
+def test_a_flood_leaves_a_row_for_another_tenant():
+    """a alone fills all but RESERVE rows; b then gets the free one at once."""
+    flood = plan(snap(of("a", 20), capacity=8, shares=TWO, costs=budget(cap=1000)))
+    assert len(flood.admit) == 8 - RESERVE
+    step = plan(snap(of("a", 5) + of("b", 1), running=["x"] * 7, running_tenants=["a"] * 7, capacity=8, shares=TWO))
+    assert step.admit == (5,)  # b's, past a's five
+
+
+def test_a_tenant_below_its_share_may_take_the_reserve():
+    running = ["x"] * 6
+    tenants = ["a"] * 5 + ["b"]
+    step = plan(snap(of("b", 2), running=running, running_tenants=tenants, capacity=8, shares=TWO))
+    assert step.admit == (0, 1)  # b holds 1 of its 4: it may fill the batch
+
+
+def test_a_tenant_over_its_share_waits_while_others_get_rows():
+    running, tenants = ["x"] * 4, ["a"] * 4
+    step = plan(snap(of("a", 3) + of("b", 3), running=running, running_tenants=tenants, capacity=8, shares=TWO))
+    assert sorted(step.admit) == [3, 4, 5]  # a is at its share (4 of 8) with b active; b takes 3
+    assert plan(snap(of("a", 3), running=running, running_tenants=tenants, capacity=8, shares=TWO)).admit == (0, 1, 2)
+
+
+def test_weights_split_the_fair_share():
+    shares = {"a": Share(weight=3), "b": Share(weight=1)}
+    running, tenants = ["x"] * 6, ["a"] * 6
+    step = plan(snap(of("a", 2) + of("b", 2), running=running, running_tenants=tenants, capacity=8, shares=shares))
+    assert sorted(step.admit) == [2, 3]  # a's share is 6 of 8: b takes the last two
+
+
+def test_max_concurrent_caps_a_tenant_alone_too():
+    shares = {"a": Share(max_concurrent=2), "b": Share()}
+    step = plan(snap(of("a", 4), running=["x"], running_tenants=["a"], capacity=8, shares=shares))
+    assert step.admit == (0,)  # 1 running + 1 = its 2
+
+
+def test_a_capped_tenant_does_not_make_the_others_yield():
+    """b waits at its max_concurrent: a, at its fair share, need not leave rows b cannot take."""
+    shares = {"a": Share(), "b": Share(max_concurrent=1)}
+    running, tenants = ["x"] * 5, ["a"] * 4 + ["b"]
+    step = plan(snap(of("a", 2) + of("b", 2), running=running, running_tenants=tenants, capacity=8, shares=shares))
+    assert step.admit == (0, 1)

@@ -149,15 +149,16 @@ def test_context_limit_ends_generation_with_length(runtime):
 
 
 def test_engine_reports_running_and_waiting_adapters(runtime):
+    from service.engine.config import EngineConfig
     from service.engine.simple import SimpleEngine
 
     states = []
-    engine = SimpleEngine(
-        runtime.engine.runner,
-        eos_token_ids=frozenset(),
-        max_context=256,
-        on_state=lambda running, waiting, capacity: states.append((running, waiting, capacity)),
-    )
+
+    def on_stats(stats):
+        if stats.running is not None:
+            states.append((list(stats.running), list(stats.waiting), stats.capacity))
+
+    engine = SimpleEngine(runtime.engine.runner, EngineConfig(max_context=256), on_stats=on_stats)
 
     async def body(e):
         params = SamplingParams(max_tokens=3, temperature=0.0)
