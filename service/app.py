@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import __version__
-from service.errors import HotswapError, InvalidRequestError, NotFoundError, RequestTooLargeError
+from service.errors import HotswapError, InvalidRequestError, NotFoundError, RateLimited, RequestTooLargeError
 from service.guardrails import GuardrailConfigError, Guardrails
 from service.guardrails import load as load_guardrails
 from service.metrics import Metrics
@@ -35,6 +35,8 @@ from service.serving.errors import HTTPStatusError, error_code, http_error, to_b
 from service.serving.generation import ServingContext
 from service.serving.sse import error_body
 from service.settings import Settings
+from service.tenants import RateLimits, retry_after
+from service.tenants import from_settings as tenants_from
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,7 @@ class ServiceState:
     error: str | None = None
     inflight: int = 0  # API requests accepted and not yet answered to the last byte
     compute: ThreadPoolExecutor | None = None  # loads the model, then runs the engine loop
+    rate_limits: RateLimits | None = None  # the tenants' per-minute buckets
     # Called when the start fails; `python -m service` makes the server exit non-zero.
     on_fatal: Callable[[BaseException], None] = lambda exc: None
 
@@ -66,6 +69,7 @@ class ServiceState:
             max_request_sequences=self.settings.max_request_sequences,
             max_request_tokens=self.settings.max_request_tokens,
             allow_ignore_eos=self.settings.allow_ignore_eos,
+            rate_limits=self.rate_limits,
         )
 
 
@@ -125,6 +129,8 @@ RETRY_AFTER_SECONDS = "1"  # overload and drain are short-lived: come back soon 
 def _error_response(exc: HotswapError) -> JSONResponse:
     status = http_error(exc).status
     headers = {"Retry-After": RETRY_AFTER_SECONDS} if status in (429, 503) else None
+    if isinstance(exc, RateLimited):  # the tenant's bucket says when
+        headers = {"Retry-After": retry_after(exc.retry_after)}
     return JSONResponse(error_body(exc), status_code=status, headers=headers)
 
 
@@ -254,7 +260,7 @@ def build_app(settings: Settings | None = None, runtime: Runtime | None = None) 
     from service.routes import admin, api, lora, ops, tokenizer
 
     settings = settings or Settings()
-    docs = settings.api_docs if settings.api_docs is not None else not settings.api_keys
+    docs = settings.api_docs if settings.api_docs is not None else not (settings.api_keys or settings.tenants_file)
     app = FastAPI(
         title="hotswap",
         version=__version__,
@@ -264,7 +270,9 @@ def build_app(settings: Settings | None = None, runtime: Runtime | None = None) 
         openapi_url="/openapi.json" if docs else None,
     )
     app.state.settings = settings
-    app.state.hotswap = ServiceState(settings=settings)
+    app.state.tenants = tenants_from(settings)  # a bad TENANTS_FILE fails here, before the model loads
+    app.state.rate_limits = RateLimits()
+    app.state.hotswap = ServiceState(settings=settings, rate_limits=app.state.rate_limits)
     app.include_router(api)
     app.include_router(ops)
     app.include_router(admin)

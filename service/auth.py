@@ -13,7 +13,8 @@ import hmac
 
 from fastapi import Request
 
-from service.errors import AuthenticationError, PermissionDeniedError
+from service.errors import AuthenticationError, PermissionDeniedError, RateLimited
+from service.tenants import EVERYONE, Tenant, Tenants, key_id
 
 
 def key_matches(presented: str, keys: list[str]) -> bool:
@@ -45,32 +46,88 @@ def _local_trusted(request: Request) -> bool:
     return host in {f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}"}
 
 
+def tenant_of(request: Request) -> Tenant:
+    """The tenant the request's key belongs to (set by require_api_key)."""
+    return getattr(request.state, "tenant", EVERYONE)
+
+
 async def require_api_key(request: Request) -> None:
-    keys: list[str] = request.app.state.settings.api_keys
-    if not keys or _local_trusted(request):
+    """The caller's tenant (TENANTS_FILE, or API_KEYS as one tenant), into `request.state`;
+    everyone without keys, or on the trusted local listener."""
+    directory: Tenants = request.app.state.tenants
+    request.state.tenant = EVERYONE
+    if not directory.tenants or _local_trusted(request):
         return
     token = _bearer(request)
-    if token is None or not key_matches(token, keys):
+    tenant = directory.authenticate(token) if token is not None else None
+    if tenant is None:
         raise AuthenticationError("a valid API key is required: 'Authorization: Bearer <key>'")
+    request.state.tenant = tenant
+
+
+async def require_quota(request: Request) -> None:
+    """One request from the tenant's requests-per-minute, if its tokens are not spent: else
+    429 with Retry-After (counted per tenant)."""
+    tenant = tenant_of(request)
+    metrics = request.app.state.hotswap.metrics
+    limited = request.app.state.rate_limits.acquire(tenant)
+    if limited is not None:
+        limit, seconds = limited
+        metrics.tenant_limited.labels(tenant.id, limit).inc()
+        raise RateLimited(
+            f"the {limit} per minute of this API key's tenant are spent; retry later", retry_after=seconds
+        )
+    metrics.tenant_requests.labels(tenant.id).inc()
 
 
 async def require_admin_key(request: Request) -> None:
+    """An admin key (every admin action), or the key of a tenant with `admin_adapters` (load,
+    unload and pin of those alone; the routes check the name). The actor, for the audit log,
+    goes into `request.state.actor`: a key's id or a tenant's, never the key."""
     keys: list[str] = request.app.state.settings.admin_api_keys
+    request.state.admin_tenant = None
     if _local_trusted(request):
+        request.state.actor = "local"
+        return
+    token = _bearer(request)
+    if token is not None and keys and key_matches(token, keys):
+        request.state.actor = f"admin key {key_id(token)}"
+        return
+    tenant = request.app.state.tenants.authenticate(token) if token is not None else None
+    if tenant is not None and tenant.admin_adapters:
+        request.state.actor, request.state.admin_tenant = f"tenant {tenant.id}", tenant
         return
     if not keys:
         raise PermissionDeniedError(
             "the admin API is disabled; set HOTSWAP_ADMIN_API_KEYS to enable it", code="admin_disabled"
         )
-    token = _bearer(request)
-    if token is None or not key_matches(token, keys):
-        raise AuthenticationError("a valid admin key is required: 'Authorization: Bearer <key>'")
+    raise AuthenticationError("a valid admin key is required: 'Authorization: Bearer <key>'")
+
+
+def admin_scope(request: Request, adapter: str | None) -> None:
+    """A tenant's admin key may act on the adapters its `admin_adapters` name, and on nothing
+    else (None: a service-wide action such as rescan): PermissionDeniedError otherwise, decided
+    by the name alone, so it tells nothing of what exists."""
+    tenant: Tenant | None = getattr(request.state, "admin_tenant", None)
+    if tenant is None:
+        return
+    if adapter is None:
+        raise PermissionDeniedError("this action needs an admin key; a tenant's key acts on its own adapters")
+    if not tenant.may_admin(adapter):
+        raise PermissionDeniedError(f"this key may not manage an adapter named {adapter!r}", param="lora_name")
 
 
 async def require_metrics_key(request: Request) -> None:
+    """METRICS_REQUIRE_KEY: an API or admin key. Whether the reader sees everything (the admin
+    key, the local listener, or a service with neither keys nor tenants) goes into
+    `request.state.full_metrics`; others get no per-tenant prompt detail."""
     settings = request.app.state.settings
+    token = _bearer(request)
+    admin = token is not None and bool(settings.admin_api_keys) and key_matches(token, settings.admin_api_keys)
+    directory: Tenants = request.app.state.tenants
+    request.state.full_metrics = admin or _local_trusted(request) or not (directory.tenants and directory.multi)
     if not settings.metrics_require_key:
         return
-    token = _bearer(request)
-    if token is None or not key_matches(token, settings.api_keys + settings.admin_api_keys):
-        raise AuthenticationError("/metrics requires an API key: 'Authorization: Bearer <key>'")
+    if admin or (token is not None and directory.authenticate(token) is not None):
+        return
+    raise AuthenticationError("/metrics requires an API key: 'Authorization: Bearer <key>'")

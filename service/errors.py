@@ -12,6 +12,7 @@
     ├── RequestTimeoutError         the request outlived its time limit
     ├── ServiceUnavailableError     the service is starting or draining
     ├── QueueFull                   engine: its queue is at the bound
+    ├── RateLimited                 a tenant is over its requests or tokens per minute
     ├── EngineStopped               engine: not running (stopping, stopped, or failed)
     ├── StepFailed                  engine: a model step failed
     └── GuardrailError              a guardrail hook raised
@@ -79,6 +80,12 @@ class ServiceUnavailableError(HotswapError):
 
 class QueueFull(HotswapError):
     pass
+
+
+class RateLimited(HotswapError):
+    def __init__(self, message: str, *, retry_after: float, code: str = "rate_limit_exceeded"):
+        super().__init__(message, code=code)
+        self.retry_after = retry_after  # seconds until the tenant may send again
 
 
 class EngineStopped(HotswapError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, TypeVar
@@ -11,7 +12,7 @@ from typing import Annotated, TypeVar
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from service.auth import require_admin_key, require_api_key, require_metrics_key
+from service.auth import admin_scope, require_admin_key, require_api_key, require_metrics_key, require_quota, tenant_of
 from service.errors import NotFoundError, RequestTimeoutError, ServiceUnavailableError
 from service.protocol import (
     ChatCompletionRequest,
@@ -37,6 +38,7 @@ from service.serving.generation import ServingContext, Target
 from service.serving.responses import ResponsesServing, to_chat
 from service.serving.sse import DONE, error_body, sse
 from service.serving.tokenization import TokenizerServing
+from service.tenants import NOBODY
 
 _ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 429, 500, 503, 504)}
 # Completions answer JSON, or server-sent events when the request sets `stream`.
@@ -62,7 +64,7 @@ def serving_context(request: Request) -> ServingContext:
         raise ServiceUnavailableError("the service is shutting down; retry on another replica")
     if state.context is None:
         raise ServiceUnavailableError(f"the service is {state.status}; retry shortly")
-    return state.context
+    return state.context.for_tenant(tenant_of(request))
 
 
 Context = Annotated[ServingContext, Depends(serving_context)]
@@ -77,6 +79,7 @@ lora = APIRouter(prefix="/v1", dependencies=[Depends(require_admin_key)], respon
 
 
 T = TypeVar("T")
+audit = logging.getLogger("hotswap.audit")
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that hung up; only metrics see it
 DISCONNECT_POLL_SECONDS = 0.25
 
@@ -140,17 +143,35 @@ def _labelled(request: Request) -> Callable[[Target], None]:
     return label
 
 
-@api.post("/completions", response_model=CompletionResponse, responses=_STREAMS)
+def _audit(request: Request, action: str, target: str, outcome: str = "ok") -> None:
+    """One line per admin action: who (a key's id or a tenant, never the key), what, on what."""
+    audit.info("%s %s %s: %s", getattr(request.state, "actor", "?"), action, target, outcome)
+
+
+async def _audited(request: Request, action: str, target: str, work: Awaitable[T]) -> T:
+    try:
+        result = await work
+    except Exception as exc:
+        _audit(request, action, target, f"refused ({type(exc).__name__}: {exc})")
+        raise
+    _audit(request, action, target)
+    return result
+
+
+Quota = [Depends(require_quota)]  # the generating routes spend the tenant's requests per minute
+
+
+@api.post("/completions", response_model=CompletionResponse, responses=_STREAMS, dependencies=Quota)
 async def create_completion(body: CompletionRequest, request: Request, ctx: Context) -> Response:
     return _respond(await _unless_disconnected(request, CompletionServing(ctx).create(body, _labelled(request))))
 
 
-@api.post("/chat/completions", response_model=ChatCompletionResponse, responses=_STREAMS)
+@api.post("/chat/completions", response_model=ChatCompletionResponse, responses=_STREAMS, dependencies=Quota)
 async def create_chat_completion(body: ChatCompletionRequest, request: Request, ctx: Context) -> Response:
     return _respond(await _unless_disconnected(request, ChatServing(ctx).create(body, _labelled(request))))
 
 
-@api.post("/responses", response_model=ResponseObject, responses=_STREAMS)
+@api.post("/responses", response_model=ResponseObject, responses=_STREAMS, dependencies=Quota)
 async def create_response(body: ResponsesRequest, request: Request, ctx: Context) -> Response:
     """OpenAI's Responses API, stateless: the conversation comes whole in `input`."""
     serving = ResponsesServing(ctx, body)
@@ -175,16 +196,19 @@ _TEXT = {200: {"description": "Success", "content": {"text/plain": {"schema": {"
 
 
 @lora.post("/load_lora_adapter", response_model=None, responses=_TEXT)
-async def load_lora_adapter(body: LoadLoRAAdapterRequest, ctx: Context) -> Response:
+async def load_lora_adapter(body: LoadLoRAAdapterRequest, request: Request, ctx: Context) -> Response:
     """vLLM's: fetch, check and serve an adapter (`load_inplace`: a new version of a served
     name; running requests finish on theirs)."""
-    return PlainTextResponse(await AdapterServing(ctx).load(body))
+    admin_scope(request, body.lora_name)
+    target = f"{body.lora_name} from {body.lora_path}"
+    return PlainTextResponse(await _audited(request, "load", target, AdapterServing(ctx).load(body)))
 
 
 @lora.post("/unload_lora_adapter", response_model=None, responses=_TEXT)
-async def unload_lora_adapter(body: UnloadLoRAAdapterRequest, ctx: Context) -> Response:
+async def unload_lora_adapter(body: UnloadLoRAAdapterRequest, request: Request, ctx: Context) -> Response:
     """vLLM's: stop serving an adapter; running requests on it finish."""
-    return PlainTextResponse(await AdapterServing(ctx).unload(body))
+    admin_scope(request, body.lora_name)
+    return PlainTextResponse(await _audited(request, "unload", body.lora_name, AdapterServing(ctx).unload(body)))
 
 
 @tokenizer.post("/tokenize")
@@ -222,17 +246,19 @@ async def ready(request: Request) -> JSONResponse:
 
 
 @admin.post("/adapters/rescan")
-async def rescan_adapters(ctx: Context) -> JSONResponse:
+async def rescan_adapters(request: Request, ctx: Context) -> JSONResponse:
     """Scan the adapter directory again: new packages are served, removed ones refused, and a
     changed one is a new version (new requests get it; running ones finish on theirs)."""
-    diff = await asyncio.to_thread(ctx.registry.rescan)
+    admin_scope(request, None)
+    diff = await _audited(request, "rescan", "the adapter directory", asyncio.to_thread(ctx.registry.rescan))
     return JSONResponse({**diff, "adapters": [r.as_dict() for r in ctx.registry.records()]})
 
 
 @admin.post("/adapters/{name}/reload")
-async def reload_adapter(name: str, ctx: Context) -> JSONResponse:
+async def reload_adapter(name: str, request: Request, ctx: Context) -> JSONResponse:
     """Re-validate the adapter directory; this adapter's new version, if any, serves next."""
-    await asyncio.to_thread(ctx.registry.rescan)
+    admin_scope(request, None)
+    await _audited(request, "reload", name, asyncio.to_thread(ctx.registry.rescan))
     record = next((r for r in ctx.registry.records() if r.name == name), None)
     if record is None:
         raise NotFoundError(f"the adapter {name!r} does not exist", param="name")
@@ -240,15 +266,21 @@ async def reload_adapter(name: str, ctx: Context) -> JSONResponse:
 
 
 @admin.post("/adapters/{name}/pin")
-async def pin_adapter(name: str, ctx: Context) -> ModelCard:
+async def pin_adapter(name: str, request: Request, ctx: Context) -> ModelCard:
     """Keep the adapter in a device slot: loaded now, never evicted."""
-    return AdapterServing(ctx).pin(name, True)
+    admin_scope(request, name)
+    return await _audited(request, "pin", name, _now(AdapterServing(ctx).pin, name, True))
 
 
 @admin.post("/adapters/{name}/unpin")
-async def unpin_adapter(name: str, ctx: Context) -> ModelCard:
+async def unpin_adapter(name: str, request: Request, ctx: Context) -> ModelCard:
     """Let the adapter be evicted again when its slot is wanted."""
-    return AdapterServing(ctx).pin(name, False)
+    admin_scope(request, name)
+    return await _audited(request, "unpin", name, _now(AdapterServing(ctx).pin, name, False))
+
+
+async def _now(fn: Callable[..., T], *args: object) -> T:
+    return fn(*args)
 
 
 @ops.get(
@@ -258,5 +290,11 @@ async def unpin_adapter(name: str, ctx: Context) -> ModelCard:
     responses={401: {"model": ErrorResponse}},
 )
 async def metrics(request: Request) -> Response:
+    """Whole for the admin key; else as the reader's tenant may see it (Metrics.render)."""
     m = request.app.state.hotswap.metrics
-    return Response(m.render(), media_type=m.content_type)
+    reader = None
+    if not getattr(request.state, "full_metrics", True):
+        token = request.headers.get("authorization", "").partition(" ")[2].strip()
+        reader = request.app.state.tenants.authenticate(token) if token else None
+        reader = reader or NOBODY
+    return Response(m.render(reader), media_type=m.content_type)

@@ -80,13 +80,15 @@ class AdapterServing:
     # --- the model list -----------------------------------------------------------------------
 
     def cards(self) -> list[ModelCard]:
-        ctx = self.ctx
-        cards = [ModelCard(id=ctx.base_id, root=ctx.base_id)]
-        records = ctx.registry.records()
+        """What the caller's tenant may use: the base (if it may) and its adapters, nothing of
+        the others'."""
+        ctx, tenant = self.ctx, self.ctx.tenant
+        cards = [ModelCard(id=ctx.base_id, root=ctx.base_id)] if tenant.base else []
+        records = [r for r in ctx.registry.records() if tenant.may_use(r.name)]
         cards += [self.card(record) for record in records]
         served = {r.name for r in records}
         for name, source in ctx.registry.loading().items():
-            if name not in served:
+            if name not in served and tenant.may_use(name):
                 cards.append(ModelCard(id=name, parent=ctx.base_id, root=source, state="loading"))
         return cards
 

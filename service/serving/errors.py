@@ -33,6 +33,7 @@ HTTP_ERRORS: dict[type[errors.HotswapError], HttpError] = {
     errors.NotFoundError: HttpError(404, "invalid_request_error", "model_not_found"),
     errors.RequestTooLargeError: HttpError(413, "invalid_request_error", "request_too_large"),
     errors.QueueFull: HttpError(429, "rate_limit_error", "queue_full"),
+    errors.RateLimited: HttpError(429, "rate_limit_error", "rate_limit_exceeded"),
     errors.ServiceUnavailableError: HttpError(503, "service_unavailable"),
     errors.EngineStopped: HttpError(503, "service_unavailable"),
     errors.RequestTimeoutError: HttpError(504, "timeout", "request_timeout"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -22,7 +23,7 @@ import anyio.to_thread
 from service.adapters.manifest import AdapterManifest
 from service.adapters.registry import AdapterRegistry
 from service.engine import BASE, Engine, EngineRequest, SamplingParams, TokenLogprob
-from service.errors import AdapterUnavailable, InvalidRequestError, NotFoundError
+from service.errors import AdapterUnavailable, InvalidRequestError, NotFoundError, QueueFull
 from service.grammar import JSON_OBJECT, Grammar, GrammarCompiler, GrammarError
 from service.guardrails import ActionRecord, GuardedOutput, GuardedRequest, Guardrails, Message
 from service.guardrails.base import Blocked, RetryRequested
@@ -31,6 +32,7 @@ from service.metrics import Metrics
 from service.serving.specials import SpecialText
 from service.serving.text import IncrementalDecoder, StopMatcher
 from service.serving.tools import detect_format
+from service.tenants import EVERYONE, RateLimits, Tenant
 
 OFFLOAD_THREADS = 2  # threads for a request's input work off the event loop (ServingContext.offload)
 
@@ -49,6 +51,24 @@ class ServingContext:
     max_request_tokens: int = 0  # the sum of max_tokens over a request's sequences (0: no bound)
     allow_ignore_eos: bool = True
     grammars: GrammarCompiler | None = None  # structured outputs; made from the tokenizer if None
+    tenant: Tenant = EVERYONE  # the caller's (for_tenant): what it may use, whose quota it spends
+    rate_limits: RateLimits | None = None  # tokens are charged to the tenant's per-minute budget
+
+    def for_tenant(self, tenant: Tenant) -> ServingContext:
+        """This context for one caller's request: the same service, seen as `tenant` sees it."""
+        if tenant is self.tenant:
+            return self
+        view = copy.copy(self)
+        view.tenant = tenant
+        return view
+
+    def charge(self, kind: str, tokens: int) -> None:
+        """Count the tenant's tokens (its metrics, and its tokens per minute)."""
+        if tokens <= 0:
+            return
+        self.metrics.tenant_tokens.labels(self.tenant.id, kind).inc(tokens)
+        if self.rate_limits is not None:
+            self.rate_limits.charge(self.tenant, tokens)
 
     async def offload(self, fn: Callable[..., Any], *args: Any) -> Any:
         """`fn(*args)` on one of OFFLOAD_THREADS threads, off the event loop: tokenizing,
@@ -143,13 +163,14 @@ def resolve_target(model: str, adapter: str | None, ctx: ServingContext) -> Targ
 
     There is never a silent fallback to the base.
     """
+    tenant = ctx.tenant
     if adapter is not None:
-        if adapter == BASE:
+        if adapter == BASE and tenant.base:
             return Target(model_name=ctx.base_id)
         return _adapter_target(adapter, ctx, param="adapter")
-    if model in ctx.registry:
+    if model in ctx.registry and tenant.may_use(model):
         return _adapter_target(model, ctx, param="model")
-    if model == ctx.base_id:
+    if model == ctx.base_id and tenant.base:
         return Target(model_name=ctx.base_id)
     # No list of what is served: a caller may see only what GET /v1/models shows it (tenants),
     # and a 404 should not hand every name to a scanner (security review L5).
@@ -157,7 +178,11 @@ def resolve_target(model: str, adapter: str | None, ctx: ServingContext) -> Targ
 
 
 def _adapter_target(name: str, ctx: ServingContext, *, param: str) -> Target:
+    """The adapter's target; an adapter the tenant may not use is a 404 worded exactly as for
+    one that does not exist (a 403 would tell it exists)."""
     try:
+        if not ctx.tenant.may_use(name):
+            raise NotFoundError(f"the adapter {name!r} does not exist")
         record = ctx.registry.get(name)
     except NotFoundError as exc:
         raise exc.about(param) from None
@@ -369,6 +394,7 @@ async def _generate(
         params=spec.params,
         admitted=True,  # run_choices admitted the whole HTTP request
         adapter_version=target.version,
+        tenant=ctx.tenant.id,
     )
     generated, finished, last = 0, False, started
     stream = ctx.engine.generate(request)
@@ -406,6 +432,7 @@ async def _generate(
         exc.about("adapter")
         raise
     finally:
+        ctx.charge("completion", generated)
         if not finished:  # a finished one's tokens were counted where it finished
             if control is not None and control.filtered:
                 ctx.metrics.generation_tokens.labels(target.label).inc(generated)
@@ -419,7 +446,11 @@ async def run_choices(specs: list[ChoiceSpec], target: Target, ctx: ServingConte
     The whole request is admitted first: a 429 comes before any response starts, never in the
     middle of one; its choices, and a guardrail's retry of one, then run without the bound.
     """
-    ctx.engine.admit(len(specs))
+    try:
+        ctx.engine.admit(len(specs), ctx.tenant.id)
+    except QueueFull:
+        ctx.metrics.tenant_limited.labels(ctx.tenant.id, "queue").inc()
+        raise
     started = time.perf_counter()
     if len(specs) == 1:
         async for event in _run_choice(specs[0], target, ctx, started):

@@ -167,6 +167,7 @@ class EndpointServing(ABC):
         ]
         for ids in prompts.ids:
             ctx.metrics.prompt_tokens.labels(target.label).inc(len(ids))
+            ctx.charge("prompt", len(ids))
         # Each prompt is counted once, however many choices sample from it (OpenAI's usage).
         prompt_tokens = sum(len(ids) for ids in prompts.ids)
         usage = UsageInfo(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens)
