@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 
 from service.engine import PEFT_BASE, EngineRequest, SamplingParams
 from service.engine.batched import BatchedEngine
+from service.engine.config import EngineConfig
 from service.engine.runner import ModelRunner
 from service.metrics import Metrics
 from service.runtime import load_runtime
@@ -74,13 +75,8 @@ def batched_vs_single(adapter_dir, cache_dir, quantization, kv_cache="dynamic"):
     settings = Settings(quantization=quantization, device="cpu", adapter_dir=adapter_dir, cache_dir=cache_dir)
     runtime = preload_adapters(load_runtime(settings, Metrics()), ("a1", "a2"))
     runner, tok = runtime.engine.runner, runtime.tokenizer
-    engine = BatchedEngine(
-        runner,
-        eos_token_ids=frozenset(),
-        max_context=2048,
-        max_batch_size=8,
-        kv_cache="static" if kv_cache == "graphs" else kv_cache,
-    )
+    config = EngineConfig(max_context=2048, max_batch_size=8, kv_cache="static" if kv_cache == "graphs" else kv_cache)
+    engine = BatchedEngine(runner, config)
     if kv_cache == "graphs":  # the CUDA-graph path's buckets and static routing, replayed eagerly
         engine.kv_cache.graphs = True
     prompts = [tok(p).input_ids for p in PROMPTS]
@@ -175,11 +171,11 @@ def test_nf4_mixed_batch_matches_peft_on_the_same_kernel_path(adapter_dir, cache
     runner = ModelRunner(model, "cpu", fused_lora=False)
     queued = threading.Event()
 
-    def on_state(running, waiting, capacity):
-        if len(waiting) == len(PROMPTS):
+    def on_stats(stats):
+        if stats.waiting is not None and len(stats.waiting) == len(PROMPTS):
             queued.set()
 
-    engine = BatchedEngine(runner, eos_token_ids=frozenset(), max_context=2048, max_batch_size=8, on_state=on_state)
+    engine = BatchedEngine(runner, EngineConfig(max_context=2048, max_batch_size=8), on_stats=on_stats)
     prompts = [tok(p).input_ids for p in PROMPTS]
 
     async def main():

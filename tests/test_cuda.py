@@ -163,12 +163,12 @@ MIXED = [
 
 def test_static_kv_with_cuda_graphs_is_token_identical_on_cuda_fp32(tiny, cache_dir):
     from service.engine.batched import BatchedEngine
+    from service.engine.config import EngineConfig
 
     runtime = preload_adapters(load_runtime(settings(tiny, cache_dir, "fp32"), Metrics()))
     runner = runtime.engine.runner
-    engine = BatchedEngine(
-        runner, eos_token_ids=frozenset(), max_context=256, max_batch_size=4, kv_cache="static", cuda_graphs=True
-    )
+    config = EngineConfig(max_context=256, max_batch_size=4, kv_cache="static", cuda_graphs=True)
+    engine = BatchedEngine(runner, config)
 
     async def main():
         await engine.start()
