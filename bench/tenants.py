@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     adapters = (names[0], names[0] if args.shared_adapter else names[1])
     env = {
         "HOTSWAP_MAX_REQUEST_SEQUENCES": str(args.flood_prompts * args.flood_n),
-        "HOTSWAP_MAX_REQUEST_TOKENS": "0",
+        "HOTSWAP_MAX_REQUEST_TOKENS": str(args.flood_prompts * args.flood_n * args.flood_tokens),
         "HOTSWAP_MAX_QUEUED_REQUESTS": str(args.flood_prompts * args.flood_n + args.probes),
         "HOTSWAP_PREFIX_CACHE_MB": "0",
     }
