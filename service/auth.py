@@ -14,7 +14,7 @@ import hmac
 from fastapi import Request
 
 from service.errors import AuthenticationError, PermissionDeniedError, RateLimited
-from service.tenants import EVERYONE, Tenant, Tenants, key_id
+from service.tenants import EVERYONE, NOBODY, Tenant, Tenants, key_id
 
 
 def key_matches(presented: str, keys: list[str]) -> bool:
@@ -118,16 +118,15 @@ def admin_scope(request: Request, adapter: str | None) -> None:
 
 
 async def require_metrics_key(request: Request) -> None:
-    """METRICS_REQUIRE_KEY: an API or admin key. Whether the reader sees everything (the admin
-    key, the local listener, or a service with neither keys nor tenants) goes into
-    `request.state.full_metrics`; others get no per-tenant prompt detail."""
+    """METRICS_REQUIRE_KEY: an API or admin key. Who reads goes into `request.state.metrics_reader`:
+    None (everything) for the admin key, the local listener, or a service without two tenants;
+    else the key's tenant (NOBODY without one), which sees no other tenant's detail."""
     settings = request.app.state.settings
     token = _bearer(request)
     admin = token is not None and bool(settings.admin_api_keys) and key_matches(token, settings.admin_api_keys)
     directory: Tenants = request.app.state.tenants
-    request.state.full_metrics = admin or _local_trusted(request) or not (directory.tenants and directory.multi)
-    if not settings.metrics_require_key:
-        return
-    if admin or (token is not None and directory.authenticate(token) is not None):
-        return
-    raise AuthenticationError("/metrics requires an API key: 'Authorization: Bearer <key>'")
+    tenant = directory.authenticate(token) if token is not None and not admin else None
+    full = admin or _local_trusted(request) or not directory.multi
+    request.state.metrics_reader = None if full else (tenant or NOBODY)
+    if settings.metrics_require_key and not (admin or tenant is not None):
+        raise AuthenticationError("/metrics requires an API key: 'Authorization: Bearer <key>'")

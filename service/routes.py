@@ -38,7 +38,6 @@ from service.serving.generation import ServingContext, Target
 from service.serving.responses import ResponsesServing, to_chat
 from service.serving.sse import DONE, error_body, sse
 from service.serving.tokenization import TokenizerServing
-from service.tenants import NOBODY
 
 _ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 429, 500, 503, 504)}
 # Completions answer JSON, or server-sent events when the request sets `stream`.
@@ -292,9 +291,4 @@ async def _now(fn: Callable[..., T], *args: object) -> T:
 async def metrics(request: Request) -> Response:
     """Whole for the admin key; else as the reader's tenant may see it (Metrics.render)."""
     m = request.app.state.hotswap.metrics
-    reader = None
-    if not getattr(request.state, "full_metrics", True):
-        token = request.headers.get("authorization", "").partition(" ")[2].strip()
-        reader = request.app.state.tenants.authenticate(token) if token else None
-        reader = reader or NOBODY
-    return Response(m.render(reader), media_type=m.content_type)
+    return Response(m.render(request.state.metrics_reader), media_type=m.content_type)
