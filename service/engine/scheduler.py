@@ -268,16 +268,18 @@ class _Shares:
         self.rows = len(snapshot.running) + len(snapshot.joining)
         self.full: set[str | None] = set()
         self.last: str | None = None
+        self.wanting: set[str | None] = set()
+        self.fair: dict[str | None, float] = {}
+        self.guaranteed: dict[str | None, float] = {}
+        if not self.on:  # no tenant rules: nothing more to work out
+            return
         wanting = {w.tenant for w in snapshot.waiting if not w.cancelled}
         active = {t for t, n in self.held.items() if n} | wanting
         self.wanting = {t for t in wanting if not self._capped(t)}  # those that could take a row
-        self.fair: dict[str | None, float] = {t: snapshot.capacity * self._share(t).weight for t in active}
         total = sum(self._share(t).weight for t in active) or 1.0
-        self.fair = {t: f / total for t, f in self.fair.items()}
+        self.fair = {t: snapshot.capacity * self._share(t).weight / total for t in active}
         everyone = sum(s.weight for s in snapshot.shares.values()) or 1.0
-        self.guaranteed: dict[str | None, float] = {
-            t: snapshot.capacity * s.weight / everyone for t, s in snapshot.shares.items()
-        }
+        self.guaranteed = {t: snapshot.capacity * s.weight / everyone for t, s in snapshot.shares.items()}
 
     def _share(self, tenant: str | None) -> Share:
         return self.snapshot.shares.get(tenant, Share()) if tenant is not None else Share()
