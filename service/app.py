@@ -31,6 +31,7 @@ from service.names import BASE
 from service.request_id import HEADER as REQUEST_ID_HEADER
 from service.request_id import RequestIdMiddleware
 from service.runtime import Runtime, load_runtime
+from service.serving.adapters import AdapterServing
 from service.serving.errors import HTTPStatusError, error_code, http_error, to_body
 from service.serving.generation import ServingContext
 from service.serving.sse import error_body
@@ -70,6 +71,8 @@ class ServiceState:
             max_request_tokens=self.settings.max_request_tokens,
             allow_ignore_eos=self.settings.allow_ignore_eos,
             rate_limits=self.rate_limits,
+            quantization=self.settings.quantization,
+            gate=self.settings.adapter_gate,
         )
 
 
@@ -86,6 +89,7 @@ async def _start(state: ServiceState, runtime: Runtime | None) -> None:
         check_adapters_named(guardrails, runtime)
         await runtime.engine.start(compute)  # None: the engine makes its own thread
         state.serve(runtime, guardrails)
+        await AdapterServing(state.context).gate_all()  # before any request: the status is "starting"
         state.status = "ready"
         log.info("ready: serving %s", runtime.base_id)
     except Exception as exc:
@@ -192,7 +196,11 @@ def _install_error_handlers(app: FastAPI) -> None:
 # ------------------------------------------------------------------------------------------------
 # Request metrics, counted after the last byte (streams included).
 
-_COUNTED_PATHS = {"/v1/completions": "completions", "/v1/chat/completions": "chat_completions"}
+_COUNTED_PATHS = {
+    "/v1/completions": "completions",
+    "/v1/chat/completions": "chat_completions",
+    "/v1/responses": "responses",
+}
 
 
 class RequestMetricsMiddleware:
@@ -219,9 +227,29 @@ class RequestMetricsMiddleware:
             await self.app(scope, receive, send_and_watch)
         finally:
             self.state.inflight -= 1
-            adapter = scope.get("state", {}).get("adapter", "none")
+            labels = scope.get("state", {})
+            adapter, seconds = labels.get("adapter", "none"), time.perf_counter() - started
             self.metrics.requests.labels(endpoint, adapter, str(status)).inc()
-            self.metrics.request_duration.labels(endpoint, adapter).observe(time.perf_counter() - started)
+            self.metrics.request_duration.labels(endpoint, adapter).observe(seconds)
+            if labels.get("version"):
+                self._count_version(adapter, labels, status >= 500 or labels.get("failed", False), seconds)
+
+    def _count_version(self, adapter: str, labels: dict, failed: bool, seconds: float) -> None:
+        """Per-version metrics, and the canary's automatic rollback (CANARY_ERROR_MARGIN)."""
+        version, role = labels["version"], labels.get("role") or "stable"
+        self.metrics.version_requests.labels(adapter, version, role, "error" if failed else "ok").inc()
+        self.metrics.version_latency.labels(adapter, version, role).observe(seconds)
+        context, settings = self.state.context, self.state.settings
+        if context is None:
+            return
+        dropped = context.registry.observe(
+            adapter, role, failed, margin=settings.canary_error_margin, min_requests=settings.canary_min_requests
+        )
+        if dropped is not None:
+            canary, reason = dropped
+            self.metrics.rollbacks.labels(adapter, "automatic").inc()
+            self.metrics.canary_traffic.labels(adapter, canary).set(0)
+            logging.getLogger("hotswap.audit").warning("hotswap rollback %s (canary %s): %s", adapter, canary, reason)
 
 
 class BodyLimitMiddleware:

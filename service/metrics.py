@@ -144,6 +144,41 @@ class Metrics:
             ["tenant", "limit"],
             registry=r,
         )
+        # Per adapter version (canary releases): the labels are served versions, 16 hex digits.
+        self.version_requests = Counter(
+            "hotswap_adapter_version_requests",
+            "Requests answered by each adapter version, by role (stable, canary) and outcome (ok, error).",
+            ["adapter", "version", "role", "outcome"],
+            registry=r,
+        )
+        self.version_latency = Histogram(
+            "hotswap_adapter_version_request_duration_seconds",
+            "Time from request to last byte, per adapter version and role.",
+            ["adapter", "version", "role"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.version_tokens = Counter(
+            "hotswap_adapter_version_tokens",
+            "Tokens per adapter version and role, by kind (prompt, completion).",
+            ["adapter", "version", "role", "kind"],
+            registry=r,
+        )
+        self.canary_traffic = Gauge(
+            "hotswap_adapter_canary_traffic",
+            "The canary version's share of its adapter's requests.",
+            ["adapter", "version"],
+            registry=r,
+        )
+        self.gate_checks = Counter(
+            "hotswap_adapter_gate_checks",
+            "Adapter versions checked by the load gate, by outcome (passed, refused, skipped).",
+            ["adapter", "outcome"],
+            registry=r,
+        )
+        self.rollbacks = Counter(
+            "hotswap_adapter_rollbacks", "Rollbacks, by trigger (admin, automatic).", ["adapter", "trigger"], registry=r
+        )
         self.resident_adapters = Gauge("hotswap_resident_adapters", "Adapters loaded on the base model.", registry=r)
         self.running = Gauge("hotswap_running_requests", "Requests the engine is generating for now.", registry=r)
         self.batch_utilization = Gauge(

@@ -421,6 +421,8 @@ class CompletionResponse(BaseModel):
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
     choices: list[CompletionChoice]
+    # The adapter version that answered (X-Adapter-Version; None: the base).
+    system_fingerprint: str | None = None
     usage: UsageInfo | None = None
     guardrails: list[dict[str, Any]] | None = GuardrailsField
 
@@ -485,6 +487,8 @@ class ChatCompletionResponse(BaseModel):
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
     choices: list[ChatChoice]
+    # The adapter version that answered (X-Adapter-Version; None: the base).
+    system_fingerprint: str | None = None
     usage: UsageInfo | None = None
     guardrails: list[dict[str, Any]] | None = GuardrailsField
 
@@ -495,6 +499,8 @@ class ChatCompletionChunk(BaseModel):
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
     choices: list[ChatStreamChoice]
+    # The adapter version that answered (X-Adapter-Version; None: the base).
+    system_fingerprint: str | None = None
     usage: UsageInfo | None = None
     guardrails: list[dict[str, Any]] | None = GuardrailsField
 
@@ -516,6 +522,10 @@ class ModelCard(BaseModel):
     root: str | None = None
     version: str | None = None
     state: Literal["registered", "loading", "resident", "cached", "failed"] | None = None
+    # Its releases (service.adapters.release): {"canary": {version, traffic} | None, "previous":
+    # the version a rollback returns to, "gating": a version being checked, "refused":
+    # {version, error} of the last version the gate refused}.
+    release: dict[str, Any] | None = None
     pinned: bool | None = None
     error: str | None = None
 
@@ -538,6 +548,17 @@ class LoadLoRAAdapterRequest(BaseModel):
     lora_path: str = Field(min_length=1, max_length=4096)
     load_inplace: bool = False
     base_model_name: str | None = None  # the lora-syncer sends it: checked against the base
+    # --- hotswap extensions ----------------------------------------------------------------
+    traffic: float | None = Field(
+        None, gt=0.0, lt=1.0, description="Serve this version as a canary for this share of the name's requests."
+    )
+    gate: bool = Field(True, description="false: skip the load gate (logged); for emergencies.")
+
+
+class CanaryTraffic(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    traffic: float = Field(gt=0.0, lt=1.0, description="The canary's share of the adapter's requests.")
 
 
 class UnloadLoRAAdapterRequest(BaseModel):

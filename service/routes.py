@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from service.auth import admin_scope, require_admin_key, require_api_key, require_metrics_key, require_quota, tenant_of
 from service.errors import NotFoundError, RequestTimeoutError, ServiceUnavailableError
 from service.protocol import (
+    CanaryTraffic,
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionRequest,
@@ -125,19 +126,39 @@ async def _until(stream: AsyncIterator[str], deadline: float, limit: float) -> A
             yield frame
 
 
-def _respond(result: object) -> Response:
+VERSION_HEADER = "X-Adapter-Version"
+
+
+def _respond(result: object, request: Request) -> Response:
+    """The response, saying which adapter version answered (X-Adapter-Version)."""
+    version = getattr(request.state, "version", None)
+    headers = {VERSION_HEADER: version} if version else {}
     if isinstance(result, Response):
+        result.headers.update(headers)
         return result
     if isinstance(result, AsyncIterator):
-        return StreamingResponse(result, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-    return JSONResponse(result.model_dump(mode="json"))
+        headers["Cache-Control"] = "no-cache"
+        return StreamingResponse(_watched(result, request), media_type="text/event-stream", headers=headers)
+    return JSONResponse(result.model_dump(mode="json"), headers=headers)
+
+
+async def _watched(frames: AsyncIterator[str], request: Request) -> AsyncIterator[str]:
+    """A stream's frames; one that ends in an error event counts as a failed request (the
+    status is 200 by then), for the per-version metrics and the canary's automatic rollback."""
+    async with contextlib.aclosing(frames):
+        async for frame in frames:
+            if frame.startswith('data: {"error"'):
+                request.state.failed = True
+            yield frame
 
 
 def _labelled(request: Request) -> Callable[[Target], None]:
-    """Told the resolved model: the request's metrics are labelled with it."""
+    """Told the resolved model: the request's metrics are labelled with it and its version."""
 
     def label(target: Target) -> None:
         request.state.adapter = target.label
+        request.state.version = target.version
+        request.state.role = target.role
 
     return label
 
@@ -162,19 +183,22 @@ Quota = [Depends(require_quota)]  # the generating routes spend the tenant's req
 
 @api.post("/completions", response_model=CompletionResponse, responses=_STREAMS, dependencies=Quota)
 async def create_completion(body: CompletionRequest, request: Request, ctx: Context) -> Response:
-    return _respond(await _unless_disconnected(request, CompletionServing(ctx).create(body, _labelled(request))))
+    work = CompletionServing(ctx).create(body, _labelled(request))
+    return _respond(await _unless_disconnected(request, work), request)
 
 
 @api.post("/chat/completions", response_model=ChatCompletionResponse, responses=_STREAMS, dependencies=Quota)
 async def create_chat_completion(body: ChatCompletionRequest, request: Request, ctx: Context) -> Response:
-    return _respond(await _unless_disconnected(request, ChatServing(ctx).create(body, _labelled(request))))
+    work = ChatServing(ctx).create(body, _labelled(request))
+    return _respond(await _unless_disconnected(request, work), request)
 
 
 @api.post("/responses", response_model=ResponseObject, responses=_STREAMS, dependencies=Quota)
 async def create_response(body: ResponsesRequest, request: Request, ctx: Context) -> Response:
     """OpenAI's Responses API, stateless: the conversation comes whole in `input`."""
     serving = ResponsesServing(ctx, body)
-    return _respond(await _unless_disconnected(request, serving.create(to_chat(body), _labelled(request))))
+    work = serving.create(to_chat(body), _labelled(request))
+    return _respond(await _unless_disconnected(request, work), request)
 
 
 @api.get("/models")
@@ -249,7 +273,7 @@ async def rescan_adapters(request: Request, ctx: Context) -> JSONResponse:
     """Scan the adapter directory again: new packages are served, removed ones refused, and a
     changed one is a new version (new requests get it; running ones finish on theirs)."""
     admin_scope(request, None)
-    diff = await _audited(request, "rescan", "the adapter directory", asyncio.to_thread(ctx.registry.rescan))
+    diff = await _audited(request, "rescan", "the adapter directory", AdapterServing(ctx).rescan())
     return JSONResponse({**diff, "adapters": [r.as_dict() for r in ctx.registry.records()]})
 
 
@@ -257,11 +281,34 @@ async def rescan_adapters(request: Request, ctx: Context) -> JSONResponse:
 async def reload_adapter(name: str, request: Request, ctx: Context) -> JSONResponse:
     """Re-validate the adapter directory; this adapter's new version, if any, serves next."""
     admin_scope(request, None)
-    await _audited(request, "reload", name, asyncio.to_thread(ctx.registry.rescan))
+    await _audited(request, "reload", name, AdapterServing(ctx).rescan())
     record = next((r for r in ctx.registry.records() if r.name == name), None)
     if record is None:
         raise NotFoundError(f"the adapter {name!r} does not exist", param="name")
     return JSONResponse(record.as_dict())
+
+
+@admin.post("/adapters/{name}/promote")
+async def promote_adapter(name: str, request: Request, ctx: Context) -> ModelCard:
+    """The canary becomes the stable version: every new request gets it at once."""
+    admin_scope(request, name)
+    return await _audited(request, "promote", name, _now(AdapterServing(ctx).promote, name))
+
+
+@admin.post("/adapters/{name}/rollback")
+async def rollback_adapter(name: str, request: Request, ctx: Context) -> ModelCard:
+    """Drop the canary, or with none return to the version the last promotion or in-place load
+    replaced: new requests get the old version at once; running ones finish on theirs."""
+    admin_scope(request, name)
+    return await _audited(request, "rollback", name, _now(AdapterServing(ctx).rollback, name))
+
+
+@admin.post("/adapters/{name}/traffic")
+async def set_canary_traffic(name: str, body: CanaryTraffic, request: Request, ctx: Context) -> ModelCard:
+    """Change the canary's share of the name's requests."""
+    admin_scope(request, name)
+    target = f"{name} to {body.traffic:g}"
+    return await _audited(request, "traffic", target, _now(AdapterServing(ctx).traffic, name, body.traffic))
 
 
 @admin.post("/adapters/{name}/pin")

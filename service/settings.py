@@ -162,6 +162,22 @@ class Settings(BaseSettings):
     max_adapter_bytes: int = Field(
         2 << 30, ge=1024, description="Largest adapter package (its three files) a load accepts."
     )
+    adapter_gate: bool = Field(
+        True,
+        description="Gate every adapter version before it serves (at start, on rescan and load): it "
+        "must change the base's outputs and reproduce its golden prompts (docs/adapters.md). false "
+        "skips the gate, with a warning per version.",
+    )
+    canary_error_margin: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="Roll a canary back automatically when its error rate exceeds the stable "
+        "version's by more than this (e.g. 0.05); unset: only the admin rolls back.",
+    )
+    canary_min_requests: int = Field(
+        20, ge=1, description="Canary requests needed before CANARY_ERROR_MARGIN may roll it back."
+    )
     admin_local_port: int = Field(
         0,
         ge=0,

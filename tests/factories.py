@@ -295,7 +295,12 @@ def make_client(tiny, tokenizer, *, engine=None, **settings):
     from service.settings import Settings
     from tests.service.fakes import ScriptedEngine
 
-    registry = AdapterRegistry(tiny.adapter_dir, base_id="tiny", base_fingerprint=tiny.fingerprint)
+    registry = AdapterRegistry(
+        tiny.adapter_dir,
+        base_id="tiny",
+        base_fingerprint=tiny.fingerprint,
+        allowed_sources=settings.get("adapter_sources", ()),
+    )
     registry.scan()
     engine = engine or ScriptedEngine(tokenizer)
     runtime = Runtime(engine, tokenizer, registry, "tiny", max_context=64)

@@ -77,6 +77,37 @@ class OutputSpec(BaseModel):
         return self
 
 
+class GoldenPrompt(BaseModel):
+    """One prompt the trained adapter answered at publish time, greedy, with the log-probability
+    of each token it chose: the gate (service.adapters.gate) scores the same tokens on the
+    served base and compares."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str
+    output: str
+    prompt_ids: list[int] = Field(min_length=1, max_length=4096)
+    output_ids: list[int] = Field(min_length=1, max_length=1024)
+    logprobs: list[float]
+
+    @model_validator(mode="after")
+    def _one_logprob_per_token(self) -> GoldenPrompt:
+        if len(self.logprobs) != len(self.output_ids):
+            raise ValueError("golden logprobs must hold one value per output token")
+        return self
+
+
+class Evaluation(BaseModel):
+    """What `python -m training ... --publish` measured, on the base as the service loads it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    quantization: str  # the base's, as the golden outputs and losses were computed on it
+    held_out: dict[str, float] = Field(default_factory=dict)  # records, loss_base, loss_adapter, reduction
+    task: dict[str, float] = Field(default_factory=dict)  # the task's metric (schema: valid_rate, named_rate)
+    golden: list[GoldenPrompt] = Field(default_factory=list, max_length=64)
+
+
 MAX_RENDERED = 1 << 20  # characters a template's arithmetic may make, and a prompt may render to
 
 
@@ -120,6 +151,7 @@ class AdapterManifest(BaseModel):
     output: OutputSpec = Field(default_factory=OutputSpec)
     training: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict)
+    evaluation: Evaluation | None = None  # the publish step's record; the gate checks it
 
     @field_validator("name")
     @classmethod

@@ -14,6 +14,12 @@ new version under a live name makes the new version current at once (new request
 it), while the records of earlier versions stay known by their key, `name@version`, so requests
 that resolved to one finish on it. The engine's adapter tiers (`service.engine.residency`) key
 everything by that key, so nothing computed with one version is ever used for another.
+
+Releases (`service.adapters.release`): a name's current version is its stable one; a version
+loaded with a traffic share is its canary until promoted or rolled back, and the version a
+promotion or a replacement displaced is kept for one rollback. A version is first *staged*
+(fetched, checked, known by its key so the engine can load it, answering no request), then the
+serving layer gates it (`service.adapters.gate`) and installs or refuses it.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from pydantic import ValidationError
 
 from service.adapters import sources
 from service.adapters.manifest import MANIFEST_FILE, AdapterManifest, parse_adapter_name
+from service.adapters.release import Canary, Role, parse_traffic
 from service.adapters.sources import CONFIG_FILE, WEIGHTS_FILE, Source, SourceError
 from service.errors import AdapterUnavailable, NotFoundError
 from service.names import AdapterKey
@@ -168,6 +175,10 @@ class AdapterRegistry:
         self._records: dict[str, AdapterRecord] = {}  # name -> its current version
         self._versions: dict[AdapterKey, AdapterRecord] = {}  # every version requests may hold
         self._loading: dict[str, str] = {}  # name -> source, while the load API fetches it
+        self._gating: dict[str, AdapterRecord] = {}  # name -> a staged version being gated
+        self._canaries: dict[str, Canary] = {}  # name -> its canary version and share
+        self._previous: dict[str, AdapterRecord] = {}  # name -> the version a rollback returns to
+        self._refused: dict[str, AdapterRecord] = {}  # name -> its last version the gate refused
         self._lock = threading.Lock()  # loads through the API run on threads of their own
         for stale in download_dir.glob(".staging-*") if download_dir is not None else ():
             shutil.rmtree(stale, ignore_errors=True)  # a fetch a previous process did not finish (M6)
@@ -179,9 +190,12 @@ class AdapterRegistry:
             self._remember(self._records.values())
         return list(self._records.values())
 
-    def rescan(self) -> dict[str, list[str]]:
+    def rescan(self, *, stage: bool = False) -> dict[str, Any]:
         """Scan the directory again (admin): which packages were added, removed, or changed on
-        disk. A changed package is a new version; adapters loaded through the API are kept."""
+        disk. A changed package is a new version; adapters loaded through the API are kept.
+
+        With `stage`, the added and changed packages that are valid are only staged (listed
+        under "staged"): their names keep what they served until the gate installs them."""
         with self._lock:
             fresh = self._read_all()
             old = {n: r for n, r in self._records.items() if r.origin == "directory"}
@@ -197,10 +211,22 @@ class AdapterRegistry:
             for name in set(fresh) & set(old):  # unchanged packages keep their record
                 if name not in diff["changed"]:
                     fresh[name] = old[name]
+            staged: list[AdapterRecord] = []
+            if stage:
+                for name in diff["added"] + diff["changed"]:
+                    if fresh[name].status == "ready" and name not in self._api_records():
+                        staged.append(fresh[name])
+                        self._gating[name] = fresh[name]
+                        if name in old:
+                            fresh[name] = old[name]
+                        else:
+                            del fresh[name]
+            for name in diff["removed"]:
+                self._forget(name)
             # API loads win over a directory package of the same name.
             self._records = {**fresh, **self._api_records()}  # one assignment: never a mix
-            self._remember(fresh.values())
-        return diff
+            self._remember([*fresh.values(), *staged])
+        return {**diff, "staged": staged}
 
     def _api_records(self) -> dict[str, AdapterRecord]:
         return {n: r for n, r in self._records.items() if r.origin == "api"}
@@ -235,9 +261,16 @@ class AdapterRegistry:
     # --- the load API -------------------------------------------------------------------------
 
     def register(self, name: str, spec: str, *, replace: bool = False) -> AdapterRecord:
-        """Fetch, check and serve the package at `spec` under `name` (blocking: network and
-        disk; the service calls it on a thread). With `replace`, a served name gets the new
-        version; requests already running keep the version they started with.
+        """Stage and install at once, ungated (tests and benchmarks; the service gates)."""
+        record = self.stage(name, spec, replace=replace)
+        self.install(record)
+        return record
+
+    def stage(self, name: str, spec: str, *, replace: bool = False) -> AdapterRecord:
+        """Fetch and check the package at `spec` for `name` (blocking: network and disk; the
+        service calls it on a thread). The version is known by its key from then on (the engine
+        may load it) but answers no request until `install`; `refuse` drops it. With `replace`,
+        a served name may get a new version.
 
         Raises ValueError (a bad name), AdapterExists, SourceError or AdapterRejected; on any
         of them nothing changes, and a served version keeps serving.
@@ -253,7 +286,7 @@ class AdapterRegistry:
                 + " (set ADAPTER_SOURCES)"
             )
         with self._lock:
-            if name in self._loading:
+            if name in self._loading or name in self._gating:
                 raise AdapterExists(f"the adapter {name!r} is being loaded already")
             if name in self._records and self._records[name].status == "ready" and not replace:
                 raise AdapterExists(
@@ -263,14 +296,152 @@ class AdapterRegistry:
             self._loading[name] = str(source)
         try:
             record = self._fetch(name, source)
+            with self._lock:
+                self._gating[name] = record
+                self._remember([record])
         finally:
             with self._lock:
                 del self._loading[name]
-        with self._lock:
-            self._records = {**self._records, name: record}
-            self._remember([record])
-        log.info("adapter %r version %s registered from %s", name, record.version, source)
+        log.info("adapter %r version %s staged from %s", name, record.version, source)
         return record
+
+    def install(self, record: AdapterRecord, *, traffic: float | None = None) -> None:
+        """Serve a staged version: as the name's stable version (the one it replaces is kept
+        for a rollback), or, with a `traffic` share, as its canary beside the stable one."""
+        name = record.name
+        with self._lock:
+            self._gating.pop(name, None)
+            self._refused.pop(name, None)
+            stable = self._records.get(name)
+            if traffic is not None:
+                parse_traffic(traffic)
+                if stable is None or stable.status != "ready":
+                    raise AdapterRejected(f"the adapter {name!r} has no serving version to split traffic with")
+                if stable.version == record.version:
+                    raise AdapterRejected(f"version {record.version} of {name!r} is its stable version already")
+                self._canaries[name] = Canary(record, traffic)
+                log.info("adapter %r version %s: canary for %.1f%% of requests", name, record.version, 100 * traffic)
+                return
+            self._canaries.pop(name, None)
+            if stable is not None and stable.status == "ready" and stable.version != record.version:
+                self._previous[name] = stable
+            self._records = {**self._records, name: record}
+        log.info("adapter %r version %s serving", name, record.version)
+
+    def refuse(self, record: AdapterRecord, reason: str) -> None:
+        """A staged (or, at start, a current) version that failed its gate: never served; listed
+        with the reason. The name's serving versions are untouched."""
+        with self._lock:
+            self._gating.pop(record.name, None)
+            self._versions.pop(record.key, None)
+            failed = AdapterRecord(
+                record.name,
+                record.path,
+                "failed",
+                record.manifest,
+                error=reason,
+                signature=record.signature,
+                version=record.version,
+                source=record.source,
+                origin=record.origin,
+            )
+            self._refused[record.name] = failed
+            if self._records.get(record.name) is record:  # at start: nothing else serves the name
+                self._records = {**self._records, record.name: failed}
+        log.error("adapter %r version %s refused: %s", record.name, record.version, reason)
+
+    def unstage(self, record: AdapterRecord) -> None:
+        """A staged version that will not be installed after all (its load failed)."""
+        with self._lock:
+            if self._gating.get(record.name) is record:
+                del self._gating[record.name]
+                if not self._serves(record.key):
+                    self._versions.pop(record.key, None)
+
+    # --- releases -----------------------------------------------------------------------------
+
+    def pick(self, name: str, user: str | None = None) -> tuple[AdapterRecord, Role]:
+        """The version that answers a new request for `name`: the stable one, or its canary
+        for the canary's share of users (`service.adapters.release`)."""
+        stable = self.get(name)
+        canary = self._canaries.get(name)
+        if canary is not None and canary.takes(name, user):
+            return canary.record, "canary"
+        return stable, "stable"
+
+    def promote(self, name: str) -> AdapterRecord:
+        """The canary becomes the stable version (the old stable is kept for a rollback)."""
+        with self._lock:
+            canary = self._canaries.get(name)
+        if canary is None:
+            raise AdapterRejected(f"the adapter {name!r} has no canary to promote")
+        self.install(canary.record)
+        return canary.record
+
+    def rollback(self, name: str, reason: str = "") -> AdapterRecord:
+        """Drop the canary; with none, return to the version the last promotion or replacement
+        displaced. Returns the version that now answers."""
+        with self._lock:
+            stable = self._records.get(name)
+            if self._canaries.pop(name, None) is not None:
+                log.warning("adapter %r: canary rolled back%s", name, f": {reason}" if reason else "")
+                return self.get(name)
+            previous = self._previous.pop(name, None)
+            if previous is None or AdapterKey(name, previous.version) not in self._versions:
+                raise AdapterRejected(f"the adapter {name!r} has no canary and no earlier version to roll back to")
+            self._records = {**self._records, name: previous}
+        log.warning("adapter %r rolled back to version %s (from %s)", name, previous.version, stable and stable.version)
+        return previous
+
+    def set_traffic(self, name: str, traffic: float) -> Canary:
+        with self._lock:
+            canary = self._canaries.get(name)
+            if canary is None:
+                raise AdapterRejected(f"the adapter {name!r} has no canary")
+            canary.traffic = parse_traffic(traffic)
+        return canary
+
+    def observe(
+        self, name: str, role: Role, failed: bool, *, margin: float | None, min_requests: int
+    ) -> tuple[str, str] | None:
+        """Count a request's outcome for the canary comparison; roll the canary back when it
+        fails more than the stable by `margin` (None: never automatically), and return its
+        version and why."""
+        canary = self._canaries.get(name)
+        if canary is None:
+            return None
+        canary.count(role, failed)
+        reason = None if margin is None else canary.failing(margin, min_requests)
+        if reason is not None:
+            with self._lock:
+                if self._canaries.get(name) is canary:
+                    del self._canaries[name]
+                else:
+                    reason = None
+            if reason:
+                log.warning("adapter %r: canary %s rolled back automatically: %s", name, canary.version, reason)
+        return (canary.version, reason) if reason else None
+
+    def release(self, name: str) -> dict[str, Any]:
+        """The name's versions as `/v1/models` shows them."""
+        canary = self._canaries.get(name)
+        previous = self._previous.get(name)
+        refused = self._refused.get(name)
+        gating = self._gating.get(name)
+        return {
+            "canary": {"version": canary.version, "traffic": canary.traffic} if canary else None,
+            "previous": previous.version if previous else None,
+            "gating": gating.version if gating else None,
+            "refused": {"version": refused.version, "error": refused.error} if refused else None,
+        }
+
+    def _serves(self, key: AdapterKey) -> bool:
+        stable, canary = self._records.get(key.name), self._canaries.get(key.name)
+        return (stable is not None and stable.key == key) or (canary is not None and canary.version == key.version)
+
+    def _forget(self, name: str) -> None:
+        self._canaries.pop(name, None)
+        self._previous.pop(name, None)
 
     def _fetch(self, name: str, source: Source) -> AdapterRecord:
         if not source.remote:
@@ -312,8 +483,9 @@ class AdapterRegistry:
     def _prune(self, name: str, keep: str) -> None:
         """Delete downloaded versions of `name` but this one and the one it replaces (requests
         that resolved to that one may still need to load it)."""
-        current = self._records.get(name)
-        kept = {keep, current.version if current else None}
+        current, canary, previous = self._records.get(name), self._canaries.get(name), self._previous.get(name)
+        kept = {keep} | {r.version for r in (current, previous) if r is not None}
+        kept |= {canary.version} if canary else set()
         if self.download_dir is None:
             return
         folder = self.download_dir / name
@@ -329,6 +501,8 @@ class AdapterRegistry:
             if record is None:
                 raise NotFoundError(f"The lora adapter '{name}' cannot be found.")
             self._records = {n: r for n, r in self._records.items() if n != name}
+            self._forget(name)
+            self._refused.pop(name, None)
         log.info("adapter %r unregistered", name)
         return record
 
@@ -366,10 +540,11 @@ class AdapterRegistry:
         return record
 
     def current(self, key: AdapterKey | str) -> bool:
-        """Whether this key is its adapter's current version (not replaced, not unloaded)."""
+        """Whether this key is a version its adapter serves new requests with (stable or
+        canary; not replaced, not unloaded)."""
         key = AdapterKey.of(key)
         record = self._records.get(key.name)
-        return record is not None and (key.version is None or record.key == key)
+        return record is not None and (key.version is None or self._serves(key))
 
     def records(self) -> list[AdapterRecord]:
         return list(self._records.values())

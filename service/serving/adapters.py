@@ -5,18 +5,28 @@ status codes and plain-text success bodies, so vLLM's tooling drives hotswap unc
 fetches and checks the package on a thread (network and disk never block the event loop); a load
 under a served name with `load_inplace` makes the new version current for new requests while
 running ones finish on theirs.
+
+Every version passes the gate (`service.adapters.gate`) before it answers a request: on load,
+on a rescan and at start. A refused version answers none; the name's serving versions keep
+serving. `"traffic": 0.1` loads a version as the name's canary; `promote`, `rollback` and
+`traffic` change the split for the next request (`service.adapters.release`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
+from typing import Any
 
+from service.adapters import gate
 from service.adapters.registry import AdapterExists, AdapterRecord, AdapterRejected
 from service.adapters.sources import SourceError
-from service.errors import InvalidRequestError, NotFoundError
+from service.errors import HotswapError, InvalidRequestError, NotFoundError
 from service.protocol import LoadLoRAAdapterRequest, ModelCard, UnloadLoRAAdapterRequest
 from service.serving.generation import ServingContext
+
+log = logging.getLogger(__name__)
 
 
 def public_root(record: AdapterRecord) -> str:
@@ -39,16 +49,118 @@ class AdapterServing:
                 f"base_model_name {body.base_model_name!r} is not the served base {ctx.base_id!r}",
                 param="base_model_name",
             )
+        if body.traffic is not None and not body.load_inplace:
+            raise InvalidRequestError(
+                "a canary (traffic) is a new version of a served name: set load_inplace", param="traffic"
+            )
         was_resident = self._resident(body.lora_name)
         try:
-            await asyncio.to_thread(ctx.registry.register, body.lora_name, body.lora_path, replace=body.load_inplace)
+            record = await asyncio.to_thread(
+                ctx.registry.stage, body.lora_name, body.lora_path, replace=body.load_inplace
+            )
         except (ValueError, AdapterExists) as exc:
             raise InvalidRequestError(str(exc), param="lora_name") from exc
         except (SourceError, AdapterRejected) as exc:
             raise InvalidRequestError(f"cannot load {body.lora_path!r}: {exc}", param="lora_path") from exc
-        if was_resident:  # the new version takes a slot before it is asked for
+        try:
+            verdict = await self.check(record, gated=body.gate)
+            if not verdict.passed:
+                raise InvalidRequestError(
+                    f"cannot load {body.lora_path!r}: refused by the gate: {verdict.reason}", param="lora_path"
+                )
+            ctx.registry.install(record, traffic=body.traffic)
+        except AdapterRejected as exc:
+            ctx.registry.unstage(record)
+            raise InvalidRequestError(f"cannot load {body.lora_path!r}: {exc}", param="traffic") from exc
+        except BaseException:
+            ctx.registry.unstage(record)
+            raise
+        if body.traffic is not None:
+            ctx.metrics.canary_traffic.labels(record.name, record.version).set(body.traffic)
+        elif was_resident:  # the new version takes a slot before it is asked for
             ctx.engine.reload_adapters([body.lora_name])
         return f"Success: LoRA adapter '{body.lora_name}' added successfully."
+
+    # --- the gate -----------------------------------------------------------------------------
+
+    async def check(self, record: AdapterRecord, *, gated: bool = True) -> gate.Verdict:
+        """Gate one version (`service.adapters.gate`); a refused one is marked failed with the
+        reason. `gated` False (or ADAPTER_GATE=false) passes it unchecked, with a warning."""
+        ctx = self.ctx
+        if not (gated and ctx.gate):
+            log.warning("adapter %r version %s: the gate was skipped (gate: false)", record.name, record.version)
+            ctx.metrics.gate_checks.labels(record.name, "skipped").inc()
+            return gate.Verdict(True, "gate skipped")
+        evaluation = record.manifest.evaluation if record.manifest else None
+        golden = [
+            g
+            for g in (evaluation.golden if evaluation else [])
+            if len(g.prompt_ids) + len(g.output_ids) < ctx.max_context
+        ]
+        same = evaluation is None or evaluation.quantization == ctx.quantization
+        try:
+            verdict = await gate.check(
+                record.key,
+                golden,
+                gate.engine_scorer(ctx.engine),
+                probe_ids=list(ctx.tokenizer(gate.PROBE)["input_ids"]),
+                tolerance=gate.SAME_QUANTIZATION if same else gate.CROSS_QUANTIZATION,
+            )
+        except HotswapError as exc:  # its weights cannot be loaded on this base
+            verdict = gate.Verdict(False, f"it cannot be run: {exc.message}")
+        log.info("adapter %r version %s gate: %s %s", record.name, record.version, verdict.reason, verdict.figures)
+        ctx.metrics.gate_checks.labels(record.name, "passed" if verdict.passed else "refused").inc()
+        if not verdict.passed:
+            ctx.registry.refuse(record, verdict.reason)
+        return verdict
+
+    async def gate_all(self) -> None:
+        """At start: every version the directory scan found, before the service is ready."""
+        for record in self.ctx.registry.ready():
+            await self.check(record)
+
+    async def rescan(self) -> dict[str, Any]:
+        """Scan the adapter directory; added and changed packages serve once they pass the gate."""
+        registry = self.ctx.registry
+        diff = await asyncio.to_thread(registry.rescan, stage=True)
+        refused = []
+        for record in diff.pop("staged"):
+            if (await self.check(record)).passed:
+                registry.install(record)
+                self.ctx.engine.reload_adapters([record.name])
+            else:
+                refused.append(record.name)
+        return {**diff, "refused": refused}
+
+    # --- releases -----------------------------------------------------------------------------
+
+    def promote(self, name: str) -> ModelCard:
+        record = self._release(self.ctx.registry.promote, name)
+        self.ctx.metrics.canary_traffic.labels(name, record.version).set(0)
+        self.ctx.engine.reload_adapters([name])
+        return self.card(self.ctx.registry.get(name))
+
+    def rollback(self, name: str) -> ModelCard:
+        canary = self.ctx.registry.release(name)["canary"] if name in self.ctx.registry else None
+        self._release(self.ctx.registry.rollback, name)
+        if canary is not None:
+            self.ctx.metrics.canary_traffic.labels(name, canary["version"]).set(0)
+        self.ctx.metrics.rollbacks.labels(name, "admin").inc()
+        return self.card(self.ctx.registry.get(name))
+
+    def traffic(self, name: str, share: float) -> ModelCard:
+        canary = self._release(self.ctx.registry.set_traffic, name, share)
+        self.ctx.metrics.canary_traffic.labels(name, canary.version).set(share)
+        return self.card(self.ctx.registry.get(name))
+
+    def _release(self, change: Any, name: str, *args: Any) -> Any:
+        try:
+            self.ctx.registry.get(name)
+            return change(name, *args)
+        except NotFoundError as exc:
+            raise exc.about("name") from None
+        except (AdapterRejected, ValueError) as exc:
+            raise InvalidRequestError(str(exc), param="name") from exc
 
     async def unload(self, body: UnloadLoRAAdapterRequest) -> str:
         try:
@@ -96,9 +208,10 @@ class AdapterServing:
         ctx = self.ctx
         # `root` names where the adapter came from without this host's paths: the load API's
         # source (a hub id or bucket URL), or the adapter directory's entry (review L5).
-        common = dict(id=record.name, parent=ctx.base_id, root=public_root(record))
+        common: dict[str, Any] = dict(id=record.name, parent=ctx.base_id, root=public_root(record))
+        common["release"] = ctx.registry.release(record.name)
         if record.status != "ready":
-            return ModelCard(**common, state="failed", error=record.error)
+            return ModelCard(**common, state="failed", error=record.error, version=record.version)
         manifest = record.manifest
         return ModelCard(
             **common,

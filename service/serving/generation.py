@@ -53,6 +53,8 @@ class ServingContext:
     grammars: GrammarCompiler | None = None  # structured outputs; made from the tokenizer if None
     tenant: Tenant = EVERYONE  # the caller's (for_tenant): what it may use, whose quota it spends
     rate_limits: RateLimits | None = None  # tokens are charged to the tenant's per-minute budget
+    quantization: str = ""  # the served base's (the gate's tolerance depends on it)
+    gate: bool = True  # ADAPTER_GATE: versions are gated before they serve
 
     def for_tenant(self, tenant: Tenant) -> ServingContext:
         """This context for one caller's request: the same service, seen as `tenant` sees it."""
@@ -125,10 +127,16 @@ class Target:
     # The adapter's version when the request resolved it: every choice and retry runs on it,
     # even if a new version is loaded meanwhile.
     version: str | None = None
+    role: str | None = None  # "stable" or "canary": which of the name's releases answers
 
     @property
     def label(self) -> str:
         return self.adapter or BASE
+
+    def count_tokens(self, ctx: ServingContext, kind: str, tokens: int) -> None:
+        """The per-version token counter (canary against stable)."""
+        if self.version is not None and tokens:
+            ctx.metrics.version_tokens.labels(self.label, self.version, self.role or "stable", kind).inc(tokens)
 
 
 def output_schema(response_format: Any, target: Target) -> tuple[dict[str, Any], str] | None:
@@ -158,8 +166,9 @@ async def output_grammar(response_format: Any, target: Target, ctx: ServingConte
         raise InvalidRequestError(f"{param}: this JSON schema cannot be enforced: {exc}", param=param) from exc
 
 
-def resolve_target(model: str, adapter: str | None, ctx: ServingContext) -> Target:
+def resolve_target(model: str, adapter: str | None, ctx: ServingContext, user: str | None = None) -> Target:
     """DESIGN.md's rule: `adapter` if given, else `model` naming an adapter or the base; else 404.
+    An adapter with a canary answers with the version `user` falls to (service.adapters.release).
 
     There is never a silent fallback to the base.
     """
@@ -167,9 +176,9 @@ def resolve_target(model: str, adapter: str | None, ctx: ServingContext) -> Targ
     if adapter is not None:
         if adapter == BASE and tenant.base:
             return Target(model_name=ctx.base_id)
-        return _adapter_target(adapter, ctx, param="adapter")
+        return _adapter_target(adapter, ctx, user, param="adapter")
     if model in ctx.registry and tenant.may_use(model):
-        return _adapter_target(model, ctx, param="model")
+        return _adapter_target(model, ctx, user, param="model")
     if model == ctx.base_id and tenant.base:
         return Target(model_name=ctx.base_id)
     # No list of what is served: a caller may see only what GET /v1/models shows it (tenants),
@@ -177,16 +186,16 @@ def resolve_target(model: str, adapter: str | None, ctx: ServingContext) -> Targ
     raise NotFoundError(f"the model {model!r} does not exist; GET /v1/models lists the served ones", param="model")
 
 
-def _adapter_target(name: str, ctx: ServingContext, *, param: str) -> Target:
+def _adapter_target(name: str, ctx: ServingContext, user: str | None, *, param: str) -> Target:
     """The adapter's target; an adapter the tenant may not use is a 404 worded exactly as for
     one that does not exist (a 403 would tell it exists)."""
     try:
         if not ctx.tenant.may_use(name):
             raise NotFoundError(f"the adapter {name!r} does not exist")
-        record = ctx.registry.get(name)
+        record, role = ctx.registry.pick(name, user)
     except NotFoundError as exc:
         raise exc.about(param) from None
-    return Target(model_name=name, adapter=name, manifest=record.manifest, version=record.version)
+    return Target(model_name=name, adapter=name, manifest=record.manifest, version=record.version, role=role)
 
 
 def check_token_ids(ids: Sequence[int], ctx: ServingContext, *, param: str) -> None:
@@ -433,6 +442,7 @@ async def _generate(
         raise
     finally:
         ctx.charge("completion", generated)
+        target.count_tokens(ctx, "completion", generated)
         if not finished:  # a finished one's tokens were counted where it finished
             if control is not None and control.filtered:
                 ctx.metrics.generation_tokens.labels(target.label).inc(generated)

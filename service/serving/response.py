@@ -83,7 +83,12 @@ class ResponseRun(ABC):
 
     def _chunk(self, choices: list[BaseModel], usage: UsageInfo | None = None, guardrails=None) -> BaseModel:
         return self.chunk_type(
-            id=self.id, model=self.target.model_name, choices=choices, usage=usage, guardrails=guardrails
+            id=self.id,
+            model=self.target.model_name,
+            choices=choices,
+            usage=usage,
+            guardrails=guardrails,
+            system_fingerprint=self.target.version,
         )
 
     async def collect(self) -> BaseModel:
@@ -94,7 +99,12 @@ class ResponseRun(ABC):
             self.actions += [a.as_dict() for a in event.guardrails]
         choices = [self.choice(i, events[i]) for i in sorted(events)]
         return self.response_type(
-            id=self.id, model=self.target.model_name, choices=choices, usage=self.usage, guardrails=self.actions
+            id=self.id,
+            model=self.target.model_name,
+            choices=choices,
+            usage=self.usage,
+            guardrails=self.actions,
+            system_fingerprint=self.target.version,
         )
 
     async def stream(self) -> AsyncIterator[BaseModel]:
@@ -143,7 +153,7 @@ class EndpointServing(ABC):
         """The response, or its SSE frames when the request streams. `on_target` is told the
         model the request resolved to (the HTTP layer labels its metrics with it)."""
         ctx = self.ctx
-        target = resolve_target(request.model, request.adapter, ctx)
+        target = resolve_target(request.model, request.adapter, ctx, request.user)
         on_target(target)
         prompts = await ctx.offload(self.prompts, request, target)  # render, pre hooks, tokenize
         budgets = [request.budget(ctx.default_budget(len(ids))) for ids in prompts.ids]
@@ -168,6 +178,7 @@ class EndpointServing(ABC):
         for ids in prompts.ids:
             ctx.metrics.prompt_tokens.labels(target.label).inc(len(ids))
             ctx.charge("prompt", len(ids))
+            target.count_tokens(ctx, "prompt", len(ids))
         # Each prompt is counted once, however many choices sample from it (OpenAI's usage).
         prompt_tokens = sum(len(ids) for ids in prompts.ids)
         usage = UsageInfo(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens)

@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from service.engine import EngineOutput, EngineRequest, TokenLogprob
-from service.errors import QueueFull
+from service.errors import QueueFull, StepFailed
 
 
 class ScriptedEngine:
@@ -21,8 +21,10 @@ class ScriptedEngine:
         self.overloaded = overloaded
         self.delay = delay
         self.requests: list[EngineRequest] = []
+        self.gated: list[EngineRequest] = []  # the load gate's scoring requests
         self.closed: list[str] = []
         self.running = False
+        self.failing_versions: set[str] = set()  # adapter versions whose every request fails
 
     @property
     def healthy(self) -> bool:
@@ -54,13 +56,18 @@ class ScriptedEngine:
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
         if not request.admitted:
             self.admit(1)
-        self.requests.append(request)
+        # The load gate's scoring requests (service.adapters.gate) are kept apart from the
+        # requests the tests inspect; an adapter moves every log-probability, as a trained one does.
+        (self.gated if request.request_id.startswith("gate-") else self.requests).append(request)
+        if request.adapter_version in self.failing_versions:
+            raise StepFailed(f"version {request.adapter_version} failed")
         p = request.params
         prompt_lps = None
         if p.prompt_logprobs is not None:
+            lp = -1.0 if request.adapter is None else -1.25
             prompt_lps = (
                 None,
-                *(TokenLogprob(t, -1.0, ((t, -1.0),) * p.prompt_logprobs) for t in request.prompt_ids[1:]),
+                *(TokenLogprob(t, lp, ((t, lp),) * p.prompt_logprobs) for t in request.prompt_ids[1:]),
             )
         budget = min(p.max_tokens, len(self.script_ids))
         finished = False

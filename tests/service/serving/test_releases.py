@@ -1,0 +1,126 @@
+"""Releases over HTTP on a scripted engine: the canary load, the version every response names
+(X-Adapter-Version, system_fingerprint), the admin calls' errors, the per-version metrics and
+the automatic rollback."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+
+import pytest
+
+from tests.factories import make_client
+
+ADMIN = "admin-key-0123456789abcdef"
+AUTH = {"Authorization": f"Bearer {ADMIN}"}
+
+
+@pytest.fixture
+def shelf(tiny, tmp_path):
+    shutil.copytree(tiny.adapter_dir / "beta", tmp_path / "shelf" / "v2")
+    manifest = json.loads((tmp_path / "shelf/v2/hotswap.json").read_text())
+    (tmp_path / "shelf/v2/hotswap.json").write_text(json.dumps({**manifest, "name": "alpha"}))
+    return tmp_path / "shelf"
+
+
+def app(tiny, tokenizer, shelf, **settings):
+    client, engine = make_client(tiny, tokenizer, admin_api_keys=[ADMIN], adapter_sources=[str(shelf)], **settings)
+    return client, engine
+
+
+def load(client, shelf, **extra):
+    body = {"lora_name": "alpha", "lora_path": str(shelf / "v2"), "load_inplace": True, **extra}
+    return client.post("/v1/load_lora_adapter", json=body, headers=AUTH)
+
+
+def complete(client, user, model="alpha", **extra):
+    body = {"model": model, "prompt": "Hi", "max_tokens": 3, "user": user, **extra}
+    return client.post("/v1/completions", json=body)
+
+
+def test_every_response_names_the_version_that_answered(tiny, tokenizer, shelf):
+    client, engine = app(tiny, tokenizer, shelf)
+    with client:
+        stable = client.get("/v1/models/alpha").json()["version"]
+        r = load(client, shelf, traffic=0.5)
+        assert r.status_code == 200, r.text
+        canary = client.get("/v1/models/alpha").json()["release"]["canary"]["version"]
+        seen = {}
+        for i in range(40):
+            r = complete(client, f"u{i}")
+            assert r.json()["system_fingerprint"] == r.headers["X-Adapter-Version"]
+            seen[r.headers["X-Adapter-Version"]] = seen.get(r.headers["X-Adapter-Version"], 0) + 1
+        assert set(seen) == {stable, canary}
+        assert {r.adapter_version for r in engine.requests} == {stable, canary}  # the engine ran both
+        chat = {"model": "alpha", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
+        with client.stream("POST", "/v1/chat/completions", json={**chat, "stream": True, "user": "u1"}) as r:
+            chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+        assert {c["system_fingerprint"] for c in chunks} == {r.headers["X-Adapter-Version"]}
+        base = complete(client, "u1", model="tiny")
+        assert "X-Adapter-Version" not in base.headers and base.json()["system_fingerprint"] is None
+        metrics = client.get("/metrics").text
+        assert (
+            f'hotswap_adapter_version_requests_total{{adapter="alpha",outcome="ok",role="canary",version="{canary}"}}'
+            in metrics
+        )
+        assert f'hotswap_adapter_canary_traffic{{adapter="alpha",version="{canary}"}} 0.5' in metrics
+        assert 'hotswap_adapter_version_tokens_total{adapter="alpha",kind="completion",role="stable"' in metrics
+
+
+def test_release_calls_refuse_what_they_cannot_do_naming_the_field(tiny, tokenizer, shelf):
+    client, _ = app(tiny, tokenizer, shelf)
+    with client:
+        r = client.post(
+            "/v1/load_lora_adapter",
+            json={"lora_name": "alpha", "lora_path": str(shelf / "v2"), "traffic": 0.1},
+            headers=AUTH,
+        )
+        assert r.status_code == 400 and r.json()["error"]["param"] == "traffic"
+        r = load(client, shelf, traffic=1.5)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "traffic"
+        r = client.post("/admin/adapters/alpha/promote", headers=AUTH)
+        assert (
+            r.status_code == 400
+            and "no canary" in r.json()["error"]["message"]
+            and r.json()["error"]["param"] == "name"
+        )
+        r = client.post("/admin/adapters/nope/rollback", headers=AUTH)
+        assert r.status_code == 404 and r.json()["error"]["param"] == "name"
+        r = client.post("/admin/adapters/alpha/traffic", json={"traffic": 0}, headers=AUTH)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "traffic"
+        assert client.post("/admin/adapters/alpha/promote").status_code in (401, 403)  # admin only
+        assert load(client, shelf, traffic=0.2).status_code == 200
+        r = client.post("/admin/adapters/alpha/traffic", json={"traffic": 0.3}, headers=AUTH)
+        assert r.status_code == 200 and r.json()["release"]["canary"]["traffic"] == 0.3
+        r = client.post("/admin/adapters/alpha/promote", headers=AUTH)
+        assert r.status_code == 200 and r.json()["release"]["canary"] is None and r.json()["release"]["previous"]
+
+
+def test_skipping_the_gate_is_explicit_and_logged(tiny, tokenizer, shelf, caplog):
+    client, engine = app(tiny, tokenizer, shelf)
+    with client, caplog.at_level(logging.WARNING):
+        while client.get("/ready").status_code != 200:  # the start gates alpha and beta first
+            time.sleep(0.01)
+        gated = len(engine.gated)
+        assert load(client, shelf, gate=False).status_code == 200
+        assert len(engine.gated) == gated  # nothing was scored
+        assert "the gate was skipped" in caplog.text
+        assert 'hotswap_adapter_gate_checks_total{adapter="alpha",outcome="skipped"} 1.0' in client.get("/metrics").text
+
+
+def test_a_failing_canary_is_rolled_back_automatically(tiny, tokenizer, shelf, caplog):
+    client, engine = app(tiny, tokenizer, shelf, canary_error_margin=0.1, canary_min_requests=5)
+    with client, caplog.at_level(logging.WARNING, logger="hotswap.audit"):
+        stable = client.get("/v1/models/alpha").json()["version"]
+        assert load(client, shelf, traffic=0.5).status_code == 200
+        canary = client.get("/v1/models/alpha").json()["release"]["canary"]["version"]
+        engine.failing_versions.add(canary)
+        statuses = [complete(client, f"u{i}").status_code for i in range(40)]
+        assert 500 in statuses
+        assert client.get("/v1/models/alpha").json()["release"]["canary"] is None
+        after = [complete(client, f"u{i}") for i in range(20)]
+        assert {r.headers["X-Adapter-Version"] for r in after} == {stable}
+        assert "rollback alpha" in caplog.text and "error rate" in caplog.text
+        assert 'hotswap_adapter_rollbacks_total{adapter="alpha",trigger="automatic"} 1.0' in client.get("/metrics").text
