@@ -3,15 +3,20 @@ server mode) and a Hugging Face hub endpoint serving repos from a local folder.
 
 The hub server answers the two calls `huggingface_hub` makes to fetch files at a revision:
 `GET /api/models/{repo}/revision/{revision}` (the commit and its file list, with sizes) and
-`GET|HEAD /{repo}/resolve/{revision}/{file}` (the bytes, with the commit and an ETag in headers).
+`GET|HEAD /{repo}/resolve/{revision}/{file}` (the bytes, with the commit and an ETag in headers),
+and the three it makes to publish (`create_repo`, then `create_commit` with every file sent
+inline): `POST /api/repos/create`, `POST /api/models/{repo}/preupload/{revision}` and
+`POST /api/models/{repo}/commit/{revision}` (NDJSON: a header, then the files, base64).
 A repo is a folder `<root>/<org>/<name>/<revision>/`: each subfolder is one revision, and the
 commit id is a hash of its files, so a changed folder is a new commit.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
+import json
 import os
 import threading
 import time
@@ -51,6 +56,36 @@ def hub_app(root: Path) -> FastAPI:
         folder = revision_folder(org, name, revision)
         siblings = [{"rfilename": p.name, "size": p.stat().st_size} for p in sorted(folder.iterdir())]
         return JSONResponse({"id": f"{org}/{name}", "sha": _commit(folder), "siblings": siblings, "private": False})
+
+    @app.post("/api/repos/create")
+    async def create(request: Request) -> JSONResponse:
+        body = await request.json()
+        org, name = body.get("organization") or "user", body["name"]
+        folder = root / org / name / "main"
+        if folder.is_dir():
+            return JSONResponse({"error": "You already created this model repo"}, status_code=409)
+        folder.mkdir(parents=True)
+        return JSONResponse({"url": f"{request.base_url}{org}/{name}"})
+
+    @app.post("/api/models/{org}/{name}/preupload/{revision}")
+    async def preupload(org: str, name: str, revision: str, request: Request) -> JSONResponse:
+        files = (await request.json())["files"]
+        modes = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]
+        return JSONResponse({"files": modes})
+
+    @app.post("/api/models/{org}/{name}/commit/{revision}")
+    async def commit(org: str, name: str, revision: str, request: Request) -> JSONResponse:
+        folder = root / org / name / revision
+        folder.mkdir(parents=True, exist_ok=True)
+        for line in (await request.body()).splitlines():
+            item = json.loads(line)
+            if item["key"] == "file":
+                value = item["value"]
+                (folder / value["path"]).write_bytes(base64.b64decode(value["content"]))
+            elif item["key"] != "header":
+                raise HTTPException(400, f"this test hub takes inline files only, not {item['key']}")
+        sha = _commit(folder)
+        return JSONResponse({"commitUrl": f"{request.base_url}{org}/{name}/commit/{sha}", "commitOid": sha})
 
     @app.api_route("/{org}/{name}/resolve/{revision}/{filename}", methods=["GET", "HEAD"])
     async def resolve(org: str, name: str, revision: str, filename: str, request: Request) -> Response:

@@ -24,6 +24,18 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", type=Path, help="adapter package to write (default adapters/<task>)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     p.add_argument("--eval-only", action="store_true", help="evaluate the package in --output-dir")
+    p.add_argument(
+        "--publish",
+        metavar="DEST",
+        help="evaluate on the base as the service loads it, record it in the manifest, and upload the "
+        "package to DEST: a directory, hf://org/repo[@revision], s3://bucket/prefix or gs://bucket/prefix",
+    )
+    p.add_argument(
+        "--serve-quantization",
+        default="nf4",
+        choices=["nf4", "int8", "bf16", "fp32"],
+        help="the base's quantization where the package will serve (--publish's evaluation; default nf4)",
+    )
     g = p.add_argument_group("data")
     g.add_argument("--data", dest="data.source", help="hub dataset id or local JSONL file")
     g.add_argument("--eval-size", dest="data.eval_size", type=int)
@@ -82,6 +94,7 @@ def overrides_from(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from service.adapters.sources import SourceError
     from training.config import build_config
     from training.data import DataError
 
@@ -99,8 +112,14 @@ def main(argv: list[str] | None = None) -> int:
     from training.train import run
 
     try:
-        metrics = run(config, resume=args.resume, eval_only=args.eval_only)
-    except DataError as exc:
+        metrics = run(
+            config,
+            resume=args.resume,
+            eval_only=args.eval_only,
+            publish=args.publish,
+            serve_quantization=args.serve_quantization,
+        )
+    except (DataError, SourceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if not metrics:  # a non-zero rank of a distributed run: rank 0 reports

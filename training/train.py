@@ -90,7 +90,17 @@ def _trainer_args(config: RunConfig, device: str, has_eval: bool) -> Any:
     )
 
 
-def run(config: RunConfig, *, resume: bool = False, eval_only: bool = False) -> dict[str, Any]:
+def run(
+    config: RunConfig,
+    *,
+    resume: bool = False,
+    eval_only: bool = False,
+    publish: str | None = None,
+    serve_quantization: str = "nf4",
+) -> dict[str, Any]:
+    """Train (or with `eval_only` evaluate) the package in `config.output_dir`; with `publish`,
+    add the evaluation record on the base as the service loads it (`serve_quantization`) and
+    upload the package there (training.publish)."""
     name = parse_adapter_name(config.output_dir.name)
     task = TASKS[config.task]
     processes = _world_size()
@@ -165,7 +175,37 @@ def run(config: RunConfig, *, resume: bool = False, eval_only: bool = False) -> 
         # to): keep the run's own figures and add these beside them.
         metrics = {**manifest.metrics, f"on_{config.model.quantization}": metrics}
     write_package(manifest, config.output_dir, adapter=adapter, training=training, metrics=metrics, log_history=history)
+    if publish is not None:
+        del model
+        gc.collect()
+        evaluation = _evaluate_as_served(config, serve_quantization, held)
+        metrics["published"] = _publish(config.output_dir, evaluation, publish)
+        metrics["evaluation"] = evaluation.model_dump(exclude={"golden"})
     return metrics
+
+
+def _evaluate_as_served(config: RunConfig, quantization: str, held: list[dict[str, Any]]) -> Any:
+    """The evaluation record, on the base loaded by the service's own loader."""
+    from peft import PeftModel
+
+    from service.base_model import load_base
+    from training.publish import evaluate
+
+    base = load_base(
+        config.model.base, quantization=quantization, device=config.model.device, cache_dir=config.model.cache_dir
+    )
+    model = PeftModel.from_pretrained(base.model, str(config.output_dir))
+    manifest = AdapterManifest.read(config.output_dir)
+    examples = tokenize_all(base.tokenizer, manifest, TASKS[config.task], held, config.train.max_length)
+    return evaluate(model, base.tokenizer, manifest, config.task, held, examples, quantization)
+
+
+def _publish(package: Path, evaluation: Any, dest: str) -> str:
+    from training.publish import upload
+
+    manifest = AdapterManifest.read(package)
+    manifest.model_copy(update={"evaluation": evaluation}).write(package)
+    return upload(package, dest)
 
 
 def _train(config, base, tokenizer, manifest, task, train_records, held, device, resume):
