@@ -275,3 +275,15 @@ def test_a_locked_down_release_keys_metrics_and_admits_only_its_peers():
     closed = render({"networkPolicy": {"enabled": True}})
     assert by_kind(closed, "NetworkPolicy")[0]["spec"]["ingress"] == []
     assert not by_kind(render({}), "NetworkPolicy")  # off by default
+
+
+def test_release_settings_reach_the_service():
+    def settings(values):
+        docs = render(values)
+        return next(d for d in by_kind(docs, "ConfigMap") if "HOTSWAP_PORT" in d.get("data", {}))["data"]
+
+    default = settings({})
+    assert default["HOTSWAP_ADAPTER_GATE"] == "true" and "HOTSWAP_CANARY_ERROR_MARGIN" not in default
+    tuned = settings({"adapters": {"gate": False, "canaryErrorMargin": 0.05, "canaryMinRequests": 50}})
+    assert tuned["HOTSWAP_ADAPTER_GATE"] == "false" and tuned["HOTSWAP_CANARY_ERROR_MARGIN"] == "0.05"
+    assert tuned["HOTSWAP_CANARY_MIN_REQUESTS"] == "50"
