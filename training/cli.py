@@ -51,6 +51,7 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--lora-alpha", dest="lora.alpha", type=int)
     g.add_argument("--lora-dropout", dest="lora.dropout", type=float)
     g.add_argument("--lora-targets", dest="lora.targets", nargs="+")
+    g.add_argument("--rslora", dest="lora.rslora", action="store_const", const=True, help="scale by alpha / sqrt(r)")
     g = p.add_argument_group("train")
     g.add_argument("--steps", dest="train.max_steps", type=int)
     g.add_argument("--batch-size", dest="train.batch_size", type=int)
@@ -69,6 +70,16 @@ def make_parser() -> argparse.ArgumentParser:
         choices=LOSS_WEIGHTINGS,
         help="weigh every batch the same, or every labelled token of the run",
     )
+    g.add_argument(
+        "--neftune-alpha",
+        dest="train.neftune_alpha",
+        type=float,
+        help="NEFTune: noise of this scale on the input embeddings while training (e.g. 5)",
+    )
+    g.add_argument(
+        "--scheduler", dest="train.scheduler", help="transformers' LR schedule: cosine, linear, constant_with_warmup..."
+    )
+    g.add_argument("--warmup-steps", dest="train.warmup_steps", type=int)
     g.add_argument("--seed", dest="train.seed", type=int)
     g.add_argument("--save-steps", dest="train.save_steps", type=int)
     g.add_argument(

@@ -50,6 +50,7 @@ class LoraSettings:
     alpha: int = 32
     dropout: float = 0.05
     targets: list[str] = field(default_factory=lambda: ["all-linear"])
+    rslora: bool = False  # rank-stabilised LoRA: scale alpha / sqrt(r) instead of alpha / r
 
 
 @dataclass
@@ -64,6 +65,7 @@ class TrainSettings:
     max_grad_norm: float = 1.0
     optimizer: str = "adamw_torch"
     loraplus_ratio: float | None = None  # LoRA+: B's learning rate over A's (None: plain LoRA)
+    neftune_alpha: float | None = None  # NEFTune: uniform noise on the input embeddings while training
     # "batch": each batch's loss is the mean over its own labelled tokens, so every batch weighs
     # the same (transformers' rule). "token": every labelled token of the run weighs the same: a
     # batch's summed loss is divided by the training set's mean labelled tokens per batch. With

@@ -31,6 +31,7 @@ def lora_config(settings: LoraSettings) -> Any:
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
         target_modules=targets,
+        use_rslora=settings.rslora,
         bias="none",
         task_type="CAUSAL_LM",
     )

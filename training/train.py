@@ -77,6 +77,7 @@ def _trainer_args(config: RunConfig, device: str, has_eval: bool) -> Any:
         eval_steps=(t.eval_steps or t.save_steps) if has_eval else None,
         report_to=["tensorboard"] if t.tensorboard else [],
         bf16=bf16,  # autocast; LoRA weights and optimizer state stay fp32
+        neftune_noise_alpha=t.neftune_alpha,
         use_cpu=device == "cpu",
         max_length=t.max_length,
         dataset_kwargs={"skip_prepare_dataset": True},

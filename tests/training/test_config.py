@@ -97,3 +97,18 @@ def test_cli_reports_data_errors_with_exit_code_2(tmp_path):
     )
     assert out.returncode == 2
     assert f"{bad}:2: malformed JSON" in out.stderr
+
+
+def test_rslora_neftune_and_the_schedule_reach_peft_and_trl(tmp_path):
+    from training.model import lora_config
+    from training.train import _trainer_args
+
+    flags = ["dolly", "--rslora", "--neftune-alpha", "5", "--scheduler", "constant_with_warmup", "--warmup-steps", "3"]
+    config = build_config("dolly", tmp_path / "dolly", overrides=overrides_from(make_parser().parse_args(flags)))
+    assert lora_config(config.lora).use_rslora is True
+    args = _trainer_args(config, "cpu", has_eval=False)
+    assert args.neftune_noise_alpha == 5 and args.lr_scheduler_type == "constant_with_warmup" and args.warmup_steps == 3
+    plain = build_config("dolly", tmp_path / "plain")
+    assert (
+        lora_config(plain.lora).use_rslora is False and _trainer_args(plain, "cpu", False).neftune_noise_alpha is None
+    )
