@@ -62,8 +62,9 @@ def hub_app(root: Path) -> FastAPI:
         body = await request.json()
         org, name = body.get("organization") or "user", body["name"]
         folder = root / org / name / "main"
-        if folder.is_dir():
-            return JSONResponse({"error": "You already created this model repo"}, status_code=409)
+        if folder.is_dir():  # as the hub answers: huggingface_hub reads the url even from a 409
+            body = {"error": "You already created this model repo", "url": f"{request.base_url}{org}/{name}"}
+            return JSONResponse(body, status_code=409)
         folder.mkdir(parents=True)
         return JSONResponse({"url": f"{request.base_url}{org}/{name}"})
 

@@ -147,7 +147,8 @@ def upload(package: Path, dest: str) -> str:
     else:
         import fsspec
 
-        fs, root = fsspec.core.url_to_fs(source.location)
+        # A new client: fsspec's instance cache would keep an endpoint or credentials of before.
+        fs, root = fsspec.core.url_to_fs(source.location, skip_instance_cache=True)
         fs.makedirs(root, exist_ok=True)
         for name in order:
             fs.put_file(str(package / name), f"{root}/{name}")

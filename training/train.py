@@ -112,6 +112,14 @@ def run(
     if config.data.max_train_records:
         train_records = train_records[: config.data.max_train_records]
 
+    if eval_only and publish is not None:
+        # A package evaluated already: what publishing adds is the evaluation on the base as the
+        # service loads it (the run's own figures in `metrics` stay as they are).
+        evaluation = _evaluate_as_served(config, serve_quantization, held)
+        return {
+            "published": _publish(config.output_dir, evaluation, publish),
+            "evaluation": evaluation.model_dump(exclude={"golden"}),
+        }
     if eval_only:
         adapter = config.output_dir
         model, tokenizer, source, device = load_trained(config.model, adapter)

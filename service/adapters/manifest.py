@@ -103,7 +103,7 @@ class Evaluation(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     quantization: str  # the base's, as the golden outputs and losses were computed on it
-    held_out: dict[str, float] = Field(default_factory=dict)  # records, loss_base, loss_adapter, reduction
+    held_out: dict[str, int | float] = Field(default_factory=dict)  # records, loss_base, loss_adapter, reduction
     task: dict[str, float] = Field(default_factory=dict)  # the task's metric (schema: valid_rate, named_rate)
     golden: list[GoldenPrompt] = Field(default_factory=list, max_length=64)
 

@@ -196,7 +196,9 @@ def _fetch_hub(source: Source, target: Path, max_bytes: int) -> None:
 def _fetch_fsspec(source: Source, target: Path, max_bytes: int) -> None:
     import fsspec
 
-    fs, root = fsspec.core.url_to_fs(source.location)
+    # A new client per fetch: fsspec's instance cache would keep the endpoint and credentials the
+    # first fetch saw (AWS_ENDPOINT_URL or a key changed since).
+    fs, root = fsspec.core.url_to_fs(source.location, skip_instance_cache=True)
     sizes = {}
     for name in PACKAGE_FILES:
         path = f"{root}/{name}"

@@ -90,7 +90,7 @@ def test_prometheus_scrapes_the_request_count(service_url, prometheus_url):
 
     wait_until(scraped, 30, "Prometheus to see 3 requests")
     gauge = httpx.get(f"{prometheus_url}/api/v1/query", params={"query": "hotswap_resident_adapters"}).json()
-    assert float(gauge["data"]["result"][0]["value"][1]) == 1.0  # alpha, loaded on first use
+    assert float(gauge["data"]["result"][0]["value"][1]) == 2.0  # alpha and beta: the start's gate ran both
 
 
 def promtool_check_rules(groups: list[dict], tmp_path) -> None:
