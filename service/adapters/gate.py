@@ -111,8 +111,8 @@ async def check(
     if not golden:
         return Verdict(True, "no golden prompts to reproduce", figures)
     diffs, agree, worst = [], 0, (0.0, "")
-    for g, scored in zip(golden, served, strict=True):
-        outputs = scored[len(g.prompt_ids) :]
+    for g, tokens in zip(golden, served, strict=True):
+        outputs = tokens[len(g.prompt_ids) :]
         these = [abs(t.logprob - lp) for t, lp in zip(outputs, g.logprobs, strict=True) if t is not None]
         agree += sum(1 for t, token in zip(outputs, g.output_ids, strict=True) if t is not None and _top(t, token))
         diffs += these
