@@ -124,3 +124,30 @@ def test_a_failing_canary_is_rolled_back_automatically(tiny, tokenizer, shelf, c
         assert {r.headers["X-Adapter-Version"] for r in after} == {stable}
         assert "rollback alpha" in caplog.text and "error rate" in caplog.text
         assert 'hotswap_adapter_rollbacks_total{adapter="alpha",trigger="automatic"} 1.0' in client.get("/metrics").text
+
+
+def test_a_rescan_serves_a_changed_package_only_once_it_passes_the_gate(tiny, tokenizer, tmp_path):
+    """A changed package on disk is staged; a refused one never answers, the old one keeps serving."""
+    adapters = tmp_path / "adapters"
+    shutil.copytree(tiny.adapter_dir, adapters)
+    world = type(tiny)(tiny.base_dir, tiny.fingerprint, adapters)
+    client, engine = make_client(world, tokenizer, admin_api_keys=[ADMIN])
+    manifest_path = adapters / "alpha" / "hotswap.json"
+    manifest = json.loads(manifest_path.read_text())
+    golden = {"prompt": "Hi", "output": "x", "prompt_ids": [5, 6, 7], "output_ids": [8, 9], "logprobs": [-1.25, -1.25]}
+    with client:
+        old = client.get("/v1/models/alpha").json()["version"]
+        # golden log-probabilities the engine does not give (it scores an adapter's tokens -1.25)
+        bad = {**golden, "logprobs": [-4.0, -4.0]}
+        manifest_path.write_text(json.dumps({**manifest, "evaluation": {"quantization": "nf4", "golden": [bad]}}))
+        r = client.post("/admin/adapters/rescan", headers=AUTH)
+        assert r.status_code == 200 and r.json()["changed"] == ["alpha"] and r.json()["refused"] == ["alpha"]
+        card = client.get("/v1/models/alpha").json()
+        assert card["version"] == old and "do not reproduce" in card["release"]["refused"]["error"]
+        assert complete(client, "u1").headers["X-Adapter-Version"] == old
+        manifest_path.write_text(json.dumps({**manifest, "evaluation": {"quantization": "nf4", "golden": [golden]}}))
+        r = client.post("/admin/adapters/rescan", headers=AUTH)
+        assert r.json()["refused"] == []
+        new = client.get("/v1/models/alpha").json()
+        assert new["version"] != old and new["release"]["refused"] is None and new["release"]["previous"] == old
+        assert complete(client, "u1").headers["X-Adapter-Version"] == new["version"]
