@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, TypeVar
 
@@ -13,7 +12,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from service.auth import admin_scope, require_admin_key, require_api_key, require_metrics_key, require_quota, tenant_of
-from service.errors import NotFoundError, RequestTimeoutError, ServiceUnavailableError
+from service.errors import NotFoundError, ServiceUnavailableError
 from service.protocol import (
     CanaryTraffic,
     ChatCompletionRequest,
@@ -37,7 +36,7 @@ from service.serving.chat import ChatServing
 from service.serving.completions import CompletionServing
 from service.serving.generation import ServingContext, Target
 from service.serving.responses import ResponsesServing, to_chat
-from service.serving.sse import DONE, error_body, sse
+from service.serving.sse import Deadline
 from service.serving.tokenization import TokenizerServing
 
 _ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 429, 500, 503, 504)}
@@ -84,46 +83,29 @@ CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that hung up; only me
 DISCONNECT_POLL_SECONDS = 0.25
 
 
-async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T | Response:
+def _deadline(request: Request) -> Deadline:
+    return Deadline.after(request.app.state.settings.request_timeout_seconds)
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T], deadline: Deadline) -> T | Response:
     """Run `work`; if the client hangs up first, or the request outlives its time limit, cancel
     it, which cancels its generations.
 
     Streams notice a disconnect when a write fails; a non-streaming request would otherwise
-    generate to the end for nobody. A started stream gets the rest of its time limit.
+    generate to the end for nobody. A started stream gets the rest of its time limit (serving
+    ends it with the API's error event at `deadline`).
     """
-    limit = request.app.state.settings.request_timeout_seconds
-    deadline = time.monotonic() + limit
     task = asyncio.ensure_future(work)
     while True:
         done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
         if done:
-            result = task.result()
-            if isinstance(result, AsyncIterator):
-                return _until(result, deadline, limit)
-            return result
-        if await request.is_disconnected() or time.monotonic() > deadline:
+            return task.result()
+        if await request.is_disconnected() or deadline.passed:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-            if time.monotonic() > deadline:
-                raise RequestTimeoutError(f"the request took longer than {limit:g} s")
+            if deadline.passed:
+                raise deadline.error()
             return Response(status_code=CLIENT_CLOSED_REQUEST)
-
-
-async def _until(stream: AsyncIterator[str], deadline: float, limit: float) -> AsyncIterator[str]:
-    """A started SSE stream that ends with an OpenAI error event at the deadline."""
-    loop_deadline = asyncio.get_running_loop().time() + (deadline - time.monotonic())
-    async with contextlib.aclosing(stream):
-        while True:
-            try:
-                async with asyncio.timeout_at(loop_deadline):  # same task: the stream can close
-                    frame = await anext(stream)
-            except StopAsyncIteration:
-                return
-            except TimeoutError:
-                yield sse(error_body(RequestTimeoutError(f"the request took longer than {limit:g} s")))
-                yield DONE
-                return
-            yield frame
 
 
 VERSION_HEADER = "X-Adapter-Version"
@@ -143,11 +125,12 @@ def _respond(result: object, request: Request) -> Response:
 
 
 async def _watched(frames: AsyncIterator[str], request: Request) -> AsyncIterator[str]:
-    """A stream's frames; one that ends in an error event counts as a failed request (the
-    status is 200 by then), for the per-version metrics and the canary's automatic rollback."""
+    """A stream's frames; one that ends in an error event (chat's and completions' `data:`
+    error, Responses' `event: error`) counts as a failed request (the status is 200 by then),
+    for the per-version metrics and the canary's automatic rollback."""
     async with contextlib.aclosing(frames):
         async for frame in frames:
-            if frame.startswith('data: {"error"'):
+            if frame.startswith(('data: {"error"', "event: error\n")):
                 request.state.failed = True
             yield frame
 
@@ -183,22 +166,25 @@ Quota = [Depends(require_quota)]  # the generating routes spend the tenant's req
 
 @api.post("/completions", response_model=CompletionResponse, responses=_STREAMS, dependencies=Quota)
 async def create_completion(body: CompletionRequest, request: Request, ctx: Context) -> Response:
-    work = CompletionServing(ctx).create(body, _labelled(request))
-    return _respond(await _unless_disconnected(request, work), request)
+    deadline = _deadline(request)
+    work = CompletionServing(ctx).create(body, _labelled(request), deadline)
+    return _respond(await _unless_disconnected(request, work, deadline), request)
 
 
 @api.post("/chat/completions", response_model=ChatCompletionResponse, responses=_STREAMS, dependencies=Quota)
 async def create_chat_completion(body: ChatCompletionRequest, request: Request, ctx: Context) -> Response:
-    work = ChatServing(ctx).create(body, _labelled(request))
-    return _respond(await _unless_disconnected(request, work), request)
+    deadline = _deadline(request)
+    work = ChatServing(ctx).create(body, _labelled(request), deadline)
+    return _respond(await _unless_disconnected(request, work, deadline), request)
 
 
 @api.post("/responses", response_model=ResponseObject, responses=_STREAMS, dependencies=Quota)
 async def create_response(body: ResponsesRequest, request: Request, ctx: Context) -> Response:
     """OpenAI's Responses API, stateless: the conversation comes whole in `input`."""
     serving = ResponsesServing(ctx, body)
-    work = serving.create(to_chat(body), _labelled(request))
-    return _respond(await _unless_disconnected(request, work), request)
+    deadline = _deadline(request)
+    work = serving.create(to_chat(body), _labelled(request), deadline)
+    return _respond(await _unless_disconnected(request, work, deadline), request)
 
 
 @api.get("/models")

@@ -32,7 +32,7 @@ from service.serving.generation import (
     resolve_target,
     run_choices,
 )
-from service.serving.sse import framed
+from service.serving.sse import Deadline, framed, within
 
 
 @dataclass
@@ -148,10 +148,14 @@ class EndpointServing(ABC):
         return await output_grammar(request.response_format, target, self.ctx)
 
     async def create(
-        self, request: Any, on_target: Callable[[Target], None] = lambda target: None
+        self,
+        request: Any,
+        on_target: Callable[[Target], None] = lambda target: None,
+        deadline: Deadline | None = None,
     ) -> BaseModel | AsyncIterator[str]:
         """The response, or its SSE frames when the request streams. `on_target` is told the
-        model the request resolved to (the HTTP layer labels its metrics with it)."""
+        model the request resolved to (the HTTP layer labels its metrics with it); a stream
+        still running at `deadline` ends with the API's error event."""
         ctx = self.ctx
         target = resolve_target(request.model, request.adapter, ctx, request.user)
         on_target(target)
@@ -184,7 +188,7 @@ class EndpointServing(ABC):
         usage = UsageInfo(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens)
         run = self.run_type(request, target, specs, ctx, usage, prompts.actions)
         if request.stream:
-            return self.frame(await run.stream())
+            return self.frame(within(await run.stream(), deadline))
         return await run.collect()
 
     def frame(self, chunks: AsyncIterator[Any]) -> AsyncIterator[str]:

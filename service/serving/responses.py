@@ -12,6 +12,7 @@ grammar, post hooks), and its one choice is shaped as Responses output items: a 
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 from functools import partial
@@ -102,7 +103,12 @@ def to_chat(request: ResponsesRequest) -> ChatCompletionRequest:
 def responses_param(chat_param: str) -> str:
     """The Responses field that a chat request's field `chat_param` came from."""
     path = chat_param.split(".") if chat_param else []
-    renames = {"messages": "input", "max_completion_tokens": "max_output_tokens", "response_format": "text.format"}
+    renames = {
+        "messages": "input",
+        "max_completion_tokens": "max_output_tokens",
+        "max_tokens": "max_output_tokens",
+        "response_format": "text.format",
+    }
     if path and path[0] == "tools" and len(path) > 2 and path[2] == "function":
         path = path[:2] + path[3:]  # Responses' tools are flat
     if path and path[0] == "tool_choice":
@@ -326,14 +332,14 @@ class ResponsesServing(ChatServing):
     def frame(self, chunks: AsyncIterator[Any]) -> AsyncIterator[str]:
         return framed_events(chunks)
 
-    async def create(self, request: Any, on_target: Any = lambda target: None) -> Any:
+    async def create(self, request: Any, on_target: Any = lambda target: None, deadline: Any = None) -> Any:
         """Chat's `create`; a 400 names the Responses field, not chat's."""
         try:
-            return await super().create(request, on_target)
+            return await super().create(request, on_target, deadline)
         except InvalidRequestError as exc:
             if exc.param:
                 param = responses_param(exc.param)
-                exc.message = exc.message.replace(f"{exc.param}:", f"{param}:", 1)
+                exc.message = re.sub(rf"\b{re.escape(exc.param)}\b", param, exc.message, count=1)
                 exc.param = param
             raise
 

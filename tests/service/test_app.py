@@ -335,10 +335,22 @@ def test_requests_past_their_time_limit_are_stopped(tiny, tokenizer):
         r = c.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 50, "stream": True})
         assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n")
         assert '"request_timeout"' in r.text and "seven" not in r.text
+        # A Responses stream ends in its own framing: an `error` event, no chat-style [DONE].
+        r = c.post("/v1/responses", json={"model": "tiny", "input": "x", "max_output_tokens": 50})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "max_output_tokens"
+        assert "plus max_output_tokens (50)" in r.json()["error"]["message"]
+        body = {"model": "tiny", "input": "x", "max_output_tokens": 30, "stream": True}
+        r = c.post("/v1/responses", json=body)
+        assert r.status_code == 200, r.text
+        events = r.text.strip().split("\n\n")
+        assert r.status_code == 200 and events[0].startswith("event: response.created")
+        assert events[-1].startswith("event: error\n") and "[DONE]" not in r.text
+        error = json.loads(events[-1].split("data: ", 1)[1])
+        assert error["code"] == "request_timeout" and error["sequence_number"] == len(events) - 1
         deadline = time.monotonic() + 60  # bounds a hang only
-        while len(engine.closed) < 2 and time.monotonic() < deadline:
+        while len(engine.closed) < 3 and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert len(engine.closed) == 2  # both generations were cancelled, not left running
+        assert len(engine.closed) == 3  # all three generations were cancelled, not left running
 
 
 def test_prompt_lists_are_capped(client):

@@ -12,6 +12,7 @@ import time
 import pytest
 
 from tests.factories import make_client
+from tests.service.fakes import ScriptedEngine
 
 ADMIN = "admin-key-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {ADMIN}"}
@@ -124,6 +125,29 @@ def test_a_failing_canary_is_rolled_back_automatically(tiny, tokenizer, shelf, c
         assert {r.headers["X-Adapter-Version"] for r in after} == {stable}
         assert "rollback alpha" in caplog.text and "error rate" in caplog.text
         assert 'hotswap_adapter_rollbacks_total{adapter="alpha",trigger="automatic"} 1.0' in client.get("/metrics").text
+
+
+def test_a_stream_that_ends_in_an_error_event_counts_against_its_version(tiny, tokenizer, shelf):
+    """Each API's stream error framing (chat's `data:` error, Responses' `event: error`) is a
+    failed request for the per-version metrics the automatic rollback reads."""
+    slow = ScriptedEngine(tokenizer, " one two three four five six seven", delay=0.3)
+    client, _ = app(tiny, tokenizer, shelf, engine=slow, request_timeout_seconds=0.5)
+    with client:
+        stable = client.get("/v1/models/alpha").json()["version"]
+        bodies = {
+            "/v1/responses": {"model": "alpha", "input": "Hi", "max_output_tokens": 20, "stream": True},
+            "/v1/chat/completions": {
+                "model": "alpha",
+                "messages": [{"role": "user", "content": "Hi"}],
+                "max_tokens": 20,
+                "stream": True,
+            },
+        }
+        for path, body in bodies.items():
+            r = client.post(path, json=body)
+            assert r.status_code == 200 and "request_timeout" in r.text
+        labels = f'adapter="alpha",outcome="error",role="stable",version="{stable}"'
+        assert f"hotswap_adapter_version_requests_total{{{labels}}} 2.0" in client.get("/metrics").text
 
 
 def test_a_rescan_serves_a_changed_package_only_once_it_passes_the_gate(tiny, tokenizer, tmp_path):
