@@ -171,6 +171,11 @@ class _SamplingFields(_TextRequest):
         """Tokens each choice may generate (see `to_sampling_params`)."""
         raise NotImplementedError
 
+    @property
+    def budget_param(self) -> str:
+        """The field `budget` comes from, for errors to name."""
+        return "max_tokens"
+
     def to_sampling_params(self, index: int, max_tokens: int, grammar: Grammar | None) -> SamplingParams:
         """The engine parameters of choice `index` (0-based across every prompt's choices).
 
@@ -376,6 +381,10 @@ class ChatCompletionRequest(_SamplingFields):
         """`max_completion_tokens` supersedes the deprecated `max_tokens` (OpenAI's precedence);
         with neither, the server's default."""
         return self.max_completion_tokens or self.max_tokens or server_default
+
+    @property
+    def budget_param(self) -> str:
+        return "max_completion_tokens" if self.max_completion_tokens else "max_tokens"
 
     def _logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None

@@ -223,8 +223,11 @@ def check_request_size(sequences: int, tokens: int, ignore_eos: bool, ctx: Servi
         raise InvalidRequestError("ignore_eos is off on this server (ALLOW_IGNORE_EOS)", param="ignore_eos")
 
 
-def check_prompt(ids: Sequence[int], max_tokens: int, ctx: ServingContext, *, param: str) -> None:
-    """Refuse prompts the model cannot run: empty, out-of-vocabulary ids, or too long."""
+def check_prompt(
+    ids: Sequence[int], max_tokens: int, ctx: ServingContext, *, param: str, budget_param: str = "max_tokens"
+) -> None:
+    """Refuse prompts the model cannot run: empty, out-of-vocabulary ids, or too long. `param`
+    names the prompt's field, `budget_param` the field `max_tokens` comes from."""
     if not ids:
         raise InvalidRequestError("the prompt must contain at least one token", param=param)
     check_token_ids(ids, ctx, param=param)
@@ -235,9 +238,9 @@ def check_prompt(ids: Sequence[int], max_tokens: int, ctx: ServingContext, *, pa
         )
     if len(ids) + max_tokens > ctx.max_context:
         raise InvalidRequestError(
-            f"the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceeds this model's "
+            f"the prompt ({len(ids)} tokens) plus {budget_param} ({max_tokens}) exceeds this model's "
             f"context of {ctx.max_context} tokens",
-            param="max_tokens",
+            param=budget_param,
         )
 
 

@@ -163,7 +163,7 @@ class EndpointServing(ABC):
         budgets = [request.budget(ctx.default_budget(len(ids))) for ids in prompts.ids]
         check_request_size(len(budgets) * request.n, sum(budgets) * request.n, request.ignore_eos, ctx)
         for ids, max_tokens in zip(prompts.ids, budgets, strict=True):
-            check_prompt(ids, max_tokens, ctx, param=prompts.param)
+            check_prompt(ids, max_tokens, ctx, param=prompts.param, budget_param=request.budget_param)
         stops = (request.stop or []) + (target.manifest.output.stop if target.manifest else [])
         grammar = await self.grammar(request, target)
         n = request.n

@@ -339,6 +339,9 @@ def test_requests_past_their_time_limit_are_stopped(tiny, tokenizer):
         r = c.post("/v1/responses", json={"model": "tiny", "input": "x", "max_output_tokens": 50})
         assert r.status_code == 400 and r.json()["error"]["param"] == "max_output_tokens"
         assert "plus max_output_tokens (50)" in r.json()["error"]["message"]
+        chat = {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 60}
+        r = c.post("/v1/chat/completions", json=chat)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "max_completion_tokens"
         body = {"model": "tiny", "input": "x", "max_output_tokens": 30, "stream": True}
         r = c.post("/v1/responses", json=body)
         assert r.status_code == 200, r.text
