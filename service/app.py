@@ -36,7 +36,7 @@ from service.serving.errors import HTTPStatusError, error_code, http_error, to_b
 from service.serving.generation import ServingContext
 from service.serving.sse import error_body
 from service.settings import Settings
-from service.tenants import RateLimits, retry_after
+from service.tenants import RateLimits, Tenants, retry_after
 from service.tenants import from_settings as tenants_from
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,7 @@ class ServiceState:
     inflight: int = 0  # API requests accepted and not yet answered to the last byte
     compute: ThreadPoolExecutor | None = None  # loads the model, then runs the engine loop
     rate_limits: RateLimits | None = None  # the tenants' per-minute buckets
+    tenants: Tenants | None = None  # TENANTS_FILE, read once: auth and the engine's shares agree
     # Called when the start fails; `python -m service` makes the server exit non-zero.
     on_fatal: Callable[[BaseException], None] = lambda exc: None
 
@@ -85,7 +86,7 @@ async def _start(state: ServiceState, runtime: Runtime | None) -> None:
             # belongs to the thread that first computes (see WorkerEngine.start).
             compute = state.compute = ThreadPoolExecutor(1, thread_name_prefix="hotswap-compute")
             loop = asyncio.get_running_loop()
-            runtime = await loop.run_in_executor(compute, load_runtime, state.settings, state.metrics)
+            runtime = await loop.run_in_executor(compute, load_runtime, state.settings, state.metrics, state.tenants)
         check_adapters_named(guardrails, runtime)
         await runtime.engine.start(compute)  # None: the engine makes its own thread
         state.serve(runtime, guardrails)
@@ -300,7 +301,7 @@ def build_app(settings: Settings | None = None, runtime: Runtime | None = None) 
     app.state.settings = settings
     app.state.tenants = tenants_from(settings)  # a bad TENANTS_FILE fails here, before the model loads
     app.state.rate_limits = RateLimits()
-    app.state.hotswap = ServiceState(settings=settings, rate_limits=app.state.rate_limits)
+    app.state.hotswap = ServiceState(settings=settings, rate_limits=app.state.rate_limits, tenants=app.state.tenants)
     app.include_router(api)
     app.include_router(ops)
     app.include_router(admin)

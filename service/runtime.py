@@ -21,6 +21,7 @@ from service.engine.runner import ModelRunner
 from service.engine.simple import SimpleEngine
 from service.metrics import Metrics
 from service.settings import Settings
+from service.tenants import Tenants
 from service.tenants import from_settings as tenants_from
 
 log = logging.getLogger(__name__)
@@ -36,9 +37,10 @@ class Runtime:
     residency: AdapterResidency | None = None
 
 
-def load_runtime(settings: Settings, metrics: Metrics) -> Runtime:
+def load_runtime(settings: Settings, metrics: Metrics, tenants: Tenants | None = None) -> Runtime:
     """Load the base once, validate the adapter packages (they load on first use, see
-    `AdapterResidency`), and build the engine (not started)."""
+    `AdapterResidency`), and build the engine (not started). `tenants`: those the service
+    authenticates (TENANTS_FILE as read once at build), whose shares the engine schedules."""
     base = load_base(
         settings.model,
         quantization=settings.quantization,
@@ -79,7 +81,8 @@ def load_runtime(settings: Settings, metrics: Metrics) -> Runtime:
     )
     max_context = min(base.max_context, settings.max_model_len or base.max_context)
     runner = ModelRunner(lora, base.device)
-    shares = tuple((t.id, t.weight, t.max_concurrent) for t in tenants_from(settings).tenants)
+    tenants = tenants if tenants is not None else tenants_from(settings)
+    shares = tuple((t.id, t.weight, t.max_concurrent) for t in tenants.tenants)
     config = EngineConfig.from_settings(
         settings, max_context=max_context, eos_token_ids=base.eos_token_ids, shares=shares
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 
 import pytest
 
@@ -187,3 +188,25 @@ def test_the_service_refuses_to_start_on_a_bad_tenants_file(tmp_path):
     path.write_text("tenants: {}")
     with pytest.raises(TenantsError):
         build_app(Settings(tenants_file=path))
+
+
+def test_auth_and_the_engine_share_one_reading_of_the_tenants_file(tiny, tmp_path):
+    """TENANTS_FILE is read once, when the app is built: a file that changes (or breaks) while
+    the model loads does not give the engine other tenants than those auth knows."""
+    from fastapi.testclient import TestClient
+
+    from service.app import build_app
+    from tests.factories import tiny_settings
+
+    path = tenants_file(tmp_path, "    weight: 3\n")  # globex weighs 3
+    app = build_app(tiny_settings(tiny, tmp_path / "cache", tenants_file=path))
+    (tmp_path / "tenants.yaml").write_text("tenants: [broken")
+    with TestClient(app) as client:
+        deadline = time.monotonic() + 120  # bounds a hang only
+        while client.get("/ready").status_code != 200 and time.monotonic() < deadline:
+            assert app.state.hotswap.status != "failed", app.state.hotswap.error
+            time.sleep(0.1)
+        shares = app.state.hotswap.context.engine.config.shares
+        assert {tenant: weight for tenant, weight, _ in shares} == {"acme": 1.0, "globex": 3.0}
+        r = client.post("/v1/completions", json={"model": "alpha", "prompt": "Hi", "max_tokens": 1}, headers=as_(ACME))
+        assert r.status_code == 200, r.text
