@@ -4,8 +4,8 @@ The registry has already checked the package (manifest, safetensors, LoRA, the b
 fingerprint, size). The gate runs the version on the engine, on the served base and
 quantization, through the same path requests take:
 
-1. **It changes the model.** The version and the base score the same tokens (its golden
-   prompts and outputs, or a fixed probe when it has none); when no log-probability moves by
+1. **It changes the model.** The version and the base score the same tokens (its shortest
+   golden prompt and output, or a fixed probe when it has none); when no log-probability moves by
    `MIN_CHANGE` nats, the adapter is refused: an all-zero `lora_B` (PEFT's initialisation, a
    run that never trained) serves the base under another name.
 2. **Its golden prompts reproduce.** The outputs the trained adapter gave at publish time
@@ -88,24 +88,20 @@ async def check(
 ) -> Verdict:
     """Run the gate's checks on one version (`key`) with its golden prompts (may be empty)."""
     sequences = [g.prompt_ids + g.output_ids for g in golden] or [probe_ids]
+    # The base scores one sequence, the shortest: a LoRA with any non-zero B moves every
+    # position's log-probabilities, so one sequence shows whether it changes the model, and the
+    # base's half of the work goes (the shipped dolly's gate: 12 s with the base on all four).
+    compared = min(range(len(sequences)), key=lambda i: len(sequences[i]))
     # All at once: the engine batches them (the shipped dolly's gate took 14 s one by one).
-    scored = await asyncio.gather(*(score(k, ids) for k in (key, None) for ids in sequences))
-    served, base = scored[: len(sequences)], scored[len(sequences) :]
-    change = max(
-        (
-            abs(a.logprob - b.logprob)
-            for s, t in zip(served, base, strict=True)
-            for a, b in zip(s, t, strict=True)
-            if a and b
-        ),
-        default=0.0,
-    )
+    *served, base = await asyncio.gather(*(score(key, ids) for ids in sequences), score(None, sequences[compared]))
+    pairs = zip(served[compared], base, strict=True)
+    change = max((abs(a.logprob - b.logprob) for a, b in pairs if a and b), default=0.0)
     figures: dict[str, Any] = {"max_change": round(change, 6), "golden": len(golden)}
     if change < MIN_CHANGE:
         return Verdict(
             False,
             f"the adapter does not change the base's outputs (the largest log-probability change over "
-            f"{sum(len(s) for s in sequences)} tokens is {change:.2g} nats; is every lora_B zero?)",
+            f"{len(sequences[compared])} tokens is {change:.2g} nats; is every lora_B zero?)",
             figures,
         )
     if not golden:

@@ -76,3 +76,20 @@ def test_without_golden_prompts_the_probe_shows_whether_the_adapter_changes_anyt
 
     verdict = asyncio.run(check(KEY, [], score, probe_ids=[7, 8, 9]))
     assert verdict.passed and verdict.reason == "no golden prompts to reproduce" and calls == [[7, 8, 9]] * 2
+
+
+def test_the_base_scores_only_the_shortest_golden_sequence():
+    """The base's scores serve only the 'changes the model' check: one sequence is enough."""
+    calls = []
+    score, _ = scorer([-0.5, -0.6, -0.7, -0.8, -1.0, -1.0])
+
+    async def counted(key, ids):
+        calls.append((key, len(ids)))
+        return await score(key, ids)
+
+    long = GoldenPrompt(
+        prompt="q", output="o", prompt_ids=PROMPT, output_ids=OUTPUT + [8, 9], logprobs=[-0.5, -0.6, -0.7, -0.8, -1, -1]
+    )
+    verdict = run(KEY, [long, golden()], counted, probe_ids=[9])
+    assert sorted(calls, key=str) == sorted([(KEY, 9), (KEY, 7), (None, 7)], key=str)
+    assert verdict.figures["max_change"] == 1.5  # -0.5 against the base's -2.0
