@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -83,8 +84,14 @@ CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that hung up; only me
 DISCONNECT_POLL_SECONDS = 0.25
 
 
-def _deadline(request: Request) -> Deadline:
-    return Deadline.after(request.app.state.settings.request_timeout_seconds)
+Create = Callable[[Callable[[Target], None], Deadline], Awaitable[object]]  # serving's create(on_target, deadline)
+
+
+async def _generate(request: Request, create: Create) -> Response:
+    """A generating route: serving's `create(on_target, deadline)` within the request's time
+    limit, answered with the version that served it."""
+    deadline = Deadline.after(request.app.state.settings.request_timeout_seconds)
+    return _respond(await _unless_disconnected(request, create(_labelled(request), deadline), deadline), request)
 
 
 async def _unless_disconnected(request: Request, work: Awaitable[T], deadline: Deadline) -> T | Response:
@@ -166,25 +173,18 @@ Quota = [Depends(require_quota)]  # the generating routes spend the tenant's req
 
 @api.post("/completions", response_model=CompletionResponse, responses=_STREAMS, dependencies=Quota)
 async def create_completion(body: CompletionRequest, request: Request, ctx: Context) -> Response:
-    deadline = _deadline(request)
-    work = CompletionServing(ctx).create(body, _labelled(request), deadline)
-    return _respond(await _unless_disconnected(request, work, deadline), request)
+    return await _generate(request, partial(CompletionServing(ctx).create, body))
 
 
 @api.post("/chat/completions", response_model=ChatCompletionResponse, responses=_STREAMS, dependencies=Quota)
 async def create_chat_completion(body: ChatCompletionRequest, request: Request, ctx: Context) -> Response:
-    deadline = _deadline(request)
-    work = ChatServing(ctx).create(body, _labelled(request), deadline)
-    return _respond(await _unless_disconnected(request, work, deadline), request)
+    return await _generate(request, partial(ChatServing(ctx).create, body))
 
 
 @api.post("/responses", response_model=ResponseObject, responses=_STREAMS, dependencies=Quota)
 async def create_response(body: ResponsesRequest, request: Request, ctx: Context) -> Response:
     """OpenAI's Responses API, stateless: the conversation comes whole in `input`."""
-    serving = ResponsesServing(ctx, body)
-    deadline = _deadline(request)
-    work = serving.create(to_chat(body), _labelled(request), deadline)
-    return _respond(await _unless_disconnected(request, work, deadline), request)
+    return await _generate(request, partial(ResponsesServing(ctx, body).create, to_chat(body)))
 
 
 @api.get("/models")

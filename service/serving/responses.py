@@ -35,6 +35,7 @@ from service.protocol_responses import (
 from service.serving.chat import ChatServing, _ChatRun
 from service.serving.errors import to_body
 from service.serving.generation import ChoiceEvent, first_and_rest, new_id, run_choices
+from service.serving.sse import Deadline
 from service.serving.tools import ParsedCall
 
 
@@ -332,7 +333,7 @@ class ResponsesServing(ChatServing):
     def frame(self, chunks: AsyncIterator[Any]) -> AsyncIterator[str]:
         return framed_events(chunks)
 
-    async def create(self, request: Any, on_target: Any = lambda target: None, deadline: Any = None) -> Any:
+    async def create(self, request: Any, on_target: Any = lambda target: None, deadline: Deadline | None = None) -> Any:
         """Chat's `create`; a 400 names the Responses field, not chat's."""
         try:
             return await super().create(request, on_target, deadline)
