@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import torch
@@ -154,6 +155,18 @@ def test_a_failing_step_fails_its_batch_and_the_engine_serves_on(runner, monkeyp
     failures = {"left": 1}
     for step in ("_forward", "forward_slots"):
         monkeypatch.setattr(runner, step, failing(getattr(runner, step), failures, "simulated device fault"))
+    # The first three requests must share the failing step: the engine takes none of them until
+    # all three are queued (else, on a busy machine, the first could step alone and fail alone).
+    take, gathered = engine._take, {"done": False}
+
+    def take_together(block):
+        deadline = time.monotonic() + 30
+        while not gathered["done"] and len(engine._queued_labels) < 3 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        gathered["done"] = True
+        return take(block)
+
+    monkeypatch.setattr(engine, "_take", take_together)
 
     async def body(engine):
         async def one(prompt):
