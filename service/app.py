@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import __version__
+from service.adapters.desired import read as read_releases
 from service.errors import HotswapError, InvalidRequestError, NotFoundError, RateLimited, RequestTooLargeError
 from service.guardrails import GuardrailConfigError, Guardrails
 from service.guardrails import load as load_guardrails
@@ -31,7 +32,7 @@ from service.names import BASE
 from service.request_id import HEADER as REQUEST_ID_HEADER
 from service.request_id import RequestIdMiddleware
 from service.runtime import Runtime, load_runtime
-from service.serving.adapters import AdapterServing
+from service.serving.adapters import AdapterServing, ReleasesWatch
 from service.serving.errors import HTTPStatusError, error_code, http_error, to_body
 from service.serving.generation import ServingContext
 from service.serving.sse import error_body
@@ -55,10 +56,12 @@ class ServiceState:
     compute: ThreadPoolExecutor | None = None  # loads the model, then runs the engine loop
     rate_limits: RateLimits | None = None  # the tenants' per-minute buckets
     tenants: Tenants | None = None  # TENANTS_FILE, read once: auth and the engine's shares agree
+    releases: ReleasesWatch | None = None  # RELEASES_FILE: re-read whenever it changes
+    watching: asyncio.Task | None = None  # the RELEASES_FILE poll, once ready
     # Called when the start fails; `python -m service` makes the server exit non-zero.
     on_fatal: Callable[[BaseException], None] = lambda exc: None
 
-    def serve(self, runtime: Runtime, guardrails: Guardrails) -> None:
+    def serve(self, runtime: Runtime, guardrails: Guardrails) -> ServingContext:
         self.context = ServingContext(
             engine=runtime.engine,
             tokenizer=runtime.tokenizer,
@@ -75,6 +78,7 @@ class ServiceState:
             quantization=self.settings.quantization,
             gate=self.settings.adapter_gate,
         )
+        return self.context
 
 
 async def _start(state: ServiceState, runtime: Runtime | None) -> None:
@@ -89,8 +93,12 @@ async def _start(state: ServiceState, runtime: Runtime | None) -> None:
             runtime = await loop.run_in_executor(compute, load_runtime, state.settings, state.metrics, state.tenants)
         check_adapters_named(guardrails, runtime)
         await runtime.engine.start(compute)  # None: the engine makes its own thread
-        state.serve(runtime, guardrails)
-        await AdapterServing(state.context).gate_all()  # before any request: the status is "starting"
+        context = state.serve(runtime, guardrails)
+        await AdapterServing(context).gate_all()  # before any request: the status is "starting"
+        if state.releases is not None:  # a new pod serves the fleet's release before its first request
+            await state.releases.sync(context)
+            every = state.settings.releases_poll_seconds
+            state.watching = asyncio.create_task(state.releases.watch(context, every))
         state.status = "ready"
         log.info("ready: serving %s", runtime.base_id)
     except Exception as exc:
@@ -114,8 +122,10 @@ def _lifespan(runtime: Runtime | None):
         starting = asyncio.create_task(_start(state, runtime))
         yield
         state.status = "stopping"
-        starting.cancel()
-        await asyncio.gather(starting, return_exceptions=True)
+        tasks = [t for t in (starting, state.watching) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         if state.context is not None:
             await state.context.engine.stop()
         if state.compute is not None:
@@ -302,6 +312,9 @@ def build_app(settings: Settings | None = None, runtime: Runtime | None = None) 
     app.state.tenants = tenants_from(settings)  # a bad TENANTS_FILE fails here, before the model loads
     app.state.rate_limits = RateLimits()
     app.state.hotswap = ServiceState(settings=settings, rate_limits=app.state.rate_limits, tenants=app.state.tenants)
+    if settings.releases_file is not None:
+        read_releases(settings.releases_file)  # a bad RELEASES_FILE fails here too
+        app.state.hotswap.releases = ReleasesWatch(settings.releases_file)
     app.include_router(api)
     app.include_router(ops)
     app.include_router(admin)

@@ -177,7 +177,23 @@ class Metrics:
             registry=r,
         )
         self.rollbacks = Counter(
-            "hotswap_adapter_rollbacks", "Rollbacks, by trigger (admin, automatic).", ["adapter", "trigger"], registry=r
+            "hotswap_adapter_rollbacks",
+            "Rollbacks, by trigger (admin, automatic, file).",
+            ["adapter", "trigger"],
+            registry=r,
+        )
+        self.release_syncs = Counter(
+            "hotswap_release_file_syncs",
+            "Readings of RELEASES_FILE acted on, by outcome (applied, failed: a step failed, invalid).",
+            ["outcome"],
+            registry=r,
+        )
+        self.release_steps = Counter(
+            "hotswap_release_steps",
+            "Steps taken towards RELEASES_FILE, by action (stable, canary, traffic, promote, drop) and "
+            "outcome (done, failed, skipped).",
+            ["adapter", "action", "outcome"],
+            registry=r,
         )
         self.resident_adapters = Gauge("hotswap_resident_adapters", "Adapters loaded on the base model.", registry=r)
         self.running = Gauge("hotswap_running_requests", "Requests the engine is generating for now.", registry=r)

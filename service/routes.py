@@ -32,7 +32,7 @@ from service.protocol import (
     UnloadLoRAAdapterRequest,
 )
 from service.protocol_responses import ResponseObject, ResponsesRequest
-from service.serving.adapters import AdapterServing
+from service.serving.adapters import AdapterServing, ReleasesWatch
 from service.serving.chat import ChatServing
 from service.serving.completions import CompletionServing
 from service.serving.generation import ServingContext, Target
@@ -295,6 +295,29 @@ async def set_canary_traffic(name: str, body: CanaryTraffic, request: Request, c
     admin_scope(request, name)
     target = f"{name} to {body.traffic:g}"
     return await _audited(request, "traffic", target, _now(AdapterServing(ctx).traffic, name, body.traffic))
+
+
+@admin.get("/releases")
+async def releases_status(request: Request) -> JSONResponse:
+    """RELEASES_FILE on this replica: the reading acted on last, and what each step did."""
+    admin_scope(request, None)
+    return JSONResponse(_releases(request).status())
+
+
+@admin.post("/releases/sync")
+async def sync_releases(request: Request, ctx: Context) -> JSONResponse:
+    """Act on RELEASES_FILE now, even if it has not changed: retries the steps that failed."""
+    admin_scope(request, None)
+    watch = _releases(request)
+    status = await _audited(request, "sync", str(watch.path), watch.sync(ctx, force=True))
+    return JSONResponse(status)
+
+
+def _releases(request: Request) -> ReleasesWatch:
+    watch = request.app.state.hotswap.releases
+    if watch is None:
+        raise NotFoundError("no releases file on this replica: set RELEASES_FILE", code="not_found")
+    return watch
 
 
 @admin.post("/adapters/{name}/pin")

@@ -178,6 +178,15 @@ class Settings(BaseSettings):
     canary_min_requests: int = Field(
         20, ge=1, description="Canary requests needed before CANARY_ERROR_MARGIN may roll it back."
     )
+    releases_file: Path | None = Field(
+        None,
+        description="Releases YAML (docs/adapters.md, 'Fleet-wide releases'): each adapter's stable "
+        "source and optional canary with its share, mounted from a ConfigMap so every replica "
+        "serves the same release. Read at start and whenever its content changes.",
+    )
+    releases_poll_seconds: float = Field(
+        10.0, gt=0.0, le=3600.0, description="How often RELEASES_FILE is checked for a change."
+    )
     admin_local_port: int = Field(
         0,
         ge=0,

@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
@@ -58,17 +59,21 @@ def service(tiny, cache_dir, tmp_path_factory):
             v: publish(tiny, cache_dir, root, data, v, seed, steps) for v, seed, steps in (("v1", 1, 6), ("v2", 2, 12))
         }
         _publish_broken(root, tiny)
-        env = {
-            "HOTSWAP_ADAPTER_DIR": str(root / "none"),
-            "HOTSWAP_CACHE_DIR": str(cache_dir),
-            "HOTSWAP_ADMIN_API_KEYS": ADMIN,
-            "HOTSWAP_API_KEYS": USER,
-            "HOTSWAP_ADAPTER_SOURCES": f"s3://{BUCKET}/",
-            "HOTSWAP_MAX_RESIDENT_ADAPTERS": "2",
-        }
-        flags = ["--model", str(tiny.base_dir), "--quantization", "fp32", "--device", "cpu"]
-        with running_service(flags, env, root / "server.log") as (url, _):
+        with running_service(*replica(tiny, cache_dir, root), root / "server.log") as (url, _):
             yield url, manifests, root
+
+
+def replica(tiny, cache_dir, root, **env) -> tuple[list[str], dict[str, str]]:
+    """`python -m service` flags and environment for one replica of the tiny model."""
+    base = {
+        "HOTSWAP_ADAPTER_DIR": str(root / "none"),
+        "HOTSWAP_CACHE_DIR": str(cache_dir),
+        "HOTSWAP_ADMIN_API_KEYS": ADMIN,
+        "HOTSWAP_API_KEYS": USER,
+        "HOTSWAP_ADAPTER_SOURCES": f"s3://{BUCKET}/",
+        "HOTSWAP_MAX_RESIDENT_ADAPTERS": "2",
+    }
+    return ["--model", str(tiny.base_dir), "--quantization", "fp32", "--device", "cpu"], {**base, **env}
 
 
 def _publish_broken(root, tiny) -> None:
@@ -210,3 +215,67 @@ def test_versions_that_fail_the_gate_are_refused_and_the_stable_keeps_serving(se
     if variant != "otherbase":  # refused before staging: nothing to list
         assert reason in model["release"]["refused"]["error"]
     assert {ask(url, f"user-{i}") for i in range(30)} == {before}
+
+
+# --- one RELEASES_FILE, two replicas ---------------------------------------------------------
+
+
+def declare(path, stable: str, canary: str | None = None, traffic: float = 0.1) -> None:
+    release = {"stable": f"s3://{BUCKET}/dolly/{stable}"}
+    if canary:
+        release["canary"] = {"source": f"s3://{BUCKET}/dolly/{canary}", "traffic": traffic}
+    path.write_text(json.dumps({"releases": {"dolly": release}}))  # JSON is YAML
+
+
+def settled(urls, check, what: str, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while not all(check(card(url)) for url in urls):
+        assert time.monotonic() < deadline, f"the replicas did not settle on {what}: {[card(u) for u in urls]}"
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def fleet(service, tiny, cache_dir):
+    """Two more replicas (the moto S3 of `service` still up) that read one releases file."""
+    _, _, root = service
+    releases = root / "releases.yaml"
+    declare(releases, "v1", "v2", traffic=0.5)
+    env = {"HOTSWAP_RELEASES_FILE": str(releases), "HOTSWAP_RELEASES_POLL_SECONDS": "0.2"}
+    # each replica its own download cache, as pods have (a replica prunes the versions it
+    # no longer serves from its cache)
+    env_a, env_b = ({**env, "HOTSWAP_CACHE_DIR": str(root / f"cache-{r}")} for r in "ab")
+    with (
+        running_service(*replica(tiny, cache_dir, root, **env_a), root / "a.log") as (a, _),
+        running_service(*replica(tiny, cache_dir, root, **env_b), root / "b.log") as (b, _),
+    ):
+        yield (a, b), releases
+
+
+def test_one_releases_file_moves_every_replica(fleet):
+    """Both replicas start on the file's canary and split users alike; an edit that promotes,
+    one that rolls back and a canary the gate refuses reach both, with no admin call."""
+    (a, b), releases = fleet
+    start = [card(url) for url in (a, b)]
+    v1, v2 = start[0]["version"], start[0]["release"]["canary"]["version"]
+    assert [(c["version"], c["release"]["canary"]) for c in start] == [(v1, {"version": v2, "traffic": 0.5})] * 2
+    split = {i: ask(a, f"user-{i}") for i in range(60)}
+    assert set(split.values()) == {v1, v2}
+    assert {i: ask(b, f"user-{i}") for i in range(60)} == split  # one user, one version, fleet-wide
+
+    declare(releases, "v2")  # promote
+    settled((a, b), lambda c: c["version"] == v2 and c["release"]["canary"] is None, "the promotion")
+    assert {ask(url, f"user-{i}") for url in (a, b) for i in range(20)} == {v2}
+
+    declare(releases, "v1")  # roll back by edit
+    settled((a, b), lambda c: c["version"] == v1, "the rollback")
+    assert {ask(url, f"user-{i}") for url in (a, b) for i in range(20)} == {v1}
+
+    declare(releases, "v1", "drifted", traffic=0.5)  # a canary whose golden prompts do not reproduce
+    settled((a, b), lambda c: (c["release"]["refused"] or {}).get("error"), "the refusal")
+    for url in (a, b):
+        status = httpx.get(f"{url}/admin/releases", headers={"Authorization": f"Bearer {ADMIN}"}).json()
+        (step,) = status["steps"]
+        assert step["action"] == "canary" and step["outcome"] == "failed"
+        assert "golden prompts do not reproduce" in step["error"]
+        assert card(url)["release"]["canary"] is None
+    assert {ask(url, f"user-{i}") for url in (a, b) for i in range(20)} == {v1}

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from service.adapters import sources
+from service.adapters.desired import Serving
 from service.adapters.manifest import AdapterManifest, parse_adapter_name
 from service.adapters.package import AdapterRejected, package_signature, validate_package
 from service.adapters.release import Canary, Role, parse_traffic
@@ -339,6 +340,16 @@ class AdapterRegistry:
                 log.warning("adapter %r: canary %s rolled back automatically: %s", name, canary.version, reason)
         return (canary.version, reason) if reason else None
 
+    def serving(self, name: str) -> Serving:
+        """The sources `name` serves now, stable and canary (for the releases file's plan)."""
+        with self._lock:
+            stable, canary = self._records.get(name), self._canaries.get(name)
+        return Serving(
+            stable=_resolved(stable.source) if stable is not None and stable.status == "ready" else None,
+            canary=_resolved(canary.record.source) if canary else None,
+            traffic=canary.traffic if canary else None,
+        )
+
     def release(self, name: str) -> dict[str, Any]:
         """The name's versions as `/v1/models` shows them."""
         canary = self._canaries.get(name)
@@ -523,3 +534,12 @@ class AdapterRegistry:
 
     def __contains__(self, name: str) -> bool:
         return name in self._records
+
+
+def _resolved(source: str) -> str:
+    """A recorded source as `parse_source` writes it (a directory package's path, resolved), so
+    it compares with a source someone declares."""
+    try:
+        return str(sources.parse_source(source))
+    except SourceError:
+        return source

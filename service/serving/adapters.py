@@ -9,17 +9,20 @@ running ones finish on theirs.
 Every version passes the gate (`service.adapters.gate`) before it answers a request: on load,
 on a rescan and at start. A refused version answers none; the name's serving versions keep
 serving. `"traffic": 0.1` loads a version as the name's canary; `promote`, `rollback` and
-`traffic` change the split for the next request (`service.adapters.release`).
+`traffic` change the split for the next request (`service.adapters.release`). RELEASES_FILE
+declares all of that for every replica at once: `ReleasesWatch` acts on each change of it
+through the same calls (`service.adapters.desired`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
-from service.adapters import gate
+from service.adapters import desired, gate
 from service.adapters.registry import AdapterExists, AdapterRecord, AdapterRejected
 from service.adapters.sources import SourceError
 from service.errors import HotswapError, InvalidRequestError, NotFoundError
@@ -140,12 +143,12 @@ class AdapterServing:
         self.ctx.engine.reload_adapters([name])
         return self.card(self.ctx.registry.get(name))
 
-    def rollback(self, name: str) -> ModelCard:
+    def rollback(self, name: str, trigger: str = "admin") -> ModelCard:
         canary = self.ctx.registry.release(name)["canary"] if name in self.ctx.registry else None
         self._release(self.ctx.registry.rollback, name)
         if canary is not None:
             self.ctx.metrics.canary_traffic.labels(name, canary["version"]).set(0)
-        self.ctx.metrics.rollbacks.labels(name, "admin").inc()
+        self.ctx.metrics.rollbacks.labels(name, trigger).inc()
         return self.card(self.ctx.registry.get(name))
 
     def traffic(self, name: str, share: float) -> ModelCard:
@@ -161,6 +164,54 @@ class AdapterServing:
             raise exc.about("name") from None
         except (AdapterRejected, ValueError) as exc:
             raise InvalidRequestError(str(exc), param="name") from exc
+
+    # --- the releases file ---------------------------------------------------------------------
+
+    async def sync(self, declared: desired.Declared) -> list[dict[str, Any]]:
+        """Take the steps from what this replica serves to the declared releases
+        (`service.adapters.desired`), one at a time; each step's outcome, in order. A failed
+        step leaves its name as it was and skips the name's later steps."""
+        registry, metrics = self.ctx.registry, self.ctx.metrics
+        serving = {name: registry.serving(name) for name in declared.releases}
+        failed: set[str] = set()
+        outcomes: list[dict[str, Any]] = []
+        for step in desired.plan(declared.releases, serving):
+            outcome, error = "skipped", "an earlier step for this adapter failed"
+            if step.name not in failed:
+                try:
+                    await self._take(step)
+                    outcome, error = "done", None
+                except HotswapError as exc:
+                    outcome, error = "failed", exc.message
+                except Exception as exc:  # a background sync must go on to the other names
+                    log.error("releases file: %s: unexpected error", step, exc_info=exc)
+                    outcome, error = "failed", f"{type(exc).__name__}: {exc}"
+            if outcome == "done":
+                log.info("releases file: %s: done", step)
+            else:
+                failed.add(step.name)
+                log.error("releases file: %s: %s: %s", step, outcome, error)
+            metrics.release_steps.labels(step.name, step.action, outcome).inc()
+            outcomes.append(
+                {"adapter": step.name, "action": step.action, "step": str(step), "outcome": outcome}
+                | ({"error": error} if error else {})
+            )
+        return outcomes
+
+    async def _take(self, step: desired.Step) -> None:
+        if step.action in ("stable", "canary"):
+            assert step.source is not None
+            load = LoadLoRAAdapterRequest(
+                lora_name=step.name, lora_path=step.source, load_inplace=True, traffic=step.traffic
+            )
+            await self.load(load)
+        elif step.action == "promote":
+            self.promote(step.name)
+        elif step.action == "traffic":
+            assert step.traffic is not None
+            self.traffic(step.name, step.traffic)
+        else:
+            self.rollback(step.name, trigger="file")
 
     async def unload(self, body: UnloadLoRAAdapterRequest) -> str:
         try:
@@ -223,3 +274,54 @@ class AdapterServing:
             state=ctx.engine.adapter_state(record.key),
             pinned=record.name in ctx.engine.pinned_adapters(),
         )
+
+
+class ReleasesWatch:
+    """RELEASES_FILE on this replica: read at start and on every change of its content, each
+    reading acted on once (`AdapterServing.sync`); what the last one did, for `GET
+    /admin/releases`."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.digest: str | None = None  # the reading acted on last
+        self.synced_at: float | None = None
+        self.steps: list[dict[str, Any]] = []
+        self.error: str | None = None  # why the file cannot be used now (None: it can)
+        self._lock = asyncio.Lock()  # the poll and an admin's sync take turns
+
+    async def sync(self, ctx: ServingContext, *, force: bool = False) -> dict[str, Any]:
+        """Act on the file if its content changed since the last reading acted on (`force`:
+        even if not). An unreadable or invalid file changes nothing: the replica keeps serving
+        what it serves, and the error is logged once and shown until the file is fixed."""
+        async with self._lock:
+            try:
+                declared = await asyncio.to_thread(desired.read, self.path)
+            except desired.ReleasesError as exc:
+                if self.error != str(exc):
+                    log.error("%s; serving as before", exc)
+                    ctx.metrics.release_syncs.labels("invalid").inc()
+                self.error = str(exc)
+                return self.status()
+            self.error = None
+            if declared.digest == self.digest and not force:
+                return self.status()
+            self.steps = await AdapterServing(ctx).sync(declared)
+            self.digest, self.synced_at = declared.digest, time.time()
+            failed = any(step["outcome"] != "done" for step in self.steps)
+            ctx.metrics.release_syncs.labels("failed" if failed else "applied").inc()
+            return self.status()
+
+    async def watch(self, ctx: ServingContext, every: float) -> None:
+        """Check the file every `every` seconds until cancelled."""
+        while True:
+            await asyncio.sleep(every)
+            await self.sync(ctx)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "file": str(self.path),
+            "digest": self.digest,
+            "synced_at": self.synced_at,
+            "steps": self.steps,
+            "error": self.error,
+        }

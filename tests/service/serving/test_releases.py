@@ -10,7 +10,9 @@ import shutil
 import time
 
 import pytest
+import yaml
 
+from service.adapters.desired import ReleasesError
 from tests.factories import make_client
 from tests.service.fakes import ScriptedEngine
 
@@ -175,3 +177,121 @@ def test_a_rescan_serves_a_changed_package_only_once_it_passes_the_gate(tiny, to
         new = client.get("/v1/models/alpha").json()
         assert new["version"] != old and new["release"]["refused"] is None and new["release"]["previous"] == old
         assert complete(client, "u1").headers["X-Adapter-Version"] == new["version"]
+
+
+# --- RELEASES_FILE: one declared release for every replica ----------------------------------
+
+
+def declare(path, **releases):
+    path.write_text(yaml.safe_dump({"releases": releases}))
+
+
+def wait_for(predicate, what: str, seconds: float = 10.0):
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def ready(*clients):
+    """Wait for /ready: the start acts on the releases file before it (the model list answers
+    earlier, while the service starts)."""
+    for client in clients:
+        wait_for(lambda c=client: c.get("/ready").status_code == 200, "/ready")
+
+
+def test_every_replica_serves_the_release_the_file_declares(tiny, tokenizer, shelf, tmp_path):
+    """Two replicas read one file: they start on its canary, split users alike, and follow
+    its edits (widen, promote, roll back by edit) without an admin call to either."""
+    releases = tmp_path / "releases.yaml"
+    stable_source = str(tiny.adapter_dir / "alpha")
+    declare(releases, alpha={"stable": stable_source, "canary": {"source": str(shelf / "v2"), "traffic": 0.5}})
+    settings = dict(releases_file=releases, releases_poll_seconds=0.05)
+    (one, _), (two, _) = app(tiny, tokenizer, shelf, **settings), app(tiny, tokenizer, shelf, **settings)
+    with one, two:
+        ready(one, two)
+        cards = [c.get("/v1/models/alpha").json() for c in (one, two)]
+        stable = cards[0]["version"]
+        canary = cards[0]["release"]["canary"]
+        assert canary is not None and canary["traffic"] == 0.5 and canary["version"] != stable
+        assert [c["release"]["canary"] for c in cards] == [canary, canary]
+        versions = {u: complete(one, f"u{u}").headers["X-Adapter-Version"] for u in range(30)}
+        assert set(versions.values()) == {stable, canary["version"]}
+        assert {u: complete(two, f"u{u}").headers["X-Adapter-Version"] for u in range(30)} == versions
+
+        def canary_of(client):
+            return client.get("/v1/models/alpha").json()["release"]["canary"]
+
+        declare(releases, alpha={"stable": stable_source, "canary": {"source": str(shelf / "v2"), "traffic": 0.2}})
+        wait_for(lambda: all((canary_of(c) or {}).get("traffic") == 0.2 for c in (one, two)), "the new share")
+
+        declare(releases, alpha={"stable": str(shelf / "v2")})  # promote
+        wait_for(
+            lambda: all(c.get("/v1/models/alpha").json()["version"] == canary["version"] for c in (one, two)),
+            "the promotion",
+        )
+        assert canary_of(one) is None and complete(one, "u1").headers["X-Adapter-Version"] == canary["version"]
+
+        declare(releases, alpha={"stable": stable_source})  # roll back by edit
+        wait_for(lambda: all(c.get("/v1/models/alpha").json()["version"] == stable for c in (one, two)), "the rollback")
+        status = one.get("/admin/releases", headers=AUTH).json()
+        assert status["error"] is None and [s["outcome"] for s in status["steps"]] == ["done"]
+        assert status["steps"][0]["action"] == "stable"
+        metrics = one.get("/metrics").text
+        assert 'hotswap_release_steps_total{action="promote",adapter="alpha",outcome="done"} 1.0' in metrics
+        assert 'hotswap_release_file_syncs_total{outcome="applied"} 4.0' in metrics
+
+
+def test_a_refused_version_in_the_file_leaves_the_replica_serving_and_is_not_retried(tiny, tokenizer, shelf, tmp_path):
+    releases = tmp_path / "releases.yaml"
+    stable_source = str(tiny.adapter_dir / "alpha")
+    manifest_path = shelf / "v2" / "hotswap.json"
+    manifest = json.loads(manifest_path.read_text())
+    # golden log-probabilities the scripted engine does not give: the gate refuses the version
+    bad = {"prompt": "Hi", "output": "x", "prompt_ids": [5, 6, 7], "output_ids": [8, 9], "logprobs": [-4.0, -4.0]}
+    manifest_path.write_text(json.dumps({**manifest, "evaluation": {"quantization": "nf4", "golden": [bad]}}))
+    declare(releases, alpha={"stable": stable_source})
+    client, engine = app(tiny, tokenizer, shelf, releases_file=releases, releases_poll_seconds=0.05)
+    with client:
+        ready(client)
+        stable = client.get("/v1/models/alpha").json()["version"]
+        declare(releases, alpha={"stable": stable_source, "canary": {"source": str(shelf / "v2"), "traffic": 0.5}})
+        wait_for(lambda: client.get("/admin/releases", headers=AUTH).json()["steps"], "the canary step")
+        status = client.get("/admin/releases", headers=AUTH).json()
+        assert status["steps"][0]["outcome"] == "failed" and "refused by the gate" in status["steps"][0]["error"]
+        card = client.get("/v1/models/alpha").json()
+        assert card["version"] == stable and card["release"]["canary"] is None and card["release"]["refused"]
+        assert {complete(client, f"u{i}").headers["X-Adapter-Version"] for i in range(10)} == {stable}
+        gated = len(engine.gated)
+        time.sleep(0.3)  # several polls of an unchanged file
+        assert len(engine.gated) == gated
+        r = client.post("/admin/releases/sync", headers=AUTH)  # an admin asks: it is tried again
+        assert r.status_code == 200 and r.json()["steps"][0]["outcome"] == "failed" and len(engine.gated) > gated
+        assert 'hotswap_release_file_syncs_total{outcome="failed"} 2.0' in client.get("/metrics").text
+
+
+def test_an_invalid_edit_changes_nothing_and_says_which_field(tiny, tokenizer, shelf, tmp_path):
+    releases = tmp_path / "releases.yaml"
+    stable_source = str(tiny.adapter_dir / "alpha")
+    declare(releases, alpha={"stable": stable_source, "canary": {"source": str(shelf / "v2"), "traffic": 0.5}})
+    client, _ = app(tiny, tokenizer, shelf, releases_file=releases, releases_poll_seconds=0.05)
+    with client:
+        ready(client)
+        before = client.get("/v1/models/alpha").json()
+        declare(releases, alpha={"stable": stable_source, "canary": {"source": str(shelf / "v2"), "traffic": 2}})
+        wait_for(lambda: client.get("/admin/releases", headers=AUTH).json()["error"], "the error")
+        assert "releases.alpha.canary.traffic" in client.get("/admin/releases", headers=AUTH).json()["error"]
+        assert client.get("/v1/models/alpha").json()["release"] == before["release"]
+        assert 'hotswap_release_file_syncs_total{outcome="invalid"} 1.0' in client.get("/metrics").text
+        assert client.get("/admin/releases").status_code in (401, 403)  # admin only
+
+
+def test_a_wrong_releases_file_stops_the_start_and_no_file_means_no_route(tiny, tokenizer, shelf, tmp_path):
+    releases = tmp_path / "releases.yaml"
+    declare(releases, alpha={"stable": "ftp://nowhere/alpha"})
+    with pytest.raises(ReleasesError, match=r"releases\.alpha\.stable"):
+        app(tiny, tokenizer, shelf, releases_file=releases)
+    client, _ = app(tiny, tokenizer, shelf)
+    with client:
+        r = client.post("/admin/releases/sync", headers=AUTH)
+        assert r.status_code == 404 and "RELEASES_FILE" in r.json()["error"]["message"]
