@@ -50,6 +50,20 @@ VALUE_SETS = {
             },
         }
     },
+    "releases": {
+        "adapters": {
+            "sources": ["s3://adapters/prod/"],
+            "releases": {
+                "enabled": True,
+                "file": {
+                    "dolly": {
+                        "stable": "s3://adapters/prod/dolly/2026-12-01",
+                        "canary": {"source": "s3://adapters/prod/dolly/2026-12-07", "traffic": 0.1},
+                    }
+                },
+            },
+        }
+    },
     "inference-pool": {"inferencePool": {"enabled": True}},
     "locked-down": {
         "apiKeys": {"enabled": True, "existingSecret": "my-keys"},
@@ -287,3 +301,39 @@ def test_release_settings_reach_the_service():
     tuned = settings({"adapters": {"gate": False, "canaryErrorMargin": 0.05, "canaryMinRequests": 50}})
     assert tuned["HOTSWAP_ADAPTER_GATE"] == "false" and tuned["HOTSWAP_CANARY_ERROR_MARGIN"] == "0.05"
     assert tuned["HOTSWAP_CANARY_MIN_REQUESTS"] == "50"
+
+
+def test_every_replica_mounts_one_releases_file_that_edits_reach_without_a_restart():
+    docs = render(VALUE_SETS["releases"])
+    deploy, main = container(docs)
+    configs = {d["metadata"]["name"]: d for d in by_kind(docs, "ConfigMap")}
+    settings = configs["demo-hotswap"]["data"]
+    assert settings["HOTSWAP_RELEASES_FILE"] == "/etc/hotswap/releases/releases.yaml"
+    assert settings["HOTSWAP_RELEASES_POLL_SECONDS"] == "10"
+    declared = yaml.safe_load(configs["demo-hotswap-releases"]["data"]["releases.yaml"])
+    assert declared == {"releases": VALUE_SETS["releases"]["adapters"]["releases"]["file"]}
+    mount = next(m for m in main["volumeMounts"] if m["name"] == "releases")
+    assert mount["mountPath"] == "/etc/hotswap/releases" and "subPath" not in mount
+    volume = next(v for v in deploy["spec"]["template"]["spec"]["volumes"] if v["name"] == "releases")
+    assert volume["configMap"]["name"] == "demo-hotswap-releases"
+    # an edit of the releases changes no pod template: no rollout, the mounted file changes
+    edited = {"adapters": {**VALUE_SETS["releases"]["adapters"], "releases": {"enabled": True, "file": {}}}}
+    assert container(render(edited))[0]["spec"]["template"] == deploy["spec"]["template"]
+    # a ConfigMap the operator manages instead
+    own = render({"adapters": {"releases": {"enabled": True, "existingConfigMap": "my-releases"}}})
+    volume = next(v for v in container(own)[0]["spec"]["template"]["spec"]["volumes"] if v["name"] == "releases")
+    assert volume["configMap"]["name"] == "my-releases"
+    assert not any(d["metadata"]["name"].endswith("-releases") for d in by_kind(own, "ConfigMap"))
+    assert "HOTSWAP_RELEASES_FILE" not in by_kind(render({}), "ConfigMap")[0]["data"]  # off by default
+
+
+def test_a_release_the_syncer_also_manages_or_a_bad_share_refuses_to_render():
+    both = {
+        "syncer": {"enabled": True, "ensureExist": [{"id": "dolly", "source": "s3://adapters/prod/dolly/v1"}]},
+        "releases": {"enabled": True, "file": {"dolly": {"stable": "s3://adapters/prod/dolly/v1"}}},
+    }
+    with pytest.raises(Exception, match="adapters.releases.file.dolly"):
+        render({"adapters": both})
+    bad = {"dolly": {"stable": "s3://a/v1", "canary": {"source": "s3://a/v2", "traffic": 1.5}}}
+    with pytest.raises(helm.HelmError):
+        render({"adapters": {"releases": {"enabled": True, "file": bad}}})
