@@ -52,6 +52,13 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--lora-dropout", dest="lora.dropout", type=float)
     g.add_argument("--lora-targets", dest="lora.targets", nargs="+")
     g.add_argument("--rslora", dest="lora.rslora", action="store_const", const=True, help="scale by alpha / sqrt(r)")
+    g.add_argument(
+        "--init-adapter",
+        dest="lora.init",
+        metavar="SOURCE",
+        help="start from this package's LoRA weights (a directory, hf://, s3://, gs://; it must be for the "
+        "same base) instead of fresh ones: a second epoch, or a published version tuned on new data",
+    )
     g = p.add_argument_group("train")
     g.add_argument("--steps", dest="train.max_steps", type=int)
     g.add_argument("--batch-size", dest="train.batch_size", type=int)

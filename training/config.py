@@ -51,6 +51,9 @@ class LoraSettings:
     dropout: float = 0.05
     targets: list[str] = field(default_factory=lambda: ["all-linear"])
     rslora: bool = False  # rank-stabilised LoRA: scale alpha / sqrt(r) instead of alpha / r
+    # Start from this package's LoRA weights instead of PEFT's fresh ones (--init-adapter): a
+    # directory, hf://, s3:// or gs://. Its shape (r, alpha, targets, rsLoRA) replaces the above.
+    init: str | None = None
 
 
 @dataclass
@@ -145,6 +148,10 @@ def validate(config: RunConfig) -> None:
         (lora.r > 0 and lora.alpha > 0, "lora.r and lora.alpha must be positive"),
         (0 <= lora.dropout < 1, "lora.dropout must lie in [0, 1)"),
         (bool(lora.targets), "lora.targets must name at least one module"),
+        (
+            lora.init is None or (isinstance(lora.init, str) and bool(lora.init.strip())),
+            "lora.init must name a package (a directory, hf://, s3:// or gs://)",
+        ),
         (config.data.eval_size > 0, "data.eval_size must be positive"),
         (config.model.quantization in QUANTIZATIONS, "unknown model.quantization"),
         (config.model.attention in ATTENTIONS, "model.attention must be auto, sdpa or eager"),

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import os
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -14,7 +16,7 @@ from service.adapters.manifest import AdapterManifest, parse_adapter_name
 from training.config import RunConfig, TrainSettings
 from training.data import Example, load_records, sha256_of, split, tokenize_example
 from training.evaluation import compare_losses, schema_rates
-from training.model import add_lora, load_base_for_training, load_trained
+from training.model import add_lora, init_adapter, load_base_for_training, load_lora_weights, load_trained
 from training.package import draft_manifest, library_versions, save_adapter, write_package
 from training.recipes import TASKS
 
@@ -131,7 +133,12 @@ def run(
         )
         manifest = draft_manifest(task, name, source)
         started = time.perf_counter()
-        model, history = _train(config, base, tokenizer, manifest, task, train_records, held, device, resume)
+        with tempfile.TemporaryDirectory(prefix="hotswap-init-") as work:
+            init = None
+            if config.lora.init is not None:  # a warm start: the package's weights and shape
+                init, shape = init_adapter(config.lora.init, source, config.lora, Path(work))
+                config = dataclasses.replace(config, lora=shape)
+            model, history = _train(config, base, tokenizer, manifest, task, train_records, held, device, resume, init)
         train_seconds = round(time.perf_counter() - started, 1)
         if not _process_state().is_main_process:
             # Under `accelerate launch`, rank 0 alone evaluates and writes the package. Leave the
@@ -217,7 +224,7 @@ def _publish(package: Path, evaluation: Any, dest: str) -> str:
     return upload(package, dest)
 
 
-def _train(config, base, tokenizer, manifest, task, train_records, held, device, resume):
+def _train(config, base, tokenizer, manifest, task, train_records, held, device, resume, init=None):
     from transformers import set_seed
 
     from training.trainer import ResponseOnlyTrainer, loraplus_optimizer
@@ -226,7 +233,7 @@ def _train(config, base, tokenizer, manifest, task, train_records, held, device,
     eval_examples = tokenize_all(tokenizer, manifest, task, held[:EVAL_DURING_TRAINING], config.train.max_length)
     # The Trainer seeds only once it is built; the adapter's initial A matrices are drawn before.
     set_seed(config.train.seed)
-    model = add_lora(base, config.lora)
+    model = add_lora(base, config.lora, init)
     args = _trainer_args(config, device, has_eval=bool(eval_examples))
     ratio = config.train.loraplus_ratio
     trainer = ResponseOnlyTrainer(
@@ -240,6 +247,8 @@ def _train(config, base, tokenizer, manifest, task, train_records, held, device,
         if config.train.loss_weighting == "token"
         else None,
     )
+    if init is not None:  # trl's bf16 cast (undone by keep_adapter_fp32) rounded the package's weights
+        load_lora_weights(trainer.model, init)
     checkpoint = _latest_checkpoint(config.checkpoint_dir) if resume else None
     if resume and checkpoint is None:
         log.warning("--resume: no checkpoint in %s, starting from scratch", config.checkpoint_dir)

@@ -4,6 +4,7 @@ record and the whole CLI run are covered end to end by tests/test_release.py."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -82,3 +83,19 @@ def test_marketmail_rates_tell_valid_from_named():
         "not JSON",
     ]
     assert marketmail_rates(outputs, held, MARKETMAIL_SCHEMA) == {"valid_rate": 0.5, "named_rate": 0.25}
+
+
+def test_a_published_package_is_a_warm_start_for_the_next_run(tiny, tmp_path, package, cache_dir):
+    """--init-adapter s3://...: fetched through the service's source code, checked for this base."""
+    from service.base_model import resolve_source
+    from training.config import LoraSettings
+    from training.model import init_adapter
+
+    with s3_server():
+        upload(package, f"s3://{BUCKET}/team/alpha/v1")
+        path, shape = init_adapter(
+            f"s3://{BUCKET}/team/alpha/v1", resolve_source(str(tiny.base_dir), cache_dir), LoraSettings(), tmp_path
+        )
+    assert content_version(path) == content_version(package)
+    peft = json.loads((package / "adapter_config.json").read_text())
+    assert (shape.r, shape.alpha) == (peft["r"], peft["lora_alpha"])

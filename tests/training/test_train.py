@@ -281,3 +281,51 @@ def test_greedy_under_the_service_grammar_writes_what_the_schema_allows(tiny):
     for text in constrained:
         jsonschema.validate(json.loads(text), small)
     assert constrained != free  # the random model's own text is no such JSON
+
+
+def test_a_warm_start_begins_from_the_packages_weights_and_shape(trained, tmp_path):
+    """--init-adapter: the run starts from the package's LoRA (not PEFT's zero B) with its shape,
+    whatever the recipe says, and records where it started."""
+    import dataclasses
+
+    out, metrics, config = trained
+    start = load_file(out / "adapter_model.safetensors")
+    assert any(t.abs().max() > 0 for k, t in start.items() if "lora_B" in k)  # a fresh start differs
+    warm = dataclasses.replace(
+        config,
+        output_dir=tmp_path / "tiny-dolly",
+        lora=dataclasses.replace(config.lora, r=8, alpha=16, targets=["all-linear"], init=str(out)),
+        # one step at a negligible rate: what it trains from is what it ends with
+        train=dataclasses.replace(config.train, max_steps=1, learning_rate=1e-9, save_steps=1, eval_steps=1),
+    )
+    again = run(warm)
+    end = load_file(warm.output_dir / "adapter_model.safetensors")
+    assert end.keys() == start.keys()
+    assert all((end[k] - start[k]).abs().max() < 1e-5 for k in start)
+    assert again["eval_loss_adapter"] == pytest.approx(metrics["eval_loss_adapter"], abs=1e-3)
+    lora = AdapterManifest.read(warm.output_dir).training["hyperparameters"]["lora"]
+    assert (lora["r"], lora["alpha"], lora["init"]) == (4, 8, str(out))
+    assert lora["targets"] == ["q_proj", "up_proj", "v_proj"]
+
+
+def test_a_warm_start_from_a_package_for_another_base_or_nowhere_is_refused(trained, tiny, tmp_path, cache_dir):
+    from service.adapters.sources import SourceError
+    from service.base_model import resolve_source
+    from training.model import init_adapter
+
+    out, _, config = trained
+    source = resolve_source(str(tiny.base_dir), cache_dir)
+    other = tmp_path / "other"
+    other.mkdir()
+    for file in out.iterdir():
+        if file.is_file():
+            (other / file.name).write_bytes(file.read_bytes())
+    manifest = json.loads((other / "hotswap.json").read_text())
+    manifest["base_model"]["fingerprint"] = "hsfp1:" + "0" * 64
+    (other / "hotswap.json").write_text(json.dumps(manifest))
+    with pytest.raises(SourceError, match="--init-adapter .*fingerprint"):
+        init_adapter(str(other), source, config.lora, tmp_path / "work")
+    with pytest.raises(SourceError, match="--init-adapter"):
+        init_adapter(str(tmp_path / "absent"), source, config.lora, tmp_path / "work")
+    with pytest.raises(SourceError, match="--init-adapter"):
+        init_adapter("ftp://nowhere/x", source, config.lora, tmp_path / "work")
