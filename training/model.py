@@ -133,12 +133,7 @@ def init_adapter(spec: str, source: ModelSource, settings: LoraSettings, work: P
         targets=sorted(targets) if isinstance(targets, list) else [targets],
         rslora=bool(peft.get("use_rslora", False)),
     )
-    if (shape.r, shape.alpha, shape.targets, shape.rslora) != (
-        settings.r,
-        settings.alpha,
-        settings.targets,
-        settings.rslora,
-    ):
+    if shape != settings:
         log.info(
             "--init-adapter: the package's LoRA shape (r %d, alpha %d, targets %s, rsLoRA %s) replaces the recipe's",
             shape.r,
