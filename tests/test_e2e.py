@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+# Clients are imported at collection, on the main thread (why: tests/test_e2e_tools.py).
+import asyncio
 import json
 import shutil
 import time
 from pathlib import Path
 
 import httpx
+import instructor
 import jsonschema
 import openai
 import pytest
+from langchain_openai import ChatOpenAI
+from pydantic import BaseModel, Field
 
 from service.base_model import resolve_source
 from tests.factories import make_lora_adapter
@@ -214,8 +219,6 @@ FULL_LENGTH = {"ignore_eos": True}
 
 
 def test_async_client_streams_concurrently_over_mixed_adapters_for_several_rounds(server):
-    import asyncio
-
     async def main():
         client = openai.AsyncOpenAI(base_url=f"{server[0]}/v1", api_key="unused", max_retries=0)
         async with client:
@@ -270,10 +273,6 @@ def test_sync_client_rounds_mix_streams_and_completions(client):
 
 
 def test_langchain_chat_openai_invoke_stream_astream_and_batch(server):
-    import asyncio
-
-    from langchain_openai import ChatOpenAI
-
     chats = [
         ChatOpenAI(
             model=model,
@@ -307,8 +306,6 @@ def test_langchain_chat_openai_invoke_stream_astream_and_batch(server):
 
 
 def _city_model():
-    from pydantic import BaseModel, Field
-
     class City(BaseModel):  # bounded strings: a 135M model must finish inside the budget
         name: str = Field(max_length=24)
         country: str = Field(max_length=24)
@@ -331,8 +328,6 @@ def test_openai_parse_with_a_pydantic_model(client):
 
 
 def test_langchain_with_structured_output_json_schema_and_json_mode(server):
-    from langchain_openai import ChatOpenAI
-
     City = _city_model()
     chat = ChatOpenAI(
         model=BASE, base_url=f"{server[0]}/v1", api_key="unused", temperature=0, max_tokens=80, max_retries=0
@@ -348,8 +343,6 @@ def test_langchain_with_structured_output_json_schema_and_json_mode(server):
 
 
 def test_instructor_json_schema_mode(server):
-    import instructor
-
     City = _city_model()
     client = instructor.from_openai(
         openai.OpenAI(base_url=f"{server[0]}/v1", api_key="unused", max_retries=0), mode=instructor.Mode.JSON_SCHEMA

@@ -4,13 +4,23 @@ the openai-agents SDK. SmolLM2's template knows no tools: the generic format ser
 
 from __future__ import annotations
 
+# The clients are imported here, at collection, on the main thread with no other thread alive: an
+# import inside a test once failed CI with CPython 3.11's "SystemError: AST constructor recursion
+# depth mismatch" (cpython gh-106905, a race on the interpreter-wide AST state when two threads
+# parse at once; pytest parses what it rewrites, and anyio's lazy imports ran into it).
 import asyncio
 import json
 
+import agents
 import jsonschema
 import openai
 import pytest
+from langchain_core.tools import tool
+from langchain_openai import ChatOpenAI
 from pydantic import BaseModel
+from pydantic_ai import Agent
+from pydantic_ai.models.openai import OpenAIChatModel
+from pydantic_ai.providers.openai import OpenAIProvider
 
 from tests.test_e2e import BASE, adapter_dir, serving  # noqa: F401  (adapter_dir: a fixture)
 
@@ -118,10 +128,6 @@ class City(BaseModel):
 
 
 def test_pydantic_ai_agent_with_a_tool_and_an_output_type(server):
-    from pydantic_ai import Agent
-    from pydantic_ai.models.openai import OpenAIChatModel
-    from pydantic_ai.providers.openai import OpenAIProvider
-
     model = OpenAIChatModel(BASE, provider=OpenAIProvider(base_url=f"{server}/v1", api_key="unused"))
     agent = Agent(model, output_type=City, instructions="Find the capital, then give it as the result.")
     called = []
@@ -140,9 +146,6 @@ def test_pydantic_ai_agent_with_a_tool_and_an_output_type(server):
 
 
 def test_langchain_bind_tools_and_structured_output_by_function_calling(server):
-    from langchain_core.tools import tool
-    from langchain_openai import ChatOpenAI
-
     @tool
     def get_weather(city: str) -> str:
         """Weather of a city."""
@@ -158,24 +161,22 @@ def test_langchain_bind_tools_and_structured_output_by_function_calling(server):
 
 
 def test_openai_agents_sdk_on_the_responses_api(server):
-    from agents import Agent, ModelSettings, OpenAIResponsesModel, Runner, function_tool, set_tracing_disabled
+    agents.set_tracing_disabled(True)  # its traces go to OpenAI's servers
 
-    set_tracing_disabled(True)  # its traces go to OpenAI's servers
-
-    @function_tool
+    @agents.function_tool
     def get_weather(city: str) -> str:
         """Weather of a city."""
         return f"18 C and sunny in {city}"
 
-    agent = Agent(
+    agent = agents.Agent(
         name="weather",
         instructions="Use the tool.",
         tools=[get_weather],
-        model=OpenAIResponsesModel(
+        model=agents.OpenAIResponsesModel(
             model=BASE, openai_client=openai.AsyncOpenAI(base_url=f"{server}/v1", api_key="unused")
         ),
-        model_settings=ModelSettings(tool_choice="required", temperature=0, max_tokens=64),
+        model_settings=agents.ModelSettings(tool_choice="required", temperature=0, max_tokens=64),
         tool_use_behavior="stop_on_first_tool",
     )
-    result = asyncio.run(Runner.run(agent, "What is the weather in Paris?", max_turns=2))
+    result = asyncio.run(agents.Runner.run(agent, "What is the weather in Paris?", max_turns=2))
     assert result.final_output.startswith("18 C and sunny in")
