@@ -241,9 +241,8 @@ def fleet(service, tiny, cache_dir):
     releases = root / "releases.yaml"
     declare(releases, "v1", "v2", traffic=0.5)
     env = {"HOTSWAP_RELEASES_FILE": str(releases), "HOTSWAP_RELEASES_POLL_SECONDS": "0.2"}
-    # each replica its own download cache, as pods have (a replica prunes the versions it
-    # no longer serves from its cache)
-    env_a, env_b = ({**env, "HOTSWAP_CACHE_DIR": str(root / f"cache-{r}")} for r in "ab")
+    # one download cache for both, as the chart's pods share its cache volume
+    env_a = env_b = {**env, "HOTSWAP_CACHE_DIR": str(root / "cache-shared")}
     with (
         running_service(*replica(tiny, cache_dir, root, **env_a), root / "a.log") as (a, _),
         running_service(*replica(tiny, cache_dir, root, **env_b), root / "b.log") as (b, _),

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import threading
 import time
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from typing import Any, Literal
 
 from service.adapters import sources
 from service.adapters.desired import Serving
+from service.adapters.downloads import DownloadCache
 from service.adapters.manifest import AdapterManifest, parse_adapter_name
 from service.adapters.package import AdapterRejected, package_signature, validate_package
 from service.adapters.release import Canary, Role, parse_traffic
@@ -86,8 +86,9 @@ class AdapterRegistry:
         self.directory = directory
         self.base_id = base_id
         self.base_fingerprint = base_fingerprint
-        # Remote packages land here, one directory per version (`sources.install`).
+        # Remote packages land here, one directory per version, shared with other replicas.
         self.download_dir = download_dir
+        self._downloads = DownloadCache(download_dir) if download_dir is not None else None
         self.allowed_sources = list(allowed_sources)
         self.max_bytes = max_bytes
         self._records: dict[str, AdapterRecord] = {}  # name -> its current version
@@ -98,8 +99,8 @@ class AdapterRegistry:
         self._previous: dict[str, AdapterRecord] = {}  # name -> the version a rollback returns to
         self._refused: dict[str, AdapterRecord] = {}  # name -> its last version the gate refused
         self._lock = threading.Lock()  # loads through the API run on threads of their own
-        for stale in download_dir.glob(".staging-*") if download_dir is not None else ():
-            shutil.rmtree(stale, ignore_errors=True)  # a fetch a previous process did not finish (M6)
+        if self._downloads is not None:
+            self._downloads.sweep()  # fetches a dead process did not finish (M6)
 
     def scan(self) -> list[AdapterRecord]:
         """Validate every package in the directory (a missing directory holds no adapters)."""
@@ -380,18 +381,15 @@ class AdapterRegistry:
             sources.check_size(path, self.max_bytes, str(source))
             version = sources.content_version(path)
             return self._api_record(name, path, manifest, version, source)
-        if self.download_dir is None:
+        if self._downloads is None:
             raise SourceError("remote adapter sources need a cache directory (CACHE_DIR)")
-        staging = sources.staging_dir(self.download_dir)
-        try:
+        with self._downloads.staging() as staging:
             sources.fetch(source, staging, max_bytes=self.max_bytes)
             manifest = validate_package(
                 staging, base_fingerprint=self.base_fingerprint, base_id=self.base_id, name=name
             )
             version = sources.content_version(staging)
-            path = sources.install(staging, self.download_dir / name / version)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            path = self._downloads.install(staging, name, version)
         self._prune(name, keep=version)
         return self._api_record(name, path, manifest, version, source)
 
@@ -409,18 +407,18 @@ class AdapterRegistry:
         )
 
     def _prune(self, name: str, keep: str) -> None:
-        """Delete downloaded versions of `name` but this one and the one it replaces (requests
-        that resolved to that one may still need to load it)."""
-        current, canary, previous = self._records.get(name), self._canaries.get(name), self._previous.get(name)
-        kept = {keep} | {r.version for r in (current, previous) if r is not None}
-        kept |= {canary.version} if canary else set()
-        if self.download_dir is None:
-            return
-        folder = self.download_dir / name
-        for path in folder.iterdir() if folder.is_dir() else ():
-            if path.name not in kept:
-                shutil.rmtree(path, ignore_errors=True)
-                self._versions.pop(AdapterKey(name, path.name), None)
+        """Let go of the downloaded versions of `name` but this one, the serving ones and the one
+        a rollback returns to (requests that resolved to those may still need to load them).
+        Their directories go unless another replica sharing the cache still holds them."""
+        assert self._downloads is not None
+        with self._lock:
+            canary = self._canaries.get(name)
+            serving = (self._records.get(name), self._previous.get(name), canary.record if canary else None)
+            kept = {keep} | {r.version for r in serving if r is not None and r.version is not None}
+        released = self._downloads.prune(name, kept)
+        with self._lock:
+            for version in released:
+                self._versions.pop(AdapterKey(name, version), None)
 
     def unregister(self, name: str) -> AdapterRecord:
         """Stop serving `name` (vLLM's unload): new requests get 404; running ones finish."""

@@ -12,7 +12,9 @@ A source is named by a string, the `lora_path` of vLLM's `POST /v1/load_lora_ada
 Only the package's files are fetched (`PACKAGE_FILES`), never anything else in the repo or
 bucket, and only from a prefix the operator allowed (`ADAPTER_SOURCES`). Remote packages land
 in `<cache>/<name>/<version>` atomically: they are downloaded into a staging directory beside it,
-validated by the registry, and renamed into place, so a reader never sees half a package.
+validated by the registry, and renamed into place, so a reader never sees half a package
+(`service.adapters.downloads`, which also keeps replicas sharing the cache from deleting each
+other's versions).
 """
 
 from __future__ import annotations
@@ -20,8 +22,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import shutil
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,12 +124,6 @@ def version_of(blobs: dict[str, bytes]) -> str:
     return digest.hexdigest()[:16]
 
 
-def staging_dir(cache: Path) -> Path:
-    path = cache / f".staging-{uuid.uuid4().hex}"
-    path.mkdir(parents=True)
-    return path
-
-
 def fetch(source: Source, target: Path, *, max_bytes: int) -> None:
     """Download a remote package's files into the empty directory `target`."""
     try:
@@ -212,16 +206,3 @@ def _fetch_fsspec(source: Source, target: Path, max_bytes: int) -> None:
     for name in PACKAGE_FILES:
         with fs.open(f"{root}/{name}", "rb") as remote:
             budget.copy(iter(lambda: remote.read(1 << 20), b""), target / name)
-
-
-def install(staging: Path, destination: Path) -> Path:
-    """Move a validated staging directory to `destination` in one rename (the same content
-    already there, from an earlier load of this version, wins)."""
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.rename(staging, destination)
-    except OSError:
-        if not destination.is_dir():
-            raise
-        shutil.rmtree(staging, ignore_errors=True)
-    return destination
