@@ -383,13 +383,16 @@ class AdapterRegistry:
             return self._api_record(name, path, manifest, version, source)
         if self._downloads is None:
             raise SourceError("remote adapter sources need a cache directory (CACHE_DIR)")
-        with self._downloads.staging() as staging:
-            sources.fetch(source, staging, max_bytes=self.max_bytes)
-            manifest = validate_package(
-                staging, base_fingerprint=self.base_fingerprint, base_id=self.base_id, name=name
-            )
-            version = sources.content_version(staging)
-            path = self._downloads.install(staging, name, version)
+        try:
+            with self._downloads.staging() as staging:
+                sources.fetch(source, staging, max_bytes=self.max_bytes)
+                manifest = validate_package(
+                    staging, base_fingerprint=self.base_fingerprint, base_id=self.base_id, name=name
+                )
+                version = sources.content_version(staging)
+                path = self._downloads.install(staging, name, version)
+        except OSError as exc:  # the cache's disk: full, read-only, no locks (fetch errors are SourceErrors)
+            raise SourceError(f"cannot store {source} in the adapter cache {self.download_dir}: {exc}") from exc
         self._prune(name, keep=version)
         return self._api_record(name, path, manifest, version, source)
 
@@ -415,7 +418,11 @@ class AdapterRegistry:
             canary = self._canaries.get(name)
             serving = (self._records.get(name), self._previous.get(name), canary.record if canary else None)
             kept = {keep} | {r.version for r in serving if r is not None and r.version is not None}
-        released = self._downloads.prune(name, kept)
+        try:
+            released = self._downloads.prune(name, kept)
+        except OSError as exc:  # the version is installed: a failed cleanup must not fail its load
+            log.warning("adapter %r: cannot prune its downloaded versions: %s", name, exc)
+            return
         with self._lock:
             for version in released:
                 self._versions.pop(AdapterKey(name, version), None)

@@ -12,8 +12,11 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from service.adapters.downloads import DownloadCache
 from service.adapters.registry import AdapterRegistry
+from service.adapters.sources import SourceError
 from tests.servers import hub_server
 
 
@@ -132,3 +135,21 @@ def test_replicas_sharing_a_cache_keep_each_others_versions(tiny, tmp_path, monk
     assert not served.path.exists()
     on_disk = sorted(p.name for p in served.path.parent.iterdir() if not p.name.startswith("."))
     assert on_disk == sorted([v2.version, v3.version, v4.version])
+
+
+def test_a_cache_that_cannot_store_the_package_is_a_clear_source_error(tiny, tmp_path, monkeypatch):
+    _hub_versions(tiny, tmp_path / "hub")
+    (tmp_path / "cache").write_text("a file where the cache directory should be")
+    reg = AdapterRegistry(
+        tmp_path / "none",
+        base_id="tiny",
+        base_fingerprint=tiny.fingerprint,
+        download_dir=tmp_path / "cache" / "adapters",
+        allowed_sources=["hf://org/"],
+    )
+    reg.scan()
+    with hub_server(tmp_path / "hub") as url:
+        monkeypatch.setenv("HF_ENDPOINT", url)
+        with pytest.raises(SourceError, match="cannot store hf://org/alpha@v1 in the adapter cache"):
+            reg.register("alpha", "hf://org/alpha@v1")
+    assert "alpha" not in reg
