@@ -100,6 +100,19 @@ def _hub_versions(tiny, hub):
         (target / "hotswap.json").write_text(json.dumps({**manifest, "name": "alpha", "description": revision}))
 
 
+def replica(tiny, tmp_path) -> AdapterRegistry:
+    """One replica's registry: no adapter directory, the download cache under tmp_path/cache."""
+    reg = AdapterRegistry(
+        tmp_path / "none",
+        base_id="tiny",
+        base_fingerprint=tiny.fingerprint,
+        download_dir=tmp_path / "cache" / "adapters",
+        allowed_sources=["hf://org/"],
+    )
+    reg.scan()
+    return reg
+
+
 def test_replicas_sharing_a_cache_keep_each_others_versions(tiny, tmp_path, monkeypatch):
     """Replica a serves v1; replica b moves v1 -> v2 -> v3 -> v4 and so lets go of v1 (a
     replica keeps the version it serves and the one a rollback returns to, and lets go of the
@@ -107,18 +120,7 @@ def test_replicas_sharing_a_cache_keep_each_others_versions(tiny, tmp_path, monk
     after an eviction, until a lets go too."""
     _hub_versions(tiny, tmp_path / "hub")
 
-    def replica() -> AdapterRegistry:
-        reg = AdapterRegistry(
-            tmp_path / "none",
-            base_id="tiny",
-            base_fingerprint=tiny.fingerprint,
-            download_dir=tmp_path / "cache" / "adapters",
-            allowed_sources=["hf://org/"],
-        )
-        reg.scan()
-        return reg
-
-    a, b = replica(), replica()
+    a, b = replica(tiny, tmp_path), replica(tiny, tmp_path)
     with hub_server(tmp_path / "hub") as url:
         monkeypatch.setenv("HF_ENDPOINT", url)
         served = a.register("alpha", "hf://org/alpha@v1")
@@ -140,14 +142,7 @@ def test_replicas_sharing_a_cache_keep_each_others_versions(tiny, tmp_path, monk
 def test_a_cache_that_cannot_store_the_package_is_a_clear_source_error(tiny, tmp_path, monkeypatch):
     _hub_versions(tiny, tmp_path / "hub")
     (tmp_path / "cache").write_text("a file where the cache directory should be")
-    reg = AdapterRegistry(
-        tmp_path / "none",
-        base_id="tiny",
-        base_fingerprint=tiny.fingerprint,
-        download_dir=tmp_path / "cache" / "adapters",
-        allowed_sources=["hf://org/"],
-    )
-    reg.scan()
+    reg = replica(tiny, tmp_path)
     with hub_server(tmp_path / "hub") as url:
         monkeypatch.setenv("HF_ENDPOINT", url)
         with pytest.raises(SourceError, match="cannot store hf://org/alpha@v1 in the adapter cache"):
