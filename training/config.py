@@ -63,6 +63,9 @@ class TrainSettings:
     grad_accum: int = 1
     learning_rate: float = 2e-4
     scheduler: str = "cosine"
+    # The schedule's own arguments (transformers' `lr_scheduler_kwargs`), e.g. for
+    # warmup_stable_decay: {num_decay_steps: 60, min_lr_ratio: 0.1}.
+    scheduler_kwargs: dict[str, Any] = field(default_factory=dict)
     warmup_steps: int = 10
     max_length: int = 384
     max_grad_norm: float = 1.0
@@ -160,3 +163,27 @@ def validate(config: RunConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
+    check_schedule(t)
+
+
+def check_schedule(t: TrainSettings) -> None:
+    """Build the schedule once on a throwaway optimizer, so an unknown name or a missing or wrong
+    argument fails here, naming the setting, rather than after the model has loaded."""
+    import torch
+    from transformers import get_scheduler
+
+    if not isinstance(t.scheduler_kwargs, dict):
+        raise ValueError("train.scheduler_kwargs must be a mapping of the schedule's arguments")
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=t.learning_rate)
+    try:
+        get_scheduler(
+            t.scheduler,
+            optimizer,
+            num_warmup_steps=t.warmup_steps,
+            num_training_steps=t.max_steps,
+            scheduler_specific_kwargs=t.scheduler_kwargs,
+        )
+    except (TypeError, ValueError) as exc:
+        raise ValueError(
+            f"train.scheduler {t.scheduler!r} with train.scheduler_kwargs {t.scheduler_kwargs}: {exc}"
+        ) from None

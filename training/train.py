@@ -67,6 +67,7 @@ def _trainer_args(config: RunConfig, device: str, has_eval: bool) -> Any:
         gradient_accumulation_steps=t.grad_accum,
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.scheduler,
+        lr_scheduler_kwargs=t.scheduler_kwargs,
         warmup_steps=t.warmup_steps,
         max_grad_norm=t.max_grad_norm,
         optim=t.optimizer,

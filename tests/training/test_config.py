@@ -51,6 +51,10 @@ def test_seed_presets_carry_the_seed_recipes(tmp_path):
         ("lora:\n  dropout: 1.5\n", "dropout"),
         ("model:\n  attention: flash\n", "model.attention"),
         ("train:\n  eval_steps: 0\n", "eval_steps must be positive"),
+        ("train:\n  scheduler: cosine_forever\n", "train.scheduler 'cosine_forever'"),
+        ("train:\n  scheduler: warmup_stable_decay\n", "num_decay_steps"),
+        ("train:\n  scheduler_kwargs: {num_cycles: 0.5, decay: 3}\n", "decay"),
+        ("train:\n  scheduler_kwargs: [60]\n", "scheduler_kwargs must be a mapping"),
     ],
 )
 def test_bad_configs_are_refused_clearly(tmp_path, doc, message):
@@ -109,6 +113,40 @@ def test_rslora_neftune_and_the_schedule_reach_peft_and_trl(tmp_path):
     args = _trainer_args(config, "cpu", has_eval=False)
     assert args.neftune_noise_alpha == 5 and args.lr_scheduler_type == "constant_with_warmup" and args.warmup_steps == 3
     plain = build_config("dolly", tmp_path / "plain")
+    assert plain.train.scheduler_kwargs == {} and _trainer_args(plain, "cpu", False).lr_scheduler_kwargs == {}
     assert (
         lora_config(plain.lora).use_rslora is False and _trainer_args(plain, "cpu", False).neftune_noise_alpha is None
     )
+
+
+def test_a_warmup_stable_decay_schedule_reaches_the_trainer_with_its_arguments(tmp_path):
+    """The schedule's own arguments come from the config file; the trainer's schedule holds the
+    peak through the stable phase and decays over the last `num_decay_steps` only."""
+    import torch
+    from transformers import get_scheduler
+
+    from training.train import _trainer_args
+
+    config_file = tmp_path / "wsd.yaml"
+    config_file.write_text(
+        "train:\n  scheduler: warmup_stable_decay\n  max_steps: 100\n  warmup_steps: 10\n"
+        "  scheduler_kwargs: {num_decay_steps: 20, min_lr_ratio: 0.1}\n"
+    )
+    config = build_config("dolly", tmp_path / "dolly", config_file=config_file)
+    args = _trainer_args(config, "cpu", has_eval=False)
+    assert args.lr_scheduler_kwargs == {"num_decay_steps": 20, "min_lr_ratio": 0.1}
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = get_scheduler(
+        args.lr_scheduler_type,
+        optimizer,
+        num_warmup_steps=10,
+        num_training_steps=100,
+        scheduler_specific_kwargs=args.lr_scheduler_kwargs,
+    )
+    rates = []
+    for _ in range(100):
+        rates.append(schedule.get_last_lr()[0])
+        optimizer.step()
+        schedule.step()
+    assert rates[5] < 1.0 and rates[10:80] == [1.0] * 70  # warm-up, then the stable phase at the peak
+    assert rates[90] < 1.0 and abs(rates[99] - 0.1) < 0.02  # the decay, to min_lr_ratio of the peak
