@@ -24,48 +24,24 @@ serving layer gates it (`service.adapters.gate`) and installs or refuses it.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
+from service.adapters import records as packages
 from service.adapters import sources
 from service.adapters.desired import Serving
 from service.adapters.downloads import DownloadCache
-from service.adapters.manifest import AdapterManifest, parse_adapter_name
-from service.adapters.package import AdapterRejected, package_signature, validate_package
+from service.adapters.manifest import parse_adapter_name
+from service.adapters.package import AdapterRejected
+from service.adapters.records import AdapterRecord, PackageChecks
 from service.adapters.release import Canary, Role, parse_traffic
-from service.adapters.sources import CONFIG_FILE, WEIGHTS_FILE, Source, SourceError
+from service.adapters.sources import SourceError
 from service.errors import AdapterUnavailable, NotFoundError
 from service.names import AdapterKey
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class AdapterRecord:
-    name: str
-    path: Path
-    status: Literal["ready", "failed"]
-    manifest: AdapterManifest | None = None
-    error: str | None = None
-    load_seconds: float | None = None
-    signature: tuple = ()  # sizes and mtimes of the package's files: a changed package reloads
-    version: str | None = None  # hash of the package's files (None when it could not be read)
-    source: str = ""  # where it came from: a local path, hf://repo@revision, s3://...
-    origin: Literal["directory", "api"] = "directory"  # the directory scan, or the load API
-    registered: float = field(default_factory=time.time)
-
-    @property
-    def key(self) -> AdapterKey:
-        """The engine's id of this version of the adapter."""
-        return AdapterKey(self.name, self.version)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "status": self.status, "error": self.error, "version": self.version}
 
 
 class AdapterExists(Exception):
@@ -85,12 +61,11 @@ class AdapterRegistry:
     ):
         self.directory = directory
         self.base_id = base_id
-        self.base_fingerprint = base_fingerprint
+        self.checks = PackageChecks(base_id, base_fingerprint, max_bytes)
         # Remote packages land here, one directory per version, shared with other replicas.
         self.download_dir = download_dir
         self._downloads = DownloadCache(download_dir) if download_dir is not None else None
         self.allowed_sources = list(allowed_sources)
-        self.max_bytes = max_bytes
         self._records: dict[str, AdapterRecord] = {}  # name -> its current version
         self._versions: dict[AdapterKey, AdapterRecord] = {}  # every version requests may hold
         self._loading: dict[str, str] = {}  # name -> source, while the load API fetches it
@@ -105,7 +80,7 @@ class AdapterRegistry:
     def scan(self) -> list[AdapterRecord]:
         """Validate every package in the directory (a missing directory holds no adapters)."""
         with self._lock:
-            self._records = {**self._read_all(), **self._api_records()}
+            self._records = {**self.checks.read_directory(self.directory), **self._api_records()}
             self._remember(self._records.values())
         return list(self._records.values())
 
@@ -116,7 +91,7 @@ class AdapterRegistry:
         With `stage`, the added and changed packages that are valid are only staged (listed
         under "staged"): their names keep what they served until the gate installs them."""
         with self._lock:
-            fresh = self._read_all()
+            fresh = self.checks.read_directory(self.directory)
             old = {n: r for n, r in self._records.items() if r.origin == "directory"}
             diff = {
                 "added": sorted(set(fresh) - set(old)),
@@ -155,28 +130,6 @@ class AdapterRegistry:
             if record.status == "ready":
                 self._versions[record.key] = record
 
-    def _read_all(self) -> dict[str, AdapterRecord]:
-        records: dict[str, AdapterRecord] = {}
-        if not self.directory.is_dir():
-            log.warning("adapter directory %s does not exist; serving the base only", self.directory)
-            return records
-        for path in sorted(p for p in self.directory.iterdir() if p.is_dir()):
-            if path.name.startswith("."):
-                continue
-            signature = package_signature(path)
-            try:
-                manifest = validate_package(path, base_fingerprint=self.base_fingerprint, base_id=self.base_id)
-                sources.check_size(path, self.max_bytes, f"the package {path.name!r}")
-                version = sources.content_version(path)
-                record = AdapterRecord(
-                    path.name, path, "ready", manifest, signature=signature, version=version, source=str(path)
-                )
-            except (AdapterRejected, SourceError, OSError) as exc:
-                log.error("adapter %r refused: %s", path.name, exc)
-                record = AdapterRecord(path.name, path, "failed", error=str(exc), signature=signature)
-            records[record.name] = record
-        return records
-
     # --- the load API -------------------------------------------------------------------------
 
     def register(self, name: str, spec: str, *, replace: bool = False) -> AdapterRecord:
@@ -214,7 +167,9 @@ class AdapterRegistry:
                 )
             self._loading[name] = str(source)
         try:
-            record = self._fetch(name, source)
+            record = self.checks.fetch(name, source, self._downloads)
+            if source.remote:  # the cache lets go of the versions this replica no longer needs
+                self._prune(record)
             with self._lock:
                 self._gating[name] = record
                 self._remember([record])
@@ -372,52 +327,16 @@ class AdapterRegistry:
         self._canaries.pop(name, None)
         self._previous.pop(name, None)
 
-    def _fetch(self, name: str, source: Source) -> AdapterRecord:
-        if not source.remote:
-            path = Path(source.location)
-            if not path.is_dir():
-                raise SourceError(f"{source} is not a directory")
-            manifest = validate_package(path, base_fingerprint=self.base_fingerprint, base_id=self.base_id, name=name)
-            sources.check_size(path, self.max_bytes, str(source))
-            version = sources.content_version(path)
-            return self._api_record(name, path, manifest, version, source)
-        if self._downloads is None:
-            raise SourceError("remote adapter sources need a cache directory (CACHE_DIR)")
-        try:
-            with self._downloads.staging() as staging:
-                sources.fetch(source, staging, max_bytes=self.max_bytes)
-                manifest = validate_package(
-                    staging, base_fingerprint=self.base_fingerprint, base_id=self.base_id, name=name
-                )
-                version = sources.content_version(staging)
-                path = self._downloads.install(staging, name, version)
-        except OSError as exc:  # the cache's disk: full, read-only, no locks (fetch errors are SourceErrors)
-            raise SourceError(f"cannot store {source} in the adapter cache {self.download_dir}: {exc}") from exc
-        self._prune(name, keep=version)
-        return self._api_record(name, path, manifest, version, source)
-
-    @staticmethod
-    def _api_record(name: str, path: Path, manifest: AdapterManifest, version: str, source: Source) -> AdapterRecord:
-        return AdapterRecord(
-            name,
-            path,
-            "ready",
-            manifest,
-            signature=package_signature(path),
-            version=version,
-            source=str(source),
-            origin="api",
-        )
-
-    def _prune(self, name: str, keep: str) -> None:
-        """Let go of the downloaded versions of `name` but this one, the serving ones and the one
+    def _prune(self, fetched: AdapterRecord) -> None:
+        """Let go of the downloaded versions of its name but the one just fetched, the serving ones and the one
         a rollback returns to (requests that resolved to those may still need to load them).
         Their directories go unless another replica sharing the cache still holds them."""
         assert self._downloads is not None
+        name = fetched.name
         with self._lock:
             canary = self._canaries.get(name)
-            serving = (self._records.get(name), self._previous.get(name), canary.record if canary else None)
-            kept = {keep} | {r.version for r in serving if r is not None and r.version is not None}
+            serving = (fetched, self._records.get(name), self._previous.get(name), canary.record if canary else None)
+            kept = {r.version for r in serving if r is not None and r.version is not None}
         try:
             released = self._downloads.prune(name, kept)
         except OSError as exc:  # the version is installed: a failed cleanup must not fail its load
@@ -444,18 +363,8 @@ class AdapterRegistry:
         return dict(self._loading)
 
     def read_package(self, key: AdapterKey | str) -> tuple[dict[str, Any], dict[str, Any]]:
-        """(adapter_config.json, tensors) of one version, read from disk and checked against its
-        version hash: a package edited in place since it was registered is refused."""
-        from safetensors.torch import load as load_tensors
-
-        record = self.version(key)
-        blobs = {n: (record.path / n).read_bytes() for n in sources.PACKAGE_FILES}
-        if sources.version_of(blobs) != record.version:
-            raise AdapterRejected(
-                f"the files of {record.name!r} changed on disk since version {record.version} was "
-                "registered; rescan or load it again"
-            )
-        return json.loads(blobs[CONFIG_FILE]), load_tensors(blobs[WEIGHTS_FILE])
+        """(adapter_config.json, tensors) of one version, checked against its version hash."""
+        return packages.read_files(self.version(key))
 
     def mark_failed(self, key: AdapterKey | str, reason: str) -> None:
         """A version that cannot be loaded: refused from now on, with the reason (if current,
@@ -483,35 +392,8 @@ class AdapterRegistry:
         return list(self._records.values())
 
     def load(self, model: Any, name: str, on_load: Any = None) -> Any:
-        """Load one valid adapter onto `model` as a named PEFT adapter; return the model to run.
-
-        The first adapter wraps the base in a PeftModel; later ones are added with
-        `load_adapter`. A package that fails to load is marked failed and removed again, so it
-        cannot leave half-injected weights behind; AdapterUnavailable says why.
-        """
-        from peft import PeftModel
-
-        record = self.get(name)
-        started = time.perf_counter()
-        try:
-            if isinstance(model, PeftModel):
-                model.load_adapter(str(record.path), adapter_name=name, is_trainable=False)
-            else:
-                model = PeftModel.from_pretrained(model, str(record.path), adapter_name=name, is_trainable=False)
-        except Exception as exc:  # shape mismatch, corrupt tensors: refuse this one only
-            record.status, record.error = "failed", f"cannot be loaded: {exc}"
-            log.error("adapter %r refused: %s", name, record.error)
-            if isinstance(model, PeftModel) and name in model.peft_config:
-                model.delete_adapter(name)
-            if on_load:
-                on_load(name, "error", time.perf_counter() - started)
-            raise AdapterUnavailable(f"the adapter {name!r} is not available: {record.error}") from exc
-        record.load_seconds = time.perf_counter() - started
-        log.info("adapter %r loaded in %.2fs", name, record.load_seconds)
-        if on_load:
-            on_load(name, "ok", record.load_seconds)
-        model.eval()
-        return model
+        """Load the current version of `name` onto `model` as a PEFT adapter (tests, benches)."""
+        return packages.load_onto(model, self.get(name), on_load)
 
     def attach(self, model: Any, on_load: Any = None) -> Any:
         """Load every valid adapter (tests and benchmarks; the service loads lazily)."""

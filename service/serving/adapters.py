@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from service.adapters import desired, gate
-from service.adapters.registry import AdapterExists, AdapterRecord, AdapterRejected
+from service.adapters.records import AdapterRecord
+from service.adapters.registry import AdapterExists, AdapterRejected
 from service.adapters.sources import SourceError
 from service.errors import HotswapError, InvalidRequestError, NotFoundError
 from service.protocol import LoadLoRAAdapterRequest, ModelCard, UnloadLoRAAdapterRequest
