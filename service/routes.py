@@ -14,24 +14,25 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from service.auth import admin_scope, require_admin_key, require_api_key, require_metrics_key, require_quota, tenant_of
 from service.errors import NotFoundError, ServiceUnavailableError
-from service.protocol import (
-    CanaryTraffic,
-    ChatCompletionRequest,
+from service.protocol import ChatCompletionRequest, CompletionRequest
+from service.protocol_objects import (
     ChatCompletionResponse,
-    CompletionRequest,
     CompletionResponse,
-    DetokenizeRequest,
-    DetokenizeResponse,
     ErrorResponse,
-    LoadLoRAAdapterRequest,
     ModelCard,
     ModelList,
     ServiceStatus,
+)
+from service.protocol_responses import ResponseObject, ResponsesRequest
+from service.protocol_vllm import (
+    CanaryTraffic,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    LoadLoRAAdapterRequest,
     TokenizeRequest,
     TokenizeResponse,
     UnloadLoRAAdapterRequest,
 )
-from service.protocol_responses import ResponseObject, ResponsesRequest
 from service.serving.adapters import AdapterServing, ReleasesWatch
 from service.serving.chat import ChatServing
 from service.serving.completions import CompletionServing

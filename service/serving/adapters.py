@@ -27,7 +27,8 @@ from service.adapters.records import AdapterRecord
 from service.adapters.registry import AdapterExists, AdapterRejected
 from service.adapters.sources import SourceError
 from service.errors import HotswapError, InvalidRequestError, NotFoundError
-from service.protocol import LoadLoRAAdapterRequest, ModelCard, UnloadLoRAAdapterRequest
+from service.protocol_objects import ModelCard
+from service.protocol_vllm import LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest
 from service.serving.generation import ServingContext
 
 log = logging.getLogger(__name__)

@@ -26,10 +26,10 @@ import jinja2
 from service.engine import TokenLogprob
 from service.errors import InvalidRequestError
 from service.grammar import Grammar, GrammarError
-from service.protocol import (
+from service.protocol import ChatCompletionRequest, ToolCall, ToolCallFunction
+from service.protocol_objects import (
     ChatChoice,
     ChatCompletionChunk,
-    ChatCompletionRequest,
     ChatCompletionResponse,
     ChatDelta,
     ChatLogprobs,
@@ -39,8 +39,6 @@ from service.protocol import (
     ChatTopLogprob,
     DeltaFunction,
     DeltaToolCall,
-    ToolCall,
-    ToolCallFunction,
 )
 from service.serving.generation import ChoiceEvent, ServingContext, Target, guard_request, output_schema
 from service.serving.response import EndpointServing, Prompts, ResponseRun

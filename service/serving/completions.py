@@ -6,7 +6,8 @@ from collections.abc import Callable, Sequence
 
 from service.engine import TokenLogprob
 from service.errors import InvalidRequestError
-from service.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
+from service.protocol import CompletionRequest
+from service.protocol_objects import CompletionChoice, CompletionLogprobs, CompletionResponse
 from service.serving.generation import ChoiceEvent, Target, check_token_ids, guard_request
 from service.serving.response import EndpointServing, Prompts, ResponseRun
 

@@ -18,7 +18,7 @@ from pydantic import BaseModel
 
 from service.grammar import Grammar
 from service.guardrails import ActionRecord
-from service.protocol import UsageInfo
+from service.protocol_objects import UsageInfo
 from service.serving.generation import (
     ChoiceEvent,
     ChoiceSpec,

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from service.errors import InvalidRequestError
-from service.protocol import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
+from service.protocol_vllm import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 from service.serving.chat import render_chat
 from service.serving.generation import ServingContext, resolve_target
 
