@@ -33,8 +33,8 @@ from service.request_id import HEADER as REQUEST_ID_HEADER
 from service.request_id import RequestIdMiddleware
 from service.runtime import Runtime, load_runtime
 from service.serving.adapters import AdapterServing, ReleasesWatch
+from service.serving.context import ServingContext
 from service.serving.errors import HTTPStatusError, error_code, http_error, to_body
-from service.serving.generation import ServingContext
 from service.serving.sse import error_body
 from service.settings import Settings
 from service.tenants import RateLimits, Tenants, retry_after

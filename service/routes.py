@@ -36,7 +36,7 @@ from service.protocol_vllm import (
 from service.serving.adapters import AdapterServing, ReleasesWatch
 from service.serving.chat import ChatServing
 from service.serving.completions import CompletionServing
-from service.serving.generation import ServingContext, Target
+from service.serving.context import ServingContext, Target
 from service.serving.responses import ResponsesServing, to_chat
 from service.serving.sse import Deadline
 from service.serving.tokenization import TokenizerServing

@@ -29,7 +29,7 @@ from service.adapters.sources import SourceError
 from service.errors import HotswapError, InvalidRequestError, NotFoundError
 from service.protocol_objects import ModelCard
 from service.protocol_vllm import LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest
-from service.serving.generation import ServingContext
+from service.serving.context import ServingContext
 
 log = logging.getLogger(__name__)
 

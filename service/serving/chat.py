@@ -40,7 +40,8 @@ from service.protocol_objects import (
     DeltaFunction,
     DeltaToolCall,
 )
-from service.serving.generation import ChoiceEvent, ServingContext, Target, guard_request, output_schema
+from service.serving.context import ServingContext, Target, output_schema
+from service.serving.generation import ChoiceEvent, guard_request
 from service.serving.response import EndpointServing, Prompts, ResponseRun
 from service.serving.tools import (
     FORMATS,

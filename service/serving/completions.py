@@ -8,7 +8,8 @@ from service.engine import TokenLogprob
 from service.errors import InvalidRequestError
 from service.protocol import CompletionRequest
 from service.protocol_objects import CompletionChoice, CompletionLogprobs, CompletionResponse
-from service.serving.generation import ChoiceEvent, Target, check_token_ids, guard_request
+from service.serving.context import Target, check_token_ids
+from service.serving.generation import ChoiceEvent, guard_request
 from service.serving.response import EndpointServing, Prompts, ResponseRun
 
 

@@ -19,19 +19,15 @@ from pydantic import BaseModel
 from service.grammar import Grammar
 from service.guardrails import ActionRecord
 from service.protocol_objects import UsageInfo
-from service.serving.generation import (
-    ChoiceEvent,
-    ChoiceSpec,
+from service.serving.context import (
     ServingContext,
     Target,
     check_prompt,
     check_request_size,
-    first_and_rest,
-    new_id,
     output_grammar,
     resolve_target,
-    run_choices,
 )
+from service.serving.generation import ChoiceEvent, ChoiceSpec, first_and_rest, new_id, run_choices
 from service.serving.sse import Deadline, framed, within
 
 

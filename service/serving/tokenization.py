@@ -13,7 +13,7 @@ from typing import Any
 from service.errors import InvalidRequestError
 from service.protocol_vllm import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 from service.serving.chat import render_chat
-from service.serving.generation import ServingContext, resolve_target
+from service.serving.context import ServingContext, resolve_target
 
 
 class TokenizerServing:

@@ -13,7 +13,7 @@ from service.metrics import Metrics
 from service.protocol import ChatCompletionRequest, CompletionRequest
 from service.serving.chat import ChatServing
 from service.serving.completions import CompletionServing
-from service.serving.generation import ServingContext
+from service.serving.context import ServingContext
 from tests.service.fakes import ScriptedEngine
 
 SCRIPT = " Paris is the capital."
