@@ -43,11 +43,10 @@ from service.protocol_objects import (
 from service.serving.context import ServingContext, Target, output_schema
 from service.serving.generation import ChoiceEvent, guard_request
 from service.serving.response import EndpointServing, Prompts, ResponseRun
+from service.serving.tool_parser import Piece, ToolCallParser
 from service.serving.tools import (
     FORMATS,
     GENERIC,
-    Piece,
-    ToolCallParser,
     ToolFormat,
     check_tools,
     history_messages,

@@ -36,7 +36,7 @@ from service.serving.chat import ChatServing, _ChatRun
 from service.serving.errors import to_body
 from service.serving.generation import ChoiceEvent, first_and_rest, new_id, run_choices
 from service.serving.sse import Deadline
-from service.serving.tools import ParsedCall
+from service.serving.tool_parser import ParsedCall
 
 
 def to_chat(request: ResponsesRequest) -> ChatCompletionRequest:

@@ -16,13 +16,13 @@ from hypothesis import strategies as st
 from service.grammar import GrammarCompiler
 from service.protocol import ChatCompletionRequest
 from service.serving.chat import chat_prompt
+from service.serving.tool_parser import ToolCallParser
 from service.serving.tools import (
     FORMATS,
     GENERIC,
     HERMES,
     LLAMA3_JSON,
     MISTRAL,
-    ToolCallParser,
     detect_format,
     history_messages,
     tool_grammar,
