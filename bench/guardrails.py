@@ -25,7 +25,8 @@ from collections import Counter
 
 from service.guardrails.base import GuardedOutput, GuardedRequest
 from service.guardrails.config import load
-from service.guardrails.pii import KINDS, PIIRedactor
+from service.guardrails.pii import PIIRedactor
+from service.guardrails.pii_detectors import KINDS
 from service.guardrails.runner import OutputGuard, run_pre
 from service.metrics import Metrics
 from tests.service.guardrails.corpus import CORPUS
