@@ -36,6 +36,7 @@ from service.engine import EngineOutput, GrammarMatcher, TokenLogprob
 from service.engine import scheduler as sched
 from service.engine.budget import StepBudget, attention_span
 from service.engine.config import EngineConfig, EngineStats
+from service.engine.jobs import Job, Ready, Row
 from service.engine.kv_layers import cache_layers, stack_rows, to_cache
 from service.engine.kvcache import KVCache, make_kv_cache
 from service.engine.packed import Piece
@@ -44,7 +45,7 @@ from service.engine.prefix import unsupported as prefix_unsupported
 from service.engine.runner import ModelRunner
 from service.engine.scheduler import How, PiecePlan, StepPlan
 from service.engine.waiting import WaitingLine
-from service.engine.worker import STOP, Job, Ready, Row, WorkerEngine
+from service.engine.worker import STOP, WorkerEngine
 from service.errors import EngineStopped
 
 if TYPE_CHECKING:

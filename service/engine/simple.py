@@ -7,7 +7,8 @@ Kept as the reference the batched engine is tested against, and for debugging
 from __future__ import annotations
 
 from service.engine import EngineOutput
-from service.engine.worker import STOP, Job, Ready, WorkerEngine
+from service.engine.jobs import Job, Ready
+from service.engine.worker import STOP, WorkerEngine
 
 
 class SimpleEngine(WorkerEngine):

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from service.engine import scheduler as sched
 from service.engine.config import EngineStats
-from service.engine.worker import Job, Outbox, Ready
+from service.engine.jobs import Job, Outbox, Ready
 from service.errors import HotswapError
 from service.names import AdapterKey
 

@@ -15,14 +15,11 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from service.engine import (
-    BASE,
     AdapterKey,
     EngineFinish,
     EngineOutput,
@@ -32,7 +29,7 @@ from service.engine import (
     TokenLogprob,
 )
 from service.engine.config import EngineConfig, EngineStats
-from service.engine.prefix import Hit
+from service.engine.jobs import Job, Outbox, Ready, Row
 from service.engine.runner import ModelRunner
 from service.engine.sampling import make_generator, sample, token_logprob
 from service.errors import EngineStopped, HotswapError, QueueFull, StepFailed
@@ -44,91 +41,6 @@ log = logging.getLogger(__name__)
 
 STOP = object()  # queued by `stop` to wake the worker
 WAKE = object()  # queued to make an idle worker look again (an adapter to preload)
-
-
-@dataclass(eq=False)  # one job is one request: compared by identity
-class Job:
-    request: EngineRequest
-    loop: asyncio.AbstractEventLoop
-    results: asyncio.Queue
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    slot: str | None = None  # the PEFT adapter that holds its adapter, once resident
-    waiting_since: float | None = None  # when it first waited for an adapter slot
-    # Its progress: the KV of its prompt's first `computed.length` tokens (a stored prefix found
-    # at admission, then the chunks so far); None before any, and once it is a running row.
-    computed: Hit | None = None
-
-    @property
-    def computed_tokens(self) -> int:
-        return self.computed.length if self.computed is not None else 0
-
-    @property
-    def label(self) -> str:
-        return self.request.adapter or BASE
-
-    @property
-    def key(self) -> AdapterKey | None:
-        return self.request.adapter_key
-
-    @property
-    def tenant(self) -> str | None:
-        return self.request.tenant
-
-    def push(self, item: EngineOutput | BaseException) -> None:
-        self.loop.call_soon_threadsafe(self.results.put_nowait, item)
-
-
-@dataclass
-class Row:
-    """A request that generates: one row of the running batch."""
-
-    job: Job
-    generator: torch.Generator
-    budget: int
-    stop_ids: frozenset[int]
-    length: int  # tokens of this row in the cache
-    last_token: int = -1
-    step: int = 0
-    matcher: GrammarMatcher | None = None  # when its request has a grammar
-
-    @property
-    def adapter(self) -> str | None:
-        """The PEFT adapter (slot) the row runs through; None for the base."""
-        return self.job.slot
-
-
-def _deliver(items: list[tuple[Job, EngineOutput | BaseException]]) -> None:
-    for job, item in items:
-        job.results.put_nowait(item)
-
-
-class Outbox:
-    """Outputs of one engine step, handed to the event loop in one wake-up rather than one per
-    row (each wake-up makes the event-loop thread compete for the GIL with the engine thread)."""
-
-    def __init__(self) -> None:
-        self._items: list[tuple[Job, EngineOutput | BaseException]] = []
-
-    def post(self, job: Job, item: EngineOutput | BaseException) -> None:
-        self._items.append((job, item))
-
-    def flush(self) -> None:
-        if not self._items:
-            return
-        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-        for job, item in self._items:
-            by_loop.setdefault(job.loop, []).append((job, item))
-        self._items = []
-        for loop, items in by_loop.items():
-            loop.call_soon_threadsafe(_deliver, items)
-
-
-class Ready(Enum):
-    """Whether a job's adapter can run now (`WorkerEngine._adapter_ready`)."""
-
-    GO = "go"
-    WAIT = "wait"
-    FAILED = "failed"
 
 
 class WorkerEngine:
