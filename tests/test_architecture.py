@@ -30,7 +30,13 @@ LAYERS: list[tuple[str, ...]] = [
     ("service.engine.",),
     ("service.guardrails",),
     ("service.runtime",),
-    ("service.protocol", "service.protocol_responses", "service.serving"),
+    (
+        "service.protocol",
+        "service.protocol_objects",
+        "service.protocol_responses",
+        "service.protocol_vllm",
+        "service.serving",
+    ),
     ("service.auth", "service.routes"),
     ("service.app", "service.__main__"),
 ]
