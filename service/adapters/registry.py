@@ -29,13 +29,12 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from service.adapters import records as packages
 from service.adapters import sources
 from service.adapters.desired import Serving
 from service.adapters.downloads import DownloadCache
 from service.adapters.manifest import parse_adapter_name
 from service.adapters.package import AdapterRejected
-from service.adapters.records import AdapterRecord, PackageChecks
+from service.adapters.records import AdapterRecord, PackageChecks, load_onto, read_files
 from service.adapters.release import Canary, Role, parse_traffic
 from service.adapters.sources import SourceError
 from service.errors import AdapterUnavailable, NotFoundError
@@ -328,8 +327,9 @@ class AdapterRegistry:
         self._previous.pop(name, None)
 
     def _prune(self, fetched: AdapterRecord) -> None:
-        """Let go of the downloaded versions of its name but the one just fetched, the serving ones and the one
-        a rollback returns to (requests that resolved to those may still need to load them).
+        """Let go of the downloaded versions of its name but the one just fetched, the serving
+        ones and the one a rollback returns to (requests that resolved to those may still need
+        to load them).
         Their directories go unless another replica sharing the cache still holds them."""
         assert self._downloads is not None
         name = fetched.name
@@ -364,7 +364,7 @@ class AdapterRegistry:
 
     def read_package(self, key: AdapterKey | str) -> tuple[dict[str, Any], dict[str, Any]]:
         """(adapter_config.json, tensors) of one version, checked against its version hash."""
-        return packages.read_files(self.version(key))
+        return read_files(self.version(key))
 
     def mark_failed(self, key: AdapterKey | str, reason: str) -> None:
         """A version that cannot be loaded: refused from now on, with the reason (if current,
@@ -393,7 +393,7 @@ class AdapterRegistry:
 
     def load(self, model: Any, name: str, on_load: Any = None) -> Any:
         """Load the current version of `name` onto `model` as a PEFT adapter (tests, benches)."""
-        return packages.load_onto(model, self.get(name), on_load)
+        return load_onto(model, self.get(name), on_load)
 
     def attach(self, model: Any, on_load: Any = None) -> Any:
         """Load every valid adapter (tests and benchmarks; the service loads lazily)."""
